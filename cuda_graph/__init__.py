@@ -1,0 +1,1 @@
+"""CUDA-graph capture and replay of a diffusion model's forward pass (pure PyTorch)."""

@@ -1,0 +1,76 @@
+"""Test set-up: import the checkout as ``comfyui_fewstep`` and find ComfyUI when asked.
+
+The package alias mirrors what ComfyUI's loader does (a spec from the root ``__init__.py``
+with the root as its search location), so a fresh clone runs ``python -m pytest`` and the
+tests always exercise the checkout they live in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "comfyui_fewstep"
+
+
+def _alias_package() -> None:
+    module = sys.modules.get(PACKAGE)
+    if module is not None and Path(module.__file__).resolve().parent == ROOT:
+        return
+    spec = importlib.util.spec_from_file_location(
+        PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+
+
+_alias_package()
+
+
+def comfyui_path() -> Path | None:
+    """The ComfyUI checkout named by ``COMFYUI_PATH``, or None."""
+    value = os.environ.get("COMFYUI_PATH")
+    if not value:
+        return None
+    path = Path(value)
+    return path if (path / "comfy").is_dir() else None
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_comfy = pytest.mark.skip(
+        reason="needs ComfyUI: set COMFYUI_PATH to a ComfyUI checkout (its requirements installed)"
+    )
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "comfy" in item.keywords and comfyui_path() is None:
+            item.add_marker(skip_comfy)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """Import ComfyUI from ``COMFYUI_PATH`` in CPU mode and return its root path."""
+    path = comfyui_path()
+    if path is None:
+        pytest.skip("needs ComfyUI: set COMFYUI_PATH to a ComfyUI checkout")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # what `main.py --cpu` sets, before the device probe
+    import comfy.model_management  # noqa: F401
+
+    return path

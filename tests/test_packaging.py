@@ -1,0 +1,103 @@
+"""Hygiene: layering, packaging metadata and the import-safe root."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ("samplers", "distill_loaders", "cuda_graph")
+COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes",
+                 "node_helpers", "server", "execution", "latent_preview"}
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_core_never_imports_comfyui():
+    offenders = []
+    for folder in CORE + ("tools", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            hits = _imported_modules(path) & COMFY_MODULES
+            if hits:
+                offenders.append(f"{path.relative_to(ROOT)}: {sorted(hits)}")
+    # the root modules other than the lazy entry point are core too
+    for path in sorted(ROOT.glob("*.py")):
+        hits = _imported_modules(path) & COMFY_MODULES
+        if hits:
+            offenders.append(f"{path.relative_to(ROOT)}: {sorted(hits)}")
+    assert not offenders, "only nodes/ may import ComfyUI:\n" + "\n".join(offenders)
+
+
+def test_no_absolute_imports_of_the_pack_inside_the_pack():
+    ours = {"samplers", "distill_loaders", "cuda_graph", "nodes", "comfyui_fewstep", "cli"}
+    offenders = []
+    for folder in CORE + ("nodes",):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    if node.module.split(".")[0] in ours - {"nodes"}:
+                        offenders.append(f"{path.relative_to(ROOT)}: from {node.module}")
+    assert not offenders, "use relative imports inside the pack:\n" + "\n".join(offenders)
+
+
+def test_core_imports_with_comfyui_blocked():
+    blocked = ", ".join(repr(m) for m in sorted(COMFY_MODULES))
+    code = (
+        "import sys, importlib.util\n"
+        f"for m in [{blocked}]: sys.modules[m] = None\n"
+        f"spec = importlib.util.spec_from_file_location('comfyui_fewstep', {str(ROOT / '__init__.py')!r},"
+        f" submodule_search_locations=[{str(ROOT)!r}])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['comfyui_fewstep'] = mod;"
+        " spec.loader.exec_module(mod)\n"
+        "import importlib\n"
+        f"for sub in {CORE!r}: importlib.import_module('comfyui_fewstep.' + sub)\n"
+        "assert hasattr(mod, 'comfy_entrypoint') and not hasattr(mod, 'NODE_CLASS_MAPPINGS')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_requirements_mirror_project_dependencies():
+    deps = _pyproject()["project"]["dependencies"]
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip()]
+    assert lines == deps
+
+
+def test_torch_requirement_admits_the_cpu_build():
+    torch_dep = next(d for d in _pyproject()["project"]["dependencies"] if d.startswith("torch"))
+    assert ">" in torch_dep and "2.14" not in torch_dep and "==" not in torch_dep
+
+
+def test_every_subpackage_is_listed():
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = {"comfyui_fewstep"}
+    for init in ROOT.rglob("__init__.py"):
+        rel = init.parent.relative_to(ROOT)
+        if rel.parts and rel.parts[0] in {"tests", "tools", "bench", "build"} | {p for p in rel.parts if p.startswith(".")}:
+            continue
+        found.add(".".join(("comfyui_fewstep",) + rel.parts))
+    assert found == listed
+
+
+def test_registry_metadata():
+    comfy = _pyproject()["tool"]["comfy"]
+    for key in ("PublisherId", "DisplayName", "Icon", "requires-comfyui"):
+        assert key in comfy
+    assert "GPL" in (ROOT / "LICENSE").read_text()[:200]
