@@ -1,0 +1,132 @@
+"""Shared plumbing of the sampler loops: model evaluation, NFE counting, callbacks.
+
+Every solver evaluates the model through :class:`ModelEvaluator`, which applies the
+x0-correction hook to each data prediction, counts model evaluations (NFE) and stops
+sampling with :class:`NonFiniteModelOutputError` when the model returns NaN or inf, naming
+the step and the sigma, instead of letting a black or noise image through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Denoiser",
+    "ModelEvaluator",
+    "NonFiniteModelOutputError",
+    "X0Correction",
+    "emit_callback",
+    "progress",
+    "sigma_list",
+]
+
+
+class Denoiser(Protocol):
+    """The model contract: ``model(x, sigma_batch, **extra_args) -> denoised`` (the x0 prediction)."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor: ...
+
+
+X0Correction = Callable[[torch.Tensor, float], torch.Tensor]
+"""``correct(denoised, sigma) -> denoised``, applied to every data prediction."""
+
+
+class NonFiniteModelOutputError(RuntimeError):
+    """The model returned NaN or inf; sampling stopped at the named step."""
+
+    def __init__(self, step: int, sigma: float, total_steps: int) -> None:
+        self.step, self.sigma, self.total_steps = step, sigma, total_steps
+        super().__init__(
+            f"the model returned NaN/inf at step {step + 1} of {total_steps} (sigma={sigma:.6g}); "
+            "sampling stopped instead of producing a black or noise image. Common causes: fp16 "
+            "overflow (try bf16/fp32 or --force-upcast-attention), a broken LoRA or checkpoint, or a "
+            "cfg/sigma far outside what the model was trained on."
+        )
+
+
+class ModelEvaluator:
+    """Calls the model once per evaluation, with x0 correction, NFE count and a finiteness check.
+
+    Args:
+        model: the denoiser.
+        extra_args: passed through untouched (ComfyUI puts ``model_options``, ``seed``,
+            ``denoise_mask`` there).
+        x0_correction: optional hook applied to every data prediction.
+        total_steps: number of steps of the run, for error messages.
+        check_finite: check each output for NaN/inf (one reduction and host sync per call).
+    """
+
+    def __init__(
+        self,
+        model: Denoiser,
+        extra_args: Mapping[str, Any] | None = None,
+        x0_correction: X0Correction | None = None,
+        total_steps: int = 0,
+        check_finite: bool = True,
+    ) -> None:
+        self.model = model
+        self.extra_args = dict(extra_args or {})
+        self.x0_correction = x0_correction
+        self.total_steps = total_steps
+        self.check_finite = check_finite
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+        """Return the (corrected) data prediction at ``sigma`` for step index ``step``."""
+        sigma_batch = x.new_full((x.shape[0],), float(sigma))
+        denoised = self.model(x, sigma_batch, **self.extra_args)
+        self.nfe += 1
+        if self.check_finite and not bool(torch.isfinite(denoised).all()):
+            raise NonFiniteModelOutputError(step, float(sigma), self.total_steps)
+        if self.x0_correction is not None:
+            denoised = self.x0_correction(denoised, float(sigma))
+        return denoised
+
+
+def sigma_list(sigmas: torch.Tensor) -> list[float]:
+    """The schedule as host float64 values, validated: 1-D, non-negative, strictly decreasing.
+
+    One device-to-host copy per run; the loops then branch on Python floats only.
+    """
+    if sigmas.ndim != 1:
+        raise ValueError(f"sigmas must be a 1-D tensor, got shape {tuple(sigmas.shape)}")
+    values = [float(s) for s in sigmas.detach().to("cpu", torch.float64)]
+    if any(not (s >= 0.0) for s in values):
+        raise ValueError(f"sigmas must be non-negative and finite, got {values}")
+    for a, b in zip(values, values[1:]):
+        if not b < a:
+            raise ValueError(
+                "sigmas must be strictly decreasing (a SIGMAS schedule from high noise to low); "
+                f"got {a:.6g} followed by {b:.6g}. Check the schedule node, or use a FlipSigmas node."
+            )
+    return values
+
+
+def emit_callback(
+    callback: Callable[[dict[str, Any]], None] | None,
+    i: int,
+    x: torch.Tensor,
+    sigma: float,
+    denoised: torch.Tensor,
+    sigmas: torch.Tensor,
+) -> None:
+    """Send k-diffusion's per-step callback dict (ComfyUI maps it to previews and the progress bar)."""
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+
+
+def progress(n: int, disable: bool | None) -> range | Any:
+    """``range(n)`` wrapped in tqdm when it is installed and not disabled."""
+    if disable:
+        return range(n)
+    try:
+        from tqdm.auto import trange
+    except ImportError:
+        return range(n)
+    return trange(n, disable=disable)

@@ -1,0 +1,72 @@
+"""Shared loop helpers, per-sample noise and x0 corrections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_fewstep.samplers._loop import ModelEvaluator, NonFiniteModelOutputError, sigma_list
+from comfyui_fewstep.samplers.correction import dynamic_threshold, make_x0_correction
+from comfyui_fewstep.samplers.noise import PerSampleNoiseSampler
+
+
+def test_noise_is_per_sample_and_batch_size_independent():
+    x8 = torch.zeros(8, 3, 4, 4)
+    big, small = PerSampleNoiseSampler(x8, seed=123), PerSampleNoiseSampler(x8[2:3], seed=123, first_index=2)
+    for _ in range(3):
+        a, b = big(), small()
+        assert torch.equal(a[2:3], b)
+    assert not torch.equal(a[0], a[1])
+    other = PerSampleNoiseSampler(x8, seed=124)()
+    assert not torch.allclose(other, big())
+
+
+def test_noise_statistics_and_dtype():
+    x = torch.zeros(4, 64, 64, dtype=torch.float64)
+    n = PerSampleNoiseSampler(x, seed=0)()
+    assert n.dtype == torch.float64 and n.shape == x.shape
+    assert abs(float(n.mean())) < 0.02 and abs(float(n.std()) - 1.0) < 0.02
+
+
+def test_evaluator_counts_and_stops_on_nan():
+    calls = []
+
+    def model(x, sigma):
+        calls.append(sigma.clone())
+        return torch.full_like(x, float("nan")) if len(calls) == 2 else x * 0.5
+
+    ev = ModelEvaluator(model, total_steps=5)
+    x = torch.ones(2, 3)
+    assert torch.equal(ev(x, 2.0, 0), x * 0.5) and ev.nfe == 1
+    assert torch.equal(calls[0], torch.tensor([2.0, 2.0]))
+    with pytest.raises(NonFiniteModelOutputError, match="step 2 of 5"):
+        ev(x, 1.0, 1)
+
+
+def test_sigma_list_validation():
+    assert sigma_list(torch.tensor([2.0, 1.0, 0.0])) == [2.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sigma_list(torch.tensor([1.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        sigma_list(torch.tensor([1.0, float("nan")]))
+
+
+def test_dynamic_threshold_matches_definition():
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 1000) * torch.tensor([[0.5], [2.0], [5.0]])
+    out = dynamic_threshold(x0, percentile=0.9, max_value=1.0)
+    for i in range(3):
+        s = max(float(torch.quantile(x0[i].abs(), 0.9)), 1.0)
+        expected = x0[i].clamp(-s, s) / s
+        assert torch.allclose(out[i], expected, atol=1e-6)
+    inside = x0[0].abs() <= 1.0  # s = 1 for the narrow sample: values inside [-1, 1] are untouched
+    assert torch.equal(out[0][inside], x0[0][inside])
+    assert float(out.abs().max()) <= 1.0 + 1e-6
+
+
+def test_make_x0_correction():
+    assert make_x0_correction("none") is None
+    clamp = make_x0_correction("clamp", max_value=2.0)
+    assert torch.equal(clamp(torch.tensor([-3.0, 1.0, 5.0]), 1.0), torch.tensor([-2.0, 1.0, 2.0]))
+    with pytest.raises(ValueError):
+        make_x0_correction("bogus")
