@@ -1,0 +1,141 @@
+"""ComfyUI model_sampling -> Parameterization, checked against ComfyUI's own objects."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture(scope="module")
+def cms(comfy):
+    import comfy.model_sampling as cms
+
+    return cms
+
+
+@pytest.fixture(scope="module")
+def adapter(comfy):
+    from comfyui_fewstep.nodes import _comfy_sampling
+
+    return _comfy_sampling
+
+
+def _make(cms, schedule, prediction, **params):
+    cls = type("ModelSamplingTest", (schedule, prediction), {})
+    if schedule is cms.ModelSamplingDiscrete:
+        return cls(zsnr=params.pop("zsnr", None))
+    ms = cls()
+    if params:
+        ms.set_parameters(**params)
+    return ms
+
+
+def _core_cases(cms):
+    return {
+        "eps": (_make(cms, cms.ModelSamplingDiscrete, cms.EPS), "ve", "eps"),
+        "v_zsnr": (_make(cms, cms.ModelSamplingDiscrete, cms.V_PREDICTION, zsnr=True), "ve", "v"),
+        "x0": (_make(cms, cms.ModelSamplingDiscrete, cms.X0), "ve", "x0"),
+        "img_to_img": (_make(cms, cms.ModelSamplingDiscrete, cms.IMG_TO_IMG), "ve", "x0"),
+        "edm": (_make(cms, cms.ModelSamplingContinuousEDM, cms.EDM, sigma_min=0.002, sigma_max=80.0,
+                      sigma_data=0.5), "ve", "edm"),
+        "v_continuous": (_make(cms, cms.ModelSamplingContinuousV, cms.V_PREDICTION, sigma_min=0.03,
+                               sigma_max=500.0, sigma_data=1.0), "ve", "v"),
+        "cosmos": (_make(cms, cms.ModelSamplingCosmosRFlow, cms.COSMOS_RFLOW, sigma_min=0.002,
+                         sigma_max=80.0, sigma_data=1.0), "ve", "edm"),
+        "flow_shift3": (_make(cms, cms.ModelSamplingDiscreteFlow, cms.CONST, shift=3.0), "flow", "flow"),
+        "flux": (_make(cms, cms.ModelSamplingFlux, cms.CONST, shift=1.15), "flow", "flow"),
+    }
+
+
+def test_kind_family_and_range_for_every_core_prediction_type(cms, adapter):
+    for name, (ms, kind, family) in _core_cases(cms).items():
+        p = adapter.parameterization_from_model_sampling(ms)
+        assert (p.kind, p.family) == (kind, family), name
+        assert p.sigma_min == pytest.approx(float(ms.sigma_min), rel=1e-7), name
+        assert p.sigma_max == pytest.approx(min(float(ms.sigma_max), 1.0 if kind == "flow" else math.inf)), name
+
+
+def test_noise_scaling_agrees_with_alpha_and_sigma(cms, adapter):
+    """The coordinates ComfyUI builds x in are x = alpha(sigma) x0 + sigma eps for our kind."""
+    x0 = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for name, (ms, _, _) in _core_cases(cms).items():
+        p = adapter.parameterization_from_model_sampling(ms)
+        for sigma in (0.05, 0.4, 0.9):
+            s = torch.full((2,), sigma, dtype=torch.float64)
+            x = ms.noise_scaling(s, eps.clone(), x0.clone(), max_denoise=False)
+            expected = p.alpha(sigma) * x0 + p.sigma_t(sigma) * eps
+            torch.testing.assert_close(x, expected, msg=f"{name} at sigma={sigma}")
+
+
+def test_lambda_matches_comfy_half_log_snr(cms, adapter):
+    from comfy.k_diffusion.sampling import sigma_to_half_log_snr
+
+    for name, (ms, _, _) in _core_cases(cms).items():
+        p = adapter.parameterization_from_model_sampling(ms)
+        for sigma in (0.01, 0.3, 0.7):
+            core = float(sigma_to_half_log_snr(torch.tensor(sigma, dtype=torch.float64), ms))
+            assert p.lambda_(sigma) == pytest.approx(core, rel=1e-12, abs=1e-12), name
+
+
+def test_discrete_tables_are_passed_on_and_match_our_closed_forms(cms, adapter):
+    from comfyui_fewstep.samplers.parameterization import discrete_vp_sigmas, flow_sigmas
+
+    cases = _core_cases(cms)
+    eps = adapter.parameterization_from_model_sampling(cases["eps"][0])
+    assert len(eps.timestep_sigmas) == 1000
+    torch.testing.assert_close(torch.tensor(eps.timestep_sigmas, dtype=torch.float64), discrete_vp_sigmas(), rtol=1e-6, atol=0)
+    flow = adapter.parameterization_from_model_sampling(cases["flow_shift3"][0])
+    torch.testing.assert_close(torch.tensor(flow.timestep_sigmas, dtype=torch.float64), flow_sigmas(1000, shift=3.0), rtol=1e-6, atol=0)
+    zsnr = adapter.parameterization_from_model_sampling(cases["v_zsnr"][0])
+    assert zsnr.sigma_max > 1000.0 and zsnr.timestep_sigmas[-1] == zsnr.sigma_max
+    for name in ("edm", "v_continuous", "cosmos"):
+        assert adapter.parameterization_from_model_sampling(cases[name][0]).timestep_sigmas is None, name
+
+
+def test_object_patched_model_sampling_is_respected(cms, adapter):
+    class Patcher:  # the two ModelPatcher methods the adapter uses
+        def __init__(self, ms):
+            self.ms = ms
+
+        def get_model_object(self, name):
+            assert name == "model_sampling"
+            return self.ms
+
+    flow = _core_cases(cms)["flow_shift3"][0]
+    assert adapter.parameterization_for_model(Patcher(flow)).kind == "flow"
+
+    class Guider:
+        model_patcher = Patcher(flow)
+
+    class Denoiser:
+        inner_model = Guider()
+
+    assert adapter.parameterization_for_denoiser(Denoiser()).kind == "flow"
+    with pytest.raises(TypeError, match="parameterization="):
+        adapter.parameterization_for_denoiser(lambda x, s: x)
+
+
+def test_unknown_prediction_types_are_probed_or_rejected(cms, adapter, caplog):
+    class FlowLike:
+        sigma_min, sigma_max = 0.01, 1.0
+
+        def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+            return sigma * noise + (1.0 - sigma) * latent_image
+
+    class Odd(FlowLike):
+        def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+            return 2.0 * sigma * noise + latent_image
+
+    with caplog.at_level(logging.WARNING):
+        p = adapter.parameterization_from_model_sampling(FlowLike())
+    assert p.kind == "flow" and "FlowLike" in caplog.text
+    with pytest.raises(ValueError, match="VE.*flow"):
+        adapter.parameterization_from_model_sampling(Odd())
+    with pytest.raises(ValueError, match="noise_scaling"):
+        adapter.parameterization_from_model_sampling(object())
