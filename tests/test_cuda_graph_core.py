@@ -1,0 +1,382 @@
+"""CUDA-graph core on CPU: signatures, cache, invalidation, LRU, fallbacks, parity check.
+
+The capture backend is replaced by ``RecordingBackend``, which keeps CUDA-graph semantics
+(replay recomputes from the static input buffers and writes into the static outputs recorded
+at capture) and counts captures, replays and releases, so stale-buffer and invalidation bugs
+show up as wrong numbers, exactly as they would on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from comfyui_fewstep.cuda_graph import (
+    CUDA_GRAPH_BACKEND,
+    GraphedForward,
+    ModelFacts,
+    UnsupportedInput,
+    flatten,
+    ineligible_reason,
+    parameter_fingerprint,
+    pin_sdpa_backends,
+    unflatten,
+)
+from comfyui_fewstep.cuda_graph.attention import sdpa_without_cudnn
+from comfyui_fewstep.cuda_graph.cache import GraphCache
+from comfyui_fewstep.cuda_graph.verify import compare_outputs
+
+CPU = torch.device("cpu")
+
+
+class _Graph:
+    def __init__(self, backend, body, output, stale):
+        self.backend, self.body, self.output, self.stale = backend, body, output, stale
+        self.nbytes = 0
+        self.released = False
+
+    def replay(self):
+        assert not self.released, "replay of a released graph"
+        self.backend.replays += 1
+        if self.stale:  # models a kernel that escaped capture: outputs are never refreshed
+            return
+        _, fresh = flatten(self.body())
+        _, static = flatten(self.output)
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+
+    def release(self):
+        self.released = True
+        self.backend.releases += 1
+
+
+class RecordingBackend:
+    name = "recording"
+
+    def __init__(self, fail=False, stale=False):
+        self.fail, self.stale = fail, stale
+        self.captures = self.replays = self.releases = self.warmups = 0
+        self.pools = 0
+        self.graphs: list[_Graph] = []
+
+    def unavailable_reason(self, device):
+        return None
+
+    def new_pool(self, device):
+        self.pools += 1
+        return object()
+
+    def capture(self, body, *, device, warmup, pool):
+        for _ in range(warmup):
+            body()
+            self.warmups += 1
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+        output = body()
+        for t in flatten(output)[1]:  # recording executes nothing: outputs hold garbage until a replay
+            t.fill_(float("nan"))
+        graph = _Graph(self, body, output, self.stale)
+        self.graphs.append(graph)
+        return graph
+
+    def trim(self, device):
+        pass
+
+
+def unet_like(w: torch.Tensor):
+    """A forward with the DIFFUSION_MODEL argument layout; pops control lists like apply_control."""
+
+    def forward(inputs):
+        x, t, ctx, y, control = (inputs[k] for k in ("x", "timesteps", "context", "y", "control"))
+        h = x * w + t.view(-1, 1, 1, 1) + ctx.mean()
+        if y is not None:
+            h = h + y.sum()
+        if control is not None:
+            while control["output"]:
+                c = control["output"].pop()
+                if c is not None:
+                    h = h + c
+        return h
+
+    return forward
+
+
+def inputs(batch=2, size=4, seed=0, y=False, control=None):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(batch, 4, size, size, generator=g),
+        "timesteps": torch.rand(batch, generator=g) * 999,
+        "context": torch.randn(batch, 77, 8, generator=g),
+        "y": torch.randn(batch, 16, generator=g) if y else None,
+        "control": control,
+    }
+
+
+# ---------------------------------------------------------------- signatures
+def test_signature_ignores_values_but_not_shapes_dtypes_structure():
+    a, _ = flatten(inputs(seed=0))
+    assert a == flatten(inputs(seed=1))[0]
+    assert a != flatten(inputs(batch=1))[0]
+    assert a != flatten(inputs(size=8))[0]
+    assert a != flatten(inputs(y=True))[0]
+    half = inputs()
+    half["x"] = half["x"].half()
+    assert a != flatten(half)[0]
+    transposed = inputs()
+    transposed["context"] = transposed["context"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert a != flatten(transposed)[0]
+    with_control = inputs(control={"output": [torch.zeros(2, 4, 4, 4), None]})
+    other_control = inputs(control={"output": [None, torch.zeros(2, 4, 4, 4)]})
+    assert flatten(with_control)[0] != flatten(other_control)[0]
+    assert flatten({"n": 3})[0] != flatten({"n": 4})[0]
+
+
+def test_unflatten_round_trips_with_new_containers():
+    tree = inputs(y=True, control={"output": [torch.ones(1), None], "input": []})
+    spec, leaves = flatten(tree)
+    rebuilt = unflatten(spec, leaves)
+    assert rebuilt["control"]["output"] is not tree["control"]["output"]
+    assert rebuilt["control"]["output"][1] is None and rebuilt["control"]["input"] == []
+    assert all(a is b for a, b in zip(flatten(rebuilt)[1], leaves))
+    with pytest.raises(ValueError, match="fewer tensors"):
+        unflatten(spec, leaves[:-1])
+
+
+def test_unsupported_leaf_names_its_path():
+    with pytest.raises(UnsupportedInput, match=r"input\.kwargs\.hook is a function"):
+        flatten({"kwargs": {"hook": lambda: None}})
+
+
+def test_parameter_fingerprint_tracks_replaced_weights_not_inplace_updates():
+    lin = torch.nn.Linear(3, 3)
+    before = parameter_fingerprint(lin)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    assert parameter_fingerprint(lin) == before
+    lin.weight = torch.nn.Parameter(lin.weight.detach().clone())
+    assert parameter_fingerprint(lin) != before
+
+
+# ---------------------------------------------------------------- replay and cache
+def test_second_call_with_same_signature_replays_fresh_data():
+    backend = RecordingBackend()
+    gf = GraphedForward(backend, warmup=2, verify=True)
+    fwd = unet_like(torch.tensor(0.5))
+    first, second = inputs(seed=0), inputs(seed=1)
+    out1 = gf(fwd, first, device=CPU)
+    assert torch.equal(out1, fwd(inputs(seed=0)))
+    assert (backend.captures, backend.warmups) == (1, 2)
+    out2 = gf(fwd, second, device=CPU)
+    assert backend.captures == 1 and gf.stats.replays == 2
+    assert torch.equal(out2, fwd(inputs(seed=1)))
+    # the returned tensor is a copy: clobbering it does not reach the next replay
+    out2.fill_(123.0)
+    assert torch.equal(gf(fwd, inputs(seed=2), device=CPU), fwd(inputs(seed=2)))
+
+
+def test_new_signature_captures_again():
+    backend = RecordingBackend()
+    gf = GraphedForward(backend)
+    fwd = unet_like(torch.tensor(2.0))
+    gf(fwd, inputs(batch=2), device=CPU)
+    out = gf(fwd, inputs(batch=1), device=CPU)  # cfg batching changed mid-run
+    assert backend.captures == 2 and len(gf.cache) == 2
+    assert torch.equal(out, fwd(inputs(batch=1)))
+
+
+def test_key_extra_separates_graphs():
+    backend = RecordingBackend()
+    gf = GraphedForward(backend)
+    fwd = unet_like(torch.tensor(2.0))
+    gf(fwd, inputs(), device=CPU, key_extra=(1, 0))
+    gf(fwd, inputs(), device=CPU, key_extra=(0, 1))
+    gf(fwd, inputs(), device=CPU, key_extra=(1, 0))
+    assert backend.captures == 2
+
+
+def test_weight_change_releases_graphs_and_recaptures_with_new_weights():
+    backend = RecordingBackend()
+    gf = GraphedForward(backend)
+    w = torch.tensor(1.0)
+    fwd = unet_like(w)
+    gf(fwd, inputs(), device=CPU, weights=("uuid-a", 1))
+    gf(fwd, inputs(), device=CPU, weights=("uuid-a", 1))
+    assert backend.captures == 1
+    fwd_b = unet_like(torch.tensor(3.0))  # a LoRA replaced the weights
+    out = gf(fwd_b, inputs(seed=5), device=CPU, weights=("uuid-b", 1))
+    assert backend.captures == 2 and backend.releases == 1 and gf.stats.invalidations == 1
+    assert backend.graphs[0].released and not backend.graphs[1].released
+    assert torch.equal(out, fwd_b(inputs(seed=5)))
+
+
+def test_lru_evicts_least_recently_used():
+    backend = RecordingBackend()
+    gf = GraphedForward(backend, max_graphs=2)
+    fwd = unet_like(torch.tensor(1.5))
+    a, b, c = (dict(batch=1), dict(batch=2), dict(batch=3))
+    gf(fwd, inputs(**a), device=CPU)
+    gf(fwd, inputs(**b), device=CPU)
+    gf(fwd, inputs(**a), device=CPU)  # a is now the most recently used
+    gf(fwd, inputs(**c), device=CPU)  # evicts b
+    assert backend.captures == 3 and backend.releases == 1 and backend.graphs[1].released
+    gf(fwd, inputs(**a), device=CPU)
+    assert backend.captures == 3  # a survived
+    gf(fwd, inputs(**b), device=CPU)
+    assert backend.captures == 4 and len(gf.cache) == 2
+    assert backend.pools == 1  # one memory pool per model
+
+
+def test_cache_rejects_bad_size():
+    with pytest.raises(ValueError, match="max_entries"):
+        GraphCache(0)
+
+
+# ---------------------------------------------------------------- fallbacks
+def test_blocked_call_is_eager_and_logged_once(caplog):
+    backend = RecordingBackend()
+    gf = GraphedForward(backend)
+    fwd = unet_like(torch.tensor(0.25))
+    with caplog.at_level(logging.INFO, logger="comfyui_fewstep.cuda_graph.graphed"):
+        for seed in range(3):
+            out = gf(fwd, inputs(seed=seed), device=CPU, blocked="the model is partially loaded")
+            assert torch.equal(out, fwd(inputs(seed=seed)))
+    records = [r for r in caplog.records if "partially loaded" in r.getMessage()]
+    assert len(records) == 1 and backend.captures == 0
+    gf(fwd, inputs(), device=CPU)  # the next eligible call uses graphs again
+    assert backend.captures == 1
+
+
+def test_unavailable_backend_on_cpu_gives_a_reason():
+    reason = CUDA_GRAPH_BACKEND.unavailable_reason(CPU)
+    assert "CUDA device" in reason
+    gf = GraphedForward(CUDA_GRAPH_BACKEND)
+    fwd = unet_like(torch.tensor(1.0))
+    assert torch.equal(gf(fwd, inputs(), device=CPU), fwd(inputs()))
+    assert gf.stats.eager_calls[reason] == 1
+
+
+def test_capture_failure_runs_eager_frees_and_is_not_retried(caplog):
+    backend = RecordingBackend(fail=True)
+    gf = GraphedForward(backend)
+    fwd = unet_like(torch.tensor(1.0))
+    with caplog.at_level(logging.INFO):
+        for seed in range(3):
+            assert torch.equal(gf(fwd, inputs(seed=seed), device=CPU), fwd(inputs(seed=seed)))
+    assert backend.warmups == 2  # one attempt only; the signature is negative-cached
+    assert len(gf.cache) == 0 and gf.stats.capture_failures == 1
+    assert len([r for r in caplog.records if "capture failed" in r.getMessage()]) == 1
+    gf(fwd, inputs(), device=CPU, weights="new weights")  # a weight change forgets failures
+    assert backend.warmups == 4
+
+
+def test_stale_replay_is_caught_by_verification():
+    backend = RecordingBackend(stale=True)
+    gf = GraphedForward(backend, verify=True)
+    fwd = unet_like(torch.tensor(1.0))
+    out = gf(fwd, inputs(seed=3), device=CPU)
+    assert torch.equal(out, fwd(inputs(seed=3)))
+    assert gf.stats.verify_failures == 1 and len(gf.cache) == 0 and backend.releases == 1
+    gf(fwd, inputs(seed=4), device=CPU)
+    assert backend.captures == 1  # not retried
+
+
+def test_unsupported_input_falls_back():
+    backend = RecordingBackend()
+    gf = GraphedForward(backend)
+
+    def fwd(tree):
+        return tree["x"] * 2
+
+    tree = {"x": torch.ones(2), "callback": print}
+    assert torch.equal(gf(fwd, tree, device=CPU), torch.full((2,), 2.0))
+    assert backend.captures == 0 and "callback" in next(iter(gf.stats.eager_calls))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_control_lists_are_consumed_as_eager_would(verify):
+    backend = RecordingBackend()
+    gf = GraphedForward(backend, verify=verify)
+    fwd = unet_like(torch.tensor(1.0))
+
+    def control(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"output": [torch.randn(2, 4, 4, 4, generator=g), None, torch.randn(2, 4, 4, 4, generator=g)]}
+
+    for seed in range(3):
+        caller = inputs(seed=seed, control=control(seed))
+        out = gf(fwd, caller, device=CPU)
+        assert torch.equal(out, fwd(inputs(seed=seed, control=control(seed))))
+        assert caller["control"]["output"] == []
+    assert backend.captures == 1
+
+
+# ---------------------------------------------------------------- eligibility, parity, attention
+@pytest.mark.parametrize(
+    ("facts", "needle"),
+    [
+        (ModelFacts("cuda", backend_reason="no CUDA"), "no CUDA"),
+        (ModelFacts("cuda", grad_enabled=True), "gradients"),
+        (ModelFacts("cuda", lowvram=True), "partially loaded"),
+        (ModelFacts("cuda", lowvram_patches=3), "partially loaded"),
+        (ModelFacts("cuda", loaded_bytes=10, model_bytes=20), "10 of 20 bytes"),
+        (ModelFacts("cuda", weight_hooks=True), "hooks"),
+        (ModelFacts("cuda", patches=("output_block_patch",)), "output_block_patch"),
+        (ModelFacts("cuda", patches_replace=("attn2",)), "attn2"),
+        (ModelFacts("cuda", attention_override=True), "override"),
+        (ModelFacts("cuda", inner_wrappers=1), "wrapper"),
+        (ModelFacts("cuda", attention_name="attention_sage"), "attention_sage"),
+    ],
+)
+def test_ineligible_reasons(facts, needle):
+    assert needle in ineligible_reason(facts)
+
+
+def test_eligible_cases():
+    assert ineligible_reason(ModelFacts("cuda", loaded_bytes=20, model_bytes=20)) is None
+    assert ineligible_reason(ModelFacts("cuda", attention_name="attention_sage", attention_policy="unchecked")) is None
+    allowed = ModelFacts("cuda", patches=("p",), allowed_patches=frozenset({"p"}))
+    assert ineligible_reason(allowed) is None
+
+
+def test_sdpa_pinning_policy():
+    assert pin_sdpa_backends("sdpa_no_cudnn", None)
+    assert pin_sdpa_backends("auto", 91300) and pin_sdpa_backends("auto", 91400)
+    assert not pin_sdpa_backends("auto", 91200) and not pin_sdpa_backends("auto", 91500)
+    assert not pin_sdpa_backends("unchecked", 91300)
+    with pytest.raises(ValueError, match="attention policy"):
+        pin_sdpa_backends("flash", None)
+
+
+def test_compare_outputs():
+    a = torch.tensor([1.0, -2.0, 4.0])
+    assert compare_outputs([a], [a.clone()], 0.0).ok
+    assert compare_outputs([a + 1e-4], [a], 1e-3).ok  # 1e-4 <= 1e-3 * 4
+    bad = compare_outputs([a + 1e-2], [a], 1e-3)
+    assert not bad.ok and abs(bad.max_abs_error - 1e-2) < 1e-6
+    nan = a.clone()
+    nan[0] = float("nan")
+    assert not compare_outputs([nan], [a], 1.0).ok
+    assert compare_outputs([nan], [nan.clone()], 0.0).ok
+    assert not compare_outputs([a], [a.half()], 1.0).ok
+    assert not compare_outputs([a], [], 1.0).ok
+
+
+@pytest.mark.parametrize("skip_reshape", [False, True])
+def test_sdpa_without_cudnn_matches_softmax_attention(skip_reshape):
+    g = torch.Generator().manual_seed(0)
+    b, n, m, heads, d = 2, 5, 7, 3, 4
+    q, k, v = torch.randn(b, heads, n, d, generator=g), torch.randn(b, heads, m, d, generator=g), torch.randn(
+        b, heads, m, d, generator=g
+    )
+    mask = torch.randn(n, m, generator=g)
+    ref = torch.softmax(q @ k.transpose(-1, -2) / d**0.5 + mask, dim=-1) @ v  # (b, heads, n, d)
+    if skip_reshape:
+        out = sdpa_without_cudnn(None, q, k, v, heads, mask=mask, skip_reshape=True, skip_output_reshape=True)
+        torch.testing.assert_close(out, ref)
+    else:
+        flat = [t.transpose(1, 2).reshape(b, -1, heads * d) for t in (q, k, v)]
+        out = sdpa_without_cudnn(None, *flat, heads, mask=mask)
+        torch.testing.assert_close(out, ref.transpose(1, 2).reshape(b, n, heads * d))
