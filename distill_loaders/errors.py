@@ -1,0 +1,38 @@
+"""User-facing errors of the student loaders.
+
+Every failure to read, recognise or sample a student file raises :class:`StudentLoadError`
+(a ``ValueError``), whose message names the file, says what was found, and what to do.
+ComfyUI shows the message in its error dialog and keeps running.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["StudentLoadError", "UnsafePickleError"]
+
+
+class StudentLoadError(ValueError):
+    """A model file that cannot be loaded as a distilled student, with a message a user can act on.
+
+    Attributes:
+        path: the offending file (or folder).
+        problem: what is wrong, in one sentence.
+        hint: what the user can do about it.
+    """
+
+    def __init__(self, path: str | Path | None, problem: str, hint: str = "") -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        self.hint = hint
+        where = f"{Path(self.path).name!s}: " if self.path else ""
+        message = f"{where}{problem}"
+        if hint:
+            message += f" What to do: {hint}"
+        if self.path:
+            message += f" (file: {self.path})"
+        super().__init__(message)
+
+
+class UnsafePickleError(StudentLoadError):
+    """A pickle asked to build an object the restricted unpickler does not allow."""
