@@ -29,6 +29,13 @@ from __future__ import annotations
 
 from .parameterization import MODEL_FAMILIES, ModelFamily, Parameterization, for_family
 from .phi import h_phi, phi
+from .multistep import (
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m,
+    sample_dpmpp_3m_sde,
+    sample_dpmpp_multistep,
+)
 
 __all__ = [
     "MODEL_FAMILIES",
@@ -37,4 +44,9 @@ __all__ = [
     "for_family",
     "h_phi",
     "phi",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m",
+    "sample_dpmpp_3m_sde",
+    "sample_dpmpp_multistep",
 ]

@@ -1,0 +1,118 @@
+"""Multistep history carried across split schedules (SplitSigmas, refiner hand-off, denoise < 1).
+
+A multistep solver needs the model outputs of its last ``order - 1`` steps. When a schedule is
+split into two sampler runs, the second run normally restarts at first order. This module keeps
+the end state of the last few runs that stopped at a non-zero sigma, in a small module-level LRU
+(tensors stay on their device; at most :data:`MAX_ENTRIES` entries, each holding at most two model
+outputs), so a run whose input ``x`` and first sigma match a stored end state resumes with that
+history and keeps its order.
+
+Matching: ComfyUI round-trips the latent between the two runs (``process_latent_out`` /
+``process_latent_in``, and for flow models ``inverse_noise_scaling`` divides by ``1 - sigma`` at the
+end of the first run while the second run's ``noise_scaling`` multiplies by it again), and may move
+it to another device. The values agree to float32 rounding, not bit for bit, so an entry matches
+when shape, sigma and algorithm agree, a few strided probe values agree, and finally the whole
+tensor agrees within ``rtol=1e-5`` (relative to its largest magnitude).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MAX_ENTRIES", "MultistepHistory", "clear", "lookup", "store"]
+
+MAX_ENTRIES = 4
+_PROBES = 16
+_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class MultistepHistory:
+    """End state of a multistep run.
+
+    Attributes:
+        x: the run's output (``(B, ...)``, on its device).
+        sigma: the sigma of ``x`` (the run's last sigma, > 0).
+        algorithm: ``"dpmsolver++"`` or ``"dpmsolver"`` (which prediction ``outputs`` hold).
+        outputs: the last model outputs, newest first.
+        lambdas: their half log-SNRs, newest first.
+    """
+
+    x: torch.Tensor
+    sigma: float
+    algorithm: str
+    outputs: tuple[torch.Tensor, ...]
+    lambdas: tuple[float, ...]
+
+
+_entries: OrderedDict[int, MultistepHistory] = OrderedDict()
+_lock = threading.Lock()
+_next_key = 0
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    """A few strided values of ``x`` as a float64 CPU tensor (one small device-to-host copy)."""
+    flat = x.detach().reshape(-1)
+    step = max(1, flat.numel() // _PROBES)
+    return flat[::step][:_PROBES].to("cpu", torch.float64)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=_RTOL, atol=_RTOL * max(scale, 1e-12)))
+
+
+def store(entry: MultistepHistory) -> None:
+    """Remember ``entry``; the least recently used entry is dropped beyond :data:`MAX_ENTRIES`."""
+    global _next_key
+    if not (entry.sigma > 0.0 and math.isfinite(entry.sigma)) or not entry.outputs:
+        return
+    with _lock:
+        _entries[_next_key] = entry
+        _next_key += 1
+        while len(_entries) > MAX_ENTRIES:
+            _entries.popitem(last=False)
+
+
+def lookup(x: torch.Tensor, sigma: float, algorithm: str) -> MultistepHistory | None:
+    """The stored end state whose output equals ``x`` at ``sigma`` (and algorithm), else None.
+
+    The returned history's tensors are moved to ``x``'s device and dtype.
+    """
+    with _lock:
+        candidates = [
+            (key, e)
+            for key, e in _entries.items()
+            if e.x.shape == x.shape and e.algorithm == algorithm and math.isclose(e.sigma, sigma, rel_tol=1e-6)
+        ]
+    if not candidates:
+        return None
+    probe = _probe(x)
+    for key, entry in reversed(candidates):
+        if not _close(probe, _probe(entry.x)):
+            continue
+        stored = entry.x.to(device=x.device, dtype=torch.float32)
+        if not _close(x.detach().to(torch.float32), stored):
+            continue
+        with _lock:
+            if key in _entries:
+                _entries.move_to_end(key)
+        return MultistepHistory(
+            x=entry.x,
+            sigma=entry.sigma,
+            algorithm=entry.algorithm,
+            outputs=tuple(o.to(device=x.device, dtype=x.dtype) for o in entry.outputs),
+            lambdas=entry.lambdas,
+        )
+    return None
+
+
+def clear() -> None:
+    """Forget every stored end state."""
+    with _lock:
+        _entries.clear()

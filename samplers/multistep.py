@@ -1,0 +1,271 @@
+"""Multistep DPM-Solver++ (2M, 3M), its SDE variants, DPM-Solver (noise prediction) and UniC.
+
+One driver, :func:`sample_dpmpp_multistep`, runs every variant; the per-step weights come from
+:func:`._coefficients.plan_multistep` (float64, computed before the loop) and the loop only
+combines tensors with them. Variants are options, and the named samplers
+(:func:`sample_dpmpp_2m`, :func:`sample_dpmpp_3m`, :func:`sample_dpmpp_2m_sde`,
+:func:`sample_dpmpp_3m_sde`) are thin aliases.
+
+References: DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095, Alg. 2, §4 for SDE-DPM-Solver++),
+DPM-Solver (Lu et al. 2022, arXiv 2206.00927), UniPC (Zhao et al. 2023, arXiv 2302.04867).
+
+NFE: one model call per step. With ``final_step="zero"`` and sigmas ending in 0 a run over
+``len(sigmas) - 1`` steps makes ``len(sigmas) - 1`` calls, the last step returning the (corrected)
+data prediction exactly, as ComfyUI's samplers do. With ``final_step="sigma_min"`` the trailing 0
+is ignored: the run stops at the last non-zero sigma after ``len(sigmas) - 2`` calls (the official
+DPM-Solver accounting: N calls for N steps, no final denoise). The UniC corrector adds no calls.
+
+Configured as ``order=2, solver_type="midpoint", lower_order_final=False, eta=0`` in VE form this is
+k-diffusion's / ComfyUI's ``dpmpp_2m``; ``order=3, solver_type="heun", lower_order_final=False``
+with ``eta`` and a flow parameterisation where needed is ``dpmpp_3m_sde`` (true half log-SNR), up to
+float rounding (our weights are float64, theirs float32 tensors) and the noise source (ComfyUI
+draws SDE noise from a Brownian tree). ComfyUI nudges a flow schedule's first sigma of 1 down to
+``1 - 1e-4`` before ``dpmpp_3m_sde``; here a step from ``sigma = 1`` is the exact first-order step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import history as _history
+from ._coefficients import (
+    ALGORITHMS,
+    FINAL_STEPS,
+    SOLVER_TYPES,
+    THIRD_ORDER_WEIGHTS,
+    Algorithm,
+    FinalStep,
+    MultistepCoefficients,
+    SolverType,
+    ThirdOrder,
+    plan_multistep,
+)
+from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, progress, sigma_list
+from .noise import PerSampleNoiseSampler
+from .parameterization import Parameterization
+from .unipc import CORRECTOR_VARIANTS, CorrectorVariant
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m",
+    "sample_dpmpp_3m_sde",
+    "sample_dpmpp_multistep",
+]
+
+NoiseSampler = Callable[[float, float], torch.Tensor]
+
+_VE_DEFAULT = Parameterization("ve", 1e-12, 1e12, family="edm")
+_logged_first_order_start = False
+
+
+def _combine(terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """``sum w * t`` over the terms with a non-zero weight (weights are host floats)."""
+    terms = [(w, t) for w, t in terms if w != 0.0]
+    if not terms:
+        raise ValueError("internal error: a solver step with no terms")
+    w0, t0 = terms[0]
+    out = t0 * w0 if w0 != 1.0 else t0.clone()
+    for w, t in terms[1:]:
+        out.add_(t, alpha=w)
+    return out
+
+
+def _validate(
+    order: int,
+    solver_type: str,
+    algorithm: str,
+    final_step: str,
+    corrector: str,
+    third_order: str,
+    eta: float,
+    s_noise: float,
+    lower_order_final_steps: int,
+) -> None:
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    for name, value, allowed in (
+        ("solver_type", solver_type, SOLVER_TYPES),
+        ("algorithm", algorithm, ALGORITHMS),
+        ("final_step", final_step, FINAL_STEPS),
+        ("corrector", corrector, CORRECTOR_VARIANTS),
+        ("third_order", third_order, tuple(THIRD_ORDER_WEIGHTS)),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if not (eta >= 0.0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if not (s_noise >= 0.0 and math.isfinite(s_noise)):
+        raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
+    if lower_order_final_steps < 0:
+        raise ValueError(f"lower_order_final_steps must be >= 0, got {lower_order_final_steps!r}")
+    if algorithm == "dpmsolver" and eta != 0.0:
+        raise ValueError("eta > 0 (SDE sampling) needs algorithm='dpmsolver++'; set eta=0 for 'dpmsolver'")
+    if corrector != "none" and (algorithm != "dpmsolver++" or eta != 0.0):
+        raise ValueError(
+            f"the UniC corrector works on the deterministic data-prediction solver; got corrector={corrector!r} "
+            f"with algorithm={algorithm!r}, eta={eta!r}. Use algorithm='dpmsolver++' and eta=0, or corrector='none'."
+        )
+
+
+@torch.no_grad()
+def sample_dpmpp_multistep(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    disable: bool | None = None,
+    *,
+    parameterization: Parameterization | None = None,
+    order: int = 2,
+    solver_type: SolverType = "midpoint",
+    algorithm: Algorithm = "dpmsolver++",
+    lower_order_final: bool = True,
+    lower_order_final_steps: int = 10,
+    euler_at_final: bool = False,
+    final_step: FinalStep = "zero",
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    corrector: CorrectorVariant = "none",
+    third_order: ThirdOrder = "official",
+    x0_correction: X0Correction | None = None,
+    check_finite: bool = True,
+    resume_history: bool = True,
+) -> torch.Tensor:
+    """Multistep DPM-Solver++ of order 1-3 (Lu et al. 2022, arXiv 2211.01095, Alg. 2).
+
+    Args:
+        model: ``model(x, sigma_batch, **extra_args) -> denoised`` (k-diffusion contract).
+        x: the noised start, ``(B, ...)``, in the model's coordinates at ``sigmas[0]``.
+        sigmas: descending 1-D schedule, usually ending in 0.
+        parameterization: VE (default) or flow; sets ``alpha_t`` and ``lambda_t``.
+        order: 1 (DDIM), 2 (2M) or 3 (3M).
+        solver_type: second-order difference weight, ``midpoint`` (the paper's ``1 / (2r)`` form,
+            official ``dpmsolver``) or ``heun`` (``phi_2``-weighted, official ``taylor``).
+        algorithm: ``dpmsolver++`` (data prediction) or ``dpmsolver`` (noise prediction, for
+            comparison; ODE only).
+        lower_order_final: with fewer than ``lower_order_final_steps`` steps, cap step ``i``'s order
+            at the number of steps left (the official rule).
+        euler_at_final: make the last step first order.
+        final_step: ``zero`` (denoise to sigma 0 when the schedule ends in 0) or ``sigma_min``
+            (ignore the trailing 0 and return ``x`` at the last non-zero sigma; no extra call).
+        eta: stochasticity of SDE-DPM-Solver++ (0: ODE; 1: the paper's SDE solver, whose first
+            order is the DDPM ancestral step). ``s_noise`` scales the injected noise.
+        noise_sampler: ``(sigma, sigma_next) -> noise``; default
+            :class:`.noise.PerSampleNoiseSampler` seeded with ``extra_args["seed"]``.
+        corrector: ``none`` or UniC (``bh1``/``bh2``, Zhao et al. 2023): corrects each state with
+            the model call made there anyway, raising the order by one at no extra NFE.
+        third_order: weight of the third-order term, ``official`` (as published) or ``taylor``
+            (see :mod:`._coefficients`).
+        x0_correction: hook applied to every data prediction (clamp, dynamic thresholding).
+        check_finite: stop with :class:`._loop.NonFiniteModelOutputError` on NaN/inf output.
+        resume_history: continue with the stored model outputs of a previous run that ended at
+            this ``x`` and ``sigmas[0]`` (split schedules; see :mod:`.history`).
+
+    Returns:
+        The sample at sigma 0 (``final_step="zero"`` and a schedule ending in 0) or at the last
+        non-zero sigma.
+    """
+    _validate(order, solver_type, algorithm, final_step, corrector, third_order, eta, s_noise,
+              lower_order_final_steps)
+    p = _VE_DEFAULT if parameterization is None else parameterization
+    if not isinstance(p, Parameterization):
+        raise TypeError(f"parameterization must be a Parameterization or None, got {type(p).__name__}")
+    values = sigma_list(sigmas)
+    if p.kind == "flow" and values and values[0] > 1.0:
+        raise ValueError(f"a flow model's sigmas lie in [0, 1], got sigmas[0]={values[0]!r}")
+    points = values[:-1] if final_step == "sigma_min" and values and values[-1] == 0.0 else values
+    if len(points) < 2:
+        return x
+    n_steps = len(points) - 1
+
+    carried = None
+    if resume_history and order > 1:
+        carried = _history.lookup(x, points[0], algorithm)
+    if carried is None and order > 1:
+        _log_first_order_start(parameterization, points[0])
+    history_lambdas = carried.lambdas[: order - 1] if carried is not None else ()
+    plan = plan_multistep(
+        points, p, order=order, solver_type=solver_type, algorithm=algorithm,
+        lower_order_final=lower_order_final, lower_order_final_steps=lower_order_final_steps,
+        euler_at_final=euler_at_final, eta=eta, s_noise=s_noise, corrector=corrector,
+        third_order=third_order, history_lambdas=history_lambdas,
+    )
+    if eta > 0.0 and s_noise > 0.0 and noise_sampler is None:
+        noise_sampler = PerSampleNoiseSampler(x, (extra_args or {}).get("seed"))
+
+    evaluate = ModelEvaluator(model, extra_args, x0_correction, n_steps, check_finite)
+    outputs: list[torch.Tensor] = list(carried.outputs[: order - 1]) if carried is not None else []
+    lambdas: list[float] = list(history_lambdas)
+    depth = max(order, 4 if corrector != "none" else order)
+    x_prev = x
+    for i in progress(n_steps, disable):
+        c = plan[i]
+        denoised = evaluate(x, c.sigma, i)
+        m = denoised if (c.m_x, c.m_d) == (0.0, 1.0) else _combine([(c.m_x, x), (c.m_d, denoised)])
+        outputs = [m, *outputs][:depth]
+        lambdas = [c.lambda_, *lambdas][:depth]
+        if c.corrector_m:
+            x = _combine([(c.corrector_x, x_prev), *zip(c.corrector_m, outputs)])
+        emit_callback(callback, i, x, c.sigma, denoised, sigmas)
+        x_prev = x
+        x = _step(c, x, denoised, outputs, noise_sampler)
+
+    if resume_history and order > 1 and points[-1] > 0.0:
+        keep = min(order - 1, len(outputs))
+        _history.store(
+            _history.MultistepHistory(
+                x=x, sigma=points[-1], algorithm=algorithm,
+                outputs=tuple(outputs[:keep]), lambdas=tuple(lambdas[:keep]),
+            )
+        )
+    return x
+
+
+def _step(
+    c: MultistepCoefficients,
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    outputs: list[torch.Tensor],
+    noise_sampler: NoiseSampler | None,
+) -> torch.Tensor:
+    """One planned update ``x_next = c_x x + c_denoised D + sum c_m m + c_noise z``."""
+    terms = [(c.c_x, x), (c.c_denoised, denoised), *zip(c.c_m, outputs)]
+    if c.c_noise != 0.0 and noise_sampler is not None:
+        terms.append((c.c_noise, noise_sampler(c.sigma, c.sigma_next)))
+    return _combine(terms)
+
+
+def _log_first_order_start(parameterization: Parameterization | None, sigma0: float) -> None:
+    """Log once per process that a run starting below sigma_max restarts at first order."""
+    global _logged_first_order_start
+    if parameterization is None or sigma0 >= parameterization.sigma_max * (1.0 - 1e-5):
+        return
+    level = logging.DEBUG if _logged_first_order_start else logging.INFO
+    _logged_first_order_start = True
+    logger.log(
+        level,
+        "multistep sampler starts at sigma=%.4g below the model's sigma_max=%.4g without a stored history "
+        "(no earlier run ended at this latent): the first steps are lower order",
+        sigma0, parameterization.sigma_max,
+    )
+
+
+sample_dpmpp_2m = functools.partial(sample_dpmpp_multistep, order=2)
+sample_dpmpp_2m.__doc__ = "DPM-Solver++(2M): :func:`sample_dpmpp_multistep` with ``order=2``."
+sample_dpmpp_3m = functools.partial(sample_dpmpp_multistep, order=3)
+sample_dpmpp_3m.__doc__ = "DPM-Solver++(3M): :func:`sample_dpmpp_multistep` with ``order=3``."
+sample_dpmpp_2m_sde = functools.partial(sample_dpmpp_multistep, order=2, eta=1.0)
+sample_dpmpp_2m_sde.__doc__ = "SDE-DPM-Solver++(2M): ``order=2, eta=1`` (override ``eta``, ``solver_type``)."
+sample_dpmpp_3m_sde = functools.partial(sample_dpmpp_multistep, order=3, solver_type="heun", eta=1.0)
+sample_dpmpp_3m_sde.__doc__ = "SDE-DPM-Solver++(3M): ``order=3, solver_type='heun', eta=1``."
