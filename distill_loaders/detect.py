@@ -1,0 +1,295 @@
+"""Tell what a model file is — layout, base architecture, student and recipe — from its header.
+
+Only names, shapes, dtypes, safetensors metadata and the file name are used (see
+:mod:`.safetensors_header`); the weights are never read. Every conclusion carries the reason it
+was drawn from, so a loader can report *why* it chose a recipe.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+from .errors import StudentLoadError
+from .keys import diffusers_unet_shapes, ldm_unet_shapes
+from .safetensors_header import FileContents, read_contents
+from .specs import EDM_ARCHS, RECIPES, Recipe, get_recipe
+
+__all__ = ["Detection", "LAYOUTS", "Layout", "detect", "detect_contents", "lora_module_names"]
+
+Layout = Literal["ldm_checkpoint", "ldm_unet", "diffusers_unet", "lora_kohya", "lora_diffusers", "edm"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+LDM_PREFIX = "model.diffusion_model."
+_LORA_SUFFIX = re.compile(
+    r"\.(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
+    r"(\.[^.]+)?\.weight$|\.alpha$|\.dora_scale$")
+_TE_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "lora_te1_", "lora_te2_")
+
+
+@dataclass
+class Detection:
+    """The verdict on one file; ``reasons`` explain each field."""
+
+    path: str
+    container: str
+    layout: str
+    arch: str | None
+    recipe: str | None
+    confidence: Literal["certain", "likely", "none"]
+    reasons: list[str] = field(default_factory=list)
+    dtypes: dict[str, int] = field(default_factory=dict)
+    parameters: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    lora_rank: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.layout.startswith("lora")
+
+    def to_json(self) -> dict:
+        recipe = RECIPES.get(self.recipe) if self.recipe else None
+        out = {k: v for k, v in self.__dict__.items() if k != "metadata"}
+        out["metadata_keys"] = sorted(self.metadata)
+        out["prediction"] = recipe.prediction if recipe else None
+        out["student"] = recipe.student if recipe else None
+        return out
+
+
+def _layout(c: FileContents) -> str:
+    names = c.tensors
+    if c.metadata.get("fewstep_format") == "edm" or any(k.startswith(("map_layer0", "model.map_layer0")) for k in names):
+        return "edm"
+    if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in names):
+        return "lora_kohya"
+    if any(_LORA_SUFFIX.search(k) for k in names):
+        return "lora_diffusers"
+    if LDM_PREFIX + "input_blocks.0.0.weight" in names:
+        whole = any(k.startswith(("first_stage_model.", "cond_stage_model.", "conditioner.")) for k in names)
+        return "ldm_checkpoint" if whole else "ldm_unet"
+    if "input_blocks.0.0.weight" in names:
+        return "ldm_unet"
+    if "conv_in.weight" in names:
+        return "diffusers_unet"
+    raise StudentLoadError(
+        c.path, f"unknown architecture: none of the UNet, LoRA or EDM layouts matches its {len(names)} tensors "
+        f"(first names: {', '.join(sorted(names)[:3])}).",
+        "this loader handles SD1.5 / SD2.1 / SDXL UNets, their LoRAs and converted EDM generators; "
+        "load other models with ComfyUI's own loaders.")
+
+
+def _unet_arch(c: FileContents, reasons: list[str]) -> str:
+    ctx = linear = adm = None
+    for k, info in c.tensors.items():
+        if ctx is None and k.endswith("attn2.to_k.weight") and len(info.shape) == 2:
+            ctx = info.shape[1]
+        if linear is None and k.endswith("proj_in.weight"):
+            linear = len(info.shape) == 2
+        if adm is None and k.endswith(("add_embedding.linear_1.weight", "label_emb.0.0.weight")):
+            adm = info.shape[1]
+    found = f"cross-attention width {ctx}, {'linear' if linear else 'conv'} proj_in, extra embedding {adm}"
+    if ctx == 768 and linear is False and adm is None:
+        arch = "sd15"
+    elif ctx == 1024 and linear and adm is None:
+        arch = "sd21"
+    elif ctx == 2048 and linear and adm == 2816:
+        arch = "sdxl"
+    else:
+        raise StudentLoadError(c.path, f"unknown UNet architecture ({found}).",
+                               "supported bases are SD1.5, SD2.1 and SDXL; use ComfyUI's loaders for others.")
+    reasons.append(f"arch {arch}: {found}")
+    return arch
+
+
+def lora_module_names(names) -> tuple[dict[str, list[str]], list[str]]:
+    """Group LoRA tensor names by target module: ``({module: [tensor names]}, text_encoder_keys)``."""
+    modules: dict[str, list[str]] = {}
+    text: list[str] = []
+    for k in names:
+        if k.startswith(_TE_PREFIXES):
+            text.append(k)
+            continue
+        m = _LORA_SUFFIX.search(k)
+        module = k[: m.start()] if m else k
+        for prefix in ("base_model.model.", "unet.", "lora_unet_", "diffusion_model."):
+            if module.startswith(prefix):
+                module = module[len(prefix):]
+        modules.setdefault(module, []).append(k)
+    return modules, text
+
+
+def _lora_arch(c: FileContents, reasons: list[str]) -> tuple[str, int | None]:
+    ctx = rank = None
+    for k, info in c.tensors.items():
+        flat = k.replace(".", "_")
+        down = any(s in k for s in ("lora_down", "lora_A", "lora.down", "lora_linear_layer.down"))
+        if down and rank is None and len(info.shape) >= 2:
+            rank = info.shape[0]
+        if down and "attn2_to_k" in flat and not k.startswith(_TE_PREFIXES):
+            ctx = info.shape[1]
+            break
+    arch = {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(ctx)
+    if arch is None:
+        raise StudentLoadError(c.path, f"cannot tell the LoRA's base model (cross-attention input width {ctx}).",
+                               "use a LoRA for SD1.5, SD2.1 or SDXL, or load it with ComfyUI's LoraLoader.")
+    reasons.append(f"arch {arch}: LoRA attn2.to_k input width {ctx}, rank {rank}")
+    return arch, rank
+
+
+def _edm_arch(c: FileContents, reasons: list[str]) -> str:
+    arch = c.metadata.get("fewstep_arch") or c.config.get("arch")
+    if arch not in EDM_ARCHS:
+        arch = "edm_dhariwal" if any(k.endswith("out_conv.weight") for k in c.tensors) else "edm_songunet"
+        reasons.append(f"arch {arch}: from key names")
+    else:
+        reasons.append(f"arch {arch}: from the converter's metadata")
+    return arch
+
+
+# (regex on the lower-case file name, recipe, or a callable (arch, name) -> recipe)
+def _name_rules(arch: str, name: str, is_lora: bool) -> tuple[str | None, str]:
+    n = name.lower()
+    steps = re.search(r"(\d+)[-_ ]?steps?", n)
+    k = int(steps.group(1)) if steps else None
+    if "dmd2" in n:
+        if arch == "sdxl":
+            return ("dmd2_sdxl_1step" if k == 1 else "dmd2_sdxl_4step"), "file name says DMD2"
+        if arch == "sd15":
+            return "dmd2_sd15_1step", "file name says DMD2"
+    if re.search(r"(^|[^a-z])dmd([^a-z0-9]|$)", n) and arch == "sd15":
+        return "dmd_sd15_1step", "file name says DMD"
+    if ("sid" in n and "lsg" in n) or "t625" in n:
+        return f"sid_lsg_{arch}_1step", "file name says SiD-LSG / t625"
+    if "scflow" in n:
+        return "scflow_sd15_1step", "file name says SCFlow"
+    if "instaflow" in n:
+        return "instaflow_sd15_1step", "file name says InstaFlow"
+    if "2_rectified" in n or "2rf" in n or "rectified_flow" in n:
+        return "rectified_flow_2_sd15", "file name says 2-rectified flow"
+    if "turbo" in n:
+        return ("sdxl_turbo_sdxl" if arch == "sdxl" else "sd_turbo_sd21"), "file name says Turbo"
+    if "lightning" in n:
+        if "x0" in n or k == 1:
+            return "sdxl_lightning_1step_x0", "file name says Lightning 1-step x0"
+        if k in (2, 4, 8):
+            return f"sdxl_lightning_{k}step", f"file name says Lightning {k}-step"
+    if "hyper" in n:
+        if k == 1 and not is_lora:
+            return "hyper_sdxl_1step_unet", "file name says Hyper-SD 1-step UNet"
+        if k == 1:
+            return "hyper_1step_lora_tcd", "file name says Hyper-SD 1-step (unified, TCD) LoRA"
+        if k in (2, 4, 8):
+            return f"hyper_{k}step_lora", f"file name says Hyper-SD {k}-step LoRA"
+    if "pcm" in n:
+        if "lcmlike" in n:
+            return "lcm_lora", "file name says PCM LCM-like LoRA"
+        kind = "normalcfg" if "normalcfg" in n else "smallcfg"
+        if k and f"pcm_{kind}_{k}step" in RECIPES:
+            return f"pcm_{kind}_{k}step", f"file name says PCM {kind} {k}-phase"
+    if "tcd" in n:
+        return "tcd_lora", "file name says TCD"
+    if "lcm" in n:
+        return ("lcm_lora" if is_lora else "lcm"), "file name says LCM"
+    if "swiftbrush" in n:
+        return "swiftbrush_sd21_1step", "file name says SwiftBrush"
+    return None, ""
+
+
+def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str]) -> tuple[str | None, str]:
+    is_lora = layout.startswith("lora")
+    meta = c.metadata.get("fewstep_recipe")
+    if meta in RECIPES:
+        reasons.append(f"recipe {meta}: from the file's metadata (fewstep_recipe)")
+        return meta, "certain"
+    if layout == "edm":
+        recipe = "dmd2_imagenet_1step" if "dmd2" in c.path.name.lower() else "sid_edm_1step"
+        reasons.append(f"recipe {recipe}: EDM generator" + (" named DMD2" if recipe.startswith("dmd2") else ""))
+        return recipe, "likely"
+    texts = [c.path.name, c.path.parent.name, c.path.parent.parent.name, c.config.get("_name_or_path", "")]
+    texts += [v for k, v in c.metadata.items() if k in ("modelspec.title", "ss_output_name", "name", "title")]
+    for text in texts:
+        recipe, why = _name_rules(arch, str(text), is_lora)
+        if recipe and recipe in RECIPES and arch in RECIPES[recipe].archs:
+            reasons.append(f"recipe {recipe}: {why} ({text!r})")
+            return recipe, "certain"
+    if "time_embedding.cond_proj.weight" in c.tensors or c.config.get("time_cond_proj_dim"):
+        reasons.append("recipe lcm: the UNet has LCM's guidance embedding (time_embedding.cond_proj)")
+        return "lcm", "likely"
+    reasons.append("recipe: nothing in the file name, metadata or keys identifies the student")
+    return None, "none"
+
+
+def _compare(c: FileContents, layout: str, arch: str, det: Detection) -> None:
+    if layout in ("diffusers_unet",):
+        expected, prefix = diffusers_unet_shapes(arch), ""
+    elif layout in ("ldm_checkpoint", "ldm_unet"):
+        expected = ldm_unet_shapes(arch)
+        prefix = LDM_PREFIX if LDM_PREFIX + "input_blocks.0.0.weight" in c.tensors else ""
+    else:
+        return
+    have = {k[len(prefix):]: v for k, v in c.tensors.items() if k.startswith(prefix)}
+    extras = {"time_embedding.cond_proj.weight"}
+    det.missing = sorted(k for k in expected if k not in have)
+    det.unexpected = sorted(k for k in have if k not in expected and k not in extras)
+    det.mismatched = sorted(f"{k}: {list(have[k].shape)} (expected {list(s)})"
+                            for k, s in expected.items() if k in have and tuple(have[k].shape) != tuple(s))
+
+
+def detect_contents(c: FileContents, override: str | None = None) -> Detection:
+    """Detect layout, architecture and recipe of already-read file contents (see :func:`detect`)."""
+    reasons: list[str] = []
+    layout = _layout(c)
+    reasons.append(f"layout {layout}")
+    rank = None
+    if layout == "edm":
+        arch = _edm_arch(c, reasons)
+    elif layout.startswith("lora"):
+        arch, rank = _lora_arch(c, reasons)
+    else:
+        arch = _unet_arch(c, reasons)
+    recipe, confidence = _choose_recipe(c, layout, arch, reasons)
+    det = Detection(str(c.path), c.container, layout, arch, recipe, confidence, reasons, lora_rank=rank,
+                    metadata=dict(c.metadata))
+    det.dtypes = dict(Counter(t.dtype for t in c.tensors.values()))
+    total = 0
+    for t in c.tensors.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        total += n
+    det.parameters = total
+    _compare(c, layout, arch, det)
+    if override:
+        _apply_override(c, det, get_recipe(override))
+    return det
+
+
+def _apply_override(c: FileContents, det: Detection, recipe: Recipe) -> None:
+    if det.arch not in recipe.archs:
+        raise StudentLoadError(
+            c.path, f"recipe {recipe.name!r} is for {'/'.join(recipe.archs)} but the file is a {det.arch} model.",
+            f"pick a recipe for {det.arch} or leave the override on 'auto'.")
+    detected = RECIPES.get(det.recipe) if det.recipe else None
+    if detected and det.confidence == "certain" and detected.prediction != recipe.prediction:
+        raise StudentLoadError(
+            c.path, f"recipe {recipe.name!r} expects {recipe.prediction} prediction but the file was identified as "
+            f"{detected.name!r} ({detected.prediction} prediction; {det.reasons[-1]}).",
+            f"use {detected.name!r} (or 'auto'), or rename the file if the detection is wrong.")
+    if recipe.is_lora != det.is_lora:
+        det.reasons.append(f"note: recipe {recipe.name} is written for a {'LoRA' if recipe.is_lora else 'full model'}")
+    if detected and detected.name != recipe.name:
+        det.reasons.append(f"override: {recipe.name} replaces the detected {detected.name}")
+    else:
+        det.reasons.append(f"override: {recipe.name}")
+    det.recipe, det.confidence = recipe.name, "certain"
+
+
+def detect(path: str | Path, override: str | None = None) -> Detection:
+    """Read ``path``'s header and detect what it is; ``override`` forces a recipe (checked for
+    consistency with the file). Raises :class:`StudentLoadError` on unreadable or unknown files."""
+    return detect_contents(read_contents(path), override)
