@@ -58,13 +58,16 @@ __all__ = [
     "Algorithm",
     "FinalStep",
     "SolverType",
+    "VE_DEFAULT",
     "StepTableau",
     "apply_row",
     "build_tableau",
+    "run_step",
     "default_r",
     "sample_dpmpp_singlestep",
     "singlestep_orders",
     "solver_sigma",
+    "validate_options",
 ]
 
 FLOW_START_OFFSET = 1e-4
@@ -75,7 +78,8 @@ finite. The state at ``sigma = 1`` and at ``1 - 1e-4`` differs by ``O(1e-4)`` al
 ComfyUI's DPM++ SDE samplers use the same offset.
 """
 
-_VE = Parameterization("ve", 0.002, 80.0, family="edm")
+VE_DEFAULT = Parameterization("ve", 0.002, 80.0, family="edm")
+"""The coordinates used when a sampler gets ``parameterization=None`` (VE: ``alpha_t = 1``)."""
 
 
 def solver_sigma(parameterization: Parameterization, sigma: float) -> float:
@@ -174,7 +178,9 @@ def build_tableau(
     if order == 3 and not 0.0 < r1 < r2 < 1.0:
         raise ValueError(f"3S needs 0 < r1 < r2 < 1, got r1={r1!r}, r2={r2!r}")
 
-    data = algorithm == "dpmsolver++"
+    # a first-order step to sigma = 0 is x_t = alpha_0 x0 in both algorithms (the exact limit of
+    # -sigma_t expm1(h) eps); write it with the data prediction to avoid the 0 * inf form
+    data = algorithm == "dpmsolver++" or sigma_t == 0.0
     lambda_s = p.lambda_(sigma_s)
     h = p.lambda_(sigma_t) - lambda_s
     alpha_s = p.alpha(sigma_s)
@@ -192,9 +198,7 @@ def build_tableau(
         return sigma, alpha / alpha_s, -sigma
 
     def first_order_row(r: float) -> tuple[float, tuple[float, ...]]:
-        sigma, a, scale = point(r)
-        if not data and sigma == 0.0:  # -sigma_t expm1(h) -> -alpha_t sigma_s / alpha_s as sigma_t -> 0
-            return a, (-p.alpha(0.0) * sigma_s / alpha_s,)
+        _, a, scale = point(r)
         return a, (scale * w(1, r * h),)
 
     rows: list[tuple[float, tuple[float, ...]]] = []
@@ -298,7 +302,8 @@ def _step_orders(
     return orders
 
 
-def _check_options(algorithm: str, solver_type: str, final_step: str) -> None:
+def validate_options(algorithm: str, solver_type: str, final_step: str) -> None:
+    """Raise ``ValueError`` for an unknown algorithm, solver type or final step."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if solver_type not in SOLVER_TYPES:
@@ -350,10 +355,10 @@ def sample_dpmpp_singlestep(
 
     NFE: ``sum(orders)`` over the integrated intervals (the step to sigma = 0 costs one).
     """
-    _check_options(algorithm, solver_type, final_step)
+    validate_options(algorithm, solver_type, final_step)
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    p = _VE if parameterization is None else parameterization
+    p = VE_DEFAULT if parameterization is None else parameterization
     values = sigma_list(sigmas)
     n_intervals = max(len(values) - 1, 0)
     ends_at_zero = n_intervals > 0 and values[-1] == 0.0
