@@ -15,9 +15,10 @@ Formulas (``h = lambda_t - lambda_s``, ``r_k = h_k / h`` with ``h_k`` the earlie
 * DPM-Solver++ multistep, data prediction (Lu et al. 2022, arXiv 2211.01095, eq. 9 and Alg. 2;
   third order as in the authors' reference implementation): with ``H = (1 + eta) h``,
   ``x_t = (sigma_t / sigma_s) e^(-eta h) x_s + alpha_t [H phi_1(-H) m_0 + c1 * D1 + c2 * D2]``
-  where ``D1 ~ h m'`` and ``D2 ~ h^2 m'' / 2`` are backward divided differences, ``c1 = 1/2 H phi_1(-H)``
-  (``midpoint``, the paper's ``1 / (2 r)`` form) or ``H phi_2(-H)`` (``heun``, the official
-  ``taylor`` solver type), and ``c2 = H phi_3(-H)``. ``eta = 0`` is the ODE solver;
+  where ``D1 ~ h m'`` and ``D2 ~ h^2 m'' / 2`` are backward divided differences; in a second-order
+  step ``c1 = 1/2 H phi_1(-H)`` (``midpoint``, the paper's ``1 / (2 r)`` form) or ``H phi_2(-H)``
+  (``heun``, the official ``taylor`` solver type), and ``c2 = 0``; a third-order step always
+  uses ``c1 = H phi_2(-H)`` and ``c2 = H phi_3(-H)``. ``eta = 0`` is the ODE solver;
   ``eta > 0`` is SDE-DPM-Solver++ (arXiv 2211.01095, §4, eq. 12 with ``eta = 1``), generalised
   with ``eta`` as in k-diffusion's ``dpmpp_2m_sde``/``dpmpp_3m_sde``; noise weight
   ``sigma_t sqrt(1 - e^(-2 eta h))``.
@@ -226,7 +227,8 @@ def plan_multistep(
             big_h = (1.0 + eta) * h
             c0 = alpha_t * h_phi(1, big_h)
             if step_order > 1:
-                c1 = alpha_t * (0.5 * h_phi(1, big_h) if solver_type == "midpoint" else big_h * phi(2, -big_h))
+                midpoint = solver_type == "midpoint" and step_order == 2
+                c1 = alpha_t * (0.5 * h_phi(1, big_h) if midpoint else big_h * phi(2, -big_h))
                 c2 = w3 * alpha_t * big_h * phi(3, -big_h)
             else:
                 c1 = c2 = 0.0
@@ -242,7 +244,8 @@ def plan_multistep(
             m_x, m_d = 1.0 / s, -alpha_s / s
             c_x = alpha_t / alpha_s
             c0 = -t * h * phi(1, h)
-            c1 = -t * (0.5 * h * phi(1, h) if solver_type == "midpoint" else h * phi(2, h))
+            midpoint = solver_type == "midpoint" and step_order == 2
+            c1 = -t * (0.5 * h * phi(1, h) if midpoint else h * phi(2, h))
             c2 = -w3 * t * h * phi(3, h)
             diff = _difference_weights(step_order, r, c1, c2)
             c_m = (c0 + diff[0],) + diff[1:]
