@@ -23,6 +23,8 @@ Sampler functions follow k-diffusion's contract:
 ``model(x, sigma_batch, **extra_args)`` returns ``denoised`` and ``sigmas`` is a descending
 1-D tensor, usually ending in 0. NFE (number of function evaluations) is the number of
 ``model`` calls; classifier-free guidance doubles the network work per call.
+A singlestep outer step of order k costs k NFE (the step to sigma = 0 is first order and costs
+one); the adaptive solver reports its NFE (``info`` dict and an INFO log line).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from .multistep import (
     sample_dpmpp_3m_sde,
     sample_dpmpp_multistep,
 )
+from .singlestep import sample_dpmpp_singlestep, singlestep_orders
+from .adaptive import sample_dpmpp_adaptive
 
 __all__ = [
     "MODEL_FAMILIES",
@@ -49,4 +53,7 @@ __all__ = [
     "sample_dpmpp_3m",
     "sample_dpmpp_3m_sde",
     "sample_dpmpp_multistep",
+    "sample_dpmpp_singlestep",
+    "singlestep_orders",
+    "sample_dpmpp_adaptive",
 ]
