@@ -1,0 +1,140 @@
+"""Our sampler functions as ComfyUI ``SAMPLER`` objects, and the named solver presets.
+
+:func:`comfy_sampler_function` is the function a ``comfy.samplers.KSAMPLER`` calls. It finds
+the model's ``model_sampling`` (respecting object patches), builds the
+:class:`~..samplers.parameterization.Parameterization` once per run and calls the core sampler
+of the chosen solver family. Inpainting masks, previews/progress (``callback``) and
+``disable`` are handled by ``KSAMPLER`` and passed through unchanged.
+
+:data:`PRESETS` is the single table behind the KSampler dropdown names (``fewstep_<name>``)
+and the NFE-first plan node.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import comfy.samplers
+
+from ..samplers.adaptive import sample_dpmpp_adaptive
+from ..samplers.multistep import sample_dpmpp_multistep
+from ..samplers.singlestep import sample_dpmpp_singlestep
+from ._comfy_sampling import parameterization_for_denoiser
+
+logger = logging.getLogger(__name__)
+
+SolverFamily = Literal["multistep", "singlestep", "adaptive"]
+SOLVER_FAMILIES: tuple[str, ...] = get_args(SolverFamily)
+
+_SAMPLERS: dict[str, Callable[..., Any]] = {
+    "multistep": sample_dpmpp_multistep,
+    "singlestep": sample_dpmpp_singlestep,
+    "adaptive": sample_dpmpp_adaptive,
+}
+
+__all__ = [
+    "PRESETS",
+    "PRESET_NAMES",
+    "SOLVER_FAMILIES",
+    "Preset",
+    "SolverFamily",
+    "comfy_sampler_function",
+    "make_sampler",
+    "normalize_options",
+    "supported_options",
+]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named DPM-Solver++ configuration (paper names; Lu et al. 2022, arXiv 2211.01095)."""
+
+    solver: SolverFamily
+    options: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def order(self) -> int:
+        return int(self.options.get("order", 2))
+
+
+PRESETS: dict[str, Preset] = {
+    "dpmpp_2m": Preset("multistep", {"order": 2}, "DPM-Solver++(2M), deterministic, lower order final"),
+    "dpmpp_3m": Preset("multistep", {"order": 3}, "DPM-Solver++(3M), deterministic, lower order final"),
+    "dpmpp_2m_sde": Preset("multistep", {"order": 2, "eta": 1.0}, "SDE-DPM-Solver++(2M), eta 1"),
+    "dpmpp_3m_sde": Preset("multistep", {"order": 3, "eta": 1.0}, "SDE-DPM-Solver++(3M), eta 1"),
+    "dpmpp_2s": Preset("singlestep", {"order": 2}, "DPM-Solver++(2S), 2 model calls per step"),
+    "dpmpp_3s": Preset("singlestep", {"order": 3}, "DPM-Solver++(3S), 3 model calls per step"),
+    "unipc_bh2": Preset(
+        "multistep", {"order": 3, "corrector": "bh2"},
+        "DPM-Solver++(3M) predictor with the UniC-bh2 corrector (Zhao et al. 2023, arXiv 2302.04867)",
+    ),
+}
+PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+_NEUTRAL: dict[str, Any] = {"eta": 0.0, "corrector": "none"}
+"""Options that change the method: refused (not dropped) by a solver without them."""
+
+
+def supported_options(solver: SolverFamily) -> frozenset[str]:
+    """Keyword options the core sampler of ``solver`` accepts (beyond the k-diffusion arguments)."""
+    if solver not in _SAMPLERS:
+        raise ValueError(f"solver family must be one of {SOLVER_FAMILIES}, got {solver!r}")
+    params = inspect.signature(_SAMPLERS[solver]).parameters
+    base = {"model", "x", "sigmas", "extra_args", "callback", "disable"}
+    return frozenset(name for name, p in params.items() if name not in base and p.kind is not p.VAR_KEYWORD)
+
+
+def normalize_options(solver: SolverFamily, options: Mapping[str, Any]) -> tuple[SolverFamily, dict[str, Any]]:
+    """Drop the options ``solver`` does not take, or refuse them when they would change the result.
+
+    * ``eta`` and ``corrector`` change the method; a solver without them refuses a non-neutral
+      value (``eta > 0``, a corrector) with ``ValueError``.
+    * Other options only tune a policy another solver does not have (``lower_order_final``,
+      ``euler_at_final``, ``solver_type`` for adaptive, ...) and are dropped.
+
+    Dropped options are logged at DEBUG level.
+    """
+    options = dict(options)
+    accepted = supported_options(solver)
+    for key in sorted(set(options) - accepted):
+        value = options.pop(key)
+        if key in _NEUTRAL and value != _NEUTRAL[key]:
+            raise ValueError(f"the {solver} solver does not support {key}={value!r}; use the multistep solver")
+        logger.debug("FewStep: option %s=%r does not apply to the %s solver", key, value, solver)
+    return solver, options
+
+
+def comfy_sampler_function(
+    model: Any,
+    x: Any,
+    sigmas: Any,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    *,
+    solver: SolverFamily = "multistep",
+    **options: Any,
+) -> Any:
+    """k-diffusion sampler function for ``comfy.samplers.KSAMPLER``: our ``solver`` on ComfyUI's model.
+
+    The model's parameterisation is read from the denoiser unless ``parameterization`` is
+    given in ``options``.
+    """
+    if len(sigmas) <= 1:
+        return x
+    if options.get("parameterization") is None:
+        options["parameterization"] = parameterization_for_denoiser(model)
+    return _SAMPLERS[solver](
+        model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options
+    )
+
+
+def make_sampler(solver: SolverFamily, options: Mapping[str, Any]) -> comfy.samplers.KSAMPLER:
+    """A ComfyUI ``SAMPLER`` running ``solver`` with ``options`` (after :func:`normalize_options`)."""
+    solver, options = normalize_options(solver, options)
+    return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={"solver": solver, **options})

@@ -1,0 +1,199 @@
+"""SIGMAS nodes: the pack's step schedules, and the NFE-first plan (SAMPLER + SIGMAS)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from ..samplers.budget import StepPlan, singlestep_orders, steps_for_nfe
+from ..samplers.schedules import AYS_MODELS, GITS_COEFFS, SCHEDULE_DEFAULTS, SCHEDULE_NAMES, get_sigmas
+from ._api import CATEGORY_PLANS, CATEGORY_SCHEDULERS, io, ui
+from ._comfy_sampler import PRESET_NAMES, PRESETS, make_sampler
+from ._comfy_sampling import parameterization_for_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FewStepNFEPlan", "FewStepSchedule", "plan_for_budget", "schedule_options", "sigmas_for_model"]
+
+_SCHEDULE_TOOLTIP = (
+    "How the noise levels of the steps are spaced. logsnr_uniform: equal steps in the half "
+    "log-SNR (DPM-Solver's choice, good for few steps); time_uniform / time_quadratic: equal steps "
+    "in the model's time; karras / exponential / polyexponential: k-diffusion's range schedules; "
+    "ays / gits: published tables for SD 1.5 / SDXL / SVD; custom: your own list."
+)
+
+
+def schedule_options(
+    schedule: str,
+    rho: float = 0.0,
+    table_model: str = "auto",
+    gits_coeff: float = 1.2,
+    custom_sigmas: str = "",
+    sigma_min: float = 0.0,
+    sigma_max: float = 0.0,
+) -> dict[str, Any]:
+    """The keyword options of ``samplers.schedules.get_sigmas(schedule, ...)`` from node widgets.
+
+    Widgets that do not apply to ``schedule`` are ignored; ``rho = 0`` and ``sigma_min/max = 0``
+    mean "the schedule's / model's default".
+    """
+    if schedule not in SCHEDULE_NAMES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULE_NAMES}")
+    accepted = SCHEDULE_DEFAULTS[schedule]
+    params: dict[str, Any] = {}
+    if "rho" in accepted and rho > 0.0:
+        params["rho"] = float(rho)
+    if "model" in accepted:
+        params["model"] = table_model
+    if "coeff" in accepted:
+        params["coeff"] = float(gits_coeff)
+    if "sigmas" in accepted:
+        params["sigmas"] = custom_sigmas
+    if sigma_min > 0.0:
+        params["sigma_min"] = float(sigma_min)
+    if sigma_max > 0.0:
+        params["sigma_max"] = float(sigma_max)
+    return params
+
+
+def sigmas_for_model(model: Any, schedule: str, steps: int | None, denoise: float = 1.0, **widgets: Any) -> torch.Tensor:
+    """SIGMAS for a ComfyUI ``MODEL``: the schedule on the model's (patched) parameterisation."""
+    parameterization = parameterization_for_model(model)
+    return get_sigmas(schedule, steps, parameterization, denoise, **schedule_options(schedule, **widgets))
+
+
+def _schedule_inputs() -> list:
+    return [
+        io.Float.Input("rho", default=0.0, min=0.0, max=100.0, step=0.1, round=0.001,
+                       tooltip="karras / polyexponential: the rho exponent. 0 uses the schedule's "
+                               "default (karras 7, polyexponential 1). Ignored by other schedules."),
+        io.Combo.Input("table_model", options=list(AYS_MODELS), default="auto",
+                       tooltip="ays: which published table to use. auto picks sd15 for SD-style discrete "
+                               "models and svd for EDM models. Ignored by other schedules."),
+        io.Float.Input("gits_coeff", default=1.2, min=min(GITS_COEFFS), max=max(GITS_COEFFS), step=0.05,
+                       round=0.01, tooltip="gits: the table set (larger spends more steps at high noise). "
+                                           "Ignored by other schedules."),
+        io.String.Input("custom_sigmas", default="", multiline=True,
+                        placeholder="14.61, 4.0, 1.2, 0.3, 0",
+                        tooltip="custom: a decreasing list of sigmas, comma or space separated; a final 0 "
+                                "is added if missing. Ignored by other schedules."),
+        io.Float.Input("sigma_min", default=0.0, min=0.0, max=10000.0, step=0.001, round=0.0001,
+                       tooltip="Override the model's smallest sigma (0 keeps the model's)."),
+        io.Float.Input("sigma_max", default=0.0, min=0.0, max=10000.0, step=0.01, round=0.0001,
+                       tooltip="Override the model's largest sigma (0 keeps the model's; flow models: <= 1)."),
+    ]
+
+
+def _check_schedule_widgets(schedule: Any, steps: Any) -> bool | str:
+    if schedule is not None and schedule not in SCHEDULE_NAMES:
+        return f"schedule {schedule!r} is not one of {list(SCHEDULE_NAMES)}"
+    if steps is not None:
+        if not isinstance(steps, int) or steps < 0 or steps > 10000:
+            return f"steps must be an integer in 0..10000, got {steps!r}"
+        if steps == 0 and schedule not in (None, "custom"):
+            return "steps = 0 (use the list's own step count) is only for the custom schedule"
+    return True
+
+
+class FewStepSchedule(io.ComfyNode):
+    """SIGMAS from one of the pack's schedules, computed on the model's own parameterisation."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepSchedule",
+            display_name="FewStep Schedule",
+            category=CATEGORY_SCHEDULERS,
+            description="Noise levels (SIGMAS) for few-step sampling, computed from the model's own "
+                        "noise schedule (VE or flow). Connect to SamplerCustom(Advanced).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model; its prediction type and sigma range set the schedule."),
+                io.Combo.Input("schedule", options=list(SCHEDULE_NAMES), default="logsnr_uniform",
+                               tooltip=_SCHEDULE_TOOLTIP),
+                io.Int.Input("steps", default=8, min=0, max=10000,
+                             tooltip="Number of steps. With a multistep solver each step is one model call. "
+                                     "0 is allowed for custom only (the list's own count)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Less than 1 keeps only the last part of a longer schedule "
+                                       "(img2img); 0 returns no steps."),
+                *_schedule_inputs(),
+            ],
+            outputs=[io.Sigmas.Output(tooltip="Decreasing noise levels ending in 0, one step per interval.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, schedule=None, steps=None) -> bool | str:
+        return _check_schedule_widgets(schedule, steps)
+
+    @classmethod
+    def execute(cls, model, schedule, steps, denoise, rho=0.0, table_model="auto", gits_coeff=1.2,
+                custom_sigmas="", sigma_min=0.0, sigma_max=0.0) -> io.NodeOutput:
+        sigmas = sigmas_for_model(
+            model, schedule, None if steps == 0 else steps, denoise, rho=rho, table_model=table_model,
+            gits_coeff=gits_coeff, custom_sigmas=custom_sigmas, sigma_min=sigma_min, sigma_max=sigma_max,
+        )
+        return io.NodeOutput(sigmas)
+
+
+def plan_for_budget(solver: str, nfe: int, order: int) -> StepPlan:
+    """``steps_for_nfe`` for a schedule ending in 0, whose last step is the denoise-to-zero step.
+
+    That step is first order in every solver here (it returns the data prediction), so a
+    singlestep allocation that does not end in order 1 gives its last call to that step:
+    ``singlestep_orders(nfe - 1, order) + [1]``.
+    """
+    plan = steps_for_nfe(solver, nfe, order)
+    if solver != "singlestep" or not plan.orders or plan.orders[-1] == 1 or nfe < 2:
+        return plan
+    orders = tuple(singlestep_orders(nfe - 1, order)) + (1,)
+    return replace(plan, steps=len(orders), orders=orders)
+
+
+class FewStepNFEPlan(io.ComfyNode):
+    """Budget-first set-up: pick a solver preset and a number of model calls, get SAMPLER + SIGMAS."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepNFEPlan",
+            display_name="FewStep NFE Plan",
+            category=CATEGORY_PLANS,
+            description="Give a budget of model calls (NFE); get the matching sampler and schedule. "
+                        "Single-step solvers spend several calls per step, so the step count is derived.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model; its noise schedule sets the sigmas."),
+                io.Combo.Input("preset", options=list(PRESET_NAMES), default="dpmpp_2m",
+                               tooltip="Solver: " + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())),
+                io.Int.Input("nfe", default=8, min=1, max=1000,
+                             tooltip="Budget: number of model calls (NFE) for the whole run."),
+                io.Combo.Input("schedule", options=[s for s in SCHEDULE_NAMES if s != "custom"],
+                               default="logsnr_uniform", tooltip=_SCHEDULE_TOOLTIP),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Only for the displayed cost: the cfg you use in the guider. "
+                                       "cfg != 1 doubles the network work per model call."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Less than 1 keeps only the last part of a longer schedule (img2img)."),
+            ],
+            outputs=[
+                io.Sampler.Output("sampler", tooltip="The solver, for SamplerCustom(Advanced)."),
+                io.Sigmas.Output("sigmas", tooltip="The schedule with the step count that fits the budget."),
+                io.String.Output("plan", display_name="plan", tooltip="Steps, model calls and network evaluations of this plan."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, nfe, schedule, cfg, denoise=1.0) -> io.NodeOutput:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {PRESET_NAMES}")
+        spec = PRESETS[preset]
+        plan = plan_for_budget(spec.solver, int(nfe), spec.order)
+        options = dict(spec.options)
+        if spec.solver == "singlestep":
+            options["orders"] = list(plan.orders)
+        sigmas = sigmas_for_model(model, schedule, plan.steps, denoise)
+        text = f"{preset}: {plan.summary(cfg)}"
+        logger.info("FewStep plan: %s", text)
+        return io.NodeOutput(make_sampler(spec.solver, options), sigmas, text, ui=ui.PreviewText(text))
