@@ -106,7 +106,9 @@ def read_contents(path: str | Path) -> FileContents:
 
 def _read_safetensors(path: Path) -> FileContents:
     size = os.path.getsize(path)
-    kind = _sniff(path)
+    with open(path, "rb") as f:
+        looks_like_safetensors = f.read(9)[8:9] == b"{"
+    kind = "safetensors" if looks_like_safetensors else _sniff(path)
     if kind in ("zip", "pickle"):
         raise StudentLoadError(
             path, f"the file is named .safetensors but is a torch {'zip archive' if kind == 'zip' else 'pickle'}.",
