@@ -69,7 +69,7 @@ def error_norm(
     scale: float = 1.0,
     scale_prev: float = 1.0,
 ) -> float:
-    """Scaled local error ``E`` of arXiv 2206.00927, §4.3: per-sample RMS of the scaled difference, max over the batch.
+    """Scaled local error ``E`` (arXiv 2206.00927, §4.3): per-sample RMS, max over the batch.
 
     ``delta = max(atol, rtol * max(|x_low|, |x_prev|))`` with the states multiplied by their VP
     scale factors (``scale`` for ``x_high``/``x_low``, ``scale_prev`` for ``x_prev``); tensors (B, ...).
@@ -183,7 +183,9 @@ def sample_dpmpp_adaptive(
                 accepted += 1
                 if callback is not None:
                     sigma = sigmas.new_tensor(sigma_t)
-                    callback({"x": x, "i": accepted - 1, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+                    callback(
+                        {"x": x, "i": accepted - 1, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised}
+                    )
             else:
                 denoised_s = denoised
                 rejected += 1

@@ -35,20 +35,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 
+from ._coefficients import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES, Algorithm, FinalStep, SolverType
 from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, progress, sigma_list
+from .budget import singlestep_orders
 from .parameterization import Parameterization
 from .phi import h_phi, phi
-
-Algorithm = Literal["dpmsolver++", "dpmsolver"]
-ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
-SolverType = Literal["midpoint", "heun"]
-SOLVER_TYPES: tuple[str, ...] = get_args(SolverType)
-FinalStep = Literal["zero", "sigma_min"]
-FINAL_STEPS: tuple[str, ...] = get_args(FinalStep)
 
 __all__ = [
     "ALGORITHMS",
@@ -87,30 +82,6 @@ def solver_sigma(parameterization: Parameterization, sigma: float) -> float:
     if parameterization.kind == "flow" and sigma >= 1.0:
         return 1.0 - FLOW_START_OFFSET
     return sigma
-
-
-def singlestep_orders(nfe: int, order: int) -> list[int]:
-    """Orders of the outer steps for an NFE budget ("DPM-Solver-fast", arXiv 2206.00927, §3.4).
-
-    Order 3 uses ``K = nfe // 3 + 1`` outer steps: ``[3] * (K - 2) + [2, 1]`` when
-    ``nfe % 3 == 0``, ``[3] * (K - 1) + [1]`` when it is 1, ``[3] * (K - 1) + [2]`` when 2.
-    Order 2 uses ``[2] * (nfe // 2)`` plus a trailing ``[1]`` for odd ``nfe``; order 1 uses
-    ``[1] * nfe``. Always ``sum(orders) == nfe``.
-    """
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    if order not in (1, 2, 3):
-        raise ValueError(f"singlestep order must be 1, 2 or 3, got {order!r}")
-    if order == 1:
-        return [1] * nfe
-    if order == 2:
-        return [2] * (nfe // 2) + [1] * (nfe % 2)
-    k = nfe // 3 + 1
-    if nfe % 3 == 0:
-        return [3] * (k - 2) + [2, 1]
-    if nfe % 3 == 1:
-        return [3] * (k - 1) + [1]
-    return [3] * (k - 1) + [2]
 
 
 def default_r(order: int) -> tuple[float, float]:
@@ -237,7 +208,9 @@ def build_tableau(
     )
 
 
-def apply_row(row: tuple[float, tuple[float, ...]], x: torch.Tensor, m: Sequence[torch.Tensor]) -> torch.Tensor:
+def apply_row(
+    row: tuple[float, tuple[float, ...]], x: torch.Tensor, m: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """``a * x + sum_i b[i] * m[i]`` for one tableau row (host scalars, device tensors)."""
     a, b = row
     out = x * a
@@ -297,7 +270,8 @@ def _step_orders(
     if ends_at_zero and n_steps == n_intervals and n_steps > 0 and orders[-1] != 1:
         raise ValueError(
             f"the last step ends at sigma=0 and must be first order, got orders[-1]={orders[-1]}; "
-            "end the orders with 1 (e.g. singlestep_orders) or use final_step='sigma_min'"
+            "end the orders with 1 (for a budget of nfe calls: singlestep_orders(nfe - 1, order) + [1]) "
+            "or use final_step='sigma_min'"
         )
     return orders
 

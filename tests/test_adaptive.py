@@ -83,7 +83,8 @@ def test_nfe_accounting_with_rejections_and_final_step(order):
     info: dict = {}
     seen = []
     sample_dpmpp_adaptive(problem, x, torch.tensor([80.0, 0.002, 0.0], dtype=torch.float64),
-                          parameterization=p, order=order, rtol=1e-3, atol=1e-3, info=info, callback=seen.append)
+                          parameterization=p, order=order, rtol=1e-3, atol=1e-3, info=info,
+                          callback=seen.append)
     accepted, rejected = info["steps_accepted"], info["steps_rejected"]
     assert rejected > 0
     # every attempt costs `order`, except that a retry reuses the prediction at its start; plus the final step
@@ -103,7 +104,8 @@ def test_one_step_equals_singlestep_update():
         info: dict = {}
         out = sample_dpmpp_adaptive(problem, x, sigmas, parameterization=p, order=order, rtol=1e9, atol=1e9,
                                     h_init=100.0, info=info)
-        ref = sample_dpmpp_singlestep(Gaussian("ve"), x, sigmas, disable=True, parameterization=p, order=order)
+        ref = sample_dpmpp_singlestep(Gaussian("ve"), x, sigmas, disable=True, parameterization=p,
+                                      order=order)
         assert info == {"nfe": order, "steps_accepted": 1, "steps_rejected": 0}
         assert torch.allclose(out, ref, rtol=1e-13, atol=0)
 
