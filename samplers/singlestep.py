@@ -312,6 +312,8 @@ def sample_dpmpp_singlestep(
         model: denoiser ``model(x, sigma_batch, **extra_args) -> x0``.
         x: the noisy state at ``sigmas[0]``, (B, ...) in the model's coordinates.
         sigmas: descending 1-D schedule; each interval is one outer step.
+        callback: called once per outer step, after it, with ``i`` the step index and
+            ``denoised`` the data prediction at the step's start.
         parameterization: VE (default) or flow coordinates, for ``alpha`` and ``lambda``.
         order: order of every outer step (1, 2, 3) when ``orders`` is not given; the step
             ending at sigma = 0 is first order (it returns the data prediction).
