@@ -1,0 +1,156 @@
+"""Drive ComfyUI's built-in samplers and schedulers with an exact denoiser (benchmark only).
+
+ComfyUI is imported from ``COMFYUI_PATH`` in CPU mode. Its sampler functions are called
+directly (``KSAMPLER.sampler_function`` with its ``extra_options``), with ``model`` a thin object
+that evaluates the exact denoiser and exposes the attributes the samplers look up
+(``model.inner_model.inner_model.model_sampling`` and
+``model.inner_model.model_patcher.get_model_object("model_sampling")``). Schedules come from
+``comfy.samplers.calculate_sigmas`` on a real ``ModelSampling*`` object, with KSampler's
+discard-penultimate-sigma rule applied to the samplers that use it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: samplers that need a CFG guider (post-CFG hook for the unconditional prediction)
+NEEDS_GUIDER = ("_cfg_pp",)
+#: NFE set at run time by tolerances, not by the schedule
+ADAPTIVE = ("dpm_adaptive",)
+#: samplers that inject noise with their default options (pathwise error is not their goal)
+STOCHASTIC = (
+    "euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_sde_gpu",
+    "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
+    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "res_multistep_ancestral", "er_sde",
+    "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece",
+)
+#: deterministic configurations of stochastic samplers reachable through ComfyUI's sampler nodes
+ODE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpmpp_2m_sde(eta=0)": ("dpmpp_2m_sde", {"eta": 0.0}),
+    "dpmpp_2m_sde_heun(eta=0)": ("dpmpp_2m_sde", {"eta": 0.0, "solver_type": "heun"}),
+    "dpmpp_3m_sde(eta=0)": ("dpmpp_3m_sde", {"eta": 0.0}),
+    "dpmpp_2s_ancestral(eta=0)": ("dpmpp_2s_ancestral", {"eta": 0.0}),
+    "dpmpp_sde(eta=0)": ("dpmpp_sde", {"eta": 0.0}),
+}
+
+
+def import_comfy() -> Any | None:
+    """Import ComfyUI in CPU mode from ``COMFYUI_PATH``; None when it is not set or not usable."""
+    root = os.environ.get("COMFYUI_PATH")
+    if not root or not (Path(root) / "comfy").is_dir():
+        return None
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.model_sampling
+    import comfy.samplers
+
+    return comfy
+
+
+def model_sampling_for(comfy: Any, range_preset: Any) -> Any:
+    """A ComfyUI ``ModelSampling`` object for one of :data:`RANGE_PRESETS`."""
+    ms_mod = comfy.model_sampling
+    if range_preset.family == "eps":
+        cls = type("MS", (ms_mod.ModelSamplingDiscrete, ms_mod.EPS), {})
+        return cls()
+    if range_preset.family == "edm":
+        cls = type("MS", (ms_mod.ModelSamplingContinuousEDM, ms_mod.EPS), {})
+        ms = cls()
+        ms.set_parameters(range_preset.sigma_min, range_preset.sigma_max, 1.0)
+        return ms
+    if range_preset.family == "flow":
+        cls = type("MS", (ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST), {})
+        ms = cls()
+        ms.set_parameters(shift=range_preset.shift)
+        return ms
+    raise ValueError(f"no ComfyUI model sampling for family {range_preset.family!r}")
+
+
+class _Patcher:
+    def __init__(self, ms: Any) -> None:
+        self._ms = ms
+
+    def get_model_object(self, name: str) -> Any:
+        if name != "model_sampling":
+            raise KeyError(name)
+        return self._ms
+
+
+class _Inner:
+    def __init__(self, ms: Any) -> None:
+        self.inner_model = type("BaseModel", (), {"model_sampling": ms})()
+        self.model_patcher = _Patcher(ms)
+
+
+@dataclass
+class ComfyModel:
+    """``model(x, sigma, **extra_args)`` for ComfyUI's samplers around a denoiser callable."""
+
+    denoiser: Any
+    model_sampling: Any
+    inner_model: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inner_model = _Inner(self.model_sampling)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
+        return self.denoiser(x, sigma, **extra_args)
+
+
+@dataclass(frozen=True)
+class ComfySampler:
+    name: str
+    base: str
+    options: dict[str, Any]
+    stochastic: bool
+
+
+def sampler_list(comfy: Any) -> tuple[list[ComfySampler], list[str]]:
+    """Every built-in sampler the benchmark can drive, and the names it skips (with reasons)."""
+    names = list(comfy.samplers.SAMPLER_NAMES)
+    out: list[ComfySampler] = []
+    skipped: list[str] = []
+    for name in names:
+        if name == "ddim":
+            continue  # = euler (random inpaint noise only)
+        if any(tag in name for tag in NEEDS_GUIDER):
+            skipped.append(f"{name} (needs a CFG guider)")
+            continue
+        if name in ADAPTIVE:
+            skipped.append(f"{name} (NFE set by tolerances, not by the schedule)")
+            continue
+        out.append(ComfySampler(name, name, {}, name in STOCHASTIC))
+    for label, (base, options) in ODE_VARIANTS.items():
+        out.append(ComfySampler(label, base, options, False))
+    return out, skipped
+
+
+def scheduler_names(comfy: Any) -> list[str]:
+    return list(comfy.samplers.SCHEDULER_NAMES)
+
+
+def comfy_sigmas(comfy: Any, ms: Any, scheduler: str, steps: int, sampler: str) -> torch.Tensor:
+    """KSampler's schedule: ``calculate_sigmas`` plus the discard-penultimate rule."""
+    discard = sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+    sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1 if discard else steps).cpu()
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas
+
+
+def sampler_function(comfy: Any, sampler: ComfySampler):
+    """``(fn, extra_options)`` of ComfyUI's KSAMPLER for a sampler entry."""
+    ks = comfy.samplers.sampler_object(sampler.base)
+    options = dict(ks.extra_options)
+    options.update(sampler.options)
+    return ks.sampler_function, options

@@ -1,0 +1,433 @@
+"""Tier-1 solver benchmark: DPM-Solver++ presets vs ComfyUI's samplers on exact Gaussian mixtures.
+
+Usage::
+
+    python bench/solver_benchmark.py [--quick] [--out docs/benchmarks.md] [--plot docs/solver_benchmark.png]
+
+Every method starts from the same noise, drawn from the exact marginal of a Gaussian mixture at
+the model family's ``sigma_max`` (SD1.5 discrete range, EDM range, rectified flow with shift 1
+and 3), and is compared with the exact probability-flow ODE solution at sigma = 0 (8th-order
+Runge-Kutta reference, ``samplers/analytic.py``). Metrics per method and NFE: median and 90th
+percentile of the per-sample RMS error, and the mode-flip rate (output closer to a different
+mixture component than the reference). NFE is counted in the model wrapper; a method whose
+consumed NFE would exceed the target at the nearest step count is run at fewer steps.
+
+With ``COMFYUI_PATH`` set to a ComfyUI checkout, every built-in sampler is run with every
+built-in scheduler (schedules from ``calculate_sigmas`` on a real ``ModelSampling`` object) and
+the per-step host overhead of our 2M is timed against ComfyUI's ``dpmpp_2m``. Without it, the
+baselines are a local Euler and DDIM loop on our schedules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _comfy  # noqa: E402
+from _harness import ROOT, Result, ddim, euler_ode, import_package, measure  # noqa: E402
+
+NFES = (4, 5, 6, 8, 10, 15, 20)
+TARGET_NFES = (5, 6, 8, 10)  # where the 0.5x target is checked
+TARGET_RATIO = 0.5
+OVERHEAD_TARGET = 1.1
+BEGIN = "<!-- solver-benchmark:begin -->"
+END = "<!-- solver-benchmark:end -->"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One of our sampler configurations."""
+
+    label: str
+    solver: str  # "multistep" | "singlestep"
+    schedule: str
+    options: dict[str, Any] = field(default_factory=dict)
+    schedule_options: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("2M", "multistep", "logsnr_uniform", {"order": 2}),
+    Preset("2M", "multistep", "time_uniform", {"order": 2}),
+    Preset("2M", "multistep", "karras", {"order": 2}),
+    Preset("2M", "multistep", "exponential", {"order": 2}),
+    Preset("2M", "multistep", "ays", {"order": 2}),
+    Preset("2M", "multistep", "gits", {"order": 2}),
+    Preset("3M", "multistep", "logsnr_uniform", {"order": 3}),
+    Preset("3M", "multistep", "time_uniform", {"order": 3}),
+    Preset("3M", "multistep", "karras", {"order": 3}),
+    Preset("2M+UniC(bh2)", "multistep", "logsnr_uniform", {"order": 2, "corrector": "bh2"}),
+    Preset("2M+UniC(bh2)", "multistep", "time_uniform", {"order": 2, "corrector": "bh2"}),
+    Preset("3M+UniC(bh2)", "multistep", "logsnr_uniform", {"order": 3, "corrector": "bh2"}),
+    Preset("3M+UniC(bh1)", "multistep", "time_uniform", {"order": 3, "corrector": "bh1"}),
+    Preset("3S", "singlestep", "logsnr_uniform", {"order": 3}),
+    Preset("3S", "singlestep", "karras", {"order": 3}),
+)
+QUICK_PROBLEMS = (("sd15", "gmm16"), ("flow_shift3", "gmm16"))
+FULL_PROBLEMS = (("sd15", "gmm16"), ("edm", "gmm16"), ("flow_shift1", "gmm16"), ("flow_shift3", "gmm16"),
+                 ("sd15", "gmm16_narrow"))
+QUICK_COMFY_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_3m_sde(eta=0)", "uni_pc", "ipndm_v", "deis")
+QUICK_COMFY_SCHEDULERS = ("simple", "karras", "exponential", "beta", "normal")
+
+
+class Bench:
+    def __init__(self, pkg: Any, nfes: tuple[int, ...]) -> None:
+        self.pkg = pkg
+        self.nfes = nfes
+        s = pkg.samplers
+        from comfyui_fewstep.samplers import analytic, budget, schedules  # noqa: F401
+
+        self.analytic = analytic
+        self.schedules = schedules
+        self.budget = budget
+        self.multistep = s.sample_dpmpp_multistep
+        self.singlestep = s.sample_dpmpp_singlestep
+        self.singlestep_orders = s.singlestep_orders
+        self.results: list[Result] = []
+
+    def _record(self, problem, source, method, schedule, target, run: Callable, stochastic=False) -> Result:
+        model = problem.denoiser()
+        try:
+            out = run(model)
+            med, p90, flips = measure(problem, out, self.analytic.per_sample_rms)
+            res = Result(problem.name, source, method, schedule, target, model.nfe, med, p90, flips, stochastic)
+        except Exception as exc:  # a sampler/scheduler combination that fails is reported, not fatal
+            res = Result(problem.name, source, method, schedule, target, model.nfe, math.inf, math.inf, 1.0,
+                         stochastic, f"{type(exc).__name__}: {exc}"[:120])
+        self.results.append(res)
+        return res
+
+    # -- ours ---------------------------------------------------------------------------------
+    def run_presets(self, problem) -> None:
+        p = problem.range.parameterization()
+        for preset in PRESETS:
+            for nfe in self.nfes:
+                if preset.solver == "multistep":
+                    steps, orders = nfe, None
+                else:
+                    orders = self.singlestep_orders(nfe - 1, preset.options["order"]) + [1]
+                    steps = len(orders)
+                try:
+                    sigmas = self.schedules.get_sigmas(preset.schedule, steps, p, **preset.schedule_options)
+                except (ValueError, TypeError):
+                    break  # schedule not defined for this model family (AYS / GITS tables)
+                x = problem.x_start
+
+                def run(model, sigmas=sigmas, orders=orders):
+                    if preset.solver == "multistep":
+                        return self.multistep(model, x, sigmas, parameterization=p, resume_history=False,
+                                              disable=True, **preset.options)
+                    return self.singlestep(model, x, sigmas, parameterization=p, orders=orders, disable=True)
+
+                self._record(problem, "ours", preset.label, preset.schedule, nfe, run)
+
+    # -- local baselines ----------------------------------------------------------------------
+    def run_local(self, problem) -> None:
+        p = problem.range.parameterization()
+        for schedule in ("logsnr_uniform", "time_uniform", "karras", "exponential"):
+            for nfe in self.nfes:
+                sigmas = self.schedules.get_sigmas(schedule, nfe, p)
+                x = problem.x_start
+                self._record(problem, "local", "euler", schedule, nfe, lambda m, s=sigmas: euler_ode(m, x, s))
+                self._record(problem, "local", "ddim", schedule, nfe,
+                             lambda m, s=sigmas: ddim(m, x, s, problem.form))
+
+    # -- ComfyUI ------------------------------------------------------------------------------
+    def run_comfy(self, problem, comfy, samplers, schedulers) -> None:
+        ms = _comfy.model_sampling_for(comfy, problem.range)
+        probe_x = problem.x_start[:2]
+        for sampler in samplers:
+            fn, options = _comfy.sampler_function(comfy, sampler)
+            nfe_of_steps: dict[int, int] = {}
+
+            def consumed(steps: int) -> int:
+                if steps not in nfe_of_steps:
+                    model = _comfy.ComfyModel(problem.denoiser(), ms)
+                    sig = _comfy.comfy_sigmas(comfy, ms, "simple", steps, sampler.base)
+                    try:
+                        fn(model, probe_x.clone(), sig, extra_args={"seed": 0}, callback=None, disable=True,
+                           **options)
+                        nfe_of_steps[steps] = model.denoiser.nfe
+                    except Exception:
+                        nfe_of_steps[steps] = 10**9
+                return nfe_of_steps[steps]
+
+            for nfe in self.nfes:
+                steps = max((k for k in range(1, nfe + 1) if consumed(k) <= nfe), default=None)
+                if steps is None:
+                    continue
+                for scheduler in schedulers:
+                    sigmas = _comfy.comfy_sigmas(comfy, ms, scheduler, steps, sampler.base)
+                    x = problem.x_start
+
+                    def run(model, sigmas=sigmas):
+                        wrapped = _comfy.ComfyModel(model, ms)
+                        out = fn(wrapped, x.clone(), sigmas.clone(), extra_args={"seed": 0}, callback=None,
+                                 disable=True, **options)
+                        return out
+
+                    self._record(problem, "comfy", sampler.name, scheduler, nfe, run, sampler.stochastic)
+
+
+def best(results: list[Result], problem: str, source: str, nfe: int, deterministic_only: bool = False):
+    pool = [r for r in results if r.problem == problem and r.source == source and r.target_nfe == nfe and r.ok
+            and not (deterministic_only and r.stochastic)]
+    return min(pool, key=lambda r: (r.median, r.flip_rate), default=None)
+
+
+def time_overhead(pkg: Any, comfy: Any | None, steps: int = 200, repeats: int = 7) -> dict[str, float]:
+    """Per-step host time of our 2M and ComfyUI's dpmpp_2m with a trivial model (``x * 0.5``)."""
+    from comfyui_fewstep.samplers import analytic, schedules
+
+    p = analytic.RANGE_PRESETS["sd15"].parameterization()
+    sigmas = schedules.get_sigmas("karras", steps, p)
+    x = torch.randn(1, 4, 64, 64)
+
+    def model(x, sigma, **kw):
+        return x * 0.5
+
+    def clock(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) / steps * 1e6
+
+    out = {"ours_us": clock(lambda: pkg.samplers.sample_dpmpp_2m(model, x, sigmas, disable=True))}
+    if comfy is not None:
+        import comfy.k_diffusion.sampling as kds
+
+        out["comfy_us"] = clock(lambda: kds.sample_dpmpp_2m(model, x, sigmas, disable=True))
+        out["ratio"] = out["ours_us"] / out["comfy_us"]
+    return out
+
+
+def fmt(r: Result | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r.median:.4f} / {r.p90:.4f} / {r.flip_rate:.3f}"
+
+
+def report(results: list[Result], problems, nfes, overhead: dict[str, float], command: str, with_comfy: bool,
+           skipped: list[str], elapsed: float, n_samples: int, plot_name: str | None) -> str:
+    base_source = "comfy" if with_comfy else "local"
+    base_name = "ComfyUI (best sampler x scheduler)" if with_comfy else "local Euler/DDIM (best schedule)"
+    lines = [BEGIN, "## Solver accuracy (tier 1: exact Gaussian mixtures)", ""]
+    lines += [
+        f"Produced by `{command}` ({platform.python_implementation()} {platform.python_version()}, "
+        f"torch {torch.__version__}, CPU, {elapsed:.0f} s). Each problem: {n_samples} trajectories from the "
+        "exact marginal at the family's sigma_max, reference = probability-flow ODE solved with DOP853 "
+        "(rtol 1e-10) to sigma = 0. Cells: median / p90 per-sample RMS error / mode-flip rate; NFE counted in "
+        "the model wrapper (a method that cannot hit the target NFE exactly runs at the largest step count "
+        "that stays within it; the consumed NFE is shown).",
+        "",
+    ]
+    if with_comfy:
+        lines += [
+            "ComfyUI samplers are driven directly with the exact denoiser as `model` and schedules from "
+            "`calculate_sigmas` on a real `ModelSampling` object (discard-penultimate rule applied). "
+            "Deterministic configurations of the SDE samplers reachable through ComfyUI's sampler nodes "
+            "(`eta=0`) are included. Stochastic samplers are run with their defaults but excluded from "
+            "\"best\" (pathwise error is not what they optimise). Not run: " + (", ".join(skipped) or "none") + ".",
+            "",
+        ]
+    target_rows = []
+    for prob in problems:
+        lines += [f"### {prob}", "",
+                  f"| NFE | {base_name} | median / p90 / flips | ours (best preset) | median / p90 / flips "
+                  "| median ratio | flips no worse |",
+                  "|---|---|---|---|---|---|---|"]
+        for nfe in nfes:
+            b = best(results, prob, base_source, nfe, deterministic_only=True)
+            o = best(results, prob, "ours", nfe)
+            ratio = o.median / b.median if (o and b and b.median > 0) else math.nan
+            flips_ok = (o.flip_rate <= b.flip_rate + 1e-12) if (o and b) else False
+            if nfe in TARGET_NFES and b is not None:
+                target_rows.append((prob, nfe, ratio, flips_ok))
+            lines.append(
+                f"| {nfe} | {b.label + f' ({b.nfe})' if b else '-'} | {fmt(b)} | "
+                f"{o.label + f' ({o.nfe})' if o else '-'} | {fmt(o)} | {ratio:.2f} | {'yes' if flips_ok else 'no'} |"
+            )
+        lines.append("")
+        # our presets across NFE
+        labels = sorted({r.label for r in results if r.problem == prob and r.source == "ours"},
+                        key=lambda s: [r.label for r in results if r.source == "ours"].index(s))
+        lines += ["Our presets (median error):", "",
+                  "| preset | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                  "|---" * (len(nfes) + 1) + "|"]
+        for label in labels:
+            cells = []
+            for n in nfes:
+                rr = [r for r in results if r.problem == prob and r.source == "ours" and r.label == label
+                      and r.target_nfe == n]
+                cells.append(f"{rr[0].median:.4f}" if rr and rr[0].ok else "fail")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if with_comfy:
+            lines += ["ComfyUI, best scheduler per sampler (median error, consumed NFE in brackets when "
+                      "different):", "",
+                      "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                      "|---" * (len(nfes) + 1) + "|"]
+            samplers = []
+            for r in results:
+                if r.problem == prob and r.source == "comfy" and r.method not in samplers:
+                    samplers.append(r.method)
+            for s in samplers:
+                cells = []
+                for n in nfes:
+                    rr = [r for r in results if r.problem == prob and r.source == "comfy" and r.method == s
+                          and r.target_nfe == n and r.ok]
+                    if not rr:
+                        cells.append("-")
+                        continue
+                    r = min(rr, key=lambda r: r.median)
+                    extra = f" [{r.nfe}]" if r.nfe != n else ""
+                    cells.append(f"{r.median:.4f} {r.schedule}{extra}")
+                tag = " (stochastic)" if any(r.stochastic for r in results if r.method == s) else ""
+                lines.append(f"| {s}{tag} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["### Targets", ""]
+    if target_rows:
+        met = [r for r in target_rows if r[2] <= TARGET_RATIO and r[3]]
+        lines.append(
+            f"Target: our best median <= {TARGET_RATIO}x the best {'ComfyUI' if with_comfy else 'baseline'} "
+            f"median at NFE {TARGET_NFES[0]}..{TARGET_NFES[-1]} with a flip rate no worse: met in "
+            f"{len(met)} of {len(target_rows)} (problem, NFE) cells."
+        )
+        missed = [r for r in target_rows if r not in met]
+        if missed:
+            lines.append("Missed: " + "; ".join(
+                f"{p} NFE {n} (ratio {ratio:.2f}{', more flips' if not fl else ''})" for p, n, ratio, fl in missed
+            ) + ".")
+    if overhead:
+        if "ratio" in overhead:
+            lines.append(
+                f"\nHost overhead per step (trivial model `x * 0.5`, 1x4x64x64 float32, 200 steps, best of 7): "
+                f"ours {overhead['ours_us']:.1f} us, ComfyUI dpmpp_2m {overhead['comfy_us']:.1f} us, ratio "
+                f"{overhead['ratio']:.2f} (target <= {OVERHEAD_TARGET})."
+            )
+        else:
+            lines.append(f"\nHost overhead per step of our 2M (trivial model): {overhead['ours_us']:.1f} us "
+                         "(ComfyUI not available for the comparison).")
+    if plot_name:
+        lines += ["", f"![median error vs NFE]({plot_name})"]
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def plot(results: list[Result], problems, nfes, path: Path, with_comfy: bool) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(problems), figsize=(4.2 * len(problems), 3.6), squeeze=False)
+    for ax, prob in zip(axes[0], problems):
+        series = [("ours (best preset)", "ours", None), ("local Euler (best schedule)", "local", "euler")]
+        if with_comfy:
+            series.insert(1, ("ComfyUI (best)", "comfy", None))
+            series.append(("ComfyUI dpmpp_2m / karras", "comfy", ("dpmpp_2m", "karras")))
+        for name, source, which in series:
+            ys = []
+            for n in nfes:
+                pool = [r for r in results if r.problem == prob and r.source == source and r.target_nfe == n
+                        and r.ok and not r.stochastic]
+                if isinstance(which, str):
+                    pool = [r for r in pool if r.method == which]
+                elif isinstance(which, tuple):
+                    pool = [r for r in pool if (r.method, r.schedule) == which]
+                ys.append(min((r.median for r in pool), default=math.nan))
+            ax.plot(nfes, ys, marker="o", label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_title(prob, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("median RMS error at sigma = 0")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 problems, 256 samples, a reduced ComfyUI grid")
+    ap.add_argument("--out", type=Path, default=None, help="markdown file to update (e.g. docs/benchmarks.md)")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG plot path (default: next to --out)")
+    ap.add_argument("--samples", type=int, default=None, help="trajectories per problem (256 quick, 1024 full)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(1)  # small tensors: the intra-op pool only adds overhead
+    t0 = time.time()
+    pkg = import_package()
+    from comfyui_fewstep.samplers import analytic
+
+    comfy = _comfy.import_comfy()
+    nfes = NFES
+    n_samples = args.samples or (256 if args.quick else 1024)
+    problems_spec = QUICK_PROBLEMS if args.quick else FULL_PROBLEMS
+    bench = Bench(pkg, nfes)
+    samplers, skipped, schedulers = [], [], []
+    if comfy is not None:
+        samplers, skipped = _comfy.sampler_list(comfy)
+        schedulers = _comfy.scheduler_names(comfy)
+        if args.quick:
+            samplers = [s for s in samplers if s.name in QUICK_COMFY_SAMPLERS]
+            schedulers = [s for s in schedulers if s in QUICK_COMFY_SCHEDULERS]
+    problems = []
+    for range_name, mixture_name in problems_spec:
+        problem = analytic.make_problem(range_name, mixture_name, n_samples=n_samples, seed=0)
+        problems.append(problem.name)
+        bench.run_presets(problem)
+        bench.run_local(problem)
+        if comfy is not None:
+            bench.run_comfy(problem, comfy, samplers, schedulers)
+        print(f"[{time.time() - t0:6.1f} s] {problem.name} done", file=sys.stderr)
+    overhead = time_overhead(pkg, comfy, steps=50 if args.quick else 200)
+    elapsed = time.time() - t0
+
+    command = "python bench/solver_benchmark.py" + (" --quick" if args.quick else "")
+    if args.out is not None:
+        command += f" --out {args.out.as_posix()}"
+    if comfy is not None:
+        command = "COMFYUI_PATH=<ComfyUI 0.3.64 checkout> " + command
+    plot_path = args.plot
+    if plot_path is None and args.out is not None:
+        plot_path = args.out.parent / ("solver_benchmark_quick.png" if args.quick else "solver_benchmark.png")
+    plot_name = None
+    if plot_path is not None and plot(bench.results, problems, nfes, plot_path, comfy is not None):
+        plot_name = os.path.relpath(plot_path, args.out.parent if args.out else Path.cwd())
+    section = report(bench.results, problems, nfes, overhead, command, comfy is not None, skipped, elapsed,
+                     n_samples, plot_name)
+    print(section)
+    if args.out is not None:
+        write_markdown(args.out, section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
