@@ -1,0 +1,294 @@
+"""``python -m comfyui_fewstep convert FILE.pkl [-o OUT]``: pickle -> safetensors + JSON, no code run.
+
+Published students such as SiD (EDM ``network-snapshot-*.pkl``, whose classes carry their own
+source code) and SiD-LSG (a pickled diffusers UNet) can only be opened with ``pickle.load``, which
+executes whatever the file asks for. This converter uses a *restricted* unpickler instead:
+
+* tensors and storages are rebuilt with torch's own rebuild functions, storages from embedded bytes
+  only through ``torch.load(weights_only=True)``;
+* plain containers (dict, OrderedDict, list, tuple, set) and scalars are rebuilt as usual;
+* objects of model classes (``torch.nn.*``, EDM's ``torch_utils``/``training``/``dnnlib``,
+  ``diffusers.*``) become inert :class:`Stub` records of their class *name* and state — the class is
+  never imported and none of its code runs;
+* **every other global is refused** (``os.system``, ``builtins.eval``, ``subprocess``...) with
+  :class:`~.errors.UnsafePickleError`.
+
+The stubs are then walked like ``nn.Module.state_dict()`` to collect named tensors, and the class
+names and constructor arguments (EDM's ``init_kwargs``, diffusers' config) go to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import pickle
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import StudentLoadError, UnsafePickleError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Stub", "RestrictedUnpickler", "convert", "extract_state_dict", "main", "restricted_load"]
+
+STUB_MODULE_PREFIXES = ("torch.nn.modules.", "torch.nn.parameter", "torch_utils.", "training.", "dnnlib.",
+                        "diffusers.", "networks", "edm_networks")
+
+
+def _load_storage_from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, *rest):
+    return data.detach()
+
+
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
+    ("torch", "Size"): torch.Size,
+}
+for _dt in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"):
+    _SAFE_GLOBALS[("torch", _dt)] = getattr(torch, _dt)
+
+
+class Stub:
+    """Inert stand-in for an object of a model class: records the class name, the arguments it was
+    built with and its state. Nothing of the real class is imported or run."""
+
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):  # NEWOBJ calls __new__ only
+        obj = super().__new__(cls)
+        obj.args, obj.kwargs, obj.state, obj.items, obj.list = args, kwargs, None, {}, []
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.items[key] = value
+
+    def append(self, value):
+        self.list.append(value)
+
+    def extend(self, values):
+        self.list.extend(values)
+
+    def __repr__(self) -> str:
+        return f"Stub({self.qualname})"
+
+
+_STUB_CLASSES: dict[str, type] = {}
+
+
+def _stub_class(module: str, name: str) -> type:
+    qual = f"{module}.{name}"
+    if qual not in _STUB_CLASSES:
+        _STUB_CLASSES[qual] = type(f"Stub_{name}", (Stub,), {"qualname": qual})
+    return _STUB_CLASSES[qual]
+
+
+def _reconstructor(cls, base, state):
+    """``copyreg._reconstructor`` without calling ``base.__new__`` on a real class."""
+    obj = cls() if isinstance(cls, type) and issubclass(cls, Stub) else Stub()
+    if state is not None:
+        obj.state = state
+    return obj
+
+
+def _newobj(cls, *args):
+    if not (isinstance(cls, type) and issubclass(cls, Stub)):
+        raise UnsafePickleError(None, f"the pickle builds an object of {cls!r} outside the allowed model classes.",
+                                "this file cannot be converted safely.")
+    return cls(*args)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds tensors, plain containers and inert :class:`Stub` records."""
+
+    def __init__(self, file, path: str | None = None):
+        super().__init__(file)
+        self.path = path
+        self.refused: list[str] = []
+
+    def find_class(self, module: str, name: str):
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol <= 2 names
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        if module == "copyreg" and name == "_reconstructor":
+            return _reconstructor
+        if module == "copyreg" and name == "__newobj__":
+            return _newobj
+        if module.startswith(STUB_MODULE_PREFIXES) or module in ("torch_utils", "training", "dnnlib"):
+            return _stub_class(module, name)
+        self.refused.append(f"{module}.{name}")
+        raise UnsafePickleError(
+            self.path, f"the pickle asks to call {module}.{name}, which is not a tensor, container or model class; "
+            "nothing was run.", "this file may be malicious or of an unknown kind; do not load it with pickle.")
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError(self.path, "the pickle uses persistent ids (a torch.save file).",
+                                "load it with torch.load(weights_only=True) or the loader node instead.")
+
+
+def restricted_load(path: str | Path):
+    """Unpickle ``path`` with :class:`RestrictedUnpickler`."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            return RestrictedUnpickler(f, str(path)).load()
+        except UnsafePickleError as e:
+            if e.path is None:
+                raise UnsafePickleError(path, e.problem, e.hint) from None
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise StudentLoadError(path, f"the pickle cannot be read ({type(e).__name__}: {str(e)[:200]}).",
+                                   "the file is truncated or not a model pickle; download it again.") from None
+
+
+def _state_of(stub: Stub) -> dict:
+    state = stub.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (dict, slots)
+        state = {**(state[0] or {}), **state[1]}
+    if state is None and stub.args and isinstance(stub.args[0], dict):  # persistence: _reconstruct(meta)
+        meta = stub.args[0]
+        state = meta.get("state") if isinstance(meta.get("state"), dict) else meta
+    return state if isinstance(state, dict) else {}
+
+
+def extract_state_dict(obj, prefix: str = "", config: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten tensors from an unpickled tree into ``{dotted.name: tensor}`` (``nn.Module.state_dict``
+    naming for module stubs) and collect a JSON-able config of the classes met."""
+    out: dict[str, torch.Tensor] = {}
+    config = {} if config is None else config
+    if isinstance(obj, torch.Tensor):
+        out[prefix.rstrip(".")] = obj.detach().contiguous()
+    elif isinstance(obj, Stub):
+        state = _state_of(obj)
+        name = obj.qualname
+        if obj.args and isinstance(obj.args[0], dict) and "class_name" in obj.args[0]:
+            name = f"{obj.args[0].get('module_src', '') and 'persistent:'}{obj.args[0]['class_name']}"
+        entry = {"class": name}
+        for key in ("_init_kwargs", "init_kwargs", "_internal_dict"):
+            value = state.get(key)
+            if isinstance(value, Stub):
+                value = dict(value.items) or _state_of(value)
+            if isinstance(value, dict):
+                entry["init_kwargs"] = _jsonable(value)
+        config[prefix.rstrip(".") or "<root>"] = entry
+        if "_parameters" in state or "_buffers" in state or "_modules" in state:
+            for group in ("_parameters", "_buffers"):
+                for k, v in _items(state.get(group)):
+                    if isinstance(v, torch.Tensor):
+                        out[prefix + k] = v.detach().contiguous()
+            for k, v in _items(state.get("_modules")):
+                if v is not None:
+                    sub, _ = extract_state_dict(v, f"{prefix}{k}.", config)
+                    out.update(sub)
+        else:
+            for k, v in state.items():
+                if isinstance(v, (torch.Tensor, Stub, dict, list, tuple)) and not str(k).startswith("_"):
+                    sub, _ = extract_state_dict(v, f"{prefix}{k}.", config)
+                    out.update(sub)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            sub, _ = extract_state_dict(v, f"{prefix}{k}.", config)
+            out.update(sub)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            sub, _ = extract_state_dict(v, f"{prefix}{i}.", config)
+            out.update(sub)
+    return out, config
+
+
+def _items(value):
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, Stub):
+        return list(value.items.items())
+    return []
+
+
+def _jsonable(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Stub):
+        return {"class": value.qualname, **({"items": _jsonable(value.items)} if value.items else {})}
+    return repr(value)
+
+
+def convert(src: str | Path, dst: str | Path | None = None, key: str | None = None) -> tuple[Path, Path]:
+    """Convert a pickle to ``dst`` (.safetensors) and ``dst`` with ``.json``; returns both paths.
+
+    ``key`` picks a top-level entry (default: ``ema`` when present, as SiD / SiD-LSG save it).
+    """
+    from safetensors.torch import save_file
+
+    src = Path(src)
+    obj = restricted_load(src)
+    if isinstance(obj, dict):
+        pick = key or ("ema" if "ema" in obj else None)
+        if pick is not None:
+            if pick not in obj:
+                raise StudentLoadError(src, f"the pickle has no entry {pick!r} (entries: {', '.join(map(str, obj))}).",
+                                       "pass --key with one of those entries.")
+            obj = obj[pick]
+    tensors, config = extract_state_dict(obj)
+    if not tensors:
+        raise StudentLoadError(src, "the pickle holds no tensors.", "check that this is a model file.")
+    if tensors and all(k.startswith("model.") for k in tensors) and any("map_layer0" in k for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items()}  # EDMPrecond wrapper -> the network
+    dst = Path(dst) if dst else src.with_suffix(".safetensors")
+    root = config.get("<root>", {})
+    metadata = {"fewstep_converted_from": src.name, "fewstep_root_class": str(root.get("class", ""))}
+    if any(k.startswith("map_layer0") for k in tensors):
+        metadata["fewstep_format"] = "edm"
+    # safetensors refuses shared storage: give every tensor its own.
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[k] = v.clone()
+        seen.add(ptr)
+    save_file(tensors, str(dst), metadata=metadata)
+    cfg_path = dst.with_suffix(".json")
+    cfg_path.write_text(json.dumps({"source": src.name, "modules": config}, indent=1))
+    logger.info("wrote %s (%d tensors) and %s", dst, len(tensors), cfg_path)
+    return dst, cfg_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m comfyui_fewstep convert", description=__doc__.splitlines()[0])
+    parser.add_argument("file", help="a .pkl/.pt pickle (e.g. SiD network-snapshot-*.pkl)")
+    parser.add_argument("-o", "--output", default=None, help="output .safetensors (default: next to the input)")
+    parser.add_argument("--key", default=None, help="top-level entry to convert (default: 'ema' if present)")
+    args = parser.parse_args(argv)
+    try:
+        dst, cfg = convert(args.file, args.output, args.key)
+    except StudentLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {dst} and {cfg}")
+    return 0

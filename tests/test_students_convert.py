@@ -1,0 +1,129 @@
+"""The restricted-unpickler converter: tensors out, code never run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from comfyui_fewstep.distill_loaders.convert_pickle import convert, main, restricted_load
+from comfyui_fewstep.distill_loaders.errors import StudentLoadError, UnsafePickleError
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickled_module_converts_to_its_state_dict(tmp_path, protocol):
+    model = _model()
+    src = tmp_path / "snapshot.pkl"
+    src.write_bytes(pickle.dumps({"ema": model, "step": 7}, protocol=protocol))
+    dst, cfg = convert(src)
+    got = load_file(str(dst))
+    want = model.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    config = json.loads(cfg.read_text())
+    assert config["modules"]["<root>"]["class"] == "torch.nn.modules.container.Sequential"
+    assert config["modules"]["0"]["class"] == "torch.nn.modules.conv.Conv2d"
+
+
+def test_model_classes_are_never_imported(tmp_path, monkeypatch):
+    """A SiD/EDM-like pickle whose class lives in ``training.networks``: converted without that module."""
+    mod = types.ModuleType("training.networks")
+
+    class SongUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.map_layer0 = torch.nn.Linear(4, 8)
+            self.enc = torch.nn.ModuleDict({"32x32_conv": torch.nn.Conv2d(3, 8, 3)})
+            self._init_kwargs = {"img_resolution": 32, "model_channels": 8}
+
+    class EDMPrecond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = SongUNet()
+            self._init_kwargs = {"sigma_data": 0.5}
+
+    SongUNet.__module__ = EDMPrecond.__module__ = "training.networks"
+    SongUNet.__qualname__, EDMPrecond.__qualname__ = "SongUNet", "EDMPrecond"
+    mod.SongUNet, mod.EDMPrecond = SongUNet, EDMPrecond
+    monkeypatch.setitem(sys.modules, "training", types.ModuleType("training"))
+    monkeypatch.setitem(sys.modules, "training.networks", mod)
+    net = EDMPrecond()
+    src = tmp_path / "network-snapshot-1.200000-403968.pkl"
+    src.write_bytes(pickle.dumps({"ema": net}))
+    monkeypatch.delitem(sys.modules, "training.networks")  # the converter must not need it
+    monkeypatch.delitem(sys.modules, "training")
+    dst, cfg = convert(src, tmp_path / "sid.safetensors")
+    got = load_file(str(dst))
+    want = {k[len("model."):]: v for k, v in net.state_dict().items()}
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with safe_open(str(dst), "pt") as f:
+        assert f.metadata()["fewstep_format"] == "edm"
+    modules = json.loads(cfg.read_text())["modules"]
+    assert modules["<root>"] == {"class": "training.networks.EDMPrecond", "init_kwargs": {"sigma_data": 0.5}}
+    assert modules["model"]["init_kwargs"] == {"img_resolution": 32, "model_channels": 8}
+    assert "training.networks" not in sys.modules
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Eval:
+    def __reduce__(self):
+        return (eval, ("__import__('os').getcwd()",))
+
+
+def test_malicious_reduce_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    src = tmp_path / "evil.pkl"
+    src.write_bytes(pickle.dumps({"ema": {"w": torch.ones(2)}, "payload": _Evil(marker)}))
+    with pytest.raises(UnsafePickleError, match=r"asks to call (os|posix)\.system.*nothing was run") as info:
+        convert(src)
+    assert not marker.exists()
+    assert info.value.path == str(src) and isinstance(info.value, StudentLoadError)
+    assert not (tmp_path / "evil.safetensors").exists()
+    src.write_bytes(pickle.dumps([torch.ones(1), _Eval()]))
+    with pytest.raises(UnsafePickleError, match="builtins.eval"):
+        restricted_load(src)
+
+
+def test_bad_pickles(tmp_path, capsys):
+    src = tmp_path / "cut.pkl"
+    src.write_bytes(pickle.dumps({"ema": _model()})[:200])
+    with pytest.raises(StudentLoadError, match="cannot be read"):
+        convert(src)
+    src.write_bytes(pickle.dumps({"ema": {"a": 1}}))
+    with pytest.raises(StudentLoadError, match="holds no tensors"):
+        convert(src)
+    src.write_bytes(pickle.dumps({"G": {"w": torch.ones(1)}}))
+    with pytest.raises(StudentLoadError, match="no entry 'x'"):
+        convert(src, key="x")
+    torch.save({"w": torch.ones(1)}, tmp_path / "zip.pt")
+    assert main([str(tmp_path / "zip.pt")]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli(tmp_path, capsys):
+    from comfyui_fewstep.cli import main as cli
+
+    src = tmp_path / "m.pkl"
+    src.write_bytes(pickle.dumps({"ema": _model()}))
+    assert cli(["convert", str(src), "-o", str(tmp_path / "out.safetensors")]) == 0
+    assert (tmp_path / "out.safetensors").exists() and (tmp_path / "out.json").exists()
