@@ -235,7 +235,8 @@ def plan_multistep(
             diff = _difference_weights(step_order, r, c1, c2)
             c_m = (c0 + diff[0],) + diff[1:]
             if eta > 0.0 and s_noise > 0.0:
-                c_noise = t * math.sqrt(-math.expm1(-2.0 * eta_h)) * s_noise if eta_h != math.inf else t * s_noise
+                damped = 1.0 if eta_h == math.inf else -math.expm1(-2.0 * eta_h)
+                c_noise = t * math.sqrt(damped) * s_noise
         elif not math.isfinite(h):
             # data-form first-order step (DDIM): exact, and no 0 * inf at lambda = +-inf
             c_x, c_m, c_denoised = t / s, (), alpha_t * h_phi(1, h)

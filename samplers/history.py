@@ -88,7 +88,9 @@ def lookup(x: torch.Tensor, sigma: float, algorithm: str) -> MultistepHistory | 
         candidates = [
             (key, e)
             for key, e in _entries.items()
-            if e.x.shape == x.shape and e.algorithm == algorithm and math.isclose(e.sigma, sigma, rel_tol=1e-6)
+            if e.x.shape == x.shape
+            and e.algorithm == algorithm
+            and math.isclose(e.sigma, sigma, rel_tol=1e-6)
         ]
     if not candidates:
         return None

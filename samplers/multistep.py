@@ -111,8 +111,9 @@ def _validate(
         raise ValueError("eta > 0 (SDE sampling) needs algorithm='dpmsolver++'; set eta=0 for 'dpmsolver'")
     if corrector != "none" and (algorithm != "dpmsolver++" or eta != 0.0):
         raise ValueError(
-            f"the UniC corrector works on the deterministic data-prediction solver; got corrector={corrector!r} "
-            f"with algorithm={algorithm!r}, eta={eta!r}. Use algorithm='dpmsolver++' and eta=0, or corrector='none'."
+            "the UniC corrector works on the deterministic data-prediction solver; got "
+            f"corrector={corrector!r} with algorithm={algorithm!r}, eta={eta!r}. "
+            "Use algorithm='dpmsolver++' and eta=0, or corrector='none'."
         )
 
 
