@@ -1,0 +1,101 @@
+"""The samplers the demo compares, each planned for a budget of model calls (NFE).
+
+Rows of the demo's grid and table. DPM-Solver++ rows use the pack's samplers
+(:mod:`..samplers`): multistep 2M / 3M and 3M with the UniC corrector of UniPC (Zhao et
+al. 2023, arXiv 2302.04867; no extra calls), singlestep 3S with the DPM-Solver-fast order
+allocation (Lu et al. 2022, arXiv 2206.00927, Sec. 3.4), and DDIM as first-order
+DPM-Solver++. Euler and Heun are ComfyUI's baselines, from :mod:`.baselines`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..samplers.budget import singlestep_orders
+from ..samplers.multistep import sample_dpmpp_multistep
+from ..samplers.parameterization import Parameterization
+from ..samplers.schedules import get_sigmas
+from ..samplers.singlestep import sample_dpmpp_singlestep
+from .baselines import heun_steps_for_nfe, sample_euler, sample_heun
+
+__all__ = ["PRESETS", "PRESET_NAMES", "Preset", "run_preset"]
+
+PresetKind = Literal["multistep", "singlestep", "euler", "heun"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One sampler configuration: ``kind`` picks the driver, ``options`` go to it."""
+
+    name: str
+    kind: PresetKind
+    order: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+    baseline: bool = False
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("euler", "euler", baseline=True),
+    Preset("heun", "heun", order=2, baseline=True),
+    Preset("ddim", "multistep", order=1),
+    Preset("dpmpp_2m", "multistep", order=2),
+    Preset("dpmpp_3m", "multistep", order=3),
+    Preset("dpmpp_3m_unipc", "multistep", order=3, options={"corrector": "bh2"}),
+    Preset("dpmpp_3s", "singlestep", order=3),
+)
+PRESET_NAMES: tuple[str, ...] = tuple(p.name for p in PRESETS)
+
+
+def _sigmas(steps: int, schedule: str, parameterization: Parameterization) -> Tensor:
+    return get_sigmas(schedule, steps, parameterization)
+
+
+def run_preset(
+    preset: Preset,
+    model: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    nfe: int,
+    parameterization: Parameterization,
+    schedule: str = "karras",
+) -> tuple[Tensor, int]:
+    """Sample ``model`` from ``noise`` (unit variance) with at most ``nfe`` model calls.
+
+    Returns the samples and the number of calls actually made (Heun makes ``2 * steps - 1``,
+    so an even budget leaves one call unused).
+    """
+    calls = 0
+
+    def counted(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
+        nonlocal calls
+        calls += 1
+        return model(x, sigma, **kwargs)
+
+    if preset.kind == "heun":
+        sigmas = _sigmas(heun_steps_for_nfe(nfe), schedule, parameterization)
+    elif preset.kind == "singlestep":
+        orders = singlestep_orders(nfe, preset.order)
+        sigmas = _sigmas(len(orders), schedule, parameterization)
+    else:
+        sigmas = _sigmas(nfe, schedule, parameterization)
+    x = noise * float(sigmas[0])
+    with torch.no_grad():
+        if preset.kind == "euler":
+            out = sample_euler(counted, x, sigmas, disable=True)
+        elif preset.kind == "heun":
+            out = sample_heun(counted, x, sigmas, disable=True)
+        elif preset.kind == "multistep":
+            out = sample_dpmpp_multistep(
+                counted, x, sigmas, disable=True, parameterization=parameterization,
+                order=preset.order, **preset.options,
+            )
+        else:
+            out = sample_dpmpp_singlestep(
+                counted, x, sigmas, disable=True, parameterization=parameterization,
+                order=preset.order, orders=orders, **preset.options,
+            )
+    return out, calls
