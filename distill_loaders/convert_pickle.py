@@ -49,7 +49,15 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *rest):
     return data.detach()
 
 
+def _codecs_encode(text, encoding="utf-8"):
+    """Protocol-2 pickles spell ``bytes`` as ``_codecs.encode(str, 'latin1')``; only text codecs pass."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise UnsafePickleError(None, f"the pickle calls _codecs.encode with {encoding!r}.", "this file cannot be converted safely.")
+    return text.encode(encoding)
+
+
 _SAFE_GLOBALS = {
+    ("_codecs", "encode"): _codecs_encode,
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
