@@ -1,0 +1,96 @@
+"""Samplers the students need that ComfyUI lacks, in k-diffusion's contract.
+
+``fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options)``; ``model(x, sigma)``
+returns the denoised x0; VE coordinates ``x = x0 + sigma eps`` (eps/x0/LCM students).
+
+* :func:`sample_renoise` — predict x0, then fresh noise to the next level (LCM, Luo et al. 2023
+  Alg. 3; DMD2's few-step loop; SiD-LSG multi-step).
+* :func:`sample_tcd` — Trajectory Consistency Distillation's strategic stochastic sampling
+  (Zheng et al. 2024, eq. 17; diffusers ``TCDScheduler.step``) with gamma (``eta``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .recipes import ddpm_sigma, timestep_from_sigma
+
+__all__ = ["sample_renoise", "sample_tcd", "tcd_intermediate_sigma"]
+
+
+def _noise_sampler(x: torch.Tensor, extra_args: dict, noise_sampler):
+    if noise_sampler is not None:
+        return noise_sampler
+    seed = extra_args.get("seed")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device).manual_seed(int(seed) + 1)
+    return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _trange(n: int, disable):
+    try:
+        from tqdm.auto import trange
+
+        return trange(n, disable=disable)
+    except ImportError:  # pragma: no cover
+        return range(n)
+
+
+@torch.no_grad()
+def sample_renoise(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """x0 prediction, then ``x = x0 + sigma_next z`` with fresh ``z`` (LCM multistep sampling)."""
+    extra_args = {} if extra_args is None else extra_args
+    noise = _noise_sampler(x, extra_args, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    for i in _trange(len(sigmas) - 1, disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * noise(sigmas[i], sigmas[i + 1])
+    return x
+
+
+def tcd_intermediate_sigma(sigma_next: float, gamma: float) -> float:
+    """TCD's jump target ``s = floor((1 - gamma) t_prev)`` as a sigma (DDPM SD schedule)."""
+    if sigma_next <= 0:
+        return 0.0
+    t_prev = timestep_from_sigma(sigma_next)
+    s = int(math.floor((1.0 - gamma) * t_prev))
+    return ddpm_sigma(s)
+
+
+@torch.no_grad()
+def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, eta: float = 0.3,
+               noise_sampler=None):
+    """TCD sampling with gamma = ``eta``.
+
+    Each step (Zheng et al. 2024, eq. 17) jumps deterministically (DDIM with the model's x0 and eps)
+    to ``s = floor((1 - gamma) t_next)`` and then forward-diffuses from ``s`` to ``t_next`` with
+    fresh noise. In VE coordinates: ``x_s = x0 + sigma_s eps`` and
+    ``x_next = x_s + sqrt(sigma_next^2 - sigma_s^2) z``. ``gamma = 0`` is DDIM (= Euler);
+    ``gamma = 1`` re-noises from (almost) x0 like LCM.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"TCD gamma (eta) must lie in [0, 1], got {eta}")
+    extra_args = {} if extra_args is None else extra_args
+    noise = _noise_sampler(x, extra_args, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    for i in _trange(len(sigmas) - 1, disable):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        if sigma_next <= 0:
+            x = denoised
+            continue
+        eps = (x - denoised) / sigma
+        sigma_s = tcd_intermediate_sigma(sigma_next, eta)
+        x = denoised + sigma_s * eps
+        if sigma_s < sigma_next:
+            x = x + math.sqrt(sigma_next**2 - sigma_s**2) * noise(sigmas[i], sigmas[i + 1])
+    return x

@@ -1,0 +1,97 @@
+"""TCD and re-noising samplers against the diffusers-form (DDPM coordinates) formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from comfyui_fewstep.distill_loaders.recipes import alphas_cumprod, recipe_sigmas, timestep_from_sigma
+from comfyui_fewstep.distill_loaders.student_samplers import sample_renoise, sample_tcd
+
+
+def _model(x, sigma, **kwargs):  # a fixed, non-trivial x0 predictor
+    return torch.tanh(0.3 * x) * (1.0 / (1.0 + sigma.view(-1, 1)))
+
+
+def _noises(n, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def _tcd_ddpm_reference(z0, timesteps, gamma, noises):
+    """diffusers TCDScheduler.step written in DDPM coordinates (x_t = sqrt(abar) x0 + sqrt(1-abar) eps)."""
+    t0 = timesteps[0]
+    x = z0  # unit-variance start (TCD's init_noise_sigma = 1)
+    for i, t in enumerate(timesteps):
+        a_t = alphas_cumprod(t)
+        sigma_ve = math.sqrt((1 - a_t) / a_t)
+        x0 = _model(x / math.sqrt(a_t), torch.tensor([sigma_ve], dtype=torch.float64))
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        if i == len(timesteps) - 1:
+            return x0
+        t_prev = timesteps[i + 1]
+        s = int(math.floor((1 - gamma) * t_prev))
+        a_s = alphas_cumprod(s)
+        x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+        a_prev = alphas_cumprod(t_prev)
+        if gamma > 0:
+            x = math.sqrt(a_prev / a_s) * x + math.sqrt(1 - a_prev / a_s) * noises[i]
+    del t0
+    return x
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+def test_tcd_matches_ddpm_form(gamma):
+    sigmas = recipe_sigmas("tcd_lora", 4)
+    timesteps = [timestep_from_sigma(float(s)) for s in sigmas[:-1]]
+    assert timesteps == [999, 759, 499, 259]
+    z = _noises(1, (2, 6), seed=3)[0]
+    noises = _noises(4, (2, 6), seed=4)
+    ref = _tcd_ddpm_reference(z, timesteps, gamma, noises)
+    it = iter(noises)
+    x_init = z * math.sqrt(1 + float(sigmas[0]) ** 2)  # unit-variance model input
+    ours = sample_tcd(_model, x_init, sigmas, eta=gamma, disable=True, noise_sampler=lambda s, sn: next(it))
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_tcd_gamma_zero_is_euler():
+    sigmas = recipe_sigmas("pcm_smallcfg_4step")
+    x = _noises(1, (3, 5), seed=7)[0] * float(sigmas[0])
+    y = x.clone()
+    s_in = torch.ones(3, dtype=torch.float64)
+    for i in range(len(sigmas) - 1):  # k-diffusion Euler
+        d = (y - _model(y, sigmas[i] * s_in)) / sigmas[i]
+        y = y + d * (sigmas[i + 1] - sigmas[i])
+    torch.testing.assert_close(sample_tcd(_model, x, sigmas, eta=0.0, disable=True), y, rtol=1e-12, atol=1e-12)
+
+
+def test_renoise_matches_lcm_scheduler_step():
+    sigmas = recipe_sigmas("dmd2_sdxl_4step")
+    z = _noises(1, (2, 4), seed=1)[0]
+    noises = _noises(3, (2, 4), seed=2)
+    # DDPM form: x0 = model; prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) z  (LCMScheduler.step / DMD2)
+    ts = [999, 749, 499, 249]
+    x = z
+    for i, t in enumerate(ts):
+        a = alphas_cumprod(t)
+        x0 = _model(x / math.sqrt(a), torch.tensor([math.sqrt((1 - a) / a)], dtype=torch.float64))
+        if i + 1 < len(ts):
+            ap = alphas_cumprod(ts[i + 1])
+            x = math.sqrt(ap) * x0 + math.sqrt(1 - ap) * noises[i]
+    it = iter(noises)
+    ours = sample_renoise(_model, z * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, disable=True,
+                          noise_sampler=lambda s, sn: next(it))
+    torch.testing.assert_close(ours, x0, rtol=1e-10, atol=1e-10)
+
+
+def test_callback_and_seeded_noise():
+    sigmas = recipe_sigmas("lcm_lora", 4)
+    x = torch.randn(1, 3, dtype=torch.float64) * 15
+    seen = []
+    a = sample_tcd(_model, x, sigmas, extra_args={"seed": 5}, callback=lambda d: seen.append(d["i"]), disable=True)
+    b = sample_tcd(_model, x, sigmas, extra_args={"seed": 5}, disable=True)
+    assert seen == [0, 1, 2, 3] and torch.equal(a, b)
+    with pytest.raises(ValueError, match="gamma"):
+        sample_tcd(_model, x, sigmas, eta=1.5)
