@@ -40,6 +40,8 @@ NFES = (4, 5, 6, 8, 10, 15, 20)
 TARGET_NFES = (5, 6, 8, 10)  # where the 0.5x target is checked
 TARGET_RATIO = 0.5
 OVERHEAD_TARGET = 1.1
+#: samplers run in float32 like ComfyUI latents (the exact denoiser and the reference are float64)
+DTYPE = torch.float32
 BEGIN = "<!-- solver-benchmark:begin -->"
 END = "<!-- solver-benchmark:end -->"
 
@@ -120,7 +122,7 @@ class Bench:
                     sigmas = self.schedules.get_sigmas(preset.schedule, steps, p, **preset.schedule_options)
                 except (ValueError, TypeError):
                     break  # schedule not defined for this model family (AYS / GITS tables)
-                x = problem.x_start
+                x = problem.x_start.to(DTYPE)
 
                 def run(model, sigmas=sigmas, orders=orders):
                     if preset.solver == "multistep":
@@ -136,7 +138,7 @@ class Bench:
         for schedule in ("logsnr_uniform", "time_uniform", "karras", "exponential"):
             for nfe in self.nfes:
                 sigmas = self.schedules.get_sigmas(schedule, nfe, p)
-                x = problem.x_start
+                x = problem.x_start.to(DTYPE)
                 self._record(problem, "local", "euler", schedule, nfe, lambda m, s=sigmas: euler_ode(m, x, s))
                 self._record(problem, "local", "ddim", schedule, nfe,
                              lambda m, s=sigmas: ddim(m, x, s, problem.form))
@@ -144,7 +146,7 @@ class Bench:
     # -- ComfyUI ------------------------------------------------------------------------------
     def run_comfy(self, problem, comfy, samplers, schedulers) -> None:
         ms = _comfy.model_sampling_for(comfy, problem.range)
-        probe_x = problem.x_start[:2]
+        probe_x = problem.x_start[:2].to(DTYPE)
         for sampler in samplers:
             fn, options = _comfy.sampler_function(comfy, sampler)
             nfe_of_steps: dict[int, int] = {}
@@ -167,7 +169,7 @@ class Bench:
                     continue
                 for scheduler in schedulers:
                     sigmas = _comfy.comfy_sigmas(comfy, ms, scheduler, steps, sampler.base)
-                    x = problem.x_start
+                    x = problem.x_start.to(DTYPE)
 
                     def run(model, sigmas=sigmas):
                         wrapped = _comfy.ComfyModel(model, ms)
@@ -178,9 +180,10 @@ class Bench:
                     self._record(problem, "comfy", sampler.name, scheduler, nfe, run, sampler.stochastic)
 
 
-def best(results: list[Result], problem: str, source: str, nfe: int, deterministic_only: bool = False):
+def best(results: list[Result], problem: str, source: str, nfe: int, deterministic_only: bool = False,
+         prefix: str = ""):
     pool = [r for r in results if r.problem == problem and r.source == source and r.target_nfe == nfe and r.ok
-            and not (deterministic_only and r.stochastic)]
+            and not (deterministic_only and r.stochastic) and r.method.startswith(prefix)]
     return min(pool, key=lambda r: (r.median, r.flip_rate), default=None)
 
 
@@ -230,7 +233,8 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
         "exact marginal at the family's sigma_max, reference = probability-flow ODE solved with DOP853 "
         "(rtol 1e-10) to sigma = 0. Cells: median / p90 per-sample RMS error / mode-flip rate; NFE counted in "
         "the model wrapper (a method that cannot hit the target NFE exactly runs at the largest step count "
-        "that stays within it; the consumed NFE is shown).",
+        "that stays within it; the consumed NFE is shown). Every sampler works on a float32 state, as on "
+        "ComfyUI latents; the exact denoiser and the reference are float64.",
         "",
     ]
     if with_comfy:
@@ -246,18 +250,21 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
     for prob in problems:
         lines += [f"### {prob}", "",
                   f"| NFE | {base_name} | median / p90 / flips | ours (best preset) | median / p90 / flips "
-                  "| median ratio | flips no worse |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| median ratio | flips no worse |" + (" ratio vs best ComfyUI dpmpp_* |" if with_comfy else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if with_comfy else "")]
         for nfe in nfes:
             b = best(results, prob, base_source, nfe, deterministic_only=True)
             o = best(results, prob, "ours", nfe)
             ratio = o.median / b.median if (o and b and b.median > 0) else math.nan
             flips_ok = (o.flip_rate <= b.flip_rate + 1e-12) if (o and b) else False
+            d = best(results, prob, "comfy", nfe, deterministic_only=True, prefix="dpmpp_") if with_comfy else None
+            dpm_cell = f"{o.median / d.median:.2f} ({d.label})" if (o and d and d.median > 0) else "-"
             if nfe in TARGET_NFES and b is not None:
                 target_rows.append((prob, nfe, ratio, flips_ok))
             lines.append(
                 f"| {nfe} | {b.label + f' ({b.nfe})' if b else '-'} | {fmt(b)} | "
                 f"{o.label + f' ({o.nfe})' if o else '-'} | {fmt(o)} | {ratio:.2f} | {'yes' if flips_ok else 'no'} |"
+                + (f" {dpm_cell} |" if with_comfy else "")
             )
         lines.append("")
         # our presets across NFE
