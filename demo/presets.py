@@ -91,7 +91,7 @@ def run_preset(
         elif preset.kind == "multistep":
             out = sample_dpmpp_multistep(
                 counted, x, sigmas, disable=True, parameterization=parameterization,
-                order=preset.order, **preset.options,
+                order=preset.order, resume_history=False, **preset.options,
             )
         else:
             out = sample_dpmpp_singlestep(

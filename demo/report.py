@@ -71,10 +71,11 @@ def write_plot(result: DemoResult, path: Path) -> Path | None:
         logger.info("matplotlib is not installed: skipping the error-vs-NFE plot")
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for preset in result.presets:
+    for k, preset in enumerate(result.presets):
         xs = [result.calls[preset.name][n] for n in result.nfes]
         ys = [result.errors[preset.name][n] for n in result.nfes]
-        ax.plot(xs, ys, marker="o", linestyle="--" if preset.baseline else "-", label=preset.name)
+        ax.plot(xs, ys, marker="osv^DPX"[k % 7], markersize=5, linestyle="--" if preset.baseline else "-",
+                label=preset.name)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(result.nfes, [str(n) for n in result.nfes])
