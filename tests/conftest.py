@@ -74,3 +74,47 @@ def comfy():
     import comfy.model_management  # noqa: F401
 
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_comfy_model(comfy):
+    """A real ComfyUI ``ModelPatcher`` around a tiny SD1.5-shaped UNet (random weights, CPU).
+
+    Built from ``comfy.supported_models.SD15`` with a shrunken ``unet_config`` (32 channels, two
+    levels, one transformer block each; context 768 like SD1.5), so it runs through ComfyUI's
+    real ``BaseModel`` / EPS ``model_sampling`` / guider code in well under a second per step.
+    Conditioning for it: ``tiny_comfy_conds``.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+        "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+        "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+        "transformer_depth_middle": 1, "num_head_channels": 8, "context_dim": 768,
+        "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_attention": False,
+        "use_temporal_resblock": False, "use_spatial_transformer": True, "legacy": False,
+    }
+    model = comfy.supported_models.SD15(unet_config).get_model({}, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # get_model leaves weights uninitialised: fan-in scaled normal, unit norms
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
+            else:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_comfy_conds():
+    """(positive, negative) CONDITIONING for ``tiny_comfy_model`` (SD1.5-shaped cross-attention)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    return positive, negative

@@ -1,0 +1,198 @@
+"""In-process ComfyUI runs of our SAMPLER / SIGMAS on a tiny real ComfyUI model.
+
+The model is ComfyUI's own SD1.5-type ``BaseModel`` (shrunken UNet, random weights), sampled
+through the same guider / ``KSAMPLER`` / ``KSamplerX0Inpaint`` code as in the app.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+LATENT = (1, 4, 8, 8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The tiny model's ops are too small for intra-op threads; one thread is faster and steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def api(comfy):
+    import comfy.sample
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as custom
+
+    from comfyui_fewstep.nodes import ksampler_presets, sampler_nodes, schedule_nodes
+
+    return {"comfy_sample": comfy.sample, "samplers": comfy.samplers, "custom": custom,
+            "presets": ksampler_presets, "sampler_nodes": sampler_nodes, "schedule_nodes": schedule_nodes}
+
+
+def _sampler(api, **overrides):
+    widgets = {"solver": "multistep", "order": 2, "solver_type": "midpoint", "prediction": "dpmsolver++",
+               "lower_order_final": True, "lower_order_final_steps": 10, "euler_at_final": False,
+               "final_step": "zero", "eta": 0.0, "s_noise": 1.0, "corrector": "none", "thresholding": "none",
+               "threshold_percentile": 0.995, "threshold_max": 1.0}
+    widgets.update(overrides)
+    return api["sampler_nodes"].FewStepDPMSolverSampler.execute(**widgets).result[0]
+
+
+def _sigmas(api, model, schedule="logsnr_uniform", steps=4, denoise=1.0):
+    return api["schedule_nodes"].FewStepSchedule.execute(model, schedule, steps, denoise).result[0]
+
+
+def _guider(api, model, conds, cfg):
+    guider = api["samplers"].CFGGuider(model)
+    guider.set_conds(*conds)
+    guider.set_cfg(cfg)
+    return guider
+
+
+def _noise(seed=0):
+    return torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
+
+
+class CallCounter:
+    """Counts diffusion-model forwards through ComfyUI's unet wrapper slot."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, apply_model, args):
+        self.calls += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+def test_guider_sample_runs_with_callbacks(api, tiny_comfy_model, tiny_comfy_conds):
+    steps = []
+    sigmas = _sigmas(api, tiny_comfy_model, steps=4)
+    assert sigmas.shape == (5,) and sigmas[-1] == 0
+    with torch.inference_mode():
+        out = _guider(api, tiny_comfy_model, tiny_comfy_conds, 3.0).sample(
+            _noise(), torch.zeros(LATENT), _sampler(api), sigmas,
+            callback=lambda i, x0, x, total: steps.append((i, total)), disable_pbar=True, seed=0,
+        )
+    assert out.shape == LATENT and torch.isfinite(out).all()
+    assert steps == [(i, 4) for i in range(4)]
+
+
+def test_sampler_custom_advanced_node(api, tiny_comfy_model, tiny_comfy_conds):
+    custom = api["custom"]
+    guider = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0)
+    with torch.inference_mode():
+        out = custom.SamplerCustomAdvanced().sample(
+            custom.Noise_RandomNoise(7), guider, _sampler(api, order=3, corrector="bh2"),
+            _sigmas(api, tiny_comfy_model, "karras", 4), {"samples": torch.zeros(LATENT)},
+        )
+    samples, denoised = out[0]["samples"], out[1]["samples"]
+    assert torch.isfinite(samples).all() and torch.isfinite(denoised).all()
+    # the last step goes to sigma 0, so the output is the last data prediction (SamplerCustom's x0 output)
+    torch.testing.assert_close(samples, denoised)
+
+
+def test_denoise_mask_keeps_the_unmasked_latent(api, tiny_comfy_model, tiny_comfy_conds):
+    latent = torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :, :4] = 1.0  # repaint the left half only
+    with torch.inference_mode():
+        out = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0).sample(
+            _noise(), latent, _sampler(api, order=3), _sigmas(api, tiny_comfy_model, steps=4, denoise=0.8),
+            denoise_mask=mask, disable_pbar=True, seed=0,
+        )
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[..., 4:], latent[..., 4:], rtol=1e-5, atol=1e-5)
+    assert (out[..., :4] - latent[..., :4]).abs().max() > 1e-2
+
+
+def test_ksampler_dropdown_path_equals_the_node_path(api, tiny_comfy_model, tiny_comfy_conds):
+    """KSampler with fewstep_dpmpp_3m / fewstep_logsnr runs our code: same result as the nodes."""
+    api["presets"].register_ksampler_presets()
+    positive, negative = tiny_comfy_conds
+    with torch.inference_mode():
+        ksampler = api["comfy_sample"].sample(
+            tiny_comfy_model, _noise(), 4, 2.0, "fewstep_dpmpp_3m", "fewstep_logsnr", positive, negative,
+            torch.zeros(LATENT), disable_pbar=True, seed=0,
+        )
+        nodes = api["comfy_sample"].sample_custom(
+            tiny_comfy_model, _noise(), 2.0, _sampler(api, order=3), _sigmas(api, tiny_comfy_model, steps=4),
+            positive, negative, torch.zeros(LATENT), disable_pbar=True, seed=0,
+        )
+        euler = api["comfy_sample"].sample(  # what KSampler silently falls back to for unknown names
+            tiny_comfy_model, _noise(), 4, 2.0, "euler", "fewstep_logsnr", positive, negative,
+            torch.zeros(LATENT), disable_pbar=True, seed=0,
+        )
+    assert torch.isfinite(ksampler).all()
+    torch.testing.assert_close(ksampler, nodes, rtol=0, atol=0)
+    assert (ksampler - euler).abs().max() > 1e-2
+
+
+def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds):
+    counter = CallCounter()
+    model = tiny_comfy_model.clone()
+    model.set_model_unet_function_wrapper(counter)
+    out = api["schedule_nodes"].FewStepNFEPlan.execute(model, "dpmpp_3s", 7, "logsnr_uniform", 1.0)
+    sampler, sigmas, text = out.result
+    assert "7 model calls" in text and out.ui is not None
+    steps = []
+    with torch.inference_mode():
+        x = _guider(api, model, tiny_comfy_conds, 1.0).sample(
+            _noise(), torch.zeros(LATENT), sampler, sigmas, callback=lambda i, *a: steps.append(i),
+            disable_pbar=True, seed=0,
+        )
+    assert torch.isfinite(x).all()
+    assert counter.calls == 7  # cfg 1: one forward per model call
+    assert steps == list(range(len(sigmas) - 1))
+
+
+def test_flow_model_via_object_patch(api, tiny_comfy_model, tiny_comfy_conds):
+    """A CONST model_sampling object patch (what ModelSamplingSD3 does) switches us to flow form."""
+    import comfy.model_sampling as cms
+
+    from comfyui_fewstep.nodes._comfy_sampling import parameterization_for_model
+
+    flow = type("FlowSampling", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})()
+    flow.set_parameters(shift=3.0)
+    model = tiny_comfy_model.clone()
+    model.add_object_patch("model_sampling", flow)
+    assert parameterization_for_model(model).kind == "flow"
+    assert parameterization_for_model(tiny_comfy_model).kind == "ve"  # the input MODEL is untouched
+    sigmas = _sigmas(api, model, "time_uniform", 4)
+    assert float(sigmas[0]) <= 1.0
+    with torch.inference_mode():
+        out = _guider(api, model, tiny_comfy_conds, 2.0).sample(
+            _noise(), torch.zeros(LATENT), _sampler(api, order=3), sigmas, disable_pbar=True, seed=0,
+        )
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("solver", ["singlestep", "adaptive"])
+def test_other_solver_families_run(api, tiny_comfy_model, tiny_comfy_conds, solver):
+    steps = []
+    with torch.inference_mode():
+        out = _guider(api, tiny_comfy_model, tiny_comfy_conds, 1.0).sample(
+            _noise(), torch.zeros(LATENT), _sampler(api, solver=solver, order=2),
+            _sigmas(api, tiny_comfy_model, steps=3), callback=lambda i, *a: steps.append(i),
+            disable_pbar=True, seed=0,
+        )
+    assert torch.isfinite(out).all() and steps
+
+
+def test_sde_noise_follows_the_seed(api, tiny_comfy_model, tiny_comfy_conds):
+    sampler = _sampler(api, eta=1.0)
+    sigmas = _sigmas(api, tiny_comfy_model, steps=3)
+
+    def run(seed):
+        with torch.inference_mode():
+            return _guider(api, tiny_comfy_model, tiny_comfy_conds, 1.0).sample(
+                _noise(), torch.zeros(LATENT), sampler, sigmas, disable_pbar=True, seed=seed)
+
+    a, b, c = run(5), run(5), run(6)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-3
