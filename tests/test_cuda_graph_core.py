@@ -1,9 +1,9 @@
 """CUDA-graph core on CPU: signatures, cache, invalidation, LRU, fallbacks, parity check.
 
-The capture backend is replaced by ``RecordingBackend``, which keeps CUDA-graph semantics
-(replay recomputes from the static input buffers and writes into the static outputs recorded
-at capture) and counts captures, replays and releases, so stale-buffer and invalidation bugs
-show up as wrong numbers, exactly as they would on a GPU.
+The capture backend is the emulation backend, which keeps CUDA-graph semantics (replay
+recomputes from the static input buffers and writes into the static outputs recorded at
+capture; recorded outputs hold garbage until replayed) and counts captures, replays and
+releases, so stale-buffer and invalidation bugs show up as wrong numbers, as on a GPU.
 """
 
 from __future__ import annotations
@@ -26,64 +26,26 @@ from comfyui_fewstep.cuda_graph import (
 )
 from comfyui_fewstep.cuda_graph.attention import sdpa_without_cudnn
 from comfyui_fewstep.cuda_graph.cache import GraphCache
+from comfyui_fewstep.cuda_graph.emulate import EmulatedGraphBackend
 from comfyui_fewstep.cuda_graph.verify import compare_outputs
 
 CPU = torch.device("cpu")
 
 
-class _Graph:
-    def __init__(self, backend, body, output, stale):
-        self.backend, self.body, self.output, self.stale = backend, body, output, stale
-        self.nbytes = 0
-        self.released = False
-
-    def replay(self):
-        assert not self.released, "replay of a released graph"
-        self.backend.replays += 1
-        if self.stale:  # models a kernel that escaped capture: outputs are never refreshed
-            return
-        _, fresh = flatten(self.body())
-        _, static = flatten(self.output)
-        for s, f in zip(static, fresh):
-            s.copy_(f)
-
-    def release(self):
-        self.released = True
-        self.backend.releases += 1
-
-
-class RecordingBackend:
-    name = "recording"
+class RecordingBackend(EmulatedGraphBackend):
+    """The emulation backend, optionally failing its captures or replaying stale outputs."""
 
     def __init__(self, fail=False, stale=False):
+        super().__init__()
         self.fail, self.stale = fail, stale
-        self.captures = self.replays = self.releases = self.warmups = 0
-        self.pools = 0
-        self.graphs: list[_Graph] = []
 
-    def unavailable_reason(self, device):
-        return None
-
-    def new_pool(self, device):
-        self.pools += 1
-        return object()
-
-    def capture(self, body, *, device, warmup, pool):
-        for _ in range(warmup):
-            body()
-            self.warmups += 1
+    def record(self, body):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        self.captures += 1
-        output = body()
-        for t in flatten(output)[1]:  # recording executes nothing: outputs hold garbage until a replay
-            t.fill_(float("nan"))
-        graph = _Graph(self, body, output, self.stale)
-        self.graphs.append(graph)
+        graph = super().record(body)
+        if self.stale:  # a kernel that escaped capture: the outputs are never refreshed
+            graph.body = lambda: graph.output
         return graph
-
-    def trim(self, device):
-        pass
 
 
 def unet_like(w: torch.Tensor):

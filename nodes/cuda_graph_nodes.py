@@ -1,0 +1,225 @@
+"""The CUDA-graph node and its ModelPatcher adapter (ComfyUI glue around ``cuda_graph``).
+
+``apply_cuda_graph`` clones the ModelPatcher and registers, under one key, a
+``WrappersMP.DIFFUSION_MODEL`` wrapper plus ``ON_PRE_RUN`` / ``ON_CLEANUP`` / ``ON_DETACH``
+callbacks. The diffusion model itself is never object-patched, so LoRA keys, weight backups and
+other wrappers keep working; clones made later (a LoRA after this node) share the graph state,
+and their weight changes are seen through the weight key (patch uuid, loaded size, parameter
+addresses). Every call gathers cheap facts, lets ``cuda_graph.GraphedForward`` replay a graph or
+run eagerly with one logged reason, and never raises on its own account.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Any
+
+import torch
+
+from ..cuda_graph import (
+    ATTENTION_POLICIES,
+    CUDA_GRAPH_BACKEND,
+    GraphedForward,
+    ModelFacts,
+    ineligible_reason,
+    parameter_fingerprint,
+    pin_sdpa_backends,
+)
+from ..cuda_graph.attention import sdpa_without_cudnn
+from ._api import NODE_ID_PREFIX, io
+
+__all__ = ["FORCE_EAGER_ENV", "WRAPPER_KEY", "ComfyGraphState", "FewStepCUDAGraph", "apply_cuda_graph"]
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_KEY = "comfyui_fewstep.cuda_graph"
+FORCE_EAGER_ENV = "FEWSTEP_CUDA_GRAPH_DISABLE"
+"""Set to 1 to run every call eagerly (A/B comparisons) without editing the workflow."""
+
+
+def _comfy():
+    import comfy.ldm.modules.attention as attention
+    import comfy.patcher_extension as patcher_extension
+
+    return attention, patcher_extension
+
+
+class ComfyGraphState:
+    """Graph state of one CUDA Graph node output, shared by every clone made from it."""
+
+    def __init__(self, base_model: Any, runner: GraphedForward, attention: str) -> None:
+        self._base_model = weakref.ref(base_model)
+        self.runner = runner
+        self.attention = attention
+        self._cheap_weights: tuple | None = None
+        self._fingerprint: int | None = None
+
+    # ------------------------------------------------------------ callbacks
+    def on_pre_run(self, patcher: Any) -> None:
+        self.runner.new_run()
+        self._fingerprint = None  # re-read parameter addresses once per sampling run
+
+    def on_cleanup(self, patcher: Any) -> None:
+        logger.debug("CUDA graph: run finished: %s", self.runner.stats.summary())
+        base = self._base_model()
+        if base is not None and getattr(base, "model_lowvram", False):
+            self.runner.release_all(torch.device(patcher.load_device), "the model is now partially loaded")
+
+    def on_detach(self, patcher: Any, unpatch_all: bool) -> None:
+        """Free the graphs when the model is unloaded.
+
+        ``load_models_gpu`` (0.3.64) detaches the loaded patcher with ``unpatch_all=False`` at
+        the start of every sampling run and loads it again: the weights stay in place, so the
+        graphs are kept and only the parameter addresses are re-read on the next call.
+        """
+        self._fingerprint = None
+        if unpatch_all:
+            self.runner.release_all(torch.device(patcher.load_device), "the model was unloaded")
+
+    # ------------------------------------------------------------ per call
+    def weights_key(self, diffusion_model: torch.nn.Module) -> tuple:
+        base = self._base_model()
+        cheap = (
+            id(diffusion_model),
+            str(getattr(base, "current_weight_patches_uuid", None)),
+            getattr(base, "model_loaded_weight_memory", None),
+        )
+        if cheap != self._cheap_weights or self._fingerprint is None:
+            self._cheap_weights = cheap
+            self._fingerprint = parameter_fingerprint(diffusion_model)
+        return cheap + (self._fingerprint,)
+
+    def facts(self, executor: Any, x: torch.Tensor, transformer_options: dict) -> ModelFacts:
+        attention, _ = _comfy()
+        base = self._base_model()
+        patcher = getattr(base, "current_patcher", None)
+        hooks = patcher is not None and (
+            getattr(patcher, "current_hooks", None) is not None or bool(getattr(patcher, "hook_patches", None))
+        )
+        return ModelFacts(
+            device_type=x.device.type,
+            grad_enabled=torch.is_grad_enabled(),
+            lowvram=bool(getattr(base, "model_lowvram", False)),
+            lowvram_patches=int(getattr(base, "lowvram_patch_counter", 0) or 0),
+            weight_hooks=hooks,
+            patches=tuple(k for k, v in transformer_options.get("patches", {}).items() if v),
+            patches_replace=tuple(k for k, v in transformer_options.get("patches_replace", {}).items() if v),
+            attention_override="optimized_attention_override" in transformer_options,
+            attention_name=getattr(attention.optimized_attention, "__name__", "unknown"),
+            attention_policy=self.attention,
+            inner_wrappers=max(0, len(executor.wrappers) - executor.idx - 1),
+            backend_reason=self.runner.backend.unavailable_reason(x.device),
+        )
+
+    def wrapper(self, executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None,
+                **kwargs):
+        """``WrappersMP.DIFFUSION_MODEL`` wrapper: the UNet/DiT forward, from a graph when possible."""
+        if transformer_options is None:
+            transformer_options = {}
+        tree = {"x": x, "timesteps": timesteps, "context": context, "y": y, "control": control, "kwargs": kwargs}
+
+        def forward(t: dict) -> Any:
+            return executor(t["x"], t["timesteps"], t["context"], t["y"], t["control"], transformer_options,
+                            **t["kwargs"])
+
+        capture_forward, key_extra, weights = forward, (), None
+        try:
+            blocked = "the environment variable FEWSTEP_CUDA_GRAPH_DISABLE is set" if os.environ.get(
+                FORCE_EAGER_ENV, "") not in ("", "0") else ineligible_reason(self.facts(executor, x, transformer_options))
+            if blocked is None:
+                weights = self.weights_key(executor.class_obj)
+                cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+                pin = pin_sdpa_backends(self.attention, cudnn)
+                key_extra = (tuple(transformer_options.get("cond_or_uncond", ()) or ()), pin,
+                             torch.is_autocast_enabled())
+                capture_options = dict(transformer_options)
+                if pin:
+                    capture_options["optimized_attention_override"] = sdpa_without_cudnn
+
+                def capture_forward(t: dict) -> Any:
+                    return executor(t["x"], t["timesteps"], t["context"], t["y"], t["control"], capture_options,
+                                    **t["kwargs"])
+        except Exception as e:  # never let the gate itself break sampling
+            logger.debug("CUDA graph: eligibility check failed", exc_info=True)
+            blocked = f"internal error while checking eligibility ({type(e).__name__}: {e})"
+        return self.runner(forward, tree, device=x.device, key_extra=key_extra, weights=weights, blocked=blocked,
+                           capture_forward=capture_forward)
+
+
+def apply_cuda_graph(model: Any, *, enable: bool = True, max_graphs: int = 4, warmup: int = 2, verify: bool = True,
+                     tolerance: float = 1e-3, attention: str = "auto") -> Any:
+    """A clone of ``model`` whose sampler calls replay CUDA graphs of the diffusion model.
+
+    ``enable=False`` returns a clone without the wrapper (it also removes one installed upstream).
+    """
+    if attention not in ATTENTION_POLICIES:
+        raise ValueError(f"attention policy {attention!r} is not one of {ATTENTION_POLICIES}")
+    _, patcher_extension = _comfy()
+    wrappers, callbacks = patcher_extension.WrappersMP, patcher_extension.CallbacksMP
+    m = model.clone()
+    m.remove_wrappers_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY)
+    for kind in (callbacks.ON_PRE_RUN, callbacks.ON_CLEANUP, callbacks.ON_DETACH):
+        m.remove_callbacks_with_key(kind, WRAPPER_KEY)
+    if not enable:
+        return m
+    runner = GraphedForward(CUDA_GRAPH_BACKEND, max_graphs=max_graphs, warmup=warmup, verify=verify,
+                            tolerance=tolerance)
+    state = ComfyGraphState(m.model, runner, attention)
+    m.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, state.wrapper)
+    m.add_callback_with_key(callbacks.ON_PRE_RUN, WRAPPER_KEY, state.on_pre_run)
+    m.add_callback_with_key(callbacks.ON_CLEANUP, WRAPPER_KEY, state.on_cleanup)
+    m.add_callback_with_key(callbacks.ON_DETACH, WRAPPER_KEY, state.on_detach)
+    return m
+
+
+_ATTENTION_TOOLTIP = (
+    "Attention under capture. auto: PyTorch attention only, exactly as eager, except that the cuDNN "
+    "attention kernel is avoided on cuDNN 9.13-9.14 (known to fault under CUDA graphs). "
+    "sdpa_no_cudnn: PyTorch attention only, always without the cuDNN kernel. "
+    "unchecked: capture whatever attention ComfyUI uses (xformers, sage, ...); keep verify on."
+)
+
+
+class FewStepCUDAGraph(io.ComfyNode):
+    """MODEL -> MODEL: later sampler calls replay CUDA graphs of the diffusion model."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{NODE_ID_PREFIX}CUDAGraph",
+            display_name="FewStep CUDA Graph",
+            category="advanced/model",
+            description="Replays captured CUDA graphs of the diffusion model's forward pass, removing the "
+                        "per-kernel launch overhead; images are unchanged. Calls that cannot be captured "
+                        "safely (CPU, low-VRAM loading, patches, hooks) run as usual, and the log says why.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Boolean.Input("enable", default=True, tooltip="Off passes the model through unchanged."),
+                io.Int.Input("max_graphs", default=4, min=1, max=64,
+                             tooltip="Cached graphs (input signatures: batch size, resolution, prompt length); "
+                                     "the least recently used is freed first. Each holds one forward pass "
+                                     "of activation memory."),
+                io.Int.Input("warmup", default=2, min=0, max=10,
+                             tooltip="Eager runs before each capture, so libraries finish their lazy set-up."),
+                io.Boolean.Input("verify", default=True,
+                                 tooltip="Compare the first replay of each new graph with the eager forward "
+                                         "and fall back to eager if they differ beyond the tolerance."),
+                io.Combo.Input("attention", options=list(ATTENTION_POLICIES), default="auto",
+                               tooltip=_ATTENTION_TOOLTIP),
+                io.Float.Input("tolerance", default=1e-3, min=0.0, max=1.0, step=1e-4, optional=True,
+                               tooltip="Allowed max |graph - eager| relative to max |eager| when verifying."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, enable, max_graphs, warmup, verify, attention, tolerance=1e-3) -> io.NodeOutput:
+        try:
+            patched = apply_cuda_graph(model, enable=enable, max_graphs=max_graphs, warmup=warmup, verify=verify,
+                                       tolerance=tolerance, attention=attention)
+        except Exception:
+            logger.exception("CUDA graph: could not install the wrapper; the model passes through unchanged")
+            patched = model
+        return io.NodeOutput(patched)

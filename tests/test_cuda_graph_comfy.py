@@ -1,0 +1,149 @@
+"""The CUDA Graph node in real ComfyUI on CPU, with a tiny SD1.5-architecture UNet.
+
+On CPU the node must pass every call through eagerly with one log line, bit-for-bit equal to
+the unwrapped model. With the emulation backend swapped in, the same real sampling run goes
+through the graph path (signatures, static buffers, replays, parity check) and must still be
+bit-for-bit equal: this exercises the wrapper glue end to end without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+TINY_SD15 = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_middle": 1, "context_dim": 768, "use_linear_in_transformer": False,
+    "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+@pytest.fixture(scope="module")
+def node_module(comfy):
+    from comfyui_fewstep.nodes import cuda_graph_nodes
+
+    return cuda_graph_nodes
+
+
+def tiny_patcher():
+    """A ModelPatcher around an SD1.5-architecture UNet (32 channels, 2 levels), random weights."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(TINY_SD15))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def sample(patcher, seed=0, tokens=77, batch=1):
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(seed)
+    cond = [[torch.randn(batch, tokens, 768, generator=g), {}]]
+    uncond = [[torch.randn(batch, tokens, 768, generator=g), {}]]
+    noise = torch.randn(batch, 4, 8, 8, generator=g)
+    return comfy.sample.sample(patcher, noise, 2, 4.0, "euler", "normal", cond, uncond, torch.zeros_like(noise),
+                               seed=seed, disable_pbar=True)
+
+
+def _state(node_module, patcher):
+    import comfy.patcher_extension as pe
+
+    (fn,) = patcher.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, node_module.WRAPPER_KEY)
+    return fn.__self__
+
+
+def test_node_installs_keyed_wrapper_on_a_clone(node_module):
+    import comfy.patcher_extension as pe
+
+    base = tiny_patcher()
+    options_before = repr(base.model_options)
+    (out,) = node_module.FewStepCUDAGraph.execute(base, True, 3, 1, True, "auto").result
+    assert out is not base and out.model is base.model
+    assert len(out.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, node_module.WRAPPER_KEY)) == 1
+    for kind in (pe.CallbacksMP.ON_PRE_RUN, pe.CallbacksMP.ON_CLEANUP, pe.CallbacksMP.ON_DETACH):
+        assert len(out.get_callbacks(kind, node_module.WRAPPER_KEY)) == 1
+    assert base.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL) == []
+    assert repr(base.model_options) == options_before
+    assert base.model.diffusion_model.__class__.__name__ == "UNetModel"  # never object-patched
+    state = _state(node_module, out)
+    assert state.runner.cache.max_entries == 3 and state.runner.warmup == 1
+
+    # applying the node twice keeps one wrapper; enable=False removes it
+    (twice,) = node_module.FewStepCUDAGraph.execute(out, True, 4, 2, True, "auto").result
+    assert len(twice.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL)) == 1
+    (off,) = node_module.FewStepCUDAGraph.execute(twice, False, 4, 2, True, "auto").result
+    assert off.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL) == []
+
+
+def test_bad_input_passes_the_model_through(node_module, caplog):
+    base = tiny_patcher()
+    with caplog.at_level(logging.ERROR):
+        (out,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 2, True, "no_such_policy").result
+    assert out is base and "passes through unchanged" in caplog.text
+
+
+def test_cpu_falls_back_to_eager_with_one_log_line_and_identical_output(node_module, caplog):
+    base = tiny_patcher()
+    reference = sample(base)
+    (wrapped,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 2, True, "auto").result
+    with caplog.at_level(logging.INFO, logger="comfyui_fewstep.cuda_graph"):
+        out = sample(wrapped)
+    assert torch.equal(out, reference)
+    lines = [r.getMessage() for r in caplog.records if "running eagerly" in r.getMessage()]
+    assert len(lines) == 1 and "CUDA device" in lines[0]
+    stats = _state(node_module, wrapped).runner.stats
+    assert stats.captures == 0 and sum(stats.eager_calls.values()) == 2  # 2 steps, cond+uncond batched
+
+
+def test_graph_path_through_real_sampling_is_bit_identical(node_module):
+    from comfyui_fewstep.cuda_graph.emulate import EmulatedGraphBackend
+
+    base = tiny_patcher()
+    references = [sample(base, seed=s) for s in (0, 1)]
+    # ComfyUI on CPU attends with sub-quadratic attention, which the default policy refuses
+    (wrapped,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 1, True, "unchecked").result
+    state = _state(node_module, wrapped)
+    backend = state.runner.backend = EmulatedGraphBackend()
+    for seed, reference in zip((0, 1), references):
+        assert torch.equal(sample(wrapped, seed=seed), reference)
+    # a new prompt and seed reuse the graph: one capture, verified, then replays only
+    assert backend.captures == 1 and state.runner.stats.verify_failures == 0
+    assert state.runner.stats.replays == 4
+    # a longer prompt (two 77-token chunks) is a new signature
+    sample(wrapped, seed=2, tokens=154)
+    assert backend.captures == 2
+
+
+def test_weight_patch_changes_the_weight_key(node_module):
+    import comfy.model_management as mm
+
+    base = tiny_patcher()
+    (wrapped,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 1, True, "auto").result
+    state = _state(node_module, wrapped)
+    dm = base.model.diffusion_model
+    mm.load_models_gpu([wrapped])
+    before = state.weights_key(dm)
+    assert state.weights_key(dm) == before
+    lora = wrapped.clone()  # a LoRA after the node shares the graph state
+    assert _state(node_module, lora) is state
+    weight = dm.out[2].weight
+    lora.add_patches({"diffusion_model.out.2.weight": (torch.full_like(weight, 0.01),)})
+    mm.load_models_gpu([lora])
+    try:
+        assert state.weights_key(dm) != before
+    finally:
+        mm.unload_all_models()
