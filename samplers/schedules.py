@@ -57,6 +57,9 @@ AYS_MODELS: tuple[str, ...] = get_args(AysModel)
 #: whose ``sigma_max`` is 1 (``lambda = -inf``): flow sigma ~0.953, the signal-to-noise
 #: ratio of a VE sigma of 20 (SD 1.5 starts at 14.6, lambda -2.68). Below it the denoiser
 #: output is close to the data mean, so the single step from pure noise to there is cheap.
+#: On an exact Gaussian-mixture denoiser (16-D, 8 components, DPM-Solver++(2M), NFE 4..20)
+#: clips between -2 and -3 gave the lowest mode-flip rates, -3 the lowest at 6, 10 and 20 NFE,
+#: and any clip roughly halved the error of an unclipped grid from sigma = 0.9999.
 FLOW_LAMBDA_MIN: float = -3.0
 
 #: GITS coefficients with published tables (hundredths: 80 = 0.80 .. 150 = 1.50).
