@@ -40,6 +40,8 @@ from .multistep import (
 )
 from .singlestep import sample_dpmpp_singlestep, singlestep_orders
 from .adaptive import sample_dpmpp_adaptive
+from .budget import StepPlan, effective_nfe, steps_for_nfe
+from .schedules import SCHEDULE_DEFAULTS, SCHEDULE_NAMES, get_sigmas
 
 __all__ = [
     "MODEL_FAMILIES",
@@ -56,4 +58,10 @@ __all__ = [
     "sample_dpmpp_singlestep",
     "singlestep_orders",
     "sample_dpmpp_adaptive",
+    "SCHEDULE_DEFAULTS",
+    "SCHEDULE_NAMES",
+    "StepPlan",
+    "effective_nfe",
+    "get_sigmas",
+    "steps_for_nfe",
 ]
