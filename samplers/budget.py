@@ -117,7 +117,9 @@ def steps_for_nfe(solver: SolverKind, nfe: int, order: int, final_step: FinalSte
 
     * ``multistep``: one call per step, so ``nfe`` steps; the first ``order - 1`` steps warm up
       at lower order (Lu et al. 2022b, arXiv 2211.01095, Alg. 2).
-    * ``singlestep``: the steps and orders of :func:`singlestep_orders`.
+    * ``singlestep``: the steps and orders of :func:`singlestep_orders`; with ``final_step="zero"``
+      the last step (to sigma = 0) is the first-order denoise, so an allocation that does not
+      end in order 1 becomes ``singlestep_orders(nfe - 1, order) + [1]``.
     * ``adaptive``: one schedule step (the solver only uses its end points); the NFE it uses is
       set by atol / rtol at run time, so ``nfe`` is kept as the estimate.
 
@@ -149,6 +151,9 @@ def steps_for_nfe(solver: SolverKind, nfe: int, order: int, final_step: FinalSte
             notes.append(f"{nfe} step{'s' if nfe != 1 else ''} reach only order {max(orders)} (order {order} needs {order} steps of history)")
     else:
         orders = tuple(singlestep_orders(nfe, order))
+        if final_step == "zero" and orders[-1] != 1:
+            # the step to sigma = 0 returns the data prediction: one call, first order
+            orders = tuple(singlestep_orders(nfe - 1, order)) + (1,)
         if max(orders) < order:
             notes.append(f"{nfe} model calls reach only order {max(orders)}; order {order} needs nfe >= {order + 1 if order == 3 else order}")
     if extra:

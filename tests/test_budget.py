@@ -52,10 +52,20 @@ def test_multistep_plan():
 @pytest.mark.parametrize("nfe", [1, 3, 5, 6, 9, 10, 17])
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_singlestep_plan(nfe, order):
-    plan = steps_for_nfe("singlestep", nfe, order)
+    plan = steps_for_nfe("singlestep", nfe, order, final_step="sigma_min")
     assert list(plan.orders) == paper_orders(nfe, order)
-    assert plan.steps == len(plan.orders) and plan.nfe == sum(plan.orders) == nfe
+    assert plan.steps == len(plan.orders) + 1 and plan.nfe == sum(plan.orders) == nfe
     assert ("reach only order" in plan.notes) == (max(plan.orders) < order)
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 3, 5, 6, 9, 10, 17])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_singlestep_plan_ending_at_zero_spends_one_call_on_the_denoise_step(nfe, order):
+    plan = steps_for_nfe("singlestep", nfe, order)
+    paper = paper_orders(nfe, order)
+    expected = paper if paper[-1] == 1 else paper_orders(nfe - 1, order) + [1]
+    assert list(plan.orders) == expected and plan.orders[-1] == 1
+    assert plan.steps == len(plan.orders) and plan.nfe == sum(plan.orders) == nfe
 
 
 def test_adaptive_plan():
