@@ -115,11 +115,12 @@ class ComfySampler:
     stochastic: bool
 
 
-def sampler_list(comfy: Any) -> tuple[list[ComfySampler], list[str]]:
-    """Every built-in sampler the benchmark can drive, and the names it skips (with reasons)."""
+def sampler_list(comfy: Any, include_stochastic: bool = False) -> tuple[list[ComfySampler], list[str]]:
+    """Every built-in sampler the benchmark drives, and the names it skips (with reasons)."""
     names = list(comfy.samplers.SAMPLER_NAMES)
     out: list[ComfySampler] = []
     skipped: list[str] = []
+    stochastic: list[str] = []
     for name in names:
         if name == "ddim":
             continue  # = euler (random inpaint noise only)
@@ -129,7 +130,15 @@ def sampler_list(comfy: Any) -> tuple[list[ComfySampler], list[str]]:
         if name in ADAPTIVE:
             skipped.append(f"{name} (NFE set by tolerances, not by the schedule)")
             continue
+        if name in STOCHASTIC and not include_stochastic:
+            stochastic.append(name)
+            continue
         out.append(ComfySampler(name, name, {}, name in STOCHASTIC))
+    if stochastic:
+        skipped.append(
+            "the stochastic samplers with their default noise (" + ", ".join(stochastic) + "; pathwise error "
+            "against the ODE solution is not what they optimise, their deterministic eta=0 configurations are run)"
+        )
     for label, (base, options) in ODE_VARIANTS.items():
         out.append(ComfySampler(label, base, options, False))
     return out, skipped
