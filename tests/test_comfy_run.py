@@ -196,3 +196,40 @@ def test_sde_noise_follows_the_seed(api, tiny_comfy_model, tiny_comfy_conds):
     a, b, c = run(5), run(5), run(6)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert (a - c).abs().max() > 1e-3
+
+
+def _guiders(api, model, conds):
+    import comfy_extras.nodes_perpneg as perpneg
+
+    custom = api["custom"]
+    positive, negative = conds
+    return {
+        "BasicGuider": custom.BasicGuider().get_guider(model, positive)[0],
+        "CFGGuider": custom.CFGGuider().get_guider(model, positive, negative, 3.0)[0],
+        "DualCFGGuider": custom.DualCFGGuider().get_guider(model, positive, negative, negative, 3.0, 1.5,
+                                                           "regular")[0],
+        "PerpNegGuider": perpneg.PerpNegGuider.execute(model, positive, negative, negative, 3.0, 1.0).result[0],
+    }
+
+
+@pytest.mark.parametrize("guider_name", ["BasicGuider", "CFGGuider", "DualCFGGuider", "PerpNegGuider"])
+def test_every_core_guider(api, tiny_comfy_model, tiny_comfy_conds, guider_name):
+    guider = _guiders(api, tiny_comfy_model, tiny_comfy_conds)[guider_name]
+    custom = api["custom"]
+    with torch.inference_mode():
+        out = custom.SamplerCustomAdvanced().sample(
+            custom.Noise_RandomNoise(1), guider, _sampler(api, order=3, eta=0.5),
+            _sigmas(api, tiny_comfy_model, steps=3), {"samples": torch.zeros(LATENT)},
+        )
+    assert torch.isfinite(out[0]["samples"]).all()
+
+
+def test_sampler_custom_node(api, tiny_comfy_model, tiny_comfy_conds):
+    positive, negative = tiny_comfy_conds
+    with torch.inference_mode():
+        out, denoised = api["custom"].SamplerCustom().sample(
+            tiny_comfy_model, True, 3, 2.0, positive, negative, _sampler(api, solver="singlestep", order=3),
+            _sigmas(api, tiny_comfy_model, "time_uniform", 3), {"samples": torch.zeros(LATENT)},
+        )
+    assert torch.isfinite(out["samples"]).all()
+    torch.testing.assert_close(out["samples"], denoised["samples"])
