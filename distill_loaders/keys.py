@@ -26,6 +26,7 @@ __all__ = [
     "diffusers_to_ldm_map",
     "diffusers_unet_shapes",
     "ldm_unet_shapes",
+    "lora_to_kohya",
 ]
 
 Shape = tuple[int, ...]
@@ -246,3 +247,50 @@ def convert_ldm_to_diffusers(state_dict: dict, arch: str | UnetConfig, prefix: s
         else:
             unexpected.append(key)
     return converted, unexpected
+
+
+_LORA_PART = (
+    (".lora_A.default.weight", "lora_down"), (".lora_B.default.weight", "lora_up"),
+    (".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up"),
+    (".lora.down.weight", "lora_down"), (".lora.up.weight", "lora_up"),
+    ("_lora.down.weight", "lora_down"), ("_lora.up.weight", "lora_up"),  # attention-processor LoRA
+    (".lora_linear_layer.down.weight", "lora_down"), (".lora_linear_layer.up.weight", "lora_up"),
+    (".lora.down.weight", "lora_down"), (".lora.up.weight", "lora_up"),
+    ("_lora.down.weight", "lora_down"), ("_lora.up.weight", "lora_up"),  # attention-processor LoRA
+    (".alpha", "alpha"),
+)
+
+
+def _kohya_name(key: str) -> str | None:
+    for suffix, part in _LORA_PART:
+        if not key.endswith(suffix):
+            continue
+        module = key[: -len(suffix)]
+        for prefix in ("base_model.model.", "unet."):
+            if module.startswith(prefix):
+                module = module[len(prefix):]
+        if module.startswith(("lora_unet_", "lora_te", "text_encoder", "te_")):
+            return None
+        if ".processor." in module:  # diffusers attention-processor LoRA: attn1.processor.to_q_lora
+            head, _, tail = module.partition(".processor.")
+            tail = tail[: -len("_lora")] if tail.endswith("_lora") else tail
+            module = f"{head}.{'to_out.0' if tail == 'to_out' else tail}"
+        return f"lora_unet_{module.replace('.', '_')}.{part}" + ("" if part == "alpha" else ".weight")
+    return None
+
+
+def lora_to_kohya(state_dict: dict) -> tuple[dict, int]:
+    """Rename diffusers / PEFT UNet LoRA keys (``unet.<module>.lora_A.weight``, ``.lora.down.weight``,
+    ``.processor.to_q_lora.down.weight``, ...) to kohya's ``lora_unet_<module_with_underscores>.lora_down.weight``,
+    which ComfyUI maps for every SD UNet module (it does not map PEFT ``lora_A``/``lora_B`` names on SD
+    UNets). Zero-copy; every other key passes through unchanged. Returns ``(state_dict, renamed_count)``."""
+    out: dict = {}
+    renamed = 0
+    for key, value in state_dict.items():
+        new = _kohya_name(key)
+        if new is None:
+            out[key] = value
+        else:
+            out[new] = value
+            renamed += 1
+    return out, renamed

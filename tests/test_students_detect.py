@@ -242,3 +242,29 @@ def test_cli_dispatch(tmp_path, capsys):
     path = write_safetensors(tmp_path / "sd_turbo.safetensors", unet_shapes("sd21", "ldm_checkpoint"))
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["recipe"] == "sd_turbo_sd21"
+
+
+def test_lora_keys_to_kohya_zero_copy():
+    t = torch.zeros(1)
+    sd = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": t,
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": t,
+        "base_model.model.mid_block.resnets.0.conv1.lora_A.default.weight": t,
+        "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.down.weight": t,
+        "down_blocks.1.attentions.0.proj_in.lora.up.weight": t,
+        "unet.conv_in.alpha": t,
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": t,
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": t,
+    }
+    out, n = K.lora_to_kohya(sd)
+    assert n == 6 and all(v is t for v in out.values())
+    assert sorted(out) == sorted([
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
+        "lora_unet_mid_block_resnets_0_conv1.lora_down.weight",
+        "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_down.weight",
+        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight",
+        "lora_unet_conv_in.alpha",
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+    ])
