@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from ._api import ComfyExtension, io
+from .cuda_graph_nodes import FewStepCUDAGraph
 from .ksampler_presets import register_ksampler_presets
 from .sampler_nodes import FewStepDPMSolverSampler
 from .schedule_nodes import FewStepNFEPlan, FewStepSchedule
@@ -24,6 +25,7 @@ def node_list() -> list[type[io.ComfyNode]]:
         FewStepDPMSolverSampler,
         FewStepSchedule,
         FewStepNFEPlan,
+        FewStepCUDAGraph,
     ]
 
 

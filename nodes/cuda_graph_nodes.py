@@ -195,7 +195,7 @@ class FewStepCUDAGraph(io.ComfyNode):
                         "per-kernel launch overhead; images are unchanged. Calls that cannot be captured "
                         "safely (CPU, low-VRAM loading, patches, hooks) run as usual, and the log says why.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model whose diffusion-model calls should replay CUDA graphs."),
                 io.Boolean.Input("enable", default=True, tooltip="Off passes the model through unchanged."),
                 io.Int.Input("max_graphs", default=4, min=1, max=64,
                              tooltip="Cached graphs (input signatures: batch size, resolution, prompt length); "
@@ -211,7 +211,7 @@ class FewStepCUDAGraph(io.ComfyNode):
                 io.Float.Input("tolerance", default=1e-3, min=0.0, max=1.0, step=1e-4, optional=True,
                                tooltip="Allowed max |graph - eager| relative to max |eager| when verifying."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A clone of the model with the CUDA-graph wrapper; the input is unchanged.")],
         )
 
     @classmethod
