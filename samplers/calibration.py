@@ -1,0 +1,414 @@
+"""Per-model calibrated step schedules: teacher trajectories, grid DP, local search with the true solver.
+
+A schedule (the sigmas a solver steps through) can be fitted to one model and one solver at one
+NFE from a handful of accurate trajectories of that model, in three stages:
+
+1. **Teacher.** From the calibration noise ``x`` (a few seeds, batched), integrate the
+   probability-flow ODE accurately with multistep DPM-Solver++(3M) on a fine grid: ``G`` points
+   uniform in the half log-SNR ``lambda`` from ``sigma_max`` to ``sigma_min`` (a flow model's
+   ``sigma = 1`` is the first point, the uniform part starting at :data:`FLOW_TEACHER_LAMBDA_MIN`),
+   each interval split into ``substeps`` solver steps. The states ``x_i`` and data predictions
+   ``D_i`` at the ``G`` grid points are kept; the teacher's end point is ``D`` at ``sigma_min``.
+   Cost: ``(G - 1) * substeps + 1`` model calls on the batch.
+2. **Dynamic programming** over the grid (GITS, Chen et al. 2024, arXiv 2405.11326): the coarse
+   points minimising the summed local error of the solver's steps measured from teacher states,
+   no model calls (see :mod:`._calibration_dp` for the step models and the error weighting).
+3. **Local search.** The DP schedule and a few fixed schedules (``logsnr_uniform``,
+   ``time_uniform``, ``karras``, ``exponential``) are run with the true solver on the calibration
+   noise; from the best, coordinate descent on the interior ``lambda`` values (step halving)
+   minimises the true end-point error against the teacher, within a budget of model calls.
+
+By construction the result's calibration error is never above that of the fixed schedules tried.
+The AYS paper (Sabour et al. 2024, arXiv 2404.14507) optimises a KL bound instead and reports
+GPU-hours; this procedure costs a few hundred model calls (see :class:`CalibrationResult`.cost).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import torch
+
+from ._calibration_dp import GridCosts, dp_multistep, dp_singlestep
+from ._coefficients import step_orders
+from ._loop import Denoiser, NonFiniteModelOutputError
+from .budget import singlestep_orders
+from .multistep import sample_dpmpp_multistep
+from .parameterization import Parameterization
+from .schedules import get_sigmas
+from .singlestep import sample_dpmpp_singlestep
+
+logger = logging.getLogger(__name__)
+
+SolverKind = Literal["multistep", "singlestep"]
+SOLVER_KINDS: tuple[str, ...] = get_args(SolverKind)
+
+#: half log-SNR where a flow model's teacher grid starts after the point sigma = 1 (sigma ~0.9975)
+FLOW_TEACHER_LAMBDA_MIN = -6.0
+#: fixed schedules tried as starting points of the local search (and reported)
+BASELINE_SCHEDULES: tuple[str, ...] = ("logsnr_uniform", "time_uniform", "karras", "exponential")
+MIN_GRID_POINTS = 16
+DEFAULTS: dict[str, int] = {"grid_points": 100, "substeps": 3, "search_nfe": 320}
+
+__all__ = [
+    "BASELINE_SCHEDULES",
+    "DEFAULTS",
+    "FLOW_TEACHER_LAMBDA_MIN",
+    "CalibrationError",
+    "CalibrationResult",
+    "SOLVER_KINDS",
+    "SolverSpec",
+    "Teacher",
+    "calibrate",
+    "end_error",
+    "run_teacher",
+    "teacher_grid",
+]
+
+
+class CalibrationError(ValueError):
+    """Calibration could not produce a schedule (bad settings, or a model returning NaN/inf)."""
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """The solver a schedule is calibrated for: a family and its options.
+
+    Args:
+        solver: ``"multistep"`` (:func:`.multistep.sample_dpmpp_multistep`, one call per step) or
+            ``"singlestep"`` (:func:`.singlestep.sample_dpmpp_singlestep`, orders from the budget).
+        options: keyword options of that sampler (``order``, ``corrector``, ``solver_type``,
+            ``lower_order_final``, ...). Stochastic sampling (``eta > 0``) cannot be calibrated
+            against an ODE teacher and is refused.
+        label: a display name (e.g. the node preset name).
+    """
+
+    solver: SolverKind = "multistep"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVER_KINDS:
+            raise CalibrationError(f"solver must be one of {SOLVER_KINDS}, got {self.solver!r}")
+        if float(self.options.get("eta", 0.0)) != 0.0:
+            raise CalibrationError(
+                f"eta={self.options['eta']!r}: a stochastic (SDE) solver has no single trajectory to match; "
+                "calibrate the deterministic solver (eta=0) instead"
+            )
+        if self.order not in (1, 2, 3):
+            raise CalibrationError(f"order must be 1, 2 or 3, got {self.order!r}")
+
+    @property
+    def order(self) -> int:
+        return int(self.options.get("order", 2))
+
+    def step_orders(self, nfe: int) -> list[int]:
+        """Order of each step of a schedule ending in 0 that costs ``nfe`` model calls."""
+        if self.solver == "multistep":
+            o = self.options
+            return step_orders(nfe, self.order, 0, lower_order_final=bool(o.get("lower_order_final", True)),
+                               lower_order_final_steps=int(o.get("lower_order_final_steps", 10)),
+                               euler_at_final=bool(o.get("euler_at_final", False)))
+        return singlestep_orders(nfe - 1, self.order) + [1]
+
+    def run(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, parameterization: Parameterization,
+            extra_args: dict[str, Any] | None = None, nfe: int | None = None) -> torch.Tensor:
+        """One deterministic run over ``sigmas``; a singlestep run needs the budget ``nfe`` for its orders."""
+        if self.solver == "multistep":
+            return sample_dpmpp_multistep(model, x, sigmas, extra_args, disable=True, parameterization=parameterization,
+                                          resume_history=False, **self.options)
+        if nfe is None:
+            raise CalibrationError("a singlestep run needs nfe to allocate its step orders")
+        return sample_dpmpp_singlestep(model, x, sigmas, extra_args, disable=True, parameterization=parameterization,
+                                       **{**self.options, "orders": self.step_orders(nfe)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"solver": self.solver, "options": dict(self.options), "label": self.label}
+
+
+@dataclass
+class Teacher:
+    """An accurate trajectory per calibration sample, cached on a grid (see the module docstring)."""
+
+    sigmas: list[float]
+    xs: torch.Tensor  # [G, B, ...]
+    ds: torch.Tensor  # [G, B, ...]
+    end: torch.Tensor  # [B, ...]
+    nfe: int
+    seconds: float
+
+
+@dataclass
+class CalibrationResult:
+    """A calibrated schedule and what it cost.
+
+    Attributes:
+        sigmas: the schedule, descending, ending in 0 (``len = steps + 1``).
+        nfe: model calls one sampling run with it costs.
+        orders: the order of each step (singlestep: pass as the sampler's ``orders``).
+        solver: :meth:`SolverSpec.to_dict` of the solver it was fitted for.
+        error: geometric mean of the per-sample RMS end-point error against the teacher on the
+            calibration noise (:func:`end_error`).
+        dp_error: the same for the schedule found by the grid DP alone.
+        baselines: the same for each fixed schedule tried (name -> error).
+        cost: ``teacher_nfe``, ``search_nfe``, ``total_nfe`` (model calls on the calibration batch),
+            ``samples``, ``grid_points``, ``substeps``, ``seconds``.
+    """
+
+    sigmas: list[float]
+    nfe: int
+    orders: list[int]
+    solver: dict[str, Any]
+    error: float
+    dp_error: float
+    baselines: dict[str, float]
+    cost: dict[str, float]
+
+    def sigmas_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.sigmas, dtype=torch.float32)
+
+
+class _Counter:
+    def __init__(self, model: Denoiser) -> None:
+        self.model, self.nfe = model, 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+        self.nfe += 1
+        return self.model(x, sigma, **kw)
+
+
+def end_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """Geometric mean over samples of the per-sample RMS difference (float64); inf when not finite.
+
+    The geometric mean weighs every sample's relative accuracy alike: a sample that lands in a
+    different mode (a large error, common at 4-6 NFE) cannot dominate the objective as it would
+    an arithmetic mean over a few calibration seeds.
+    """
+    diff = (out.to(torch.float64) - reference.to(torch.float64)).reshape(out.shape[0], -1)
+    value = float(diff.pow(2).mean(1).sqrt().clamp_min(1e-12).log().mean().exp())
+    return value if math.isfinite(value) else math.inf
+
+
+def teacher_grid(parameterization: Parameterization, points: int, sigma_min: float | None = None,
+                 sigma_max: float | None = None) -> list[float]:
+    """``points`` sigmas from ``sigma_max`` to ``sigma_min``, uniform in lambda (flow: see module doc)."""
+    p = parameterization
+    hi = p.sigma_max if sigma_max is None else float(sigma_max)
+    lo = p.sigma_min if sigma_min is None else float(sigma_min)
+    if not 0.0 < lo < hi:
+        raise CalibrationError(f"need 0 < sigma_min < sigma_max, got {lo!r}, {hi!r}")
+    lam_hi, lam_lo = p.lambda_(lo), p.lambda_(hi)
+    if math.isfinite(lam_lo):
+        lambdas = torch.linspace(lam_lo, lam_hi, points, dtype=torch.float64)
+        grid = [hi] + [p.sigma_from_lambda(float(v)) for v in lambdas[1:]]
+    else:
+        lambdas = torch.linspace(min(FLOW_TEACHER_LAMBDA_MIN, lam_hi - 1.0), lam_hi, points - 1, dtype=torch.float64)
+        grid = [hi] + [p.sigma_from_lambda(float(v)) for v in lambdas]
+    grid[-1] = lo
+    return grid
+
+
+def _fine_grid(grid: list[float], p: Parameterization, substeps: int) -> list[float]:
+    fine: list[float] = []
+    for a, b in zip(grid, grid[1:]):
+        la, lb = p.lambda_(a), p.lambda_(b)
+        for k in range(substeps):
+            if k == 0:
+                fine.append(a)
+            elif math.isfinite(la):
+                fine.append(p.sigma_from_lambda(la + (lb - la) * k / substeps))
+            else:  # from flow's sigma = 1: split linearly in sigma
+                fine.append(a + (b - a) * k / substeps)
+    return fine + [grid[-1], 0.0]
+
+
+def run_teacher(model: Denoiser, x: torch.Tensor, parameterization: Parameterization, grid_points: int = 100,
+                substeps: int = 3, extra_args: dict[str, Any] | None = None,
+                sigma_min: float | None = None) -> Teacher:
+    """Integrate from ``x`` at ``sigma_max`` with DPM-Solver++(3M) on the refined grid; cache the grid points."""
+    t0 = time.perf_counter()
+    grid = teacher_grid(parameterization, grid_points, sigma_min)
+    fine = _fine_grid(grid, parameterization, substeps)
+    keep = {k * substeps: k for k in range(len(grid))}
+    xs: list[torch.Tensor | None] = [None] * len(grid)
+    ds: list[torch.Tensor | None] = [None] * len(grid)
+
+    def record(info: dict[str, Any]) -> None:
+        k = keep.get(info["i"])
+        if k is not None:
+            xs[k], ds[k] = info["x"].clone(), info["denoised"].clone()
+
+    counter = _Counter(model)
+    try:
+        end = sample_dpmpp_multistep(counter, x, torch.tensor(fine, dtype=torch.float64), extra_args, record, True,
+                                     parameterization=parameterization, order=3, resume_history=False)
+    except NonFiniteModelOutputError as exc:
+        raise CalibrationError(f"teacher run failed, nothing was calibrated: {exc}") from exc
+    if any(v is None for v in xs) or not bool(torch.isfinite(end).all()):
+        raise CalibrationError("teacher run produced no finite trajectory; nothing was calibrated")
+    return Teacher(grid, torch.stack(xs), torch.stack(ds), end, counter.nfe, time.perf_counter() - t0)
+
+
+def _schedule(points: Sequence[float]) -> torch.Tensor:
+    return torch.tensor([*points, 0.0], dtype=torch.float64)
+
+
+def calibrate(
+    model: Denoiser,
+    x: torch.Tensor,
+    parameterization: Parameterization,
+    nfe: int,
+    solver: SolverSpec | None = None,
+    *,
+    extra_args: dict[str, Any] | None = None,
+    grid_points: int = DEFAULTS["grid_points"],
+    substeps: int = DEFAULTS["substeps"],
+    search_nfe: int = DEFAULTS["search_nfe"],
+    baselines: Sequence[str] = BASELINE_SCHEDULES,
+    teacher: Teacher | None = None,
+) -> CalibrationResult:
+    """Calibrate a schedule for ``solver`` at ``nfe`` model calls on ``model`` (see the module docstring).
+
+    Args:
+        model: the denoiser (k-diffusion contract), evaluated on the whole batch ``x`` per call.
+        x: calibration noise at ``parameterization.sigma_max`` (one sample per seed), ``[B, ...]``.
+        parameterization: the model's coordinates and sigma range (the schedule's end points).
+        nfe: model calls of one sampling run with the schedule (>= 2).
+        solver: the solver (default DPM-Solver++(2M)).
+        grid_points, substeps: teacher grid size and solver steps per grid interval.
+        search_nfe: budget of model calls for the local search (0: DP and fixed schedules only).
+        baselines: fixed schedules tried as starting points.
+        teacher: a precomputed :class:`Teacher` for the same ``x`` (its cost is not counted again).
+
+    Raises:
+        CalibrationError: unusable settings, or the model returned NaN/inf in the teacher run.
+    """
+    t0 = time.perf_counter()
+    spec = solver or SolverSpec("multistep", {"order": 2})
+    p = parameterization
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 2:
+        raise CalibrationError(f"nfe must be an integer >= 2 (a 1-call schedule [sigma_max, 0] has nothing to "
+                               f"calibrate), got {nfe!r}")
+    orders = spec.step_orders(nfe)
+    n_points = len(orders)  # non-zero sigmas of the schedule
+    need = max(MIN_GRID_POINTS, 3 * n_points)
+    if not isinstance(grid_points, int) or grid_points < need or not isinstance(substeps, int) or substeps < 1:
+        raise CalibrationError(
+            f"too few calibration evaluations: grid_points={grid_points!r}, substeps={substeps!r}; a schedule "
+            f"with {n_points} steps needs grid_points >= {need} and substeps >= 1 (teacher cost = "
+            "(grid_points - 1) * substeps + 1 model calls). Raise grid_points or lower nfe."
+        )
+    if search_nfe < 0:
+        raise CalibrationError(f"search_nfe must be >= 0, got {search_nfe!r}")
+    if teacher is None:
+        teacher = run_teacher(model, x, p, grid_points, substeps, extra_args)
+        teacher_nfe = teacher.nfe
+    else:
+        teacher_nfe = 0
+    grid = teacher.sigmas
+    costs = GridCosts(grid, teacher.xs, teacher.ds, teacher.end, p)
+    solver_type = str(spec.options.get("solver_type", "midpoint"))
+    if spec.solver == "multistep":
+        path, _ = dp_multistep(costs, orders, solver_type)
+    else:
+        path, _ = dp_singlestep(costs, orders, solver_type)
+
+    counter = _Counter(model)
+
+    def objective(points: Sequence[float]) -> float:
+        try:
+            out = spec.run(counter, x, _schedule(points), p, extra_args, nfe)
+        except NonFiniteModelOutputError:
+            return math.inf
+        return end_error(out, teacher.end)
+
+    box = _Box(grid, p)
+    dp_points = [grid[i] for i in path]
+    dp_error = objective(dp_points)
+    candidates: list[tuple[float, str, list[float]]] = [(dp_error, "dp", dp_points)]
+    baseline_errors: dict[str, float] = {}
+    for name in baselines:
+        try:
+            sig = get_sigmas(name, n_points, p)
+        except (TypeError, ValueError):
+            continue  # not defined for this model family
+        pts = box.clamp([float(s) for s in sig[:-1].to(torch.float64)])
+        if pts is None or len(pts) != n_points:
+            continue
+        baseline_errors[name] = objective(pts)
+        candidates.append((baseline_errors[name], name, pts))
+    start_error, start_name, start = min(candidates, key=lambda c: c[0])
+    if not math.isfinite(start_error):
+        raise CalibrationError("every candidate schedule gave a non-finite result; nothing was calibrated")
+    step0 = (costs.lambdas[-1] - costs.lambdas[1]).item() / max(grid_points - 2, 1)
+    best_points, best_error = _refine(objective, box, start, start_error, 4.0 * step0, step0 / 32.0,
+                                      search_nfe // nfe)
+    logger.info("calibrated %s at NFE %d: error %.4g (dp %.4g, start %s %.4g)", spec.label or spec.solver,
+                nfe, best_error, dp_error, start_name, start_error)
+    cost = {"teacher_nfe": teacher_nfe, "search_nfe": counter.nfe, "total_nfe": teacher_nfe + counter.nfe,
+            "samples": int(x.shape[0]), "grid_points": len(grid), "substeps": substeps,
+            "seconds": round(time.perf_counter() - t0 + (teacher.seconds if teacher_nfe else 0.0), 3)}
+    return CalibrationResult([*best_points, 0.0], nfe, orders, spec.to_dict(), best_error, dp_error, baseline_errors, cost)
+
+
+class _Box:
+    """The search domain: interior half log-SNRs between the grid's ends, increasing with a minimum gap."""
+
+    gap = 1e-3
+
+    def __init__(self, grid: Sequence[float], p: Parameterization) -> None:
+        self.p, self.first = p, grid[0]
+        self.top = p.lambda_(grid[-1])
+        lam0 = p.lambda_(grid[0])
+        self.floor = lam0 if math.isfinite(lam0) else p.lambda_(grid[1]) - 2.0
+
+    def lambdas(self, points: Sequence[float]) -> list[float]:
+        return [self.p.lambda_(s) for s in points[1:]]
+
+    def points(self, lams: Sequence[float]) -> list[float]:
+        return [self.first] + [self.p.sigma_from_lambda(v) for v in lams]
+
+    def feasible(self, lams: Sequence[float]) -> bool:
+        seq = [self.floor, *lams]
+        return all(b - a >= self.gap for a, b in zip(seq, seq[1:])) and (not lams or lams[-1] <= self.top + 1e-12)
+
+    def clamp(self, points: Sequence[float]) -> list[float] | None:
+        """``points`` with the first set to sigma_max and the rest inside the box; None if impossible."""
+        lams = [min(max(v, self.floor + self.gap), self.top) for v in self.lambdas(points)]
+        return self.points(lams) if self.feasible(lams) else None
+
+
+def _refine(objective: Callable[[Sequence[float]], float], box: _Box, start: Sequence[float], start_error: float,
+            delta: float, min_delta: float, max_runs: int) -> tuple[list[float], float]:
+    """Coordinate descent on the interior half log-SNRs (first point fixed at sigma_max), step halving.
+
+    Each trial moves one point by ``+-delta`` in lambda and is kept when the true end error drops;
+    ``delta`` halves after a sweep without improvement. At most ``max_runs`` solver runs.
+    """
+    lams, best = box.lambdas(start), start_error
+    runs = 0
+    while runs < max_runs and delta >= min_delta and lams:
+        improved = False
+        for k in range(len(lams)):
+            for sign in (1.0, -1.0):
+                trial = list(lams)
+                trial[k] = min(trial[k] + sign * delta, box.top)
+                if trial[k] == lams[k] or not box.feasible(trial):
+                    continue
+                value = objective(box.points(trial))
+                runs += 1
+                if value < best:
+                    best, lams, improved = value, trial, True
+                    break
+                if runs >= max_runs:
+                    break
+            if runs >= max_runs:
+                break
+        if not improved:
+            delta /= 2.0
+    return box.points(lams) if lams else list(start), best

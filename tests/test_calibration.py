@@ -1,0 +1,154 @@
+"""Calibrated schedules: teacher accuracy, DP cost tables, closed-form optimum, never worse than fixed schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from comfyui_fewstep.samplers import analytic
+from comfyui_fewstep.samplers import calibration as cal
+from comfyui_fewstep.samplers._calibration_dp import GridCosts
+from comfyui_fewstep.samplers.parameterization import Parameterization
+from comfyui_fewstep.samplers.schedules import get_sigmas
+
+pytest.importorskip("scipy")
+
+EDM = Parameterization("ve", 0.002, 80.0, "edm")
+FLOW = Parameterization("flow", 0.001, 1.0, "flow")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("form,p", [("ve", EDM), ("flow", FLOW)])
+@pytest.mark.parametrize("nfe", [3, 4])
+def test_ddim_on_gaussian_data_recovers_uniform_arctan_optimum(form, p, nfe):
+    """DDIM on N(0, c^2) data: the end error factor is prod cos(dtheta_i) with theta = arctan(sigma_ve / c),
+    so the optimum with sigma_max fixed and a final step to 0 is uniform in theta (exact closed form)."""
+    c = 0.5
+    data = analytic.GaussianData(c=c, dim=8)
+    x = data.sample(4, p.sigma_max, form, generator=torch.Generator().manual_seed(0))
+    res = cal.calibrate(analytic.CountingDenoiser(data, form), x, p, nfe,
+                        cal.SolverSpec("multistep", {"order": 1}), search_nfe=400)
+    sve = [s if form == "ve" else s / (1.0 - s) if s < 1.0 else math.inf for s in res.sigmas[:-1]]
+    theta = [math.atan(s / c) for s in sve]
+    expected = [theta[0] * (nfe - i) / nfe for i in range(nfe)]
+    assert res.sigmas[-1] == 0.0 and len(res.sigmas) == nfe + 1
+    assert max(abs(a - b) for a, b in zip(theta, expected)) < 0.01
+    # and the end error is the closed form |1 - prod cos(dtheta)| relative to the exact end point
+    end = data.ode_solution(x, p.sigma_max, 0.0, form)
+    rel = float(cal.end_error(cal.SolverSpec("multistep", {"order": 1}).run(
+        analytic.CountingDenoiser(data, form), x, torch.tensor(res.sigmas, dtype=torch.float64), p), end))
+    optimum = 1.0 - math.cos(theta[0] / nfe) ** nfe
+    scale = float(end.pow(2).mean(1).sqrt().log().mean().exp())
+    assert rel / scale == pytest.approx(optimum, rel=1e-3)
+
+
+@pytest.mark.parametrize("range_name", ["sd15", "flow_shift3"])
+def test_teacher_matches_exact_ode_and_counts_calls(range_name):
+    rng = analytic.RANGE_PRESETS[range_name]
+    mixture = analytic.MIXTURE_PRESETS["gmm16"].build()
+    p = rng.parameterization()
+    x = mixture.sample(8, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(3))
+    model = analytic.CountingDenoiser(mixture, rng.form)
+    teacher = cal.run_teacher(model, x, p, grid_points=60, substeps=3)
+    assert teacher.nfe == model.nfe == 59 * 3 + 1
+    assert teacher.sigmas[0] == rng.sigma_max and teacher.sigmas[-1] == pytest.approx(p.sigma_min)
+    exact = mixture.ode_solution(x, rng.sigma_max, teacher.sigmas[30], rng.form)
+    err = analytic.per_sample_rms(teacher.xs[30], exact)
+    assert float(err.median()) < 1e-4 and float(err.max()) < 2e-3  # solvers at 4-8 NFE: errors > 1e-2
+    end = mixture.denoise(mixture.ode_solution(x, rng.sigma_max, teacher.sigmas[-1], rng.form),
+                          teacher.sigmas[-1], rng.form)
+    err = analytic.per_sample_rms(teacher.end, end)
+    assert float(err.median()) < 1e-4 and float(err.max()) < 2e-3
+
+
+def test_grid_costs_equal_direct_linear_combinations():
+    mixture = analytic.MIXTURE_PRESETS["gmm16"].build()
+    p = analytic.RANGE_PRESETS["sd15"].parameterization()
+    x = mixture.sample(6, p.sigma_max, "ve", generator=torch.Generator().manual_seed(1))
+    t = cal.run_teacher(analytic.CountingDenoiser(mixture, "ve"), x, p, grid_points=20, substeps=2)
+    costs = GridCosts(t.sigmas, t.xs, t.ds, t.end, p)
+
+    def rms(e):
+        return float(e.reshape(e.shape[0], -1).pow(2).mean(1).sqrt().mean())
+
+    s, lam = t.sigmas, [p.lambda_(v) for v in t.sigmas]
+    i, j, k = 7, 12, 3
+    a = s[j] / s[i]
+    first = a * t.xs[i] + (1 - a) * t.ds[i] - t.xs[j]
+    w_j = float(costs.weight[j])
+    assert float(costs.first_order()[i, j]) == pytest.approx(rms(first) * w_j, rel=1e-9)
+    h, r = lam[j] - lam[i], (lam[i] - lam[k]) / (lam[j] - lam[i])
+    second = first + (-math.expm1(-h)) / (2 * r) * (t.ds[i] - t.ds[k])
+    assert float(costs.second_order()[k, i, j]) == pytest.approx(rms(second) * w_j, rel=1e-9)
+    assert float(costs.final[i]) == pytest.approx(rms(t.ds[i] - t.end), rel=1e-9)
+    idx = torch.tensor([[i, 20 + i, 20 + k]])
+    coef = torch.tensor([[0.3, -1.2, 0.7]], dtype=torch.float64)
+    combo = 0.3 * t.xs[i] - 1.2 * t.ds[i] + 0.7 * t.ds[k]
+    assert float(costs.combination_error(idx, coef)[0]) == pytest.approx(rms(combo), rel=1e-9)
+
+
+@pytest.mark.parametrize("range_name,label,options,nfe", [
+    ("sd15", "2M", {"order": 2}, 5),
+    ("sd15", "3M+bh2", {"order": 3, "corrector": "bh2"}, 8),
+    ("flow_shift3", "2M", {"order": 2}, 4),
+    ("flow_shift3", "3M+bh2", {"order": 3, "corrector": "bh2"}, 6),
+])
+def test_never_worse_than_best_fixed_schedule(range_name, label, options, nfe):
+    """On the calibration seeds by construction; on 256 held-out seeds measured against the exact ODE."""
+    problem = analytic.make_problem(range_name, "gmm16", n_samples=256, seed=0)
+    p = problem.range.parameterization()
+    x = problem.mixture.sample(32, problem.range.sigma_max, problem.form, generator=torch.Generator().manual_seed(77))
+    spec = cal.SolverSpec("multistep", options, label)
+    res = cal.calibrate(problem.denoiser(), x, p, nfe, spec, grid_points=80, substeps=3, search_nfe=300)
+    assert res.error <= min(res.baselines.values()) + 1e-12
+    assert res.cost["total_nfe"] == res.cost["teacher_nfe"] + res.cost["search_nfe"]
+    assert res.cost["search_nfe"] <= 300 + nfe * (1 + len(cal.BASELINE_SCHEDULES))
+
+    def held_out(sigmas):
+        model = problem.denoiser()
+        out = spec.run(model, problem.x_start, sigmas, p, nfe=nfe)
+        assert model.nfe == nfe
+        return float(analytic.per_sample_rms(out, problem.reference).median())
+
+    ours = held_out(torch.tensor(res.sigmas, dtype=torch.float64))
+    fixed = [held_out(get_sigmas(name, nfe, p).double()) for name in cal.BASELINE_SCHEDULES]
+    assert ours <= min(fixed)
+
+
+def test_singlestep_result_carries_its_orders_and_budget():
+    problem = analytic.make_problem("sd15", "gmm16", n_samples=8, seed=0)
+    p = problem.range.parameterization()
+    spec = cal.SolverSpec("singlestep", {"order": 3})
+    res = cal.calibrate(problem.denoiser(), problem.x_start, p, 6, spec, grid_points=40, search_nfe=60)
+    assert res.orders == [3, 2, 1] and len(res.sigmas) == 4
+    assert res.error <= min(res.baselines.values())
+
+
+def test_bad_inputs_have_clear_messages():
+    data = analytic.GaussianData(c=1.0, dim=4)
+    x = data.sample(2, 80.0)
+    model = analytic.CountingDenoiser(data)
+    with pytest.raises(cal.CalibrationError, match="nfe must be an integer >= 2"):
+        cal.calibrate(model, x, EDM, 1)
+    with pytest.raises(cal.CalibrationError, match="too few calibration evaluations"):
+        cal.calibrate(model, x, EDM, 8, grid_points=12)
+    with pytest.raises(cal.CalibrationError, match="stochastic"):
+        cal.SolverSpec("multistep", {"order": 2, "eta": 1.0})
+    with pytest.raises(cal.CalibrationError, match="solver must be one of"):
+        cal.SolverSpec("adaptive")
+
+    def nan_model(x, sigma, **kw):
+        out = x * 0.5
+        return out if float(sigma[0]) > 5.0 else out * math.nan
+
+    with pytest.raises(cal.CalibrationError, match="NaN/inf.*nothing was calibrated|nothing was calibrated.*NaN/inf"):
+        cal.calibrate(nan_model, x, EDM, 4, grid_points=20)
