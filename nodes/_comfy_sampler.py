@@ -70,7 +70,8 @@ PRESETS: dict[str, Preset] = {
     "dpmpp_2s": Preset("singlestep", {"order": 2}, "DPM-Solver++(2S), 2 model calls per step"),
     "dpmpp_3s": Preset("singlestep", {"order": 3}, "DPM-Solver++(3S), 3 model calls per step"),
     "unipc_bh2": Preset(
-        "multistep", {"order": 3, "corrector": "bh2"},
+        "multistep",
+        {"order": 3, "corrector": "bh2"},
         "DPM-Solver++(3M) predictor with the UniC-bh2 corrector (Zhao et al. 2023, arXiv 2302.04867)",
     ),
 }
@@ -89,7 +90,9 @@ def supported_options(solver: SolverFamily) -> frozenset[str]:
     return frozenset(name for name, p in params.items() if name not in base and p.kind is not p.VAR_KEYWORD)
 
 
-def normalize_options(solver: SolverFamily, options: Mapping[str, Any]) -> tuple[SolverFamily, dict[str, Any]]:
+def normalize_options(
+    solver: SolverFamily, options: Mapping[str, Any]
+) -> tuple[SolverFamily, dict[str, Any]]:
     """Drop the options ``solver`` does not take, or refuse them when they would change the result.
 
     * ``eta`` and ``corrector`` change the method; a solver without them refuses a non-neutral
@@ -104,7 +107,9 @@ def normalize_options(solver: SolverFamily, options: Mapping[str, Any]) -> tuple
     for key in sorted(set(options) - accepted):
         value = options.pop(key)
         if key in _NEUTRAL and value != _NEUTRAL[key]:
-            raise ValueError(f"the {solver} solver does not support {key}={value!r}; use the multistep solver")
+            raise ValueError(
+                f"the {solver} solver does not support {key}={value!r}; use the multistep solver"
+            )
         logger.debug("FewStep: option %s=%r does not apply to the %s solver", key, value, solver)
     return solver, options
 

@@ -101,7 +101,9 @@ def _probe_kind(model_sampling: Any) -> str:
         _warned_probe.add(name)
         logger.warning(
             "FewStep: model_sampling %r is not a core ComfyUI prediction type; its noise_scaling "
-            "matches the %s form, so the samplers use that", name, kind,
+            "matches the %s form, so the samplers use that",
+            name,
+            kind,
         )
     return kind
 

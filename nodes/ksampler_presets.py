@@ -58,8 +58,14 @@ def _sampler_function(preset: str) -> Callable[..., Any]:
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         return comfy_sampler_function(
-            model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-            solver=spec.solver, **{**spec.options, **options},
+            model,
+            x,
+            sigmas,
+            extra_args=extra_args,
+            callback=callback,
+            disable=disable,
+            solver=spec.solver,
+            **{**spec.options, **options},
         )
 
     sample.__name__ = sample.__qualname__ = f"sample_{PREFIX}{preset}"
@@ -102,7 +108,9 @@ def register_ksampler_presets() -> list[str]:
         attr = "sample_" + name
         existing = getattr(k_diffusion_sampling, attr, None)
         if existing is not None and not _is_ours(existing):
-            logger.warning("FewStep: sampler name %r is taken by another implementation; not registering it", name)
+            logger.warning(
+                "FewStep: sampler name %r is taken by another implementation; not registering it", name
+            )
             continue
         if existing is None:
             setattr(k_diffusion_sampling, attr, _sampler_function(preset))
@@ -118,7 +126,9 @@ def register_ksampler_presets() -> list[str]:
     for name, schedule in SCHEDULER_PRESETS.items():
         existing = handlers.get(name)
         if existing is not None and not _is_ours(existing.handler):
-            logger.warning("FewStep: scheduler name %r is taken by another implementation; not registering it", name)
+            logger.warning(
+                "FewStep: scheduler name %r is taken by another implementation; not registering it", name
+            )
             continue
         if existing is None:
             handlers[name] = comfy.samplers.SchedulerHandler(_scheduler_function(schedule), use_ms=True)

@@ -40,9 +40,19 @@ def check_sampler_options(
 
 
 def sampler_options(
-    order: int, solver_type: str, prediction: str, lower_order_final: bool, lower_order_final_steps: int,
-    euler_at_final: bool, final_step: str, eta: float, s_noise: float, corrector: str,
-    thresholding: str, threshold_percentile: float, threshold_max: float,
+    order: int,
+    solver_type: str,
+    prediction: str,
+    lower_order_final: bool,
+    lower_order_final_steps: int,
+    euler_at_final: bool,
+    final_step: str,
+    eta: float,
+    s_noise: float,
+    corrector: str,
+    thresholding: str,
+    threshold_percentile: float,
+    threshold_max: float,
 ) -> dict[str, Any]:
     """Core sampler keyword options from the node's widgets."""
     return {
@@ -70,47 +80,110 @@ class FewStepDPMSolverSampler(io.ComfyNode):
             display_name="FewStep DPM-Solver++ Sampler",
             category=CATEGORY_SAMPLERS,
             description="DPM-Solver++ (Lu et al. 2022) and DPM-Solver for few-step sampling, exact for VE "
-                        "(SD-style) and flow (SD3/Flux-style) models. Connect to SamplerCustom(Advanced) "
-                        "with a SIGMAS schedule.",
+            "(SD-style) and flow (SD3/Flux-style) models. Connect to SamplerCustom(Advanced) "
+            "with a SIGMAS schedule.",
             inputs=[
-                io.Combo.Input("solver", options=list(SOLVER_FAMILIES), default="multistep",
-                               tooltip="multistep: one model call per step, reuses earlier calls (2M/3M). "
-                                       "singlestep: 'order' calls per step (2S/3S). adaptive: picks its own "
-                                       "steps by error control; uses only the first and last sigma."),
-                io.Int.Input("order", default=2, min=1, max=3,
-                             tooltip="Solver order. 2 is the robust choice with guidance; 3 is more accurate "
-                                     "without (or with low) guidance. Adaptive: 2 or 3."),
-                io.Combo.Input("solver_type", options=list(SOLVER_TYPES), default="midpoint",
-                               tooltip="Second-order update: midpoint (the paper's) or heun (Taylor weights)."),
-                io.Combo.Input("prediction", options=list(ALGORITHMS), default="dpmsolver++",
-                               tooltip="dpmsolver++ integrates the data prediction (best with guidance); "
-                                       "dpmsolver the noise prediction (the original DPM-Solver)."),
-                io.Boolean.Input("lower_order_final", default=True,
-                                 tooltip="Lower the order of the last steps when there are few steps "
-                                         "(stabilises runs under ~15 steps)."),
-                io.Int.Input("lower_order_final_steps", default=10, min=1, max=1000,
-                             tooltip="lower_order_final applies only to runs with fewer steps than this."),
-                io.Boolean.Input("euler_at_final", default=False,
-                                 tooltip="Make the last step first order (can reduce artefacts at very "
-                                         "few steps)."),
-                io.Combo.Input("final_step", options=list(FINAL_STEPS), default="zero",
-                               tooltip="zero: denoise to sigma 0 at the end. sigma_min: stop at the last "
-                                       "non-zero sigma and return the state there."),
-                io.Float.Input("eta", default=0.0, min=0.0, max=10.0, step=0.01,
-                               tooltip="0: deterministic ODE solver. > 0: SDE-DPM-Solver++ adds fresh noise "
-                                       "each step (1 = the paper's SDE; multistep only)."),
-                io.Float.Input("s_noise", default=1.0, min=0.0, max=10.0, step=0.01,
-                               tooltip="Scale of the noise added when eta > 0."),
-                io.Combo.Input("corrector", options=list(CORRECTOR_VARIANTS), default="none",
-                               tooltip="UniC corrector (UniPC, Zhao et al. 2023) after each multistep step, "
-                                       "no extra model calls: bh1 or bh2 (bh2 is better with guidance)."),
-                io.Combo.Input("thresholding", options=list(CORRECTION_KINDS), default="none",
-                               tooltip="Correct each data prediction: clamp to +-max, or dynamic "
-                                       "thresholding (Imagen) for pixel-space models. Leave none for latents."),
-                io.Float.Input("threshold_percentile", default=0.995, min=0.5, max=1.0, step=0.001,
-                               tooltip="Dynamic thresholding: the percentile of |x0| used as the threshold."),
-                io.Float.Input("threshold_max", default=1.0, min=0.001, max=100.0, step=0.01,
-                               tooltip="Clamp / dynamic thresholding: the largest allowed |x0|."),
+                io.Combo.Input(
+                    "solver",
+                    options=list(SOLVER_FAMILIES),
+                    default="multistep",
+                    tooltip="multistep: one model call per step, reuses earlier calls (2M/3M). "
+                    "singlestep: 'order' calls per step (2S/3S). adaptive: picks its own "
+                    "steps by error control; uses only the first and last sigma.",
+                ),
+                io.Int.Input(
+                    "order",
+                    default=2,
+                    min=1,
+                    max=3,
+                    tooltip="Solver order. 2 is the robust choice with guidance; 3 is more accurate "
+                    "without (or with low) guidance. Adaptive: 2 or 3.",
+                ),
+                io.Combo.Input(
+                    "solver_type",
+                    options=list(SOLVER_TYPES),
+                    default="midpoint",
+                    tooltip="Second-order update: midpoint (the paper's) or heun (Taylor weights).",
+                ),
+                io.Combo.Input(
+                    "prediction",
+                    options=list(ALGORITHMS),
+                    default="dpmsolver++",
+                    tooltip="dpmsolver++ integrates the data prediction (best with guidance); "
+                    "dpmsolver the noise prediction (the original DPM-Solver).",
+                ),
+                io.Boolean.Input(
+                    "lower_order_final",
+                    default=True,
+                    tooltip="Lower the order of the last steps when there are few steps "
+                    "(stabilises runs under ~15 steps).",
+                ),
+                io.Int.Input(
+                    "lower_order_final_steps",
+                    default=10,
+                    min=1,
+                    max=1000,
+                    tooltip="lower_order_final applies only to runs with fewer steps than this.",
+                ),
+                io.Boolean.Input(
+                    "euler_at_final",
+                    default=False,
+                    tooltip="Make the last step first order (can reduce artefacts at very few steps).",
+                ),
+                io.Combo.Input(
+                    "final_step",
+                    options=list(FINAL_STEPS),
+                    default="zero",
+                    tooltip="zero: denoise to sigma 0 at the end. sigma_min: stop at the last "
+                    "non-zero sigma and return the state there.",
+                ),
+                io.Float.Input(
+                    "eta",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="0: deterministic ODE solver. > 0: SDE-DPM-Solver++ adds fresh noise "
+                    "each step (1 = the paper's SDE; multistep only).",
+                ),
+                io.Float.Input(
+                    "s_noise",
+                    default=1.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Scale of the noise added when eta > 0.",
+                ),
+                io.Combo.Input(
+                    "corrector",
+                    options=list(CORRECTOR_VARIANTS),
+                    default="none",
+                    tooltip="UniC corrector (UniPC, Zhao et al. 2023) after each multistep step, "
+                    "no extra model calls: bh1 or bh2 (bh2 is better with guidance).",
+                ),
+                io.Combo.Input(
+                    "thresholding",
+                    options=list(CORRECTION_KINDS),
+                    default="none",
+                    tooltip="Correct each data prediction: clamp to +-max, or dynamic "
+                    "thresholding (Imagen) for pixel-space models. Leave none for latents.",
+                ),
+                io.Float.Input(
+                    "threshold_percentile",
+                    default=0.995,
+                    min=0.5,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Dynamic thresholding: the percentile of |x0| used as the threshold.",
+                ),
+                io.Float.Input(
+                    "threshold_max",
+                    default=1.0,
+                    min=0.001,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="Clamp / dynamic thresholding: the largest allowed |x0|.",
+                ),
             ],
             outputs=[io.Sampler.Output(tooltip="The configured solver, for SamplerCustom(Advanced).")],
         )
@@ -120,13 +193,39 @@ class FewStepDPMSolverSampler(io.ComfyNode):
         return check_sampler_options(solver, order, eta, corrector) or True
 
     @classmethod
-    def execute(cls, solver, order, solver_type, prediction, lower_order_final, lower_order_final_steps,
-                euler_at_final, final_step, eta, s_noise, corrector, thresholding, threshold_percentile,
-                threshold_max) -> io.NodeOutput:
+    def execute(
+        cls,
+        solver,
+        order,
+        solver_type,
+        prediction,
+        lower_order_final,
+        lower_order_final_steps,
+        euler_at_final,
+        final_step,
+        eta,
+        s_noise,
+        corrector,
+        thresholding,
+        threshold_percentile,
+        threshold_max,
+    ) -> io.NodeOutput:
         problem = check_sampler_options(solver, order, eta, corrector)
         if problem:
             raise ValueError(problem)
-        options = sampler_options(order, solver_type, prediction, lower_order_final, lower_order_final_steps,
-                                  euler_at_final, final_step, eta, s_noise, corrector, thresholding,
-                                  threshold_percentile, threshold_max)
+        options = sampler_options(
+            order,
+            solver_type,
+            prediction,
+            lower_order_final,
+            lower_order_final_steps,
+            euler_at_final,
+            final_step,
+            eta,
+            s_noise,
+            corrector,
+            thresholding,
+            threshold_percentile,
+            threshold_max,
+        )
         return io.NodeOutput(make_sampler(solver, options))

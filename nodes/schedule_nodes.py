@@ -59,7 +59,9 @@ def schedule_options(
     return params
 
 
-def sigmas_for_model(model: Any, schedule: str, steps: int | None, denoise: float = 1.0, **widgets: Any) -> torch.Tensor:
+def sigmas_for_model(
+    model: Any, schedule: str, steps: int | None, denoise: float = 1.0, **widgets: Any
+) -> torch.Tensor:
     """SIGMAS for a ComfyUI ``MODEL``: the schedule on the model's (patched) parameterisation."""
     parameterization = parameterization_for_model(model)
     return get_sigmas(schedule, steps, parameterization, denoise, **schedule_options(schedule, **widgets))
@@ -67,23 +69,59 @@ def sigmas_for_model(model: Any, schedule: str, steps: int | None, denoise: floa
 
 def _schedule_inputs() -> list:
     return [
-        io.Float.Input("rho", default=0.0, min=0.0, max=100.0, step=0.1, round=0.001,
-                       tooltip="karras / polyexponential: the rho exponent. 0 uses the schedule's "
-                               "default (karras 7, polyexponential 1). Ignored by other schedules."),
-        io.Combo.Input("table_model", options=list(AYS_MODELS), default="auto",
-                       tooltip="ays: which published table to use. auto picks sd15 for SD-style discrete "
-                               "models and svd for EDM models. Ignored by other schedules."),
-        io.Float.Input("gits_coeff", default=1.2, min=min(GITS_COEFFS), max=max(GITS_COEFFS), step=0.05,
-                       round=0.01, tooltip="gits: the table set (larger spends more steps at high noise). "
-                                           "Ignored by other schedules."),
-        io.String.Input("custom_sigmas", default="", multiline=True,
-                        placeholder="14.61, 4.0, 1.2, 0.3, 0",
-                        tooltip="custom: a decreasing list of sigmas, comma or space separated; a final 0 "
-                                "is added if missing. Ignored by other schedules."),
-        io.Float.Input("sigma_min", default=0.0, min=0.0, max=10000.0, step=0.001, round=0.0001,
-                       tooltip="Override the model's smallest sigma (0 keeps the model's)."),
-        io.Float.Input("sigma_max", default=0.0, min=0.0, max=10000.0, step=0.01, round=0.0001,
-                       tooltip="Override the model's largest sigma (0 keeps the model's; flow models: <= 1)."),
+        io.Float.Input(
+            "rho",
+            default=0.0,
+            min=0.0,
+            max=100.0,
+            step=0.1,
+            round=0.001,
+            tooltip="karras / polyexponential: the rho exponent. 0 uses the schedule's "
+            "default (karras 7, polyexponential 1). Ignored by other schedules.",
+        ),
+        io.Combo.Input(
+            "table_model",
+            options=list(AYS_MODELS),
+            default="auto",
+            tooltip="ays: which published table to use. auto picks sd15 for SD-style discrete "
+            "models and svd for EDM models. Ignored by other schedules.",
+        ),
+        io.Float.Input(
+            "gits_coeff",
+            default=1.2,
+            min=min(GITS_COEFFS),
+            max=max(GITS_COEFFS),
+            step=0.05,
+            round=0.01,
+            tooltip="gits: the table set (larger spends more steps at high noise). "
+            "Ignored by other schedules.",
+        ),
+        io.String.Input(
+            "custom_sigmas",
+            default="",
+            multiline=True,
+            placeholder="14.61, 4.0, 1.2, 0.3, 0",
+            tooltip="custom: a decreasing list of sigmas, comma or space separated; a final 0 "
+            "is added if missing. Ignored by other schedules.",
+        ),
+        io.Float.Input(
+            "sigma_min",
+            default=0.0,
+            min=0.0,
+            max=10000.0,
+            step=0.001,
+            round=0.0001,
+            tooltip="Override the model's smallest sigma (0 keeps the model's).",
+        ),
+        io.Float.Input(
+            "sigma_max",
+            default=0.0,
+            min=0.0,
+            max=10000.0,
+            step=0.01,
+            round=0.0001,
+            tooltip="Override the model's largest sigma (0 keeps the model's; flow models: <= 1).",
+        ),
     ]
 
 
@@ -108,17 +146,34 @@ class FewStepSchedule(io.ComfyNode):
             display_name="FewStep Schedule",
             category=CATEGORY_SCHEDULERS,
             description="Noise levels (SIGMAS) for few-step sampling, computed from the model's own "
-                        "noise schedule (VE or flow). Connect to SamplerCustom(Advanced).",
+            "noise schedule (VE or flow). Connect to SamplerCustom(Advanced).",
             inputs=[
-                io.Model.Input("model", tooltip="The model; its prediction type and sigma range set the schedule."),
-                io.Combo.Input("schedule", options=list(SCHEDULE_NAMES), default="logsnr_uniform",
-                               tooltip=_SCHEDULE_TOOLTIP),
-                io.Int.Input("steps", default=8, min=0, max=10000,
-                             tooltip="Number of steps. With a multistep solver each step is one model call. "
-                                     "0 is allowed for custom only (the list's own count)."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Less than 1 keeps only the last part of a longer schedule "
-                                       "(img2img); 0 returns no steps."),
+                io.Model.Input(
+                    "model", tooltip="The model; its prediction type and sigma range set the schedule."
+                ),
+                io.Combo.Input(
+                    "schedule",
+                    options=list(SCHEDULE_NAMES),
+                    default="logsnr_uniform",
+                    tooltip=_SCHEDULE_TOOLTIP,
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=8,
+                    min=0,
+                    max=10000,
+                    tooltip="Number of steps. With a multistep solver each step is one model call. "
+                    "0 is allowed for custom only (the list's own count).",
+                ),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Less than 1 keeps only the last part of a longer schedule "
+                    "(img2img); 0 returns no steps.",
+                ),
                 *_schedule_inputs(),
             ],
             outputs=[io.Sigmas.Output(tooltip="Decreasing noise levels ending in 0, one step per interval.")],
@@ -129,11 +184,30 @@ class FewStepSchedule(io.ComfyNode):
         return _check_schedule_widgets(schedule, steps)
 
     @classmethod
-    def execute(cls, model, schedule, steps, denoise, rho=0.0, table_model="auto", gits_coeff=1.2,
-                custom_sigmas="", sigma_min=0.0, sigma_max=0.0) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        schedule,
+        steps,
+        denoise,
+        rho=0.0,
+        table_model="auto",
+        gits_coeff=1.2,
+        custom_sigmas="",
+        sigma_min=0.0,
+        sigma_max=0.0,
+    ) -> io.NodeOutput:
         sigmas = sigmas_for_model(
-            model, schedule, None if steps == 0 else steps, denoise, rho=rho, table_model=table_model,
-            gits_coeff=gits_coeff, custom_sigmas=custom_sigmas, sigma_min=sigma_min, sigma_max=sigma_max,
+            model,
+            schedule,
+            None if steps == 0 else steps,
+            denoise,
+            rho=rho,
+            table_model=table_model,
+            gits_coeff=gits_coeff,
+            custom_sigmas=custom_sigmas,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
         )
         return io.NodeOutput(sigmas)
 
@@ -162,25 +236,55 @@ class FewStepNFEPlan(io.ComfyNode):
             display_name="FewStep NFE Plan",
             category=CATEGORY_PLANS,
             description="Give a budget of model calls (NFE); get the matching sampler and schedule. "
-                        "Single-step solvers spend several calls per step, so the step count is derived.",
+            "Single-step solvers spend several calls per step, so the step count is derived.",
             inputs=[
                 io.Model.Input("model", tooltip="The model; its noise schedule sets the sigmas."),
-                io.Combo.Input("preset", options=list(PRESET_NAMES), default="dpmpp_2m",
-                               tooltip="Solver: " + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())),
-                io.Int.Input("nfe", default=8, min=1, max=1000,
-                             tooltip="Budget: number of model calls (NFE) for the whole run."),
-                io.Combo.Input("schedule", options=[s for s in SCHEDULE_NAMES if s != "custom"],
-                               default="logsnr_uniform", tooltip=_SCHEDULE_TOOLTIP),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Only for the displayed cost: the cfg you use in the guider. "
-                                       "cfg != 1 doubles the network work per model call."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Less than 1 keeps only the last part of a longer schedule (img2img)."),
+                io.Combo.Input(
+                    "preset",
+                    options=list(PRESET_NAMES),
+                    default="dpmpp_2m",
+                    tooltip="Solver: " + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items()),
+                ),
+                io.Int.Input(
+                    "nfe",
+                    default=8,
+                    min=1,
+                    max=1000,
+                    tooltip="Budget: number of model calls (NFE) for the whole run.",
+                ),
+                io.Combo.Input(
+                    "schedule",
+                    options=[s for s in SCHEDULE_NAMES if s != "custom"],
+                    default="logsnr_uniform",
+                    tooltip=_SCHEDULE_TOOLTIP,
+                ),
+                io.Float.Input(
+                    "cfg",
+                    default=1.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Only for the displayed cost: the cfg you use in the guider. "
+                    "cfg != 1 doubles the network work per model call.",
+                ),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Less than 1 keeps only the last part of a longer schedule (img2img).",
+                ),
             ],
             outputs=[
                 io.Sampler.Output("sampler", tooltip="The solver, for SamplerCustom(Advanced)."),
                 io.Sigmas.Output("sigmas", tooltip="The schedule with the step count that fits the budget."),
-                io.String.Output("plan", display_name="plan", tooltip="Steps, model calls and network evaluations of this plan."),
+                io.String.Output(
+                    "plan",
+                    display_name="plan",
+                    tooltip="Steps, model calls and network evaluations of this plan.",
+                ),
             ],
         )
 

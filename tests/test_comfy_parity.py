@@ -21,8 +21,6 @@ Documented divergences (also checked):
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -35,7 +33,6 @@ SHAPE = (2, 3, 4, 4)
 def env(comfy):
     import comfy.k_diffusion.sampling as kds
     import comfy.model_sampling as cms
-
     from comfyui_fewstep.nodes._comfy_sampling import parameterization_from_model_sampling
     from comfyui_fewstep.samplers.multistep import sample_dpmpp_multistep
 
@@ -105,12 +102,22 @@ def _run_pair(env, kind, sigmas, core_name, core_kwargs, our_kwargs):
     core_model, our_model = GaussianDenoiser(ms, kind), GaussianDenoiser(ms, kind)
     core_steps, our_steps = [], []
     core = getattr(env["kds"], core_name)(
-        core_model, x.clone(), sigmas.clone(), disable=True, callback=lambda d: core_steps.append(d["i"]),
+        core_model,
+        x.clone(),
+        sigmas.clone(),
+        disable=True,
+        callback=lambda d: core_steps.append(d["i"]),
         **core_kwargs,
     )
     ours = env["ours"](
-        our_model, x.clone(), sigmas.clone(), disable=True, callback=lambda d: our_steps.append(d["i"]),
-        parameterization=env["param"](ms), resume_history=False, **our_kwargs,
+        our_model,
+        x.clone(),
+        sigmas.clone(),
+        disable=True,
+        callback=lambda d: our_steps.append(d["i"]),
+        parameterization=env["param"](ms),
+        resume_history=False,
+        **our_kwargs,
     )
     assert core_steps == our_steps == list(range(len(sigmas) - 1))
     assert core_model.calls == our_model.calls
@@ -126,8 +133,14 @@ def _assert_parity(core, ours, tol=1e-6):
 @pytest.mark.parametrize("n", [3, 6, 12])
 def test_2m_matches_dpmpp_2m_in_ve_form(env, n):
     sigmas = _schedules(env, "ve", n)
-    core, ours = _run_pair(env, "ve", sigmas, "sample_dpmpp_2m", {},
-                           {"order": 2, "solver_type": "midpoint", "lower_order_final": False})
+    core, ours = _run_pair(
+        env,
+        "ve",
+        sigmas,
+        "sample_dpmpp_2m",
+        {},
+        {"order": 2, "solver_type": "midpoint", "lower_order_final": False},
+    )
     _assert_parity(core, ours)
 
 
@@ -138,9 +151,18 @@ def test_2m_sde_matches_dpmpp_2m_sde(env, kind, solver_type, eta):
     sigmas = _schedules(env, kind, 8)
     noise = TableNoise(sigmas)
     core, ours = _run_pair(
-        env, kind, sigmas, "sample_dpmpp_2m_sde",
+        env,
+        kind,
+        sigmas,
+        "sample_dpmpp_2m_sde",
         {"eta": eta, "s_noise": 1.0, "noise_sampler": noise, "solver_type": solver_type},
-        {"order": 2, "solver_type": solver_type, "lower_order_final": False, "eta": eta, "noise_sampler": noise},
+        {
+            "order": 2,
+            "solver_type": solver_type,
+            "lower_order_final": False,
+            "eta": eta,
+            "noise_sampler": noise,
+        },
     )
     _assert_parity(core, ours)
 
@@ -152,7 +174,11 @@ def test_3m_matches_dpmpp_3m_sde(env, kind, eta, n):
     sigmas = _schedules(env, kind, n)
     noise = TableNoise(sigmas)
     core, ours = _run_pair(
-        env, kind, sigmas, "sample_dpmpp_3m_sde", {"eta": eta, "s_noise": 1.0, "noise_sampler": noise},
+        env,
+        kind,
+        sigmas,
+        "sample_dpmpp_3m_sde",
+        {"eta": eta, "s_noise": 1.0, "noise_sampler": noise},
         {"order": 3, "solver_type": "heun", "lower_order_final": False, "eta": eta, "noise_sampler": noise},
     )
     _assert_parity(core, ours)
@@ -160,8 +186,14 @@ def test_3m_matches_dpmpp_3m_sde(env, kind, eta, n):
 
 def test_dpmpp_2m_is_not_const_aware_and_differs_on_flow(env):
     sigmas = _schedules(env, "flow", 8)
-    core, ours = _run_pair(env, "flow", sigmas, "sample_dpmpp_2m", {},
-                           {"order": 2, "solver_type": "midpoint", "lower_order_final": False})
+    core, ours = _run_pair(
+        env,
+        "flow",
+        sigmas,
+        "sample_dpmpp_2m",
+        {},
+        {"order": 2, "solver_type": "midpoint", "lower_order_final": False},
+    )
     assert float((core - ours).abs().max()) > 1e-4
     # ... while ComfyUI's CONST-aware dpmpp_2m_sde at eta 0 is our 2M (the test above)
 
@@ -170,9 +202,14 @@ def test_flow_schedule_starting_at_one(env):
     """ComfyUI nudges sigma 1 to 1 - 1e-4; ours steps exactly from 1: close, not identical."""
     t = torch.linspace(1.0, 0.0, 9, dtype=torch.float64)
     sigmas = 3.0 * t / (1.0 + 2.0 * t)
-    core, ours = _run_pair(env, "flow", sigmas, "sample_dpmpp_3m_sde",
-                           {"eta": 0.0, "noise_sampler": TableNoise(sigmas)},
-                           {"order": 3, "solver_type": "heun", "lower_order_final": False})
+    core, ours = _run_pair(
+        env,
+        "flow",
+        sigmas,
+        "sample_dpmpp_3m_sde",
+        {"eta": 0.0, "noise_sampler": TableNoise(sigmas)},
+        {"order": 3, "solver_type": "heun", "lower_order_final": False},
+    )
     err = float((core - ours).abs().max())
     assert 0.0 < err < 1e-2 * max(1.0, float(core.abs().max()))
     assert torch.isfinite(ours).all()
@@ -182,9 +219,21 @@ def test_lower_order_final_is_our_own_policy(env):
     """For 2M the step to 0 is first order anyway, so lower_order_final changes nothing; for 3M
     it lowers the second-to-last step to order 2, which dpmpp_3m_sde does not do."""
     sigmas = _schedules(env, "ve", 5)
-    core, ours = _run_pair(env, "ve", sigmas, "sample_dpmpp_2m", {},
-                           {"order": 2, "solver_type": "midpoint", "lower_order_final": True})
+    core, ours = _run_pair(
+        env,
+        "ve",
+        sigmas,
+        "sample_dpmpp_2m",
+        {},
+        {"order": 2, "solver_type": "midpoint", "lower_order_final": True},
+    )
     _assert_parity(core, ours)
-    core, ours = _run_pair(env, "ve", sigmas, "sample_dpmpp_3m_sde", {"eta": 0.0, "noise_sampler": TableNoise(sigmas)},
-                           {"order": 3, "solver_type": "heun", "lower_order_final": True})
+    core, ours = _run_pair(
+        env,
+        "ve",
+        sigmas,
+        "sample_dpmpp_3m_sde",
+        {"eta": 0.0, "noise_sampler": TableNoise(sigmas)},
+        {"order": 3, "solver_type": "heun", "lower_order_final": True},
+    )
     assert float((core - ours).abs().max()) > 1e-4

@@ -28,18 +28,35 @@ def api(comfy):
     import comfy.sample
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as custom
-
     from comfyui_fewstep.nodes import ksampler_presets, sampler_nodes, schedule_nodes
 
-    return {"comfy_sample": comfy.sample, "samplers": comfy.samplers, "custom": custom,
-            "presets": ksampler_presets, "sampler_nodes": sampler_nodes, "schedule_nodes": schedule_nodes}
+    return {
+        "comfy_sample": comfy.sample,
+        "samplers": comfy.samplers,
+        "custom": custom,
+        "presets": ksampler_presets,
+        "sampler_nodes": sampler_nodes,
+        "schedule_nodes": schedule_nodes,
+    }
 
 
 def _sampler(api, **overrides):
-    widgets = {"solver": "multistep", "order": 2, "solver_type": "midpoint", "prediction": "dpmsolver++",
-               "lower_order_final": True, "lower_order_final_steps": 10, "euler_at_final": False,
-               "final_step": "zero", "eta": 0.0, "s_noise": 1.0, "corrector": "none", "thresholding": "none",
-               "threshold_percentile": 0.995, "threshold_max": 1.0}
+    widgets = {
+        "solver": "multistep",
+        "order": 2,
+        "solver_type": "midpoint",
+        "prediction": "dpmsolver++",
+        "lower_order_final": True,
+        "lower_order_final_steps": 10,
+        "euler_at_final": False,
+        "final_step": "zero",
+        "eta": 0.0,
+        "s_noise": 1.0,
+        "corrector": "none",
+        "thresholding": "none",
+        "threshold_percentile": 0.995,
+        "threshold_max": 1.0,
+    }
     widgets.update(overrides)
     return api["sampler_nodes"].FewStepDPMSolverSampler.execute(**widgets).result[0]
 
@@ -76,8 +93,13 @@ def test_guider_sample_runs_with_callbacks(api, tiny_comfy_model, tiny_comfy_con
     assert sigmas.shape == (5,) and sigmas[-1] == 0
     with torch.inference_mode():
         out = _guider(api, tiny_comfy_model, tiny_comfy_conds, 3.0).sample(
-            _noise(), torch.zeros(LATENT), _sampler(api), sigmas,
-            callback=lambda i, x0, x, total: steps.append((i, total)), disable_pbar=True, seed=0,
+            _noise(),
+            torch.zeros(LATENT),
+            _sampler(api),
+            sigmas,
+            callback=lambda i, x0, x, total: steps.append((i, total)),
+            disable_pbar=True,
+            seed=0,
         )
     assert out.shape == LATENT and torch.isfinite(out).all()
     assert steps == [(i, 4) for i in range(4)]
@@ -88,8 +110,11 @@ def test_sampler_custom_advanced_node(api, tiny_comfy_model, tiny_comfy_conds):
     guider = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0)
     with torch.inference_mode():
         out = custom.SamplerCustomAdvanced().sample(
-            custom.Noise_RandomNoise(7), guider, _sampler(api, order=3, corrector="bh2"),
-            _sigmas(api, tiny_comfy_model, "karras", 4), {"samples": torch.zeros(LATENT)},
+            custom.Noise_RandomNoise(7),
+            guider,
+            _sampler(api, order=3, corrector="bh2"),
+            _sigmas(api, tiny_comfy_model, "karras", 4),
+            {"samples": torch.zeros(LATENT)},
         )
     samples, denoised = out[0]["samples"], out[1]["samples"]
     assert torch.isfinite(samples).all() and torch.isfinite(denoised).all()
@@ -103,8 +128,13 @@ def test_denoise_mask_keeps_the_unmasked_latent(api, tiny_comfy_model, tiny_comf
     mask[..., :, :4] = 1.0  # repaint the left half only
     with torch.inference_mode():
         out = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0).sample(
-            _noise(), latent, _sampler(api, order=3), _sigmas(api, tiny_comfy_model, steps=4, denoise=0.8),
-            denoise_mask=mask, disable_pbar=True, seed=0,
+            _noise(),
+            latent,
+            _sampler(api, order=3),
+            _sigmas(api, tiny_comfy_model, steps=4, denoise=0.8),
+            denoise_mask=mask,
+            disable_pbar=True,
+            seed=0,
         )
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[..., 4:], latent[..., 4:], rtol=1e-5, atol=1e-5)
@@ -117,16 +147,42 @@ def test_ksampler_dropdown_path_equals_the_node_path(api, tiny_comfy_model, tiny
     positive, negative = tiny_comfy_conds
     with torch.inference_mode():
         ksampler = api["comfy_sample"].sample(
-            tiny_comfy_model, _noise(), 4, 2.0, "fewstep_dpmpp_3m", "fewstep_logsnr", positive, negative,
-            torch.zeros(LATENT), disable_pbar=True, seed=0,
+            tiny_comfy_model,
+            _noise(),
+            4,
+            2.0,
+            "fewstep_dpmpp_3m",
+            "fewstep_logsnr",
+            positive,
+            negative,
+            torch.zeros(LATENT),
+            disable_pbar=True,
+            seed=0,
         )
         nodes = api["comfy_sample"].sample_custom(
-            tiny_comfy_model, _noise(), 2.0, _sampler(api, order=3), _sigmas(api, tiny_comfy_model, steps=4),
-            positive, negative, torch.zeros(LATENT), disable_pbar=True, seed=0,
+            tiny_comfy_model,
+            _noise(),
+            2.0,
+            _sampler(api, order=3),
+            _sigmas(api, tiny_comfy_model, steps=4),
+            positive,
+            negative,
+            torch.zeros(LATENT),
+            disable_pbar=True,
+            seed=0,
         )
         euler = api["comfy_sample"].sample(  # what KSampler silently falls back to for unknown names
-            tiny_comfy_model, _noise(), 4, 2.0, "euler", "fewstep_logsnr", positive, negative,
-            torch.zeros(LATENT), disable_pbar=True, seed=0,
+            tiny_comfy_model,
+            _noise(),
+            4,
+            2.0,
+            "euler",
+            "fewstep_logsnr",
+            positive,
+            negative,
+            torch.zeros(LATENT),
+            disable_pbar=True,
+            seed=0,
         )
     assert torch.isfinite(ksampler).all()
     torch.testing.assert_close(ksampler, nodes, rtol=0, atol=0)
@@ -143,8 +199,13 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds):
     steps = []
     with torch.inference_mode():
         x = _guider(api, model, tiny_comfy_conds, 1.0).sample(
-            _noise(), torch.zeros(LATENT), sampler, sigmas, callback=lambda i, *a: steps.append(i),
-            disable_pbar=True, seed=0,
+            _noise(),
+            torch.zeros(LATENT),
+            sampler,
+            sigmas,
+            callback=lambda i, *a: steps.append(i),
+            disable_pbar=True,
+            seed=0,
         )
     assert torch.isfinite(x).all()
     assert counter.calls == 7  # cfg 1: one forward per model call
@@ -154,7 +215,6 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds):
 def test_flow_model_via_object_patch(api, tiny_comfy_model, tiny_comfy_conds):
     """A CONST model_sampling object patch (what ModelSamplingSD3 does) switches us to flow form."""
     import comfy.model_sampling as cms
-
     from comfyui_fewstep.nodes._comfy_sampling import parameterization_for_model
 
     flow = type("FlowSampling", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})()
@@ -167,7 +227,12 @@ def test_flow_model_via_object_patch(api, tiny_comfy_model, tiny_comfy_conds):
     assert float(sigmas[0]) <= 1.0
     with torch.inference_mode():
         out = _guider(api, model, tiny_comfy_conds, 2.0).sample(
-            _noise(), torch.zeros(LATENT), _sampler(api, order=3), sigmas, disable_pbar=True, seed=0,
+            _noise(),
+            torch.zeros(LATENT),
+            _sampler(api, order=3),
+            sigmas,
+            disable_pbar=True,
+            seed=0,
         )
     assert torch.isfinite(out).all()
 
@@ -177,9 +242,13 @@ def test_other_solver_families_run(api, tiny_comfy_model, tiny_comfy_conds, solv
     steps = []
     with torch.inference_mode():
         out = _guider(api, tiny_comfy_model, tiny_comfy_conds, 1.0).sample(
-            _noise(), torch.zeros(LATENT), _sampler(api, solver=solver, order=2),
-            _sigmas(api, tiny_comfy_model, steps=3), callback=lambda i, *a: steps.append(i),
-            disable_pbar=True, seed=0,
+            _noise(),
+            torch.zeros(LATENT),
+            _sampler(api, solver=solver, order=2),
+            _sigmas(api, tiny_comfy_model, steps=3),
+            callback=lambda i, *a: steps.append(i),
+            disable_pbar=True,
+            seed=0,
         )
     assert torch.isfinite(out).all() and steps
 
@@ -191,7 +260,8 @@ def test_sde_noise_follows_the_seed(api, tiny_comfy_model, tiny_comfy_conds):
     def run(seed):
         with torch.inference_mode():
             return _guider(api, tiny_comfy_model, tiny_comfy_conds, 1.0).sample(
-                _noise(), torch.zeros(LATENT), sampler, sigmas, disable_pbar=True, seed=seed)
+                _noise(), torch.zeros(LATENT), sampler, sigmas, disable_pbar=True, seed=seed
+            )
 
     a, b, c = run(5), run(5), run(6)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -206,9 +276,12 @@ def _guiders(api, model, conds):
     return {
         "BasicGuider": custom.BasicGuider().get_guider(model, positive)[0],
         "CFGGuider": custom.CFGGuider().get_guider(model, positive, negative, 3.0)[0],
-        "DualCFGGuider": custom.DualCFGGuider().get_guider(model, positive, negative, negative, 3.0, 1.5,
-                                                           "regular")[0],
-        "PerpNegGuider": perpneg.PerpNegGuider.execute(model, positive, negative, negative, 3.0, 1.0).result[0],
+        "DualCFGGuider": custom.DualCFGGuider().get_guider(
+            model, positive, negative, negative, 3.0, 1.5, "regular"
+        )[0],
+        "PerpNegGuider": perpneg.PerpNegGuider.execute(model, positive, negative, negative, 3.0, 1.0).result[
+            0
+        ],
     }
 
 
@@ -218,8 +291,11 @@ def test_every_core_guider(api, tiny_comfy_model, tiny_comfy_conds, guider_name)
     custom = api["custom"]
     with torch.inference_mode():
         out = custom.SamplerCustomAdvanced().sample(
-            custom.Noise_RandomNoise(1), guider, _sampler(api, order=3, eta=0.5),
-            _sigmas(api, tiny_comfy_model, steps=3), {"samples": torch.zeros(LATENT)},
+            custom.Noise_RandomNoise(1),
+            guider,
+            _sampler(api, order=3, eta=0.5),
+            _sigmas(api, tiny_comfy_model, steps=3),
+            {"samples": torch.zeros(LATENT)},
         )
     assert torch.isfinite(out[0]["samples"]).all()
 
@@ -227,9 +303,20 @@ def test_every_core_guider(api, tiny_comfy_model, tiny_comfy_conds, guider_name)
 def test_sampler_custom_node(api, tiny_comfy_model, tiny_comfy_conds):
     positive, negative = tiny_comfy_conds
     with torch.inference_mode():
-        out, denoised = api["custom"].SamplerCustom().sample(
-            tiny_comfy_model, True, 3, 2.0, positive, negative, _sampler(api, solver="singlestep", order=3),
-            _sigmas(api, tiny_comfy_model, "time_uniform", 3), {"samples": torch.zeros(LATENT)},
+        out, denoised = (
+            api["custom"]
+            .SamplerCustom()
+            .sample(
+                tiny_comfy_model,
+                True,
+                3,
+                2.0,
+                positive,
+                negative,
+                _sampler(api, solver="singlestep", order=3),
+                _sigmas(api, tiny_comfy_model, "time_uniform", 3),
+                {"samples": torch.zeros(LATENT)},
+            )
         )
     assert torch.isfinite(out["samples"]).all()
     torch.testing.assert_close(out["samples"], denoised["samples"])

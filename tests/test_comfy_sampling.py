@@ -41,12 +41,37 @@ def _core_cases(cms):
         "v_zsnr": (_make(cms, cms.ModelSamplingDiscrete, cms.V_PREDICTION, zsnr=True), "ve", "v"),
         "x0": (_make(cms, cms.ModelSamplingDiscrete, cms.X0), "ve", "x0"),
         "img_to_img": (_make(cms, cms.ModelSamplingDiscrete, cms.IMG_TO_IMG), "ve", "x0"),
-        "edm": (_make(cms, cms.ModelSamplingContinuousEDM, cms.EDM, sigma_min=0.002, sigma_max=80.0,
-                      sigma_data=0.5), "ve", "edm"),
-        "v_continuous": (_make(cms, cms.ModelSamplingContinuousV, cms.V_PREDICTION, sigma_min=0.03,
-                               sigma_max=500.0, sigma_data=1.0), "ve", "v"),
-        "cosmos": (_make(cms, cms.ModelSamplingCosmosRFlow, cms.COSMOS_RFLOW, sigma_min=0.002,
-                         sigma_max=80.0, sigma_data=1.0), "ve", "edm"),
+        "edm": (
+            _make(
+                cms, cms.ModelSamplingContinuousEDM, cms.EDM, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5
+            ),
+            "ve",
+            "edm",
+        ),
+        "v_continuous": (
+            _make(
+                cms,
+                cms.ModelSamplingContinuousV,
+                cms.V_PREDICTION,
+                sigma_min=0.03,
+                sigma_max=500.0,
+                sigma_data=1.0,
+            ),
+            "ve",
+            "v",
+        ),
+        "cosmos": (
+            _make(
+                cms,
+                cms.ModelSamplingCosmosRFlow,
+                cms.COSMOS_RFLOW,
+                sigma_min=0.002,
+                sigma_max=80.0,
+                sigma_data=1.0,
+            ),
+            "ve",
+            "edm",
+        ),
         "flow_shift3": (_make(cms, cms.ModelSamplingDiscreteFlow, cms.CONST, shift=3.0), "flow", "flow"),
         "flux": (_make(cms, cms.ModelSamplingFlux, cms.CONST, shift=1.15), "flow", "flow"),
     }
@@ -57,7 +82,9 @@ def test_kind_family_and_range_for_every_core_prediction_type(cms, adapter):
         p = adapter.parameterization_from_model_sampling(ms)
         assert (p.kind, p.family) == (kind, family), name
         assert p.sigma_min == pytest.approx(float(ms.sigma_min), rel=1e-7), name
-        assert p.sigma_max == pytest.approx(min(float(ms.sigma_max), 1.0 if kind == "flow" else math.inf)), name
+        assert p.sigma_max == pytest.approx(min(float(ms.sigma_max), 1.0 if kind == "flow" else math.inf)), (
+            name
+        )
 
 
 def test_noise_scaling_agrees_with_alpha_and_sigma(cms, adapter):
@@ -89,9 +116,16 @@ def test_discrete_tables_are_passed_on_and_match_our_closed_forms(cms, adapter):
     cases = _core_cases(cms)
     eps = adapter.parameterization_from_model_sampling(cases["eps"][0])
     assert len(eps.timestep_sigmas) == 1000
-    torch.testing.assert_close(torch.tensor(eps.timestep_sigmas, dtype=torch.float64), discrete_vp_sigmas(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(eps.timestep_sigmas, dtype=torch.float64), discrete_vp_sigmas(), rtol=1e-6, atol=0
+    )
     flow = adapter.parameterization_from_model_sampling(cases["flow_shift3"][0])
-    torch.testing.assert_close(torch.tensor(flow.timestep_sigmas, dtype=torch.float64), flow_sigmas(1000, shift=3.0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(flow.timestep_sigmas, dtype=torch.float64),
+        flow_sigmas(1000, shift=3.0),
+        rtol=1e-6,
+        atol=0,
+    )
     zsnr = adapter.parameterization_from_model_sampling(cases["v_zsnr"][0])
     assert zsnr.sigma_max > 1000.0 and zsnr.timestep_sigmas[-1] == zsnr.sigma_max
     for name in ("edm", "v_continuous", "cosmos"):

@@ -43,14 +43,29 @@ class Server:
         (base / "custom_nodes").mkdir(parents=True)
         (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
         command = [
-            sys.executable, str(comfy_root / "main.py"), "--cpu", "--listen", "127.0.0.1",
-            "--port", str(self.port), "--base-directory", str(base), "--disable-all-custom-nodes",
-            "--whitelist-custom-nodes", PACK, "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
-            "--preview-method", "none", "--disable-auto-launch",
+            sys.executable,
+            str(comfy_root / "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(base),
+            "--disable-all-custom-nodes",
+            "--whitelist-custom-nodes",
+            PACK,
+            "--disable-api-nodes",
+            "--database-url",
+            "sqlite:///:memory:",
+            "--preview-method",
+            "none",
+            "--disable-auto-launch",
         ]
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, cwd=str(comfy_root), stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=str(comfy_root), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def log_text(self) -> str:
         self.log.flush()
@@ -61,8 +76,9 @@ class Server:
             return json.loads(response.read())
 
     def post(self, path: str, body: dict, timeout: float = 30.0) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read())
@@ -73,13 +89,17 @@ class Server:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+                raise RuntimeError(
+                    f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
+                )
             try:
                 self.get("/system_stats", timeout=5.0)
                 return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(1.0)
-        raise RuntimeError(f"ComfyUI did not answer within {START_TIMEOUT_S:.0f} s:\n{self.log_text()[-4000:]}")
+        raise RuntimeError(
+            f"ComfyUI did not answer within {START_TIMEOUT_S:.0f} s:\n{self.log_text()[-4000:]}"
+        )
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -111,8 +131,11 @@ def our_node_ids(comfy):
 
 def test_pack_imports_without_errors(server):
     log = server.log_text()
-    bad = [line for line in log.splitlines()
-           if ("IMPORT FAILED" in line or "Cannot import" in line) and PACK in line]
+    bad = [
+        line
+        for line in log.splitlines()
+        if ("IMPORT FAILED" in line or "Cannot import" in line) and PACK in line
+    ]
     assert not bad, "\n".join(bad)
     assert "ComfyUI-FewStep: the nodes failed to load" not in log
     assert "Traceback" not in log.split("Import times for custom nodes")[-1].split("Starting server")[0]
@@ -143,17 +166,33 @@ def test_ksampler_dropdowns_show_the_presets(server):
 
 
 def _sampler_prompt(**widgets) -> dict:
-    inputs = {"solver": "multistep", "order": 3, "solver_type": "midpoint", "prediction": "dpmsolver++",
-              "lower_order_final": True, "lower_order_final_steps": 10, "euler_at_final": False,
-              "final_step": "zero", "eta": 0.0, "s_noise": 1.0, "corrector": "none", "thresholding": "none",
-              "threshold_percentile": 0.995, "threshold_max": 1.0}
+    inputs = {
+        "solver": "multistep",
+        "order": 3,
+        "solver_type": "midpoint",
+        "prediction": "dpmsolver++",
+        "lower_order_final": True,
+        "lower_order_final_steps": 10,
+        "euler_at_final": False,
+        "final_step": "zero",
+        "eta": 0.0,
+        "s_noise": 1.0,
+        "corrector": "none",
+        "thresholding": "none",
+        "threshold_percentile": 0.995,
+        "threshold_max": 1.0,
+    }
     inputs.update(widgets)
-    return {"1": {"class_type": "FewStepDPMSolverSampler", "inputs": inputs},
-            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    return {
+        "1": {"class_type": "FewStepDPMSolverSampler", "inputs": inputs},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
 
 
 def test_a_prompt_with_our_node_executes(server):
-    status, body = server.post("/prompt", {"prompt": _sampler_prompt(corrector="bh2"), "client_id": uuid.uuid4().hex})
+    status, body = server.post(
+        "/prompt", {"prompt": _sampler_prompt(corrector="bh2"), "client_id": uuid.uuid4().hex}
+    )
     assert status == 200, body
     prompt_id = body["prompt_id"]
     deadline = time.monotonic() + RUN_TIMEOUT_S

@@ -13,13 +13,32 @@ pytestmark = pytest.mark.comfy
 # must be a deliberate edit here.
 FROZEN_INPUTS = {
     "FewStepDPMSolverSampler": [
-        "solver", "order", "solver_type", "prediction", "lower_order_final", "lower_order_final_steps",
-        "euler_at_final", "final_step", "eta", "s_noise", "corrector", "thresholding",
-        "threshold_percentile", "threshold_max",
+        "solver",
+        "order",
+        "solver_type",
+        "prediction",
+        "lower_order_final",
+        "lower_order_final_steps",
+        "euler_at_final",
+        "final_step",
+        "eta",
+        "s_noise",
+        "corrector",
+        "thresholding",
+        "threshold_percentile",
+        "threshold_max",
     ],
     "FewStepSchedule": [
-        "model", "schedule", "steps", "denoise", "rho", "table_model", "gits_coeff", "custom_sigmas",
-        "sigma_min", "sigma_max",
+        "model",
+        "schedule",
+        "steps",
+        "denoise",
+        "rho",
+        "table_model",
+        "gits_coeff",
+        "custom_sigmas",
+        "sigma_min",
+        "sigma_max",
     ],
     "FewStepNFEPlan": ["model", "preset", "nfe", "schedule", "cfg", "denoise"],
 }
@@ -101,11 +120,18 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
     params = inspect.signature(sample_dpmpp_multistep).parameters
     _, sampler = schemas["FewStepDPMSolverSampler"]
     defaults = {i.id: i.default for i in sampler.inputs}
-    for widget, option in [("order", "order"), ("solver_type", "solver_type"), ("prediction", "algorithm"),
-                           ("lower_order_final", "lower_order_final"),
-                           ("lower_order_final_steps", "lower_order_final_steps"),
-                           ("euler_at_final", "euler_at_final"), ("final_step", "final_step"),
-                           ("eta", "eta"), ("s_noise", "s_noise"), ("corrector", "corrector")]:
+    for widget, option in [
+        ("order", "order"),
+        ("solver_type", "solver_type"),
+        ("prediction", "algorithm"),
+        ("lower_order_final", "lower_order_final"),
+        ("lower_order_final_steps", "lower_order_final_steps"),
+        ("euler_at_final", "euler_at_final"),
+        ("final_step", "final_step"),
+        ("eta", "eta"),
+        ("s_noise", "s_noise"),
+        ("corrector", "corrector"),
+    ]:
         assert defaults[widget] == params[option].default, widget
 
 
@@ -143,10 +169,22 @@ def test_sampler_node_builds_ksampler_with_options(schemas, comfy):
     import comfy.samplers
 
     cls, _ = schemas["FewStepDPMSolverSampler"]
-    out = cls.execute(solver="multistep", order=3, solver_type="heun", prediction="dpmsolver++",
-                      lower_order_final=False, lower_order_final_steps=10, euler_at_final=False,
-                      final_step="zero", eta=0.5, s_noise=1.0, corrector="none", thresholding="clamp",
-                      threshold_percentile=0.995, threshold_max=1.0)
+    out = cls.execute(
+        solver="multistep",
+        order=3,
+        solver_type="heun",
+        prediction="dpmsolver++",
+        lower_order_final=False,
+        lower_order_final_steps=10,
+        euler_at_final=False,
+        final_step="zero",
+        eta=0.5,
+        s_noise=1.0,
+        corrector="none",
+        thresholding="clamp",
+        threshold_percentile=0.995,
+        threshold_max=1.0,
+    )
     sampler = out.result[0]
     assert isinstance(sampler, comfy.samplers.KSAMPLER)
     opts = sampler.extra_options
@@ -154,18 +192,44 @@ def test_sampler_node_builds_ksampler_with_options(schemas, comfy):
     assert opts["solver_type"] == "heun" and opts["lower_order_final"] is False
     import torch
 
-    assert torch.equal(opts["x0_correction"](torch.tensor([-3.0, 0.5, 2.0]), 1.0), torch.tensor([-1.0, 0.5, 1.0]))
+    assert torch.equal(
+        opts["x0_correction"](torch.tensor([-3.0, 0.5, 2.0]), 1.0), torch.tensor([-1.0, 0.5, 1.0])
+    )
     # singlestep drops multistep-only policies, and refuses method-changing ones at run time too
-    single = cls.execute(solver="singlestep", order=2, solver_type="midpoint", prediction="dpmsolver++",
-                         lower_order_final=False, lower_order_final_steps=10, euler_at_final=True,
-                         final_step="zero", eta=0.0, s_noise=1.0, corrector="none", thresholding="none",
-                         threshold_percentile=0.995, threshold_max=1.0).result[0]
+    single = cls.execute(
+        solver="singlestep",
+        order=2,
+        solver_type="midpoint",
+        prediction="dpmsolver++",
+        lower_order_final=False,
+        lower_order_final_steps=10,
+        euler_at_final=True,
+        final_step="zero",
+        eta=0.0,
+        s_noise=1.0,
+        corrector="none",
+        thresholding="none",
+        threshold_percentile=0.995,
+        threshold_max=1.0,
+    ).result[0]
     assert "lower_order_final" not in single.extra_options and "eta" not in single.extra_options
     with pytest.raises(ValueError, match="eta"):
-        cls.execute(solver="adaptive", order=3, solver_type="midpoint", prediction="dpmsolver++",
-                    lower_order_final=True, lower_order_final_steps=10, euler_at_final=False,
-                    final_step="zero", eta=1.0, s_noise=1.0, corrector="none", thresholding="none",
-                    threshold_percentile=0.995, threshold_max=1.0)
+        cls.execute(
+            solver="adaptive",
+            order=3,
+            solver_type="midpoint",
+            prediction="dpmsolver++",
+            lower_order_final=True,
+            lower_order_final_steps=10,
+            euler_at_final=False,
+            final_step="zero",
+            eta=1.0,
+            s_noise=1.0,
+            corrector="none",
+            thresholding="none",
+            threshold_percentile=0.995,
+            threshold_max=1.0,
+        )
 
 
 def test_plan_for_budget_spends_exactly_the_budget(comfy):

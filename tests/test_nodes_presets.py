@@ -12,7 +12,6 @@ pytestmark = pytest.mark.comfy
 def env(comfy):
     import comfy.k_diffusion.sampling as kds
     import comfy.samplers
-
     from comfyui_fewstep.nodes import ksampler_presets
 
     return comfy.samplers, kds, ksampler_presets
@@ -31,9 +30,9 @@ def test_registration_is_in_place_append_only_and_idempotent(env):
     assert [id(names) for names in lists] == ids  # never rebound
     assert samplers.KSampler.SAMPLERS is samplers.SAMPLER_NAMES
     assert samplers.KSampler.SCHEDULERS is samplers.SCHEDULER_NAMES
-    for old, new in zip(before, after):
+    for old, new in zip(before, after, strict=True):
         assert new[: len(old)] == old  # built-ins untouched, in their order
-        assert all(name.startswith(presets.PREFIX) for name in new[len(old):])
+        assert all(name.startswith(presets.PREFIX) for name in new[len(old) :])
     for name, fn in builtin_fns.items():
         assert getattr(kds, "sample_" + name) is fn
     for name, handler in handlers_before.items():
@@ -54,7 +53,6 @@ def test_registration_is_in_place_append_only_and_idempotent(env):
 def test_scheduler_presets_compute_our_schedules(env):
     samplers, _, presets = env
     import comfy.model_sampling as cms
-
     from comfyui_fewstep.nodes._comfy_sampling import parameterization_from_model_sampling
     from comfyui_fewstep.samplers.schedules import get_sigmas
 
