@@ -1,0 +1,101 @@
+"""Schedule store: JSON round trip, cache keys, fingerprints, names, and refusal of bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from comfyui_fewstep.samplers import analytic
+from comfyui_fewstep.samplers import calibration as cal
+from comfyui_fewstep.samplers.schedule_store import (
+    FORMAT,
+    ScheduleRecord,
+    ScheduleStore,
+    cache_key,
+    model_fingerprint,
+)
+
+
+def _record(**kw):
+    base = dict(sigmas=[14.6, 3.0, 0.5, 0.0], nfe=3, solver={"solver": "multistep", "options": {"order": 2}})
+    base.update(kw)
+    return ScheduleRecord(**base)
+
+
+def test_round_trip_and_plain_json(tmp_path):
+    store = ScheduleStore(tmp_path)
+    rec = _record(model_hash="abc", settings={"nfe": 3}, cost={"total_nfe": 100}, orders=[1, 2, 1], error=0.01)
+    path = store.save("my sd15 schedule", rec)
+    data = json.loads(path.read_text())
+    assert data["format"] == FORMAT and data["sigmas"] == [14.6, 3.0, 0.5, 0.0] and data["created"]
+    back = store.load("my sd15 schedule")
+    assert back == rec
+    assert store.names() == ["my sd15 schedule"]
+    assert torch.equal(back.sigmas_tensor(), torch.tensor([14.6, 3.0, 0.5, 0.0], dtype=torch.float32))
+    # a hand-written file with only sigmas is accepted (nfe from its length)
+    (tmp_path / "hand.json").write_text('{"sigmas": [1.0, 0.2, 0]}')
+    assert store.load("hand").nfe == 2
+
+
+@pytest.mark.parametrize("text,match", [
+    ("not json", "not valid JSON"),
+    ("[1, 0]", "expected a JSON object"),
+    ('{"sigmas": [1.0, 2.0, 0]}', "strictly decreasing"),
+    ('{"sigmas": [1.0, 0.5]}', "must end in 0"),
+    ('{"format": "other/1", "sigmas": [1, 0]}', "unknown format"),
+    ('{"nfe": 3}', "no 'sigmas'"),
+])
+def test_bad_files_are_refused_with_the_reason(tmp_path, text, match):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        ScheduleStore(tmp_path).load("bad")
+
+
+def test_names_cannot_escape_the_folder(tmp_path):
+    store = ScheduleStore(tmp_path)
+    for name in ("../x", "a/b", "", ".hidden"):
+        with pytest.raises(ValueError, match="not allowed"):
+            store.path_for(name)
+    with pytest.raises(ValueError, match="no saved schedule named 'missing'"):
+        store.load("missing")
+
+
+def test_cache_get_put_and_corrupt_entries(tmp_path):
+    store = ScheduleStore(tmp_path)
+    key = cache_key("h1", {"nfe": 6, "solver": "dpmpp_2m"})
+    assert key != cache_key("h2", {"nfe": 6, "solver": "dpmpp_2m"}) != cache_key("h1", {"nfe": 5, "solver": "dpmpp_2m"})
+    assert key == cache_key("h1", {"solver": "dpmpp_2m", "nfe": 6})
+    assert store.get(key) is None
+    store.put(key, _record())
+    assert store.get(key).sigmas == [14.6, 3.0, 0.5, 0.0]
+    (store.cache_dir / f"{key}.json").write_text("{broken")
+    assert store.get(key) is None
+    with pytest.raises(ValueError, match="hex digest"):
+        store.put("../evil", _record())
+    assert store.names() == []  # cache entries are not named schedules
+
+
+def test_model_fingerprint_sees_weights_shapes_and_extra():
+    torch.manual_seed(0)
+    a = {"w": torch.randn(300, 70), "b": torch.randn(70)}
+    h = model_fingerprint(a.items())
+    assert h == model_fingerprint(reversed(list(a.items())))
+    changed = {"w": a["w"].clone(), "b": a["b"]}
+    changed["w"][0, 0] += 1.0  # the first element is always sampled
+    assert model_fingerprint(changed.items()) != h
+    assert model_fingerprint({"w": a["w"].reshape(70, 300), "b": a["b"]}.items()) != h
+    assert model_fingerprint(a.items(), extra="patch-uuid") != h
+
+
+def test_record_from_a_calibration_result(tmp_path):
+    data = analytic.GaussianData(c=1.0, dim=4)
+    p = analytic.RANGE_PRESETS["edm"].parameterization()
+    x = data.sample(2, p.sigma_max, generator=torch.Generator().manual_seed(0))
+    res = cal.calibrate(analytic.CountingDenoiser(data), x, p, 4, grid_points=20, search_nfe=20)
+    rec = ScheduleRecord.from_result(res, "hash", {"nfe": 4})
+    assert rec.sigmas == res.sigmas and rec.cost["total_nfe"] == res.cost["total_nfe"] and rec.orders == res.orders
+    store = ScheduleStore(tmp_path)
+    store.put(cache_key("hash", {"nfe": 4}), rec)
+    assert store.get(cache_key("hash", {"nfe": 4})) == rec
