@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -205,14 +206,17 @@ def run(c: dict, patcher: Any, case: Case, steps: int, seed: int, step_times: li
                                    torch.zeros_like(noise), seed=seed, callback=callback, disable_pbar=True)
     if step_times is not None:
         edges = [start] + stamps
-        step_times.extend(b - a for a, b in zip(edges[1:-1], edges[2:]))  # drop the first step
+        step_times.extend(b - a for a, b in itertools.pairwise(edges[1:]))  # drop the first step
     return out
 
 
 # ------------------------------------------------------------------ timing
 def quantiles(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
-    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+
+    def pick(q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
     return {"median_ms": 1e3 * statistics.median(xs), "p10_ms": 1e3 * pick(0.1), "p90_ms": 1e3 * pick(0.9)}
 
 

@@ -40,8 +40,8 @@ FORCE_EAGER_ENV = "FEWSTEP_CUDA_GRAPH_DISABLE"
 
 
 def _comfy():
-    import comfy.ldm.modules.attention as attention
-    import comfy.patcher_extension as patcher_extension
+    from comfy import patcher_extension
+    from comfy.ldm.modules import attention
 
     return attention, patcher_extension
 

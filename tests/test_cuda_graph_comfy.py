@@ -123,9 +123,6 @@ def test_graph_path_through_real_sampling_is_bit_identical(node_module):
     # a new prompt and seed reuse the graph: one capture, verified, then replays only
     assert backend.captures == 1 and state.runner.stats.verify_failures == 0
     assert state.runner.stats.replays == 4
-    # a longer prompt (two 77-token chunks) is a new signature
-    sample(wrapped, seed=2, tokens=154)
-    assert backend.captures == 2
 
 
 def test_weight_patch_changes_the_weight_key(node_module):

@@ -12,7 +12,6 @@ import logging
 
 import pytest
 import torch
-
 from comfyui_fewstep.cuda_graph import (
     CUDA_GRAPH_BACKEND,
     GraphedForward,
@@ -178,7 +177,7 @@ def test_lru_evicts_least_recently_used():
     backend = RecordingBackend()
     gf = GraphedForward(backend, max_graphs=2)
     fwd = unet_like(torch.tensor(1.5))
-    a, b, c = (dict(batch=1), dict(batch=2), dict(batch=3))
+    a, b, c = ({"batch": 1}, {"batch": 2}, {"batch": 3})
     gf(fwd, inputs(**a), device=CPU)
     gf(fwd, inputs(**b), device=CPU)
     gf(fwd, inputs(**a), device=CPU)  # a is now the most recently used

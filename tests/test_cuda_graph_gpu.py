@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from comfyui_fewstep.cuda_graph import CudaGraphBackend, GraphedForward, parameter_fingerprint
 
 pytestmark = pytest.mark.gpu
@@ -133,7 +132,7 @@ def test_comfy_unets(case, prompts, tmp_path):
     out = tmp_path / "check.json"
     cmd = [sys.executable, str(ROOT / "bench" / "cuda_graph_benchmark.py"), "--check", "--cases", case,
            "--steps", "4", "--prompts", str(prompts), "--json", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=1800)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=dict(os.environ), timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     r = json.loads(out.read_text())["check"][case]
     assert r["graph_vs_eager_rel_error"] <= 1e-3
