@@ -75,6 +75,13 @@ PRESETS: tuple[Preset, ...] = (
     Preset("3S", "singlestep", "logsnr_uniform", {"order": 3}),
     Preset("3S", "singlestep", "karras", {"order": 3}),
 )
+#: our multistep presets also run on every ComfyUI scheduler when ComfyUI is available
+COMFY_SCHEDULE_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("2M", {"order": 2}),
+    ("3M", {"order": 3}),
+    ("2M+UniC(bh2)", {"order": 2, "corrector": "bh2"}),
+    ("3M+UniC(bh2)", {"order": 3, "corrector": "bh2"}),
+)
 QUICK_PROBLEMS = (("sd15", "gmm16"), ("flow_shift3", "gmm16"))
 FULL_PROBLEMS = (("sd15", "gmm16"), ("edm", "gmm16"), ("flow_shift1", "gmm16"), ("flow_shift3", "gmm16"))
 QUICK_COMFY_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_3m_sde(eta=0)", "uni_pc", "ipndm_v", "deis")
@@ -131,6 +138,22 @@ class Bench:
                     return self.singlestep(model, x, sigmas, parameterization=p, orders=orders, disable=True)
 
                 self._record(problem, "ours", preset.label, preset.schedule, nfe, run)
+
+    def run_presets_on_comfy_schedules(self, problem, comfy, schedulers) -> None:
+        """Our multistep presets on ComfyUI's schedulers (a SIGMAS input works with any schedule)."""
+        p = problem.range.parameterization()
+        ms = _comfy.model_sampling_for(comfy, problem.range)
+        for label, options in COMFY_SCHEDULE_PRESETS:
+            for scheduler in schedulers:
+                for nfe in self.nfes:
+                    sigmas = _comfy.comfy_sigmas(comfy, ms, scheduler, nfe, "")
+                    x = problem.x_start.to(DTYPE)
+
+                    def run(model, sigmas=sigmas, options=options):
+                        return self.multistep(model, x, sigmas, parameterization=p, resume_history=False,
+                                              disable=True, **options)
+
+                    self._record(problem, "ours", label, f"{scheduler} (ComfyUI)", nfe, run)
 
     # -- local baselines ----------------------------------------------------------------------
     def run_local(self, problem) -> None:
@@ -267,8 +290,9 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
             )
         lines.append("")
         # our presets across NFE
-        labels = sorted({r.label for r in results if r.problem == prob and r.source == "ours"},
-                        key=lambda s: [r.label for r in results if r.source == "ours"].index(s))
+        ours_own = [r for r in results if r.source == "ours" and not r.schedule.endswith("(ComfyUI)")]
+        labels = sorted({r.label for r in ours_own if r.problem == prob},
+                        key=lambda s: [r.label for r in ours_own].index(s))
         lines += ["Our presets (median error):", "",
                   "| preset | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
                   "|---" * (len(nfes) + 1) + "|"]
@@ -281,6 +305,18 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
         if with_comfy:
+            lines += ["Our multistep presets on ComfyUI's schedulers, best scheduler per preset (median error):", "",
+                      "| preset | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                      "|---" * (len(nfes) + 1) + "|"]
+            for label, _ in COMFY_SCHEDULE_PRESETS:
+                cells = []
+                for n in nfes:
+                    rr = [r for r in results if r.problem == prob and r.source == "ours" and r.method == label
+                          and r.schedule.endswith("(ComfyUI)") and r.target_nfe == n and r.ok]
+                    r = min(rr, key=lambda r: r.median, default=None)
+                    cells.append(f"{r.median:.4f} {r.schedule.split()[0]}" if r else "-")
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append("")
             lines += ["ComfyUI, best scheduler per sampler (median error, consumed NFE in brackets when "
                       "different):", "",
                       "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
@@ -416,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             with warnings.catch_warnings():  # torchsde's float32 interval-boundary warnings
                 warnings.simplefilter("ignore", UserWarning)
                 bench.run_comfy(problem, comfy, samplers, schedulers)
+            bench.run_presets_on_comfy_schedules(problem, comfy, schedulers)
         print(f"[{time.time() - t0:6.1f} s] {problem.name} done", file=sys.stderr)
     overhead = time_overhead(pkg, comfy, steps=50 if args.quick else 200)
     elapsed = time.time() - t0
