@@ -13,6 +13,7 @@ from .cuda_graph_nodes import FewStepCUDAGraph
 from .ksampler_presets import register_ksampler_presets
 from .sampler_nodes import FewStepDPMSolverSampler
 from .schedule_nodes import FewStepNFEPlan, FewStepSchedule
+from .student_nodes import FewStepStudentLoader
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ def node_list() -> list[type[io.ComfyNode]]:
         FewStepSchedule,
         FewStepNFEPlan,
         FewStepCUDAGraph,
+        FewStepStudentLoader,
     ]
 
 

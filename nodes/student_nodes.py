@@ -1,0 +1,209 @@
+"""Distilled-student loader node: a file in, a correctly sampled MODEL + SAMPLER + SIGMAS out.
+
+The logic (detection, recipes, key conversion, samplers) lives in ``distill_loaders``; this module
+only turns a recipe into ComfyUI objects: an object-patched ``model_sampling`` (prediction type,
+schedule and the first-step noise scale), a ``KSAMPLER`` for the recipe's step rule, and SIGMAS.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.model_sampling
+import comfy.samplers
+import comfy.sd
+import folder_paths
+
+from ..distill_loaders.detect import Detection
+from ..distill_loaders.errors import StudentLoadError
+from ..distill_loaders.inspect import format_report
+from ..distill_loaders.keys import lora_to_kohya
+from ..distill_loaders.load import check_lora_base, load_student, to_ldm_unet
+from ..distill_loaders.recipes import recipe_sigmas
+from ..distill_loaders.specs import Recipe, get_recipe, recipe_names
+from ..distill_loaders.student_samplers import sample_renoise, sample_tcd
+from ._api import io
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FewStepStudentLoader", "apply_student_lora", "load_student_model", "student_model_sampling",
+           "student_sampler"]
+
+FOLDERS = ("checkpoints", "diffusion_models", "loras")
+_COMFY_ARCH = {"SD15": "sd15", "SD20": "sd21", "SD21UnclipL": "sd21", "SD21UnclipH": "sd21", "SDXL": "sdxl"}
+
+
+def student_model_sampling(recipe: Recipe, model_config):
+    """A ``model_sampling`` object for the recipe: schedule class x prediction mix-in, with the
+    first-step noise scale of :func:`~..distill_loaders.recipes.first_step_noise_scale`."""
+    ms = comfy.model_sampling
+    if recipe.prediction == "flow_reversed":
+        class ReversedFlow(ms.CONST):
+            """InstaFlow/2-RF/SCFlow velocity points noise -> data: ``x0 = x + sigma v``."""
+
+            def calculate_denoised(self, sigma, model_output, model_input):
+                return super().calculate_denoised(sigma, -model_output, model_input)
+
+        class StudentFlow(ms.ModelSamplingDiscreteFlow, ReversedFlow):
+            pass
+
+        obj = StudentFlow(model_config)
+        obj.set_parameters(shift=1.0, multiplier=1000)
+        return obj
+    if recipe.prediction == "lcm":
+        from comfy_extras.nodes_model_advanced import LCM, ModelSamplingDiscreteDistilled
+
+        base, pred = ModelSamplingDiscreteDistilled, LCM
+    elif recipe.prediction == "x0":
+        base, pred = ms.ModelSamplingDiscrete, ms.X0
+    elif recipe.prediction == "eps":
+        base, pred = ms.ModelSamplingDiscrete, ms.EPS
+    else:
+        raise StudentLoadError(None, f"recipe {recipe.name!r} ({recipe.prediction}) is not a latent UNet recipe.",
+                               "EDM pixel generators are not loaded by this node.")
+    unit = recipe.first_noise == "unit"
+
+    class StudentSampling(base, pred):
+        def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+            # unit: the UNet sees unit-variance noise at any first sigma (DMD2 @399, Hyper @800);
+            # ddpm: add_noise(0, z, t), i.e. sigma * z (SiD-LSG @625).
+            return super().noise_scaling(sigma, noise, latent_image, max_denoise=unit)
+
+    return StudentSampling(model_config)
+
+
+def student_sampler(recipe: Recipe):
+    """The ``SAMPLER`` for the recipe's step rule."""
+    rule = recipe.step_rule
+    if rule == "euler":
+        return comfy.samplers.ksampler("euler")
+    if rule == "ancestral":
+        return comfy.samplers.ksampler("euler_ancestral", {"eta": 1.0, "s_noise": 1.0})
+    if rule == "renoise":
+        return comfy.samplers.KSAMPLER(sample_renoise)
+    if rule == "tcd":
+        return comfy.samplers.KSAMPLER(sample_tcd, extra_options={"eta": recipe.eta})
+    raise StudentLoadError(None, f"recipe {recipe.name!r} uses step rule {rule!r}, which needs the EDM generator.",
+                           "EDM pixel generators are not loaded by this node.")
+
+
+def _model_arch(model) -> str | None:
+    return _COMFY_ARCH.get(type(model.model.model_config).__name__)
+
+
+def apply_student_lora(model, det: Detection, lora_sd: dict, strength: float):
+    """Apply a LoRA student to ``model`` (a clone); raises unless every UNet LoRA module lands."""
+    check_lora_base(det, _model_arch(model))
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    lora_sd, _ = lora_to_kohya(lora_sd)  # ComfyUI maps kohya names for every SD UNet module
+    lora_sd = comfy.lora_convert.convert_lora(lora_sd)
+    loaded = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
+    patched = model.clone()
+    applied = set(patched.add_patches(loaded, strength))
+    from ..distill_loaders.detect import lora_module_names
+
+    modules, _text = lora_module_names(lora_sd)
+    missing = len(modules) - len(applied)
+    if not applied:
+        raise StudentLoadError(det.path, "none of the LoRA's keys match the model.",
+                               "check that the LoRA is for this base model.")
+    if missing > 0:
+        raise StudentLoadError(det.path, f"{missing} of {len(modules)} LoRA modules found no weight in the model.",
+                               "the LoRA is for a different base or layout; pick a matching LoRA.")
+    return patched, len(applied)
+
+
+def load_student_model(path: str | Path, recipe_name: str = "auto", steps: int = 0, model=None,
+                       lora_strength: float = 1.0, check_weights: bool = True):
+    """Load ``path`` as a student; returns ``(model, clip, vae, sampler, sigmas, info)``."""
+    override = None if recipe_name in ("auto", "", None) else recipe_name
+    det, sd = load_student(path, override, check_nan=check_weights)
+    if det.recipe is None:
+        raise StudentLoadError(det.path, "the student could not be identified from its name, metadata or keys.",
+                               "choose the recipe in the node's 'recipe' input (" + ", ".join(recipe_names()[:6]) + ", ...).")
+    recipe = get_recipe(det.recipe)
+    if det.layout == "edm":
+        raise StudentLoadError(det.path, "this is an EDM pixel-space generator.",
+                               "it is not a latent UNet; this loader node does not run it.")
+    clip = vae = None
+    extra = ""
+    if det.is_lora:
+        if model is None:
+            raise StudentLoadError(det.path, "this file is a LoRA.", "connect the base MODEL to the loader's 'model' input.")
+        model, n = apply_student_lora(model, det, sd, lora_strength)
+        extra = f"\nLoRA: {n} modules patched at strength {lora_strength:g}"
+    elif det.layout == "ldm_checkpoint":
+        model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True,
+                                                                     embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    else:
+        model = comfy.sd.load_diffusion_model_state_dict(to_ldm_unet(det, sd))
+        if model is None:
+            raise StudentLoadError(det.path, "ComfyUI did not recognise the converted UNet.",
+                                   "report the inspect output (python -m comfyui_fewstep inspect FILE).")
+    model = model.clone()
+    model.add_object_patch("model_sampling", student_model_sampling(recipe, model.model.model_config))
+    sigmas = recipe_sigmas(recipe, steps or None).float()
+    info = format_report(det) + extra
+    logger.info("FewStep student: %s -> %s (%s)", Path(det.path).name, recipe.name, "; ".join(det.reasons))
+    return model, clip, vae, student_sampler(recipe), sigmas, info
+
+
+def _file_options() -> list[str]:
+    out = []
+    for folder in FOLDERS:
+        try:
+            out += [f"{folder}/{name}" for name in folder_paths.get_filename_list(folder)]
+        except Exception:  # an unknown folder name in an older ComfyUI
+            continue
+    return out
+
+
+def _resolve(option: str) -> str:
+    folder, _, name = option.partition("/")
+    if folder not in FOLDERS:
+        raise StudentLoadError(option, f"unknown model folder {folder!r}.", f"pick a file from {', '.join(FOLDERS)}.")
+    return folder_paths.get_full_path_or_raise(folder, name)
+
+
+class FewStepStudentLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepStudentLoader",
+            display_name="Load Distilled Student (FewStep)",
+            category="loaders",
+            description="Load a one-/few-step distilled student (DMD2, SiD-LSG, Turbo, Lightning, Hyper-SD, LCM, "
+                        "TCD, PCM, InstaFlow/SCFlow, SwiftBrush) and get the model, sampler and sigmas of its "
+                        "published recipe. LoRA students are applied to the connected model.",
+            inputs=[
+                io.Combo.Input("model_file", options=_file_options(),
+                               tooltip="a student file from checkpoints/, diffusion_models/ (unet/) or loras/"),
+                io.Combo.Input("recipe", options=["auto", *recipe_names()], default="auto",
+                               tooltip="'auto' detects from file name, metadata and keys; pick one when it cannot."),
+                io.Int.Input("steps", default=0, min=0, max=64,
+                             tooltip="0 = the step count the student was distilled for"),
+                io.Model.Input("model", optional=True, tooltip="the base model a LoRA student is applied to"),
+                io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="strength of a LoRA student (ignored for full models)"),
+                io.Boolean.Input("check_weights", default=True,
+                                 tooltip="refuse files whose weights contain NaN/Inf (reads every weight once)"),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="the student, with the recipe's prediction type and first-step noise scale"),
+                io.Sampler.Output(tooltip="the recipe's sampler (Euler, Euler-ancestral, LCM-style re-noise or TCD)"),
+                io.Sigmas.Output(tooltip="the recipe's noise levels (use with SamplerCustom, cfg as in recipe_info)"),
+                io.Clip.Output(tooltip="text encoder of a single-file checkpoint (empty for UNet/LoRA files)"),
+                io.Vae.Output(tooltip="VAE of a single-file checkpoint (empty for UNet/LoRA files)"),
+                io.String.Output(display_name="recipe_info",
+                                 tooltip="which recipe was used and why (file name, metadata, keys, shapes)"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model_file, recipe="auto", steps=0, model=None, lora_strength=1.0, check_weights=True):
+        model, clip, vae, sampler, sigmas, info = load_student_model(
+            _resolve(model_file), recipe, steps, model, lora_strength, check_weights)
+        return io.NodeOutput(model, sampler, sigmas, clip, vae, info)

@@ -1,0 +1,152 @@
+"""Students through real ComfyUI: a full-size random-weight SD1.5 UNet in each file format loads via
+our loader and samples one step on CPU; LoRA students patch every module; bad files fail cleanly."""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_fewstep.distill_loaders import keys as K
+from comfyui_fewstep.distill_loaders.errors import StudentLoadError
+from comfyui_fewstep.distill_loaders.recipes import ddpm_sigma
+from comfyui_fewstep.distill_loaders.synthetic import kohya_lora_shapes, peft_lora_shapes
+
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+
+LATENT = (1, 4, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def sd15_diffusers():
+    """Full-size SD1.5 UNet, diffusers names, random fp16 weights (std 0.02, norms 1)."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, shape in K.diffusers_unet_shapes("sd15").items():
+        if "norm" in k and k.endswith("weight"):
+            sd[k] = torch.ones(shape, dtype=torch.float16)
+        else:
+            sd[k] = (torch.randn(shape, generator=g) * 0.02).half()
+    return sd
+
+
+@pytest.fixture(scope="module")
+def files(sd15_diffusers, tmp_path_factory):
+    d = tmp_path_factory.mktemp("students")
+    save_file(sd15_diffusers, str(d / "dmd2_sd15_unet.safetensors"))
+    ldm, _ = K.convert_diffusers_to_ldm(sd15_diffusers, "sd15", prefix="model.diffusion_model.")
+    save_file(ldm, str(d / "instaflow_0_9B_unet.safetensors"))
+    del ldm
+    torch.save(sd15_diffusers, d / "batch512_cfg222_t625_v2.bin")
+    gc.collect()
+    return d
+
+
+def _sample(comfy_mods, model, sampler, sigmas, seed=0):
+    noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
+    cond = [[torch.zeros(1, 77, 768), {}]]
+    return comfy_mods.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond,
+                                           torch.zeros(LATENT), disable_pbar=True, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def api(comfy):
+    import comfy.sample
+    import folder_paths
+
+    from comfyui_fewstep.nodes import student_nodes
+
+    class A:
+        pass
+
+    a = A()
+    a.sample, a.folder_paths, a.nodes = comfy.sample, folder_paths, student_nodes
+    return a
+
+
+@pytest.mark.parametrize("name, recipe, timestep, input_std", [
+    ("dmd2_sd15_unet.safetensors", "dmd2_sd15_1step", 999, 1.0),                      # diffusers safetensors
+    ("instaflow_0_9B_unet.safetensors", "instaflow_sd15_1step", 1000, 1.0),            # LDM UNet, flow
+    ("batch512_cfg222_t625_v2.bin", "sid_lsg_sd15_1step", 625, math.sqrt(1 - 1 / (1 + ddpm_sigma(625) ** 2))),  # .bin
+])
+def test_full_size_sd15_student_loads_and_samples(api, files, sd15_diffusers, name, recipe, timestep, input_std):
+    model, clip, vae, sampler, sigmas, info = api.nodes.load_student_model(files / name)
+    assert f"recipe:      {recipe}" in info and clip is None and vae is None
+    ms = model.get_model_object("model_sampling")
+    # ComfyUI holds our weights under its names (the diffusers -> LDM conversion is right).
+    unet = model.model.diffusion_model
+    torch.testing.assert_close(unet.input_blocks[0][0].weight.float(), sd15_diffusers["conv_in.weight"].float())
+    torch.testing.assert_close(unet.output_blocks[11][1].transformer_blocks[0].attn2.to_k.weight.float(),
+                               sd15_diffusers["up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"].float())
+    assert float(ms.timestep(sigmas[:1])) == pytest.approx(timestep, abs=1e-3)
+    # first-step noise as the student expects it at the network input
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    x = ms.noise_scaling(sigmas[:1], z, torch.zeros_like(z), False)
+    std = ms.calculate_input(sigmas[:1], x).std().item()
+    assert std == pytest.approx(input_std, rel=0.02)
+    out = _sample(api, model, sampler, sigmas)
+    assert out.shape == LATENT and bool(torch.isfinite(out).all()) and out.abs().max() > 0
+    if recipe.startswith("instaflow"):  # velocity noise -> data: denoised = x + sigma v
+        v, xin = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+        torch.testing.assert_close(ms.calculate_denoised(torch.tensor([0.5]), v, xin), xin + 0.5 * v)
+    del model
+    gc.collect()
+
+
+def test_lora_students_patch_every_module(api, files, tmp_path):
+    base, *_ = api.nodes.load_student_model(files / "dmd2_sd15_unet.safetensors")
+    g = torch.Generator().manual_seed(2)
+    for name, shapes in (("lcm-lora-sdv1-5.safetensors", kohya_lora_shapes("sd15", 4)),
+                         ("Hyper-SD15-4steps-lora.safetensors", peft_lora_shapes("sd15", 4))):
+        tensors = {k: (torch.randn(s, generator=g) * 0.01 if s else torch.tensor(4.0)) for k, s in shapes.items()}
+        save_file(tensors, str(tmp_path / name))
+        model, _, _, sampler, sigmas, info = api.nodes.load_student_model(tmp_path / name, model=base)
+        n_modules = len({k.rsplit(".", 2)[0] for k in shapes})
+        assert f"LoRA: {n_modules} modules patched" in info
+        assert len(model.patches) == n_modules
+    assert "recipe:      hyper_4step_lora" in info and len(sigmas) == 5
+    sdxl = {k: torch.zeros(s) for k, s in kohya_lora_shapes("sdxl", 1).items()}
+    save_file(sdxl, str(tmp_path / "dmd2_sdxl_4step_lora.safetensors"))
+    with pytest.raises(StudentLoadError, match="LoRA is for sdxl but the model it is applied to is sd15"):
+        api.nodes.load_student_model(tmp_path / "dmd2_sdxl_4step_lora.safetensors", model=base)
+    with pytest.raises(StudentLoadError, match="connect the base MODEL"):
+        api.nodes.load_student_model(tmp_path / "lcm-lora-sdv1-5.safetensors")
+
+
+def test_node_execute_and_errors(api, files, tmp_path):
+    api.folder_paths.add_model_folder_path("diffusion_models", str(files))
+    api.folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    node = api.nodes.FewStepStudentLoader
+    schema = node.define_schema()
+    assert schema.node_id == "FewStepStudentLoader"
+    out = node.execute("diffusion_models/dmd2_sd15_unet.safetensors", "auto", 0).result
+    assert out[2].tolist() == pytest.approx([ddpm_sigma(999), 0.0], rel=1e-6)
+    with pytest.raises(StudentLoadError, match="broken.safetensors.*What to do"):
+        node.execute("diffusion_models/broken.safetensors", "auto", 0)
+    with pytest.raises(StudentLoadError, match="is for sdxl but the file is a sd15 model"):
+        node.execute("diffusion_models/dmd2_sd15_unet.safetensors", "dmd2_sdxl_1step", 0)
+
+
+def test_student_sampling_objects(api):
+    import comfy.supported_models
+
+    from comfyui_fewstep.distill_loaders.specs import get_recipe
+
+    cfg = comfy.supported_models.SD15({"context_dim": 768, "model_channels": 320, "use_linear_in_transformer": False,
+                                        "adm_in_channels": None, "use_temporal_attention": False})
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    for name, expected_std in (("dmd2_sdxl_1step", 1.0), ("hyper_sdxl_1step_unet", 1.0)):
+        recipe = get_recipe(name)
+        ms = api.nodes.student_model_sampling(recipe, cfg)
+        sigma = torch.tensor([ddpm_sigma(recipe.timesteps[0])])
+        x = ms.noise_scaling(sigma, z, torch.zeros_like(z), False)
+        torch.testing.assert_close(ms.calculate_input(sigma, x), z, rtol=1e-5, atol=1e-5)
+    ms = api.nodes.student_model_sampling(get_recipe("lcm_lora"), cfg)
+    assert [int(ms.timestep(torch.tensor([ddpm_sigma(t)]))) for t in (999, 759, 499, 259)] == [999, 759, 499, 259]
+    x0_ms = api.nodes.student_model_sampling(get_recipe("sdxl_lightning_1step_x0"), cfg)
+    out = torch.randn(1, 4, 2, 2)
+    assert torch.equal(x0_ms.calculate_denoised(torch.tensor([14.6]), out, torch.zeros_like(out)), out)
