@@ -10,6 +10,7 @@ import logging
 
 from ._api import ComfyExtension, io
 from .cuda_graph_nodes import FewStepCUDAGraph
+from .calibration_nodes import FewStepCalibrateSchedule, FewStepLoadSchedule
 from .ksampler_presets import register_ksampler_presets
 from .sampler_nodes import FewStepDPMSolverSampler
 from .schedule_nodes import FewStepNFEPlan, FewStepSchedule
@@ -27,6 +28,7 @@ def node_list() -> list[type[io.ComfyNode]]:
         FewStepSchedule,
         FewStepNFEPlan,
         FewStepCUDAGraph,
+        FewStepCalibrateSchedule, FewStepLoadSchedule,
         FewStepStudentLoader,
     ]
 

@@ -1,0 +1,209 @@
+"""Nodes for per-model calibrated schedules: calibrate (with a cache) and load saved schedules.
+
+The calibration itself is :func:`..samplers.calibration.calibrate`; it runs inside ComfyUI's own
+sampling path (guider, model loading, conditioning, CFG) as the sampler function of a
+``KSAMPLER``, so the teacher sees exactly the denoiser a real run sees. Results are stored as JSON
+with :class:`..samplers.schedule_store.ScheduleStore` under ComfyUI's user directory
+(``<user>/fewstep_schedules``; the cache in its ``cache/`` sub-folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import comfy.sample
+import comfy.samplers
+import folder_paths
+import torch
+
+from ..samplers.calibration import DEFAULTS, CalibrationError, SolverSpec, calibrate
+from ..samplers.schedule_store import ScheduleRecord, ScheduleStore, cache_key, model_fingerprint
+from ._api import CATEGORY_SCHEDULERS, io, ui
+from ._comfy_sampler import PRESETS, make_sampler
+from ._comfy_sampling import parameterization_for_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CALIBRATION_PRESETS", "FewStepCalibrateSchedule", "FewStepLoadSchedule", "model_hash", "schedule_store"]
+
+#: the deterministic presets (an SDE solver has no single trajectory to match)
+CALIBRATION_PRESETS: tuple[str, ...] = tuple(k for k, p in PRESETS.items() if float(p.options.get("eta", 0.0)) == 0.0)
+STORE_FOLDER = "fewstep_schedules"
+
+
+def schedule_store() -> ScheduleStore:
+    """The store under ComfyUI's user directory."""
+    return ScheduleStore(Path(folder_paths.get_user_directory()) / STORE_FOLDER)
+
+
+def model_hash(model: Any) -> str:
+    """Fingerprint of a ComfyUI ``MODEL``: strided samples of the diffusion model's weights and shapes.
+
+    Weight patches (LoRA) are not applied to the stored weights until sampling; when a model has
+    any, their patch id is included, so a patched model is recalibrated once per patch set.
+    """
+    extra = f"patches={model.patches_uuid}" if getattr(model, "patches", None) else ""
+    return model_fingerprint(model.model.named_parameters(), extra=extra)
+
+
+def _spec(preset: str) -> SolverSpec:
+    if preset not in CALIBRATION_PRESETS:
+        raise ValueError(f"preset {preset!r} cannot be calibrated; use one of {CALIBRATION_PRESETS}")
+    p = PRESETS[preset]
+    return SolverSpec(p.solver, dict(p.options), preset)  # type: ignore[arg-type]
+
+
+def _sampler_for(preset: str, orders: list[int]) -> Any:
+    p = PRESETS[preset]
+    options = dict(p.options)
+    if p.solver == "singlestep":
+        options["orders"] = list(orders)
+    return make_sampler(p.solver, options)
+
+
+def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe: int, seeds: int, seed: int,
+                        cfg: float, grid_points: int, substeps: int, search_nfe: int):
+    """Run :func:`calibrate` as the sampler function of ComfyUI's guider; returns the result."""
+    parameterization = parameterization_for_model(model)
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1])
+    noise = torch.cat([comfy.sample.prepare_noise(samples, seed + k) for k in range(seeds)])
+    latent_image = torch.zeros_like(noise)
+    box: dict[str, Any] = {}
+
+    def sampler_function(k_model, x, sigmas, extra_args=None, callback=None, disable=None):
+        box["result"] = calibrate(k_model, x, parameterization, nfe, spec, extra_args=extra_args,
+                                  grid_points=grid_points, substeps=substeps, search_nfe=search_nfe)
+        return x
+
+    guider = comfy.samplers.CFGGuider(model)
+    conds = {"positive": positive} if negative is None else {"positive": positive, "negative": negative}
+    guider.inner_set_conds(conds)
+    guider.set_cfg(cfg if negative is not None else 1.0)
+    sigmas = torch.tensor([parameterization.sigma_max, 0.0], dtype=torch.float32)
+    guider.sample(noise, latent_image, comfy.samplers.KSAMPLER(sampler_function), sigmas, disable_pbar=True, seed=seed)
+    return box["result"], parameterization
+
+
+def _report(record: ScheduleRecord, cached: bool) -> str:
+    cost = record.cost
+    head = "cached" if cached else "calibrated"
+    sig = ", ".join(f"{s:.4g}" for s in record.sigmas)
+    return (f"{head}: {record.solver.get('label') or record.solver.get('solver')} at NFE {record.nfe}; "
+            f"sigmas [{sig}]; calibration error {record.error:.4g} vs teacher; cost {cost.get('total_nfe')} model calls "
+            f"on {cost.get('samples')} seeds ({cost.get('teacher_nfe')} teacher + {cost.get('search_nfe')} search), "
+            f"{cost.get('seconds')} s")
+
+
+class FewStepCalibrateSchedule(io.ComfyNode):
+    """Calibrate steps: a schedule fitted to this model and solver at this NFE, cached per model."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepCalibrateSchedule",
+            display_name="FewStep Calibrate Steps",
+            category=CATEGORY_SCHEDULERS,
+            description="Fits the noise levels (SIGMAS) of a few-step solver to this model from a few accurate "
+                        "teacher trajectories (a few hundred model calls once; cached by model weights and "
+                        "settings, so the next run is free). Outputs the matching SAMPLER and SIGMAS.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to calibrate for; its weights key the cache."),
+                io.Conditioning.Input("positive", tooltip="Conditioning for the calibration trajectories."),
+                io.Latent.Input("latent_image", tooltip="Sets the latent size of the calibration noise (e.g. Empty Latent Image)."),
+                io.Combo.Input("preset", options=list(CALIBRATION_PRESETS), default="dpmpp_2m",
+                               tooltip="The solver the schedule is fitted for (use the SAMPLER output with it)."),
+                io.Int.Input("nfe", default=6, min=2, max=50, tooltip="Model calls of one sampling run."),
+                io.Int.Input("seeds", default=8, min=1, max=64,
+                             tooltip="Calibration trajectories (batched into every model call)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="First seed of the calibration noise (seeds seed .. seed + seeds - 1)."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="CFG scale used when a negative conditioning is connected."),
+                io.Int.Input("grid_points", default=DEFAULTS["grid_points"], min=16, max=400,
+                             tooltip="Teacher grid points (the DP chooses steps among them)."),
+                io.Int.Input("substeps", default=DEFAULTS["substeps"], min=1, max=8,
+                             tooltip="Teacher solver steps per grid interval (accuracy of the teacher)."),
+                io.Int.Input("search_nfe", default=DEFAULTS["search_nfe"], min=0, max=10000,
+                             tooltip="Budget of model calls for the local search after the DP (0: none)."),
+                io.Boolean.Input("use_cache", default=True, tooltip="Reuse a cached schedule for the same model and settings."),
+                io.String.Input("save_as", default="", tooltip="Also save the schedule under this name (loadable with FewStep Load Schedule)."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Optional: negative conditioning for CFG."),
+            ],
+            outputs=[
+                io.Sampler.Output("sampler", tooltip="The solver the schedule was fitted for."),
+                io.Sigmas.Output("sigmas", tooltip="The calibrated schedule."),
+                io.String.Output("report", tooltip="Schedule, error and calibration cost."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent_image, preset, nfe, seeds, seed, cfg, grid_points, substeps, search_nfe,
+                use_cache=True, save_as="", negative=None) -> io.NodeOutput:
+        spec = _spec(preset)
+        parameterization = parameterization_for_model(model)
+        shape = list(latent_image["samples"].shape[1:])
+        settings = {"preset": preset, "options": dict(spec.options), "nfe": int(nfe), "seeds": int(seeds),
+                    "seed": int(seed), "cfg": float(cfg) if negative is not None else 1.0,
+                    "grid_points": int(grid_points), "substeps": int(substeps), "search_nfe": int(search_nfe),
+                    "latent_shape": shape, "parameterization": [parameterization.kind, parameterization.sigma_min,
+                                                                parameterization.sigma_max]}
+        store = schedule_store()
+        mhash = model_hash(model)
+        key = cache_key(mhash, settings)
+        record = store.get(key) if use_cache else None
+        cached = record is not None
+        if record is None:
+            try:
+                result, _ = _calibrate_in_comfy(model, positive, negative, latent_image, spec, int(nfe), int(seeds),
+                                                int(seed), float(cfg), int(grid_points), int(substeps), int(search_nfe))
+            except CalibrationError as exc:
+                raise ValueError(f"FewStep Calibrate Steps: {exc}") from exc
+            if not (math.isfinite(result.error) and all(math.isfinite(s) for s in result.sigmas)):
+                raise ValueError("FewStep Calibrate Steps: calibration produced no finite schedule; nothing cached")
+            record = ScheduleRecord.from_result(result, mhash, settings)
+            store.put(key, record)
+        if save_as.strip():
+            store.save(save_as.strip(), record)
+        text = _report(record, cached)
+        logger.info("FewStep: %s", text)
+        return io.NodeOutput(_sampler_for(preset, record.orders), record.sigmas_tensor(), text,
+                             ui=ui.PreviewText(text))
+
+
+class FewStepLoadSchedule(io.ComfyNode):
+    """Load a saved (shared) calibrated schedule by name."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        names = schedule_store().names()
+        return io.Schema(
+            node_id="FewStepLoadSchedule",
+            display_name="FewStep Load Schedule",
+            category=CATEGORY_SCHEDULERS,
+            description=f"Loads a schedule saved by FewStep Calibrate Steps (JSON files in the user folder "
+                        f"'{STORE_FOLDER}'; copy a shared .json there).",
+            inputs=[io.Combo.Input("name", options=names or [""], tooltip="Saved schedule (file name without .json).")],
+            outputs=[io.Sigmas.Output("sigmas", tooltip="The saved schedule."),
+                     io.String.Output("info", tooltip="Solver, NFE and steps the schedule was made for.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, name) -> Any:
+        try:
+            path = schedule_store().path_for(name)
+            return path.stat().st_mtime if path.is_file() else ""
+        except (ValueError, OSError):
+            return ""
+
+    @classmethod
+    def execute(cls, name) -> io.NodeOutput:
+        if not name:
+            raise ValueError(f"no saved schedules yet: run FewStep Calibrate Steps with save_as set, or copy a "
+                             f"schedule .json into the user folder '{STORE_FOLDER}'")
+        record = schedule_store().load(name)
+        label = record.solver.get("label") or record.solver.get("solver") or "unknown solver"
+        text = f"{name}: {label}, NFE {record.nfe}, {len(record.sigmas) - 1} steps"
+        return io.NodeOutput(record.sigmas_tensor(), text)

@@ -1,0 +1,120 @@
+"""Calibrate-steps and load-schedule nodes inside real ComfyUI, on a tiny random-weight SD1.5-type model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+LATENT = (1, 4, 8, 8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def nodes(comfy, tmp_path, monkeypatch):
+    import folder_paths
+
+    from comfyui_fewstep.nodes import calibration_nodes
+
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    return calibration_nodes
+
+
+class CallCounter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, apply_model, args):
+        self.calls += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+def _calibrate(nodes, model, conds, **kw):
+    args = dict(model=model, positive=conds[0], latent_image={"samples": torch.zeros(LATENT)}, preset="dpmpp_2m",
+                nfe=4, seeds=2, seed=0, cfg=2.0, grid_points=16, substeps=1, search_nfe=8, use_cache=True,
+                save_as="", negative=conds[1])
+    args.update(kw)
+    return nodes.FewStepCalibrateSchedule.execute(**args)
+
+
+def test_calibrate_caches_and_drives_sampler_custom_advanced(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path):
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as custom
+
+    counter = CallCounter()
+    model = tiny_comfy_model.clone()
+    model.set_model_unet_function_wrapper(counter)
+    with torch.inference_mode():
+        out = _calibrate(nodes, model, tiny_comfy_conds, save_as="tiny sd15 2m")
+    sampler, sigmas, report = out.result
+    assert report.startswith("calibrated") and "model calls" in report
+    assert sigmas.dtype == torch.float32 and sigmas.shape == (5,) and sigmas[-1] == 0
+    assert torch.all(sigmas[1:] < sigmas[:-1]) and sigmas[0] == pytest.approx(14.6146, rel=1e-4)
+    first = counter.calls
+    # teacher (15 intervals x 1 substep + 1) + DP check + 4 fixed schedules + search, one call per model call (cfg batched)
+    assert first >= 16 + 5 * 4
+    cached = list((tmp_path / nodes.STORE_FOLDER / "cache").glob("*.json"))
+    assert len(cached) == 1
+    record = json.loads(cached[0].read_text())
+    assert record["sigmas"] == pytest.approx(sigmas.tolist(), rel=1e-6) and record["cost"]["total_nfe"] > 0
+    assert set(record) >= {"sigmas", "nfe", "solver", "model_hash", "settings", "cost", "created"}
+
+    with torch.inference_mode():  # second run: from the cache, no model call
+        again = _calibrate(nodes, model, tiny_comfy_conds)
+    assert counter.calls == first and again.result[2].startswith("cached")
+    torch.testing.assert_close(again.result[1], sigmas)
+
+    loaded, info = nodes.FewStepLoadSchedule.execute("tiny sd15 2m").result
+    torch.testing.assert_close(loaded, sigmas)
+    assert "NFE 4" in info
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(*tiny_comfy_conds)
+    guider.set_cfg(2.0)
+    before = counter.calls
+    with torch.inference_mode():
+        samples = custom.SamplerCustomAdvanced().sample(
+            custom.Noise_RandomNoise(3), guider, sampler, loaded, {"samples": torch.zeros(LATENT)})[0]["samples"]
+    assert torch.isfinite(samples).all() and counter.calls - before == 4
+
+
+def test_changed_weights_miss_the_cache(nodes, tiny_comfy_model, tiny_comfy_conds):
+    base = nodes.model_hash(tiny_comfy_model)
+    other = tiny_comfy_model.clone()
+    assert nodes.model_hash(other) == base  # a clone shares the weights
+    w = next(other.model.parameters())
+    with torch.no_grad():
+        w.view(-1)[0] += 1.0
+    try:
+        assert nodes.model_hash(other) != base
+    finally:
+        with torch.no_grad():
+            w.view(-1)[0] -= 1.0
+
+
+def test_nan_model_gives_a_clear_error_and_caches_nothing(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path):
+    model = tiny_comfy_model.clone()
+    model.set_model_unet_function_wrapper(lambda apply_model, args: apply_model(
+        args["input"], args["timestep"], **args["c"]) * float("nan"))
+    with pytest.raises(ValueError, match="NaN/inf"), torch.inference_mode():
+        _calibrate(nodes, model, tiny_comfy_conds)
+    assert not list((tmp_path / nodes.STORE_FOLDER).rglob("*.json"))
+
+
+def test_bad_settings_are_refused(nodes, tiny_comfy_model, tiny_comfy_conds):
+    with pytest.raises(ValueError, match="too few calibration evaluations"), torch.inference_mode():
+        _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, nfe=8, grid_points=16)
+    with pytest.raises(ValueError, match="cannot be calibrated"):
+        _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset="dpmpp_2m_sde")
+    with pytest.raises(ValueError, match="no saved schedules yet"):
+        nodes.FewStepLoadSchedule.execute("")
