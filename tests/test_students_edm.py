@@ -1,0 +1,87 @@
+"""EDM pixel generators: architecture size against the EDM paper, preconditioning, one-step generation,
+and a converted pickle loading strictly into our network."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfyui_fewstep.distill_loaders.convert_pickle import convert
+from comfyui_fewstep.distill_loaders.detect import detect
+from comfyui_fewstep.distill_loaders.edm_networks import build_edm_network, edm_denoise, generate_one_step
+from comfyui_fewstep.distill_loaders.recipes import recipe_sigmas
+
+CIFAR = dict(img_resolution=32, in_channels=3, out_channels=3, augment_dim=9, model_channels=128,
+             channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16])
+IMAGENET = dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000, model_channels=192,
+                channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[32, 16, 8])
+
+
+def _params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_parameter_counts_match_the_edm_paper():
+    # EDM (Karras et al. 2022) Table 7: DDPM++ CIFAR-10 55.73M, ADM ImageNet-64 295.90M.
+    with torch.device("meta"):
+        assert round(_params(build_edm_network("SongUNet", **CIFAR)) / 1e6, 2) == 55.73
+        assert round(_params(build_edm_network("DhariwalUNet", **IMAGENET)) / 1e6, 2) == 295.90
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x, noise_labels, class_labels=None):
+        self.seen = (x.std().item(), noise_labels.clone())
+        return torch.zeros_like(x)
+
+
+def test_preconditioning_closed_form():
+    net = _Zero()
+    z = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    sigma = 2.5
+    out = edm_denoise(net, sigma * z, sigma)
+    c_skip = 0.25 / (sigma**2 + 0.25)
+    torch.testing.assert_close(out, c_skip * sigma * z)
+    std, c_noise = net.seen
+    assert std == pytest.approx(sigma / math.sqrt(sigma**2 + 0.25), rel=0.01)  # c_in * sigma z
+    torch.testing.assert_close(c_noise, torch.full((4,), math.log(2.5) / 4))
+
+
+def test_one_step_generation_shapes_and_range():
+    torch.manual_seed(0)
+    net = build_edm_network("SongUNet", img_resolution=16, in_channels=3, out_channels=3, label_dim=10,
+                            model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    sigma_init = float(recipe_sigmas("sid_edm_1step")[0])
+    assert sigma_init == 2.5
+    x = generate_one_step(net, torch.randn(2, 3, 16, 16), sigma_init, torch.eye(10)[:2])
+    assert x.shape == (2, 3, 16, 16) and bool(torch.isfinite(x).all()) and x.abs().max() <= 1
+    # different labels give different images
+    y = generate_one_step(net, torch.zeros(1, 3, 16, 16), sigma_init, torch.eye(10)[3:4])
+    z = generate_one_step(net, torch.zeros(1, 3, 16, 16), sigma_init, torch.eye(10)[4:5])
+    assert not torch.allclose(y, z)
+
+
+def test_converted_pickle_loads_strictly(tmp_path):
+    torch.manual_seed(1)
+    kwargs = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2],
+                  num_blocks=1, attn_resolutions=[8])
+    net = build_edm_network("DhariwalUNet", label_dim=10, **kwargs)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    # DMD2's ImageNet pytorch_model.bin layout: an EDMPrecond state dict, network under "model."
+    src = tmp_path / "dmd2-imagenet-network-snapshot.pkl"
+    src.write_bytes(pickle.dumps({"ema": {f"model.{k}": v for k, v in net.state_dict().items()}}))
+    dst, _ = convert(src, tmp_path / "dmd2_imagenet.safetensors")
+    sd = load_file(str(dst))
+    fresh = build_edm_network("DhariwalUNet", label_dim=10, **kwargs)
+    fresh.load_state_dict(sd, strict=True)
+    z = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(generate_one_step(fresh, z, 80.0, torch.eye(10)[:2]),
+                               generate_one_step(net, z, 80.0, torch.eye(10)[:2]))
+    det = detect(dst)
+    assert (det.layout, det.arch, det.recipe) == ("edm", "edm_dhariwal", "dmd2_imagenet_1step")
