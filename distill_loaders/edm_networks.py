@@ -309,3 +309,36 @@ def generate_one_step(net: nn.Module, z: torch.Tensor, sigma_init: float, class_
     """One-step generation ``x0 = G(sigma_init z, sigma_init)`` (SiD ``generate_onestep.py``);
     returns pixels in [-1, 1] (clamped)."""
     return edm_denoise(net, sigma_init * z, sigma_init, class_labels, sigma_data).clamp(-1, 1)
+
+
+def edm_config_from_state_dict(sd: dict) -> tuple[str, dict]:
+    """``(arch, constructor kwargs)`` read from a network state dict's names and shapes alone."""
+    import re
+
+    def shape(k):
+        return tuple(sd[k].shape)
+
+    arch = "edm_dhariwal" if "out_conv.weight" in sd else "edm_songunet"
+    conv0 = next((k for k in sd if re.fullmatch(r"enc\.(\d+)x\1_conv\.weight", k)), None)
+    if conv0 is None or "map_layer0.weight" not in sd:
+        raise ValueError("not an EDM SongUNet/DhariwalUNet state dict (no enc.<R>x<R>_conv / map_layer0)")
+    res0 = int(conv0.split(".")[1].split("x")[0])
+    emb, mc = shape("map_layer0.weight")
+    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"enc\.(\d+)x\1_", k))}, reverse=True)
+    mult, attn = [], []
+    num_blocks = len({k.split(".")[1] for k in sd if k.startswith(f"enc.{res0}x{res0}_block")})
+    for r in levels:
+        mult.append(shape(f"enc.{r}x{r}_block0.conv1.weight")[0] // mc)
+        if f"enc.{r}x{r}_block0.qkv.weight" in sd or f"dec.{r}x{r}_block{num_blocks}.qkv.weight" in sd:
+            attn.append(r)
+    out_key = "out_conv.weight" if arch == "edm_dhariwal" else f"dec.{res0}x{res0}_aux_conv.weight"
+    kwargs = dict(img_resolution=res0, in_channels=shape(conv0)[1], out_channels=shape(out_key)[0],
+                  label_dim=shape("map_label.weight")[1] if "map_label.weight" in sd else 0,
+                  augment_dim=shape("map_augment.weight")[1] if "map_augment.weight" in sd else 0,
+                  model_channels=mc, channel_mult=mult, channel_mult_emb=emb // mc, num_blocks=num_blocks,
+                  attn_resolutions=attn)
+    if arch == "edm_songunet":
+        kwargs["embedding_type"] = "fourier" if "map_noise.freqs" in sd else "positional"
+        filt = next((sd[k] for k in sd if k.endswith("resample_filter")), None)
+        kwargs["resample_filter"] = [1, 1] if filt is None or filt.shape[-1] == 2 else [1, 3, 3, 1]
+    return arch, kwargs

@@ -85,3 +85,16 @@ def test_converted_pickle_loads_strictly(tmp_path):
                                generate_one_step(net, z, 80.0, torch.eye(10)[:2]))
     det = detect(dst)
     assert (det.layout, det.arch, det.recipe) == ("edm", "edm_dhariwal", "dmd2_imagenet_1step")
+
+
+@pytest.mark.parametrize("arch, kwargs", [("SongUNet", CIFAR), ("SongUNet", dict(CIFAR, label_dim=10)),
+                                          ("DhariwalUNet", IMAGENET)])
+def test_config_is_recovered_from_shapes(arch, kwargs):
+    from comfyui_fewstep.distill_loaders.edm_networks import edm_config_from_state_dict
+
+    with torch.device("meta"):
+        sd = build_edm_network(arch, **kwargs).state_dict()
+        name, found = edm_config_from_state_dict(sd)
+        rebuilt = build_edm_network(name, **found).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in sd.items()}
+    assert found["attn_resolutions"] == list(kwargs["attn_resolutions"])
