@@ -3,7 +3,8 @@
 Rows of the demo's grid and table. DPM-Solver++ rows use the pack's samplers
 (:mod:`..samplers`): multistep 2M / 3M and 3M with the UniC corrector of UniPC (Zhao et
 al. 2023, arXiv 2302.04867; no extra calls), singlestep 3S with the DPM-Solver-fast order
-allocation (Lu et al. 2022, arXiv 2206.00927, Sec. 3.4), and DDIM as first-order
+allocation (Lu et al. 2022, arXiv 2206.00927, Sec. 3.4) for ``nfe - 1`` calls plus a
+first-order step into sigma = 0, and DDIM as first-order
 DPM-Solver++. Euler and Heun are ComfyUI's baselines, from :mod:`.baselines`.
 """
 
@@ -78,7 +79,8 @@ def run_preset(
     if preset.kind == "heun":
         sigmas = _sigmas(heun_steps_for_nfe(nfe), schedule, parameterization)
     elif preset.kind == "singlestep":
-        orders = singlestep_orders(nfe, preset.order)
+        # the step into sigma = 0 is first order (it returns the data prediction)
+        orders = (singlestep_orders(nfe - 1, preset.order) if nfe > 1 else []) + [1]
         sigmas = _sigmas(len(orders), schedule, parameterization)
     else:
         sigmas = _sigmas(nfe, schedule, parameterization)
