@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..samplers._coefficients import THIRD_ORDER_WEIGHTS
 from ..samplers.correction import CORRECTION_KINDS, make_x0_correction
 from ..samplers.singlestep import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES
 from ..samplers.unipc import CORRECTOR_VARIANTS
@@ -53,9 +54,11 @@ def sampler_options(
     thresholding: str,
     threshold_percentile: float,
     threshold_max: float,
+    third_order: str = "taylor",
 ) -> dict[str, Any]:
     """Core sampler keyword options from the node's widgets."""
     return {
+        "third_order": third_order,
         "order": int(order),
         "solver_type": solver_type,
         "algorithm": prediction,
@@ -184,6 +187,15 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     step=0.01,
                     tooltip="Clamp / dynamic thresholding: the largest allowed |x0|.",
                 ),
+                io.Combo.Input(
+                    "third_order",
+                    options=list(THIRD_ORDER_WEIGHTS),
+                    default="taylor",
+                    optional=True,
+                    tooltip="Third-order multistep weight. taylor: true third order (measured). "
+                    "official: the published code's weight (ComfyUI's dpmpp_3m_sde, diffusers), "
+                    "which is only second order; choose it to reproduce those exactly.",
+                ),
             ],
             outputs=[io.Sampler.Output(tooltip="The configured solver, for SamplerCustom(Advanced).")],
         )
@@ -209,6 +221,7 @@ class FewStepDPMSolverSampler(io.ComfyNode):
         thresholding,
         threshold_percentile,
         threshold_max,
+        third_order="taylor",
     ) -> io.NodeOutput:
         problem = check_sampler_options(solver, order, eta, corrector)
         if problem:
@@ -227,5 +240,6 @@ class FewStepDPMSolverSampler(io.ComfyNode):
             thresholding,
             threshold_percentile,
             threshold_max,
+            third_order,
         )
         return io.NodeOutput(make_sampler(solver, options))

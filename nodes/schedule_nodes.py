@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from ..samplers.budget import StepPlan, singlestep_orders, steps_for_nfe
+from ..samplers.budget import steps_for_nfe
 from ..samplers.schedules import AYS_MODELS, GITS_COEFFS, SCHEDULE_DEFAULTS, SCHEDULE_NAMES, get_sigmas
 from ._api import CATEGORY_PLANS, CATEGORY_SCHEDULERS, io, ui
 from ._comfy_sampler import PRESET_NAMES, PRESETS, make_sampler
@@ -16,7 +15,7 @@ from ._comfy_sampling import parameterization_for_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FewStepNFEPlan", "FewStepSchedule", "plan_for_budget", "schedule_options", "sigmas_for_model"]
+__all__ = ["FewStepNFEPlan", "FewStepSchedule", "schedule_options", "sigmas_for_model"]
 
 _SCHEDULE_TOOLTIP = (
     "How the noise levels of the steps are spaced. logsnr_uniform: equal steps in the half "
@@ -212,20 +211,6 @@ class FewStepSchedule(io.ComfyNode):
         return io.NodeOutput(sigmas)
 
 
-def plan_for_budget(solver: str, nfe: int, order: int) -> StepPlan:
-    """``steps_for_nfe`` for a schedule ending in 0, whose last step is the denoise-to-zero step.
-
-    That step is first order in every solver here (it returns the data prediction), so a
-    singlestep allocation that does not end in order 1 gives its last call to that step:
-    ``singlestep_orders(nfe - 1, order) + [1]``.
-    """
-    plan = steps_for_nfe(solver, nfe, order)
-    if solver != "singlestep" or not plan.orders or plan.orders[-1] == 1 or nfe < 2:
-        return plan
-    orders = tuple(singlestep_orders(nfe - 1, order)) + (1,)
-    return replace(plan, steps=len(orders), orders=orders)
-
-
 class FewStepNFEPlan(io.ComfyNode):
     """Budget-first set-up: pick a solver preset and a number of model calls, get SAMPLER + SIGMAS."""
 
@@ -293,7 +278,7 @@ class FewStepNFEPlan(io.ComfyNode):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {PRESET_NAMES}")
         spec = PRESETS[preset]
-        plan = plan_for_budget(spec.solver, int(nfe), spec.order)
+        plan = steps_for_nfe(spec.solver, int(nfe), spec.order)
         options = dict(spec.options)
         if spec.solver == "singlestep":
             options["orders"] = list(plan.orders)

@@ -16,8 +16,9 @@ is ignored: the run stops at the last non-zero sigma after ``len(sigmas) - 2`` c
 DPM-Solver accounting: N calls for N steps, no final denoise). The UniC corrector adds no calls.
 
 Configured as ``order=2, solver_type="midpoint", lower_order_final=False, eta=0`` in VE form this is
-k-diffusion's / ComfyUI's ``dpmpp_2m``; ``order=3, solver_type="heun", lower_order_final=False``
-with ``eta`` and a flow parameterisation where needed is ``dpmpp_3m_sde`` (true half log-SNR), up to
+k-diffusion's / ComfyUI's ``dpmpp_2m``; ``order=3, solver_type="heun", lower_order_final=False,
+third_order="official"`` with ``eta`` and a flow parameterisation where needed is ``dpmpp_3m_sde``
+(true half log-SNR), up to
 float rounding (our weights are float64, theirs float32 tensors) and the noise source (ComfyUI
 draws SDE noise from a Brownian tree). ComfyUI nudges a flow schedule's first sigma of 1 down to
 ``1 - 1e-4`` before ``dpmpp_3m_sde``; here a step from ``sigma = 1`` is the exact first-order step.
@@ -138,7 +139,7 @@ def sample_dpmpp_multistep(
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
     corrector: CorrectorVariant = "none",
-    third_order: ThirdOrder = "official",
+    third_order: ThirdOrder = "taylor",
     x0_correction: X0Correction | None = None,
     check_finite: bool = True,
     resume_history: bool = True,
@@ -166,8 +167,10 @@ def sample_dpmpp_multistep(
             :class:`.noise.PerSampleNoiseSampler` seeded with ``extra_args["seed"]``.
         corrector: ``none`` or UniC (``bh1``/``bh2``, Zhao et al. 2023): corrects each state with
             the model call made there anyway, raising the order by one at no extra NFE.
-        third_order: weight of the third-order term, ``official`` (as published) or ``taylor``
-            (see :mod:`._coefficients`).
+        third_order: weight of the third-order term: ``taylor`` (default; the weight a Taylor
+            expansion of the exponential integral gives, measured third order) or ``official`` (the
+            authors' published code, also diffusers' and ComfyUI's ``dpmpp_3m_sde``: half that
+            weight, which measures second order; use it for parity). See :mod:`._coefficients`.
         x0_correction: hook applied to every data prediction (clamp, dynamic thresholding).
         check_finite: stop with :class:`._loop.NonFiniteModelOutputError` on NaN/inf output.
         resume_history: continue with the stored model outputs of a previous run that ended at

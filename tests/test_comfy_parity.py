@@ -5,7 +5,8 @@ Where the definitions coincide (checked here):
 * ours ``order=2, solver_type="midpoint", lower_order_final=False`` in VE form is ``dpmpp_2m``;
 * ours ``order=2`` (midpoint or heun) with ``eta`` is ``dpmpp_2m_sde`` (``solver_type`` alike), in
   VE and flow form (ComfyUI's SDE samplers use the true half log-SNR for CONST models);
-* ours ``order=3, solver_type="heun", lower_order_final=False`` with ``eta`` is ``dpmpp_3m_sde``
+* ours ``order=3, solver_type="heun", lower_order_final=False, third_order="official"`` with ``eta``
+  is ``dpmpp_3m_sde``
   (its second-order warm-up step uses the ``phi_2`` weight, i.e. heun), in VE and flow form.
 
 Documented divergences (also checked):
@@ -179,7 +180,8 @@ def test_3m_matches_dpmpp_3m_sde(env, kind, eta, n):
         sigmas,
         "sample_dpmpp_3m_sde",
         {"eta": eta, "s_noise": 1.0, "noise_sampler": noise},
-        {"order": 3, "solver_type": "heun", "lower_order_final": False, "eta": eta, "noise_sampler": noise},
+        {"order": 3, "solver_type": "heun", "lower_order_final": False, "third_order": "official",
+         "eta": eta, "noise_sampler": noise},
     )
     _assert_parity(core, ours)
 
@@ -208,7 +210,7 @@ def test_flow_schedule_starting_at_one(env):
         sigmas,
         "sample_dpmpp_3m_sde",
         {"eta": 0.0, "noise_sampler": TableNoise(sigmas)},
-        {"order": 3, "solver_type": "heun", "lower_order_final": False},
+        {"order": 3, "solver_type": "heun", "lower_order_final": False, "third_order": "official"},
     )
     err = float((core - ours).abs().max())
     assert 0.0 < err < 1e-2 * max(1.0, float(core.abs().max()))
@@ -234,6 +236,6 @@ def test_lower_order_final_is_our_own_policy(env):
         sigmas,
         "sample_dpmpp_3m_sde",
         {"eta": 0.0, "noise_sampler": TableNoise(sigmas)},
-        {"order": 3, "solver_type": "heun", "lower_order_final": True},
+        {"order": 3, "solver_type": "heun", "lower_order_final": True, "third_order": "official"},
     )
     assert float((core - ours).abs().max()) > 1e-4

@@ -146,24 +146,28 @@ def test_dpmsolver_noise_prediction_matches_transcription(order, solver_type):
     ref = reference(p, Model(p), x, SIGMAS_VE, order, solver_type, algorithm="eps")
     out = sample_dpmpp_multistep(
         Model(p), x, torch.tensor(SIGMAS_VE, dtype=torch.float64), parameterization=p, order=order,
-        solver_type=solver_type, algorithm="dpmsolver", lower_order_final=False, disable=True,
+        solver_type=solver_type, algorithm="dpmsolver", lower_order_final=False, third_order="official",
+        disable=True,
     )
     torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("order,solver_type,eta", [(1, "midpoint", 1.0), (2, "midpoint", 0.5), (2, "heun", 1.0),
-                                                   (3, "heun", 0.7)])
-def test_sde_dpmpp_matches_transcription(order, solver_type, eta):
+@pytest.mark.parametrize("order,solver_type,eta,third_order", [
+    (1, "midpoint", 1.0, "official"), (2, "midpoint", 0.5, "official"), (2, "heun", 1.0, "official"),
+    (3, "heun", 0.7, "official"), (3, "heun", 0.7, "taylor"),
+])
+def test_sde_dpmpp_matches_transcription(order, solver_type, eta, third_order):
     p = FLOW
     x = _x(p)
     g = torch.Generator().manual_seed(7)
     noises = [torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in SIGMAS_FLOW]
-    ref = reference(p, Model(p), x, SIGMAS_FLOW, order, solver_type, eta=eta, noises=noises)
+    w3 = 2.0 if third_order == "taylor" else 1.0
+    ref = reference(p, Model(p), x, SIGMAS_FLOW, order, solver_type, w3=w3, eta=eta, noises=noises)
     it = iter(noises)
     out = sample_dpmpp_multistep(
         Model(p), x, torch.tensor(SIGMAS_FLOW, dtype=torch.float64), parameterization=p, order=order,
         solver_type=solver_type, eta=eta, noise_sampler=lambda s, t: next(it), lower_order_final=False,
-        disable=True,
+        third_order=third_order, disable=True,
     )
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 

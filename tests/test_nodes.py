@@ -27,6 +27,7 @@ FROZEN_INPUTS = {
         "thresholding",
         "threshold_percentile",
         "threshold_max",
+        "third_order",
     ],
     "FewStepSchedule": [
         "model",
@@ -131,6 +132,7 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
         ("eta", "eta"),
         ("s_noise", "s_noise"),
         ("corrector", "corrector"),
+        ("third_order", "third_order"),
     ]:
         assert defaults[widget] == params[option].default, widget
 
@@ -233,11 +235,11 @@ def test_sampler_node_builds_ksampler_with_options(schemas, comfy):
 
 
 def test_plan_for_budget_spends_exactly_the_budget(comfy):
-    from comfyui_fewstep.nodes.schedule_nodes import plan_for_budget
+    from comfyui_fewstep.samplers.budget import steps_for_nfe
 
     for solver, order in [("multistep", 2), ("multistep", 3), ("singlestep", 2), ("singlestep", 3)]:
         for nfe in range(1, 13):
-            plan = plan_for_budget(solver, nfe, order)
+            plan = steps_for_nfe(solver, nfe, order)
             assert plan.nfe == nfe
             if solver == "singlestep":
                 assert sum(plan.orders) == nfe and plan.orders[-1] == 1 and plan.steps == len(plan.orders)
