@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _comfy  # noqa: E402
-import solver_benchmark as sb  # noqa: E402
-from _harness import import_package, measure  # noqa: E402
+import _comfy
+import solver_benchmark as sb
+from _harness import import_package, measure
 
 NFES = (4, 5, 6, 8)
 TARGET_RATIO = 0.25
@@ -97,7 +97,7 @@ def run_tiny_teacher(nfes, cal, lines):
         for nfe in nfes:
             res = cal.calibrate(net, x_cal, p, nfe, spec)
 
-            def err(sig):
+            def err(sig, nfe=nfe):
                 out = spec.run(net, x_eval, sig, p, nfe=nfe)
                 return float((out - ref).reshape(out.shape[0], -1).pow(2).mean(1).sqrt().median())
 
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.run_local(problem)
         rows = calibrate_problem(problem, NFES, cal, analytic)
         body += [f"### {problem.name}", "",
-                 f"| NFE | {base_name} | median / p90 / flips | ours, fixed schedule (best) | median | calibrated "
+                 (f"| NFE | {base_name} | median / p90 / flips | ours, fixed schedule (best) | median | calibrated "
                  "(preset chosen by calibration error) | median / p90 / flips | ratio to ComfyUI | "
-                 "calibration cost: model calls (teacher + search), s |",
+                 "calibration cost: model calls (teacher + search), s |"),
                  "|---|---|---|---|---|---|---|---|---|"]
         for nfe in NFES:
             b = sb.best(bench.results, problem.name, base_source, nfe, deterministic_only=True)
@@ -178,16 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         command = "COMFYUI_PATH=<ComfyUI 0.3.64 checkout> " + command
     met = [c for c in cells if c[2] <= TARGET_RATIO and c[3]]
     lines += [
-        f"Produced by `{command}` ({platform.python_implementation()} {platform.python_version()}, torch "
+        (f"Produced by `{command}` ({platform.python_implementation()} {platform.python_version()}, torch "
         f"{torch.__version__}, CPU, {elapsed:.0f} s). Calibration: {CALIBRATION_SEEDS} seeds independent of the "
         f"{n_samples} evaluation trajectories, teacher {cal.DEFAULTS['grid_points']} grid points x "
         f"{cal.DEFAULTS['substeps']} substeps, search budget {cal.DEFAULTS['search_nfe']} model calls; the "
         "teacher is shared by the presets and NFEs of a problem, and its cost is counted in every row. "
-        "Errors: per-sample RMS against the exact ODE solution at sigma = 0; cells median / p90 / mode-flip rate.",
+        "Errors: per-sample RMS against the exact ODE solution at sigma = 0; cells median / p90 / mode-flip rate."),
         "",
-        f"Target: calibrated median <= {TARGET_RATIO} x the {base_name} median with no more flips: met in "
+        (f"Target: calibrated median <= {TARGET_RATIO} x the {base_name} median with no more flips: met in "
         f"{len(met)} of {len(cells)} (problem, NFE) cells. Median ratio over cells: "
-        f"{sorted(c[2] for c in cells)[len(cells) // 2]:.2f}.",
+        f"{sorted(c[2] for c in cells)[len(cells) // 2]:.2f}."),
         "",
         *body,
         END,

@@ -23,7 +23,7 @@ __all__ = ["FORMAT", "WEIGHTS_PATH", "load_teacher", "read_metadata", "save_teac
 logger = logging.getLogger(__name__)
 
 FORMAT = "comfyui_fewstep.demo.tiny_teacher/1"
-WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "tiny_teacher.safetensors"
+WEIGHTS_PATH = Path(__file__).resolve().parent / "tiny_teacher.safetensors"
 
 
 def read_metadata(path: str | Path = WEIGHTS_PATH) -> dict[str, str]:

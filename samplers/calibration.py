@@ -25,6 +25,7 @@ GPU-hours; this procedure costs a few hundred model calls (see :class:`Calibrati
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -59,9 +60,9 @@ __all__ = [
     "BASELINE_SCHEDULES",
     "DEFAULTS",
     "FLOW_TEACHER_LAMBDA_MIN",
+    "SOLVER_KINDS",
     "CalibrationError",
     "CalibrationResult",
-    "SOLVER_KINDS",
     "SolverSpec",
     "Teacher",
     "calibrate",
@@ -215,7 +216,7 @@ def teacher_grid(parameterization: Parameterization, points: int, sigma_min: flo
 
 def _fine_grid(grid: list[float], p: Parameterization, substeps: int) -> list[float]:
     fine: list[float] = []
-    for a, b in zip(grid, grid[1:]):
+    for a, b in itertools.pairwise(grid):
         la, lb = p.lambda_(a), p.lambda_(b)
         for k in range(substeps):
             if k == 0:
@@ -375,7 +376,7 @@ class _Box:
 
     def feasible(self, lams: Sequence[float]) -> bool:
         seq = [self.floor, *lams]
-        return all(b - a >= self.gap for a, b in zip(seq, seq[1:])) and (not lams or lams[-1] <= self.top + 1e-12)
+        return all(b - a >= self.gap for a, b in itertools.pairwise(seq)) and (not lams or lams[-1] <= self.top + 1e-12)
 
     def clamp(self, points: Sequence[float]) -> list[float] | None:
         """``points`` with the first set to sigma_max and the rest inside the box; None if impossible."""

@@ -21,6 +21,7 @@ patch id of a patched model).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ def validate_sigmas(sigmas: Iterable[Any], where: str = "schedule") -> list[floa
         raise ValueError(f"{where}: sigmas must be a list of numbers ({exc})") from exc
     if len(values) < 2 or values[-1] != 0.0:
         raise ValueError(f"{where}: sigmas need at least two values and must end in 0, got {values}")
-    if not all(math.isfinite(v) and v >= 0.0 for v in values) or not all(a > b for a, b in zip(values, values[1:])):
+    if not all(math.isfinite(v) and v >= 0.0 for v in values) or not all(a > b for a, b in itertools.pairwise(values)):
         raise ValueError(f"{where}: sigmas must be finite and strictly decreasing, got {values}")
     return values
 
@@ -99,7 +100,7 @@ class ScheduleRecord:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+            raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 (file content)
         if data.get("format", FORMAT) != FORMAT:
             raise ValueError(f"{where}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
         if "sigmas" not in data:
@@ -168,7 +169,7 @@ class ScheduleStore:
         return sorted(p.stem for p in self.root.glob("*.json") if p.is_file())
 
     def path_for(self, name: str) -> Path:
-        name = name[:-5] if name.endswith(".json") else name
+        name = name.removesuffix(".json")
         if not _NAME.fullmatch(name) or ".." in name:
             raise ValueError(
                 f"schedule name {name!r} is not allowed: use letters, digits, space, '_', '-', '.' "

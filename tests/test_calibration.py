@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from comfyui_fewstep.samplers import analytic
 from comfyui_fewstep.samplers import calibration as cal
 from comfyui_fewstep.samplers._calibration_dp import GridCosts

@@ -23,7 +23,6 @@ def single_thread():
 @pytest.fixture()
 def nodes(comfy, tmp_path, monkeypatch):
     import folder_paths
-
     from comfyui_fewstep.nodes import calibration_nodes
 
     monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
@@ -40,9 +39,9 @@ class CallCounter:
 
 
 def _calibrate(nodes, model, conds, **kw):
-    args = dict(model=model, positive=conds[0], latent_image={"samples": torch.zeros(LATENT)}, preset="dpmpp_2m",
-                nfe=4, seeds=2, seed=0, cfg=2.0, grid_points=16, substeps=1, search_nfe=8, use_cache=True,
-                save_as="", negative=conds[1])
+    args = {"model": model, "positive": conds[0], "latent_image": {"samples": torch.zeros(LATENT)}, "preset": "dpmpp_2m",
+                "nfe": 4, "seeds": 2, "seed": 0, "cfg": 2.0, "grid_points": 16, "substeps": 1, "search_nfe": 8, "use_cache": True,
+                "save_as": "", "negative": conds[1]}
     args.update(kw)
     return nodes.FewStepCalibrateSchedule.execute(**args)
 

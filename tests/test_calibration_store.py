@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from comfyui_fewstep.samplers import analytic
 from comfyui_fewstep.samplers import calibration as cal
 from comfyui_fewstep.samplers.schedule_store import (
@@ -19,7 +18,7 @@ from comfyui_fewstep.samplers.schedule_store import (
 
 
 def _record(**kw):
-    base = dict(sigmas=[14.6, 3.0, 0.5, 0.0], nfe=3, solver={"solver": "multistep", "options": {"order": 2}})
+    base = {"sigmas": [14.6, 3.0, 0.5, 0.0], "nfe": 3, "solver": {"solver": "multistep", "options": {"order": 2}}}
     base.update(kw)
     return ScheduleRecord(**base)
 

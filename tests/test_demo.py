@@ -79,7 +79,7 @@ def test_committed_weights_are_small_and_documented():
     assert WEIGHTS_PATH.is_file() and WEIGHTS_PATH.stat().st_size < 2_000_000
     meta = read_metadata()
     assert meta["training_command"].startswith("python tools/train_tiny_teacher.py")
-    assert (WEIGHTS_PATH.parent / "README.md").read_text().count(meta["training_command"]) >= 1
+    assert (WEIGHTS_PATH.parent / "tiny_teacher.md").read_text().count(meta["training_command"]) >= 1
 
 
 def test_teacher_loads_with_the_sampler_contract(teacher):

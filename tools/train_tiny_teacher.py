@@ -1,6 +1,6 @@
 """Train the demo's tiny EDM teacher on scikit-learn's 8x8 digits (a few minutes on 2 CPU cores).
 
-    python tools/train_tiny_teacher.py            # writes demo/weights/tiny_teacher.safetensors
+    python tools/train_tiny_teacher.py            # writes demo/tiny_teacher.safetensors
 
 The data: ``sklearn.datasets.load_digits`` (1797 images, shipped inside scikit-learn, no
 download), grey values 0..16 mapped to ``[-1, 1]`` and upsampled bilinearly to 16x16.
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "demo" / "weights" / "tiny_teacher.safetensors"
+DEFAULT_OUT = ROOT / "demo" / "tiny_teacher.safetensors"
 
 
 def _pack():
