@@ -14,7 +14,7 @@ from .calibration_nodes import FewStepCalibrateSchedule, FewStepLoadSchedule
 from .ksampler_presets import register_ksampler_presets
 from .sampler_nodes import FewStepDPMSolverSampler
 from .schedule_nodes import FewStepNFEPlan, FewStepSchedule
-from .student_nodes import FewStepStudentLoader
+from .student_nodes import FewStepEDMGenerator, FewStepStudentLoader
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def node_list() -> list[type[io.ComfyNode]]:
         FewStepCUDAGraph,
         FewStepCalibrateSchedule, FewStepLoadSchedule,
         FewStepStudentLoader,
+        FewStepEDMGenerator,
     ]
 
 

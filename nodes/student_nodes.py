@@ -17,11 +17,11 @@ import comfy.samplers
 import comfy.sd
 import folder_paths
 
-from ..distill_loaders.detect import Detection
+from ..distill_loaders.detect import Detection, detect, lora_module_names
 from ..distill_loaders.errors import StudentLoadError
 from ..distill_loaders.inspect import format_report
 from ..distill_loaders.keys import lora_to_kohya
-from ..distill_loaders.load import check_lora_base, load_student, to_ldm_unet
+from ..distill_loaders.load import check_finite, check_lora_base, load_student, load_weights, to_ldm_unet
 from ..distill_loaders.recipes import recipe_sigmas
 from ..distill_loaders.specs import Recipe, get_recipe, recipe_names
 from ..distill_loaders.student_samplers import sample_renoise, sample_tcd
@@ -29,7 +29,7 @@ from ._api import io
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FewStepStudentLoader", "apply_student_lora", "load_student_model", "student_model_sampling",
+__all__ = ["FewStepEDMGenerator", "FewStepStudentLoader", "generate_edm_images", "apply_student_lora", "load_student_model", "student_model_sampling",
            "student_sampler"]
 
 FOLDERS = ("checkpoints", "diffusion_models", "loras")
@@ -103,8 +103,6 @@ def apply_student_lora(model, det: Detection, lora_sd: dict, strength: float):
     loaded = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
     patched = model.clone()
     applied = set(patched.add_patches(loaded, strength))
-    from ..distill_loaders.detect import lora_module_names
-
     modules, _text = lora_module_names(lora_sd)
     missing = len(modules) - len(applied)
     if not applied:
@@ -207,3 +205,73 @@ class FewStepStudentLoader(io.ComfyNode):
         model, clip, vae, sampler, sigmas, info = load_student_model(
             _resolve(model_file), recipe, steps, model, lora_strength, check_weights)
         return io.NodeOutput(model, sampler, sigmas, clip, vae, info)
+
+
+def generate_edm_images(path: str | Path, seed: int = 0, batch_size: int = 1, class_label: int = -1,
+                        sigma_init: float = 0.0, recipe_name: str = "auto"):
+    """Run a converted EDM one-step generator; returns ``(images [B,H,W,C] in [0,1], info)``."""
+    import comfy.model_management
+    import torch
+
+    from ..distill_loaders.edm_networks import build_edm_network, edm_config_from_state_dict, generate_one_step
+
+    override = None if recipe_name in ("auto", "", None) else recipe_name
+    det = detect(path, override)
+    if det.layout != "edm":
+        raise StudentLoadError(det.path, f"this is a {det.layout} file, not an EDM pixel generator.",
+                               "load latent students with 'Load Distilled Student (FewStep)'.")
+    sd = load_weights(path)
+    check_finite(sd, det.path)
+    recipe = get_recipe(det.recipe)
+    arch, kwargs = edm_config_from_state_dict(sd)
+    net = build_edm_network(arch, **kwargs)
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise StudentLoadError(det.path, f"the weights do not fit the {arch} network read from their shapes ({str(e)[:300]}).",
+                               "re-convert the pickle with python -m comfyui_fewstep convert FILE.") from None
+    device = comfy.model_management.get_torch_device()
+    net = net.to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    c, r = kwargs["in_channels"], kwargs["img_resolution"]
+    z = torch.randn(batch_size, c, r, r, generator=g).to(device)
+    labels = None
+    if kwargs["label_dim"]:
+        idx = torch.randint(kwargs["label_dim"], (batch_size,), generator=g) if class_label < 0 else \
+            torch.full((batch_size,), class_label % kwargs["label_dim"])
+        labels = torch.nn.functional.one_hot(idx, kwargs["label_dim"]).float().to(device)
+    sigma = sigma_init or float(recipe.sigma_init)
+    x = generate_one_step(net, z, sigma, labels)
+    images = ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
+    info = format_report(det) + f"\nnetwork: {arch} {kwargs}\nsigma_init: {sigma:g}"
+    return images, info
+
+
+class FewStepEDMGenerator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepEDMGenerator",
+            display_name="EDM One-Step Generator (FewStep)",
+            category="sampling",
+            description="Run a one-step EDM pixel generator (SiD, DMD2-ImageNet) converted with "
+                        "'python -m comfyui_fewstep convert': x0 = G(sigma_init z, sigma_init). No VAE.",
+            inputs=[
+                io.Combo.Input("model_file", options=[o for o in _file_options() if not o.startswith("loras/")],
+                               tooltip="a converted generator (.safetensors) from checkpoints/ or diffusion_models/"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="seed of the input noise (and of random class labels)"),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="number of images to generate"),
+                io.Int.Input("class_label", default=-1, min=-1, max=100000,
+                             tooltip="class index for class-conditional generators; -1 draws random classes"),
+                io.Float.Input("sigma_init", default=0.0, min=0.0, max=1000.0, step=0.01,
+                               tooltip="starting noise level; 0 uses the recipe's (SiD 2.5, DMD2-ImageNet 80)"),
+            ],
+            outputs=[io.Image.Output(tooltip="generated images in [0, 1]"),
+                     io.String.Output(display_name="recipe_info", tooltip="detected network, recipe and why")],
+        )
+
+    @classmethod
+    def execute(cls, model_file, seed=0, batch_size=4, class_label=-1, sigma_init=0.0):
+        images, info = generate_edm_images(_resolve(model_file), seed, batch_size, class_label, sigma_init)
+        return io.NodeOutput(images, info)

@@ -150,3 +150,33 @@ def test_student_sampling_objects(api):
     x0_ms = api.nodes.student_model_sampling(get_recipe("sdxl_lightning_1step_x0"), cfg)
     out = torch.randn(1, 4, 2, 2)
     assert torch.equal(x0_ms.calculate_denoised(torch.tensor([14.6]), out, torch.zeros_like(out)), out)
+
+
+def test_edm_generator_node(api, tmp_path):
+    import pickle
+
+    from comfyui_fewstep.distill_loaders.convert_pickle import convert
+    from comfyui_fewstep.distill_loaders.edm_networks import build_edm_network
+
+    torch.manual_seed(0)
+    net = build_edm_network("SongUNet", img_resolution=16, in_channels=3, out_channels=3, label_dim=10,
+                            model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    src = tmp_path / "sid-network-snapshot.pkl"
+    src.write_bytes(pickle.dumps({"ema": {f"model.{k}": v for k, v in net.state_dict().items()}}))
+    convert(src, tmp_path / "sid_cifar10_cond.safetensors")
+    api.folder_paths.add_model_folder_path("checkpoints", str(tmp_path))
+    images, info = api.nodes.FewStepEDMGenerator.execute("checkpoints/sid_cifar10_cond.safetensors", 3, 2, 7).result
+    assert images.shape == (2, 16, 16, 3) and float(images.min()) >= 0 and float(images.max()) <= 1
+    assert "recipe:      sid_edm_1step" in info and "sigma_init: 2.5" in info
+    again, _ = api.nodes.FewStepEDMGenerator.execute("checkpoints/sid_cifar10_cond.safetensors", 3, 2, 7).result
+    assert torch.equal(images, again)
+    with pytest.raises(StudentLoadError, match="not an EDM pixel generator"):
+        api.nodes.generate_edm_images(_latent_file(tmp_path))
+
+
+def _latent_file(tmp_path):
+    from comfyui_fewstep.distill_loaders.synthetic import unet_shapes, write_safetensors
+
+    return write_safetensors(tmp_path / "dmd2_sd15.safetensors", unet_shapes("sd15", "diffusers"))
