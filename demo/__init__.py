@@ -14,4 +14,4 @@ from __future__ import annotations
 from .network import EDMDenoiser, TinyUNetConfig
 from .teacher import WEIGHTS_PATH, load_teacher
 
-__all__ = ["EDMDenoiser", "TinyUNetConfig", "WEIGHTS_PATH", "load_teacher"]
+__all__ = ["WEIGHTS_PATH", "EDMDenoiser", "TinyUNetConfig", "load_teacher"]

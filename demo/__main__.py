@@ -45,25 +45,31 @@ def _name_list(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [n for n in names if n not in PRESET_NAMES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown}; choose from {', '.join(PRESET_NAMES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown sampler(s) {unknown}; choose from {', '.join(PRESET_NAMES)}"
+        )
     return names
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m comfyui_fewstep demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("fewstep-demo"), help="output folder (default ./fewstep-demo)")
-    p.add_argument("--quick", action="store_true", help="a few seconds: 8 samples, NFE 3,6,12, 40-step reference")
-    p.add_argument("--nfe", type=_int_list, default=None, help=f"budgets (default {','.join(map(str, DEFAULT_NFES))})")
+    p.add_argument("--out", type=Path, default=Path("fewstep-demo"),
+                   help="output folder (default ./fewstep-demo)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few seconds: 8 samples, NFE 3,6,12, 40-step reference")
+    p.add_argument("--nfe", type=_int_list, default=None,
+                   help=f"budgets (default {','.join(map(str, DEFAULT_NFES))})")
     p.add_argument("--samplers", type=_name_list, default=None, help=f"subset of {','.join(PRESET_NAMES)}")
     p.add_argument("--samples", type=int, default=None, help="samples per run (default 64; --quick 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     p.add_argument("--schedule", choices=_SCHEDULES, default="logsnr_uniform",
                    help="one schedule for every sampler (default logsnr_uniform, as DPM-Solver recommends)")
-    p.add_argument("--reference-steps", type=int, default=None, help="3M steps of the reference (default 200)")
+    p.add_argument("--reference-steps", type=int, default=None,
+                   help="3M steps of the reference (default 200)")
     p.add_argument("--show", type=int, default=4, help="samples shown per grid cell")
     p.add_argument("--weights", type=Path, default=None, help="another tiny-teacher safetensors file")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads while sampling (default 1: the network is too small to gain from more)")
+                   help="torch threads while sampling (default 1: the network is too small to gain more)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -89,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
         progress.close()
     args.out.mkdir(parents=True, exist_ok=True)
-    outputs = [write_grid(result, args.out / "grid.png", args.show), write_json(result, args.out / "errors.json")]
+    outputs = [
+        write_grid(result, args.out / "grid.png", args.show),
+        write_json(result, args.out / "errors.json"),
+    ]
     plot = write_plot(result, args.out / "error_vs_nfe.png")
     if plot is not None:
         outputs.append(plot)

@@ -22,7 +22,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 def write_png(path: str | Path, pixels: np.ndarray, text: Mapping[str, str] | None = None) -> Path:
@@ -57,11 +58,14 @@ def tile(pixels: np.ndarray, columns: int, pad: int = 1, fill: int = 0) -> np.nd
     out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad), fill, np.uint8)
     for k in range(n):
         r, c = divmod(k, columns)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = pixels[k]
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        out[top:top + h, left:left + w] = pixels[k]
     return out
 
 
-def grid(cells: Sequence[Sequence[np.ndarray | None]], scale: int = 2, gap: int = 4, fill: int = 40) -> np.ndarray:
+def grid(
+    cells: Sequence[Sequence[np.ndarray | None]], scale: int = 2, gap: int = 4, fill: int = 40
+) -> np.ndarray:
     """Join a 2-D table of equally sized uint8 tiles (``None`` = empty cell) into one image.
 
     Each tile is enlarged ``scale`` times by pixel repetition; ``gap`` pixels of grey
@@ -76,5 +80,6 @@ def grid(cells: Sequence[Sequence[np.ndarray | None]], scale: int = 2, gap: int 
             if cell is None:
                 continue
             big = np.repeat(np.repeat(cell, scale, axis=0), scale, axis=1)
-            out[gap + r * (h + gap): gap + r * (h + gap) + h, gap + c * (w + gap): gap + c * (w + gap) + w] = big
+            top, left = gap + r * (h + gap), gap + c * (w + gap)
+            out[top:top + h, left:left + w] = big
     return out

@@ -166,7 +166,8 @@ class EDMDenoiser(nn.Module):
             sigma = sigma.expand(x.shape[0])
         if sigma.shape[0] != x.shape[0]:
             raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x.shape[0]}")
-        c_skip, c_out, c_in, c_noise = (c[:, None, None, None] for c in edm_coefficients(sigma, self.sigma_data))
+        coefficients = edm_coefficients(sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = (c[:, None, None, None] for c in coefficients)
         x32 = x.to(torch.float32)
         net_dtype = self.net.conv_in.weight.dtype
         F_x = self.net((c_in * x32).to(net_dtype), c_noise.reshape(-1).to(net_dtype)).to(torch.float32)

@@ -20,8 +20,10 @@ def format_table(result: DemoResult) -> str:
     name_width = max(len(p.name) for p in result.presets) + 2
     head = "sampler".ljust(name_width) + "".join(f"{f'NFE {n}':>10}" for n in result.nfes)
     lines = [
-        f"median per-sample RMSE to the reference ({result.reference_steps}-step dpmpp_3m, "
-        f"{result.schedule} schedule, images in [-1, 1])",
+        (
+            f"median per-sample RMSE to the reference ({result.reference_steps}-step dpmpp_3m, "
+            f"{result.schedule} schedule, images in [-1, 1])"
+        ),
         head,
         "-" * len(head),
     ]
@@ -43,7 +45,7 @@ def write_grid(result: DemoResult, path: Path, show: int = 4) -> Path:
     the PNG's ``tEXt`` chunks (``Rows``, ``Columns``).
     """
     show = max(1, min(show, result.reference.shape[0]))
-    per_row = max(1, int(round(show**0.5)))
+    per_row = max(1, round(show**0.5))
     if per_row * per_row < show:
         per_row += 1
 
@@ -129,7 +131,8 @@ class Progress:
             return
         width = 30
         filled = width * self.done // max(1, self.total)
-        sys.stderr.write(f"\rsampling [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<28}")
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\rsampling [{bar}] {self.done}/{self.total} {label:<28}")
         if self.done >= self.total:
             sys.stderr.write("\n")
         sys.stderr.flush()

@@ -58,7 +58,9 @@ def parameterization_of(denoiser: EDMDenoiser) -> Parameterization:
     return Parameterization("ve", denoiser.sigma_min, denoiser.sigma_max, family="edm")
 
 
-def reference_samples(denoiser: EDMDenoiser, noise: Tensor, steps: int = 200, schedule: str = "karras") -> Tensor:
+def reference_samples(
+    denoiser: EDMDenoiser, noise: Tensor, steps: int = 200, schedule: str = "karras"
+) -> Tensor:
     """The ODE solution from ``noise``: 3M DPM-Solver++ with ``steps`` steps."""
     out, _ = run_preset(REFERENCE, denoiser, noise, steps, parameterization_of(denoiser), schedule)
     return out

@@ -62,7 +62,9 @@ def load_teacher(
     path = Path(WEIGHTS_PATH if path is None else path)
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tiny-teacher file: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(
+            f"{path} is not a tiny-teacher file: format {meta.get('format')!r}, expected {FORMAT!r}"
+        )
     config = TinyUNetConfig.from_dict(json.loads(meta["config"]))
     denoiser = EDMDenoiser(config)
     denoiser.load_state_dict(load_file(str(path)), strict=True)

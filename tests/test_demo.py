@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import struct
 import zlib
 from pathlib import Path
@@ -10,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from comfyui_fewstep.demo import WEIGHTS_PATH, load_teacher
 from comfyui_fewstep.demo.__main__ import main as demo_main
 from comfyui_fewstep.demo.baselines import sample_euler, sample_heun
@@ -104,7 +104,7 @@ def test_edm_preconditioning_matches_karras_table_1():
     torch.testing.assert_close(c_out[1], torch.tensor(sd / 2**0.5))
     torch.testing.assert_close(c_in[1], torch.tensor(1 / (sd * 2**0.5)))
     torch.testing.assert_close(c_noise, sigma.log() / 4)
-    # unit-variance training target: c_skip^2 sd^2 + c_out^2 ... reduces to c_skip + (c_out / sd)^2 = 1
+    # sigma_data^2 / (sigma^2 + sigma_data^2) + sigma^2 / (sigma^2 + sigma_data^2) = 1 for every sigma
     torch.testing.assert_close(c_skip + (c_out / sd) ** 2, torch.ones(3))
 
 
@@ -143,7 +143,7 @@ def test_error_to_reference_shrinks_with_nfe(teacher, noise, reference):
             errors[name, nfe] = float(rmse_per_sample(out, reference).median())
     for name in ("euler", "dpmpp_2m"):
         seq = [errors[name, n] for n in (4, 8, 16, 32)]
-        assert all(a > b for a, b in zip(seq, seq[1:])), (name, seq)
+        assert all(a > b for a, b in itertools.pairwise(seq)), (name, seq)
     # first order: doubling the steps roughly halves Euler's error; 2M is far more accurate
     assert 1.4 < errors["euler", 16] / errors["euler", 32] < 3.0
     assert errors["dpmpp_2m", 16] < 0.5 * errors["euler", 16]
@@ -222,7 +222,8 @@ def test_grid_layout_places_tiles():
 # -- the training script ---------------------------------------------------------------------
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("train_tiny_teacher", ROOT / "tools" / "train_tiny_teacher.py")
+    path = ROOT / "tools" / "train_tiny_teacher.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_teacher", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -52,7 +52,9 @@ def prepare_digits(resolution: int = 16) -> torch.Tensor:
         raise SystemExit("training needs scikit-learn: pip install 'comfyui-fewstep[train]'") from exc
     images = torch.from_numpy(load_digits().images).to(torch.float32)[:, None] / 16.0 * 2.0 - 1.0
     if resolution != images.shape[-1]:
-        images = torch.nn.functional.interpolate(images, size=resolution, mode="bilinear", align_corners=False)
+        images = torch.nn.functional.interpolate(
+            images, size=resolution, mode="bilinear", align_corners=False
+        )
     return images.clamp(-1.0, 1.0).contiguous()
 
 
