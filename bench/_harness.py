@@ -53,6 +53,11 @@ class Result:
     def ok(self) -> bool:
         return not self.error and math.isfinite(self.median)
 
+    @property
+    def within_budget(self) -> bool:
+        """Finished without error and consumed no more model calls than the target NFE."""
+        return self.ok and self.nfe <= self.target_nfe
+
 
 def measure(problem: Any, out: torch.Tensor, per_sample_rms: Callable) -> tuple[float, float, float]:
     """Median and 90th-percentile per-sample RMS error at sigma = 0, and the mode-flip rate."""

@@ -131,7 +131,7 @@ class Bench:
                     break  # schedule not defined for this model family (AYS / GITS tables)
                 x = problem.x_start.to(DTYPE)
 
-                def run(model, sigmas=sigmas, orders=orders):
+                def run(model, sigmas=sigmas, orders=orders, preset=preset, x=x):
                     if preset.solver == "multistep":
                         return self.multistep(model, x, sigmas, parameterization=p, resume_history=False,
                                               disable=True, **preset.options)
@@ -149,7 +149,7 @@ class Bench:
                     sigmas = _comfy.comfy_sigmas(comfy, ms, scheduler, nfe, "")
                     x = problem.x_start.to(DTYPE)
 
-                    def run(model, sigmas=sigmas, options=options):
+                    def run(model, sigmas=sigmas, options=options, x=x):
                         return self.multistep(model, x, sigmas, parameterization=p, resume_history=False,
                                               disable=True, **options)
 
@@ -162,9 +162,10 @@ class Bench:
             for nfe in self.nfes:
                 sigmas = self.schedules.get_sigmas(schedule, nfe, p)
                 x = problem.x_start.to(DTYPE)
-                self._record(problem, "local", "euler", schedule, nfe, lambda m, s=sigmas: euler_ode(m, x, s))
+                self._record(problem, "local", "euler", schedule, nfe,
+                             lambda m, s=sigmas, x=x: euler_ode(m, x, s))
                 self._record(problem, "local", "ddim", schedule, nfe,
-                             lambda m, s=sigmas: ddim(m, x, s, problem.form))
+                             lambda m, s=sigmas, x=x: ddim(m, x, s, problem.form))
 
     # -- ComfyUI ------------------------------------------------------------------------------
     def run_comfy(self, problem, comfy, samplers, schedulers) -> None:
@@ -174,7 +175,7 @@ class Bench:
             fn, options = _comfy.sampler_function(comfy, sampler)
             nfe_of_steps: dict[int, int] = {}
 
-            def consumed(steps: int) -> int:
+            def consumed(steps: int, fn=fn, options=options, sampler=sampler, nfe_of_steps=nfe_of_steps) -> int:
                 if steps not in nfe_of_steps:
                     model = _comfy.ComfyModel(problem.denoiser(), ms)
                     sig = _comfy.comfy_sigmas(comfy, ms, "simple", steps, sampler.base)
@@ -194,19 +195,19 @@ class Bench:
                     sigmas = _comfy.comfy_sigmas(comfy, ms, scheduler, steps, sampler.base)
                     x = problem.x_start.to(DTYPE)
 
-                    def run(model, sigmas=sigmas):
+                    def run(model, sigmas=sigmas, x=x, fn=fn, options=options):
                         wrapped = _comfy.ComfyModel(model, ms)
-                        out = fn(wrapped, x.clone(), sigmas.clone(), extra_args={"seed": 0}, callback=None,
-                                 disable=True, **options)
-                        return out
+                        # clones: uni_pc rewrites the last sigma in place
+                        return fn(wrapped, x.clone(), sigmas.clone(), extra_args={"seed": 0}, callback=None,
+                                  disable=True, **options)
 
                     self._record(problem, "comfy", sampler.name, scheduler, nfe, run, sampler.stochastic)
 
 
 def best(results: list[Result], problem: str, source: str, nfe: int, deterministic_only: bool = False,
          prefix: str = ""):
-    pool = [r for r in results if r.problem == problem and r.source == source and r.target_nfe == nfe and r.ok
-            and not (deterministic_only and r.stochastic) and r.method.startswith(prefix)]
+    pool = [r for r in results if r.problem == problem and r.source == source and r.target_nfe == nfe
+            and r.within_budget and not (deterministic_only and r.stochastic) and r.method.startswith(prefix)]
     return min(pool, key=lambda r: (r.median, r.flip_rate), default=None)
 
 
@@ -255,7 +256,8 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
         "exact marginal at the family's sigma_max, reference = probability-flow ODE solved with DOP853 "
         "(rtol 1e-10) to sigma = 0. Cells: median / p90 per-sample RMS error / mode-flip rate; NFE counted in "
         "the model wrapper (a method that cannot hit the target NFE exactly runs at the largest step count "
-        "that stays within it; the consumed NFE is shown). Every sampler works on a float32 state, as on "
+        "that stays within it; the consumed NFE is shown, and a run that consumed more than the target "
+        "(ComfyUI's `ddim_uniform` can return more steps than asked for) never counts as best). Every sampler works on a float32 state, as on "
         "ComfyUI latents; the exact denoiser and the reference are float64.",
         "",
     ]
@@ -312,13 +314,13 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
                 cells = []
                 for n in nfes:
                     rr = [r for r in results if r.problem == prob and r.source == "ours" and r.method == label
-                          and r.schedule.endswith("(ComfyUI)") and r.target_nfe == n and r.ok]
+                          and r.schedule.endswith("(ComfyUI)") and r.target_nfe == n and r.within_budget]
                     r = min(rr, key=lambda r: r.median, default=None)
                     cells.append(f"{r.median:.4f} {r.schedule.split()[0]}" if r else "-")
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
             lines += ["ComfyUI, best scheduler per sampler (median error, consumed NFE in brackets when "
-                      "different):", "",
+                      "below the target):", "",
                       "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
                       "|---" * (len(nfes) + 1) + "|"]
             samplers = []
@@ -329,7 +331,7 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
                 cells = []
                 for n in nfes:
                     rr = [r for r in results if r.problem == prob and r.source == "comfy" and r.method == s
-                          and r.target_nfe == n and r.ok]
+                          and r.target_nfe == n and r.within_budget]
                     if not rr:
                         cells.append("-")
                         continue
@@ -397,7 +399,7 @@ def plot(results: list[Result], problems, nfes, path: Path, with_comfy: bool) ->
             ys = []
             for n in nfes:
                 pool = [r for r in results if r.problem == prob and r.source == source and r.target_nfe == n
-                        and r.ok and not r.stochastic]
+                        and r.within_budget and not r.stochastic]
                 if isinstance(which, str):
                     pool = [r for r in pool if r.method == which]
                 elif isinstance(which, tuple):
