@@ -100,7 +100,6 @@ class Bench:
         self.budget = budget
         self.multistep = s.sample_dpmpp_multistep
         self.singlestep = s.sample_dpmpp_singlestep
-        self.singlestep_orders = s.singlestep_orders
         self.results: list[Result] = []
 
     def _record(self, problem, source, method, schedule, target, run: Callable, stochastic=False) -> Result:
@@ -123,7 +122,7 @@ class Bench:
                 if preset.solver == "multistep":
                     steps, orders = nfe, None
                 else:
-                    orders = self.singlestep_orders(nfe - 1, preset.options["order"]) + [1]
+                    orders = list(self.budget.steps_for_nfe("singlestep", nfe, preset.options["order"]).orders)
                     steps = len(orders)
                 try:
                     sigmas = self.schedules.get_sigmas(preset.schedule, steps, p, **preset.schedule_options)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..samplers.budget import singlestep_orders
+from ..samplers.budget import steps_for_nfe
 from ..samplers.multistep import sample_dpmpp_multistep
 from ..samplers.parameterization import Parameterization
 from ..samplers.schedules import get_sigmas
@@ -79,8 +79,7 @@ def run_preset(
     if preset.kind == "heun":
         sigmas = _sigmas(heun_steps_for_nfe(nfe), schedule, parameterization)
     elif preset.kind == "singlestep":
-        # the step into sigma = 0 is first order (it returns the data prediction)
-        orders = (singlestep_orders(nfe - 1, preset.order) if nfe > 1 else []) + [1]
+        orders = list(steps_for_nfe("singlestep", nfe, preset.order).orders)
         sigmas = _sigmas(len(orders), schedule, parameterization)
     else:
         sigmas = _sigmas(nfe, schedule, parameterization)
