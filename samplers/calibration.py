@@ -38,7 +38,7 @@ import torch
 from ._calibration_dp import GridCosts, dp_multistep, dp_singlestep
 from ._coefficients import step_orders
 from ._loop import Denoiser, NonFiniteModelOutputError
-from .budget import singlestep_orders
+from .budget import steps_for_nfe
 from .multistep import sample_dpmpp_multistep
 from .parameterization import Parameterization
 from .schedules import get_sigmas
@@ -115,7 +115,7 @@ class SolverSpec:
             return step_orders(nfe, self.order, 0, lower_order_final=bool(o.get("lower_order_final", True)),
                                lower_order_final_steps=int(o.get("lower_order_final_steps", 10)),
                                euler_at_final=bool(o.get("euler_at_final", False)))
-        return singlestep_orders(nfe - 1, self.order) + [1]
+        return list(steps_for_nfe("singlestep", nfe, self.order).orders)
 
     def run(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, parameterization: Parameterization,
             extra_args: dict[str, Any] | None = None, nfe: int | None = None) -> torch.Tensor:
