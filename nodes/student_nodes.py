@@ -20,7 +20,8 @@ import folder_paths
 from ..distill_loaders.detect import Detection, detect, lora_module_names
 from ..distill_loaders.errors import StudentLoadError
 from ..distill_loaders.inspect import format_report
-from ..distill_loaders.keys import lora_to_kohya
+from ..distill_loaders.keys import LCM_GUIDANCE_EMBEDDING, lora_to_kohya
+from ..distill_loaders.lcm_guidance import GuidedTimeEmbedding
 from ..distill_loaders.load import check_finite, check_lora_base, load_student, load_weights, to_ldm_unet
 from ..distill_loaders.recipes import recipe_sigmas
 from ..distill_loaders.specs import Recipe, get_recipe, recipe_names
@@ -115,7 +116,7 @@ def apply_student_lora(model, det: Detection, lora_sd: dict, strength: float):
 
 
 def load_student_model(path: str | Path, recipe_name: str = "auto", steps: int = 0, model=None,
-                       lora_strength: float = 1.0, check_weights: bool = True):
+                       lora_strength: float = 1.0, check_weights: bool = True, lcm_guidance: float = 8.5):
     """Load ``path`` as a student; returns ``(model, clip, vae, sampler, sigmas, info)``."""
     override = None if recipe_name in ("auto", "", None) else recipe_name
     det, sd = load_student(path, override, check_nan=check_weights)
@@ -143,6 +144,11 @@ def load_student_model(path: str | Path, recipe_name: str = "auto", steps: int =
                                    "report the inspect output (python -m comfyui_fewstep inspect FILE).")
     model = model.clone()
     model.add_object_patch("model_sampling", student_model_sampling(recipe, model.model.model_config))
+    cond_proj = sd.get(LCM_GUIDANCE_EMBEDDING) if not det.is_lora else None
+    if cond_proj is not None:  # full LCM: put back the w-embedding ComfyUI's UNet has no slot for
+        time_embed = model.get_model_object("diffusion_model.time_embed")
+        model.add_object_patch("diffusion_model.time_embed", GuidedTimeEmbedding(time_embed, cond_proj, lcm_guidance))
+        extra += f"\nLCM guidance embedding: w = {lcm_guidance:g} (time_embedding.cond_proj kept)"
     sigmas = recipe_sigmas(recipe, steps or None).float()
     info = format_report(det) + extra
     logger.info("FewStep student: %s -> %s (%s)", Path(det.path).name, recipe.name, "; ".join(det.reasons))
@@ -188,6 +194,8 @@ class FewStepStudentLoader(io.ComfyNode):
                                tooltip="strength of a LoRA student (ignored for full models)"),
                 io.Boolean.Input("check_weights", default=True,
                                  tooltip="refuse files whose weights contain NaN/Inf (reads every weight once)"),
+                io.Float.Input("lcm_guidance", default=8.5, min=1.0, max=20.0, step=0.1,
+                               tooltip="guidance w of full LCM models' built-in w-embedding (not CFG; LCM uses 3-13)"),
             ],
             outputs=[
                 io.Model.Output(tooltip="the student, with the recipe's prediction type and first-step noise scale"),
@@ -201,9 +209,10 @@ class FewStepStudentLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_file, recipe="auto", steps=0, model=None, lora_strength=1.0, check_weights=True):
+    def execute(cls, model_file, recipe="auto", steps=0, model=None, lora_strength=1.0, check_weights=True,
+                lcm_guidance=8.5):
         model, clip, vae, sampler, sigmas, info = load_student_model(
-            _resolve(model_file), recipe, steps, model, lora_strength, check_weights)
+            _resolve(model_file), recipe, steps, model, lora_strength, check_weights, lcm_guidance)
         return io.NodeOutput(model, sampler, sigmas, clip, vae, info)
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from comfyui_fewstep.distill_loaders import keys as K
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
+from comfyui_fewstep.distill_loaders.lcm_guidance import guidance_scale_embedding
 from comfyui_fewstep.distill_loaders.recipes import ddpm_sigma
 from comfyui_fewstep.distill_loaders.synthetic import kohya_lora_shapes, peft_lora_shapes
 
@@ -41,6 +42,10 @@ def files(sd15_diffusers, tmp_path_factory):
     save_file(ldm, str(d / "instaflow_0_9B_unet.safetensors"))
     del ldm
     torch.save(sd15_diffusers, d / "batch512_cfg222_t625_v2.bin")
+    lcm = dict(sd15_diffusers)
+    lcm["time_embedding.cond_proj.weight"] = torch.randn(320, 256, generator=torch.Generator().manual_seed(5)).half() * 0.02
+    save_file(lcm, str(d / "LCM_Dreamshaper_v7_unet.safetensors"))
+    del lcm
     gc.collect()
     return d
 
@@ -71,6 +76,7 @@ def api(comfy):
     ("dmd2_sd15_unet.safetensors", "dmd2_sd15_1step", 999, 1.0),                      # diffusers safetensors
     ("instaflow_0_9B_unet.safetensors", "instaflow_sd15_1step", 1000, 1.0),            # LDM UNet, flow
     ("batch512_cfg222_t625_v2.bin", "sid_lsg_sd15_1step", 625, math.sqrt(1 - 1 / (1 + ddpm_sigma(625) ** 2))),  # .bin
+    ("LCM_Dreamshaper_v7_unet.safetensors", "lcm", 999, 1.0),                          # LCM with w-embedding
 ])
 def test_full_size_sd15_student_loads_and_samples(api, files, sd15_diffusers, name, recipe, timestep, input_std):
     model, clip, vae, sampler, sigmas, info = api.nodes.load_student_model(files / name)
@@ -89,6 +95,13 @@ def test_full_size_sd15_student_loads_and_samples(api, files, sd15_diffusers, na
     assert std == pytest.approx(input_std, rel=0.02)
     out = _sample(api, model, sampler, sigmas)
     assert out.shape == LATENT and bool(torch.isfinite(out).all()) and out.abs().max() > 0
+    if recipe == "lcm":
+        assert "LCM guidance embedding: w = 8.5" in info
+        patched = model.object_patches["diffusion_model.time_embed"]
+        t_emb = torch.randn(2, 320)
+        w_emb = patched.cond_proj(guidance_scale_embedding(torch.full((2,), 7.5), 256))  # w - 1
+        assert isinstance(patched.time_embed, torch.nn.Sequential)  # wraps the UNet's own time_embed
+        torch.testing.assert_close(patched(t_emb), patched.time_embed(t_emb + w_emb))
     if recipe.startswith("instaflow"):  # velocity noise -> data: denoised = x + sigma v
         v, xin = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
         torch.testing.assert_close(ms.calculate_denoised(torch.tensor([0.5]), v, xin), xin + 0.5 * v)
