@@ -35,10 +35,18 @@ from .errors import StudentLoadError, UnsafePickleError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stub", "RestrictedUnpickler", "convert", "extract_state_dict", "main", "restricted_load"]
+__all__ = ["RestrictedUnpickler", "Stub", "convert", "extract_state_dict", "main", "restricted_load"]
 
-STUB_MODULE_PREFIXES = ("torch.nn.modules.", "torch.nn.parameter", "torch_utils.", "training.", "dnnlib.",
-                        "diffusers.", "networks", "edm_networks")
+STUB_MODULE_PREFIXES = (
+    "torch.nn.modules.",
+    "torch.nn.parameter",
+    "torch_utils.",
+    "training.",
+    "dnnlib.",
+    "diffusers.",
+    "networks",
+    "edm_networks",
+)
 
 
 def _load_storage_from_bytes(data: bytes):
@@ -52,7 +60,11 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *rest):
 def _codecs_encode(text, encoding="utf-8"):
     """Protocol-2 pickles spell ``bytes`` as ``_codecs.encode(str, 'latin1')``; only text codecs pass."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
-        raise UnsafePickleError(None, f"the pickle calls _codecs.encode with {encoding!r}.", "this file cannot be converted safely.")
+        raise UnsafePickleError(
+            None,
+            f"the pickle calls _codecs.encode with {encoding!r}.",
+            "this file cannot be converted safely.",
+        )
     return text.encode(encoding)
 
 
@@ -124,8 +136,11 @@ def _reconstructor(cls, base, state):
 
 def _newobj(cls, *args):
     if not (isinstance(cls, type) and issubclass(cls, Stub)):
-        raise UnsafePickleError(None, f"the pickle builds an object of {cls!r} outside the allowed model classes.",
-                                "this file cannot be converted safely.")
+        raise UnsafePickleError(
+            None,
+            f"the pickle builds an object of {cls!r} outside the allowed model classes.",
+            "this file cannot be converted safely.",
+        )
     return cls(*args)
 
 
@@ -149,12 +164,18 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _stub_class(module, name)
         self.refused.append(f"{module}.{name}")
         raise UnsafePickleError(
-            self.path, f"the pickle asks to call {module}.{name}, which is not a tensor, container or model class; "
-            "nothing was run.", "this file may be malicious or of an unknown kind; do not load it with pickle.")
+            self.path,
+            f"the pickle asks to call {module}.{name}, which is not a tensor, container or model class; "
+            "nothing was run.",
+            "this file may be malicious or of an unknown kind; do not load it with pickle.",
+        )
 
     def persistent_load(self, pid):
-        raise UnsafePickleError(self.path, "the pickle uses persistent ids (a torch.save file).",
-                                "load it with torch.load(weights_only=True) or the loader node instead.")
+        raise UnsafePickleError(
+            self.path,
+            "the pickle uses persistent ids (a torch.save file).",
+            "load it with torch.load(weights_only=True) or the loader node instead.",
+        )
 
 
 def restricted_load(path: str | Path):
@@ -168,8 +189,11 @@ def restricted_load(path: str | Path):
                 raise UnsafePickleError(path, e.problem, e.hint) from None
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-            raise StudentLoadError(path, f"the pickle cannot be read ({type(e).__name__}: {str(e)[:200]}).",
-                                   "the file is truncated or not a model pickle; download it again.") from None
+            raise StudentLoadError(
+                path,
+                f"the pickle cannot be read ({type(e).__name__}: {str(e)[:200]}).",
+                "the file is truncated or not a model pickle; download it again.",
+            ) from None
 
 
 def _state_of(stub: Stub) -> dict:
@@ -182,7 +206,9 @@ def _state_of(stub: Stub) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def extract_state_dict(obj, prefix: str = "", config: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def extract_state_dict(
+    obj, prefix: str = "", config: dict | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten tensors from an unpickled tree into ``{dotted.name: tensor}`` (``nn.Module.state_dict``
     naming for module stubs) and collect a JSON-able config of the classes met."""
     out: dict[str, torch.Tensor] = {}
@@ -260,14 +286,17 @@ def convert(src: str | Path, dst: str | Path | None = None, key: str | None = No
         pick = key or ("ema" if "ema" in obj else None)
         if pick is not None:
             if pick not in obj:
-                raise StudentLoadError(src, f"the pickle has no entry {pick!r} (entries: {', '.join(map(str, obj))}).",
-                                       "pass --key with one of those entries.")
+                raise StudentLoadError(
+                    src,
+                    f"the pickle has no entry {pick!r} (entries: {', '.join(map(str, obj))}).",
+                    "pass --key with one of those entries.",
+                )
             obj = obj[pick]
     tensors, config = extract_state_dict(obj)
     if not tensors:
         raise StudentLoadError(src, "the pickle holds no tensors.", "check that this is a model file.")
     if tensors and all(k.startswith("model.") for k in tensors) and any("map_layer0" in k for k in tensors):
-        tensors = {k[len("model."):]: v for k, v in tensors.items()}  # EDMPrecond wrapper -> the network
+        tensors = {k[len("model.") :]: v for k, v in tensors.items()}  # EDMPrecond wrapper -> the network
     dst = Path(dst) if dst else src.with_suffix(".safetensors")
     root = config.get("<root>", {})
     metadata = {"fewstep_converted_from": src.name, "fewstep_root_class": str(root.get("class", ""))}
@@ -288,9 +317,13 @@ def convert(src: str | Path, dst: str | Path | None = None, key: str | None = No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_fewstep convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m comfyui_fewstep convert", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("file", help="a .pkl/.pt pickle (e.g. SiD network-snapshot-*.pkl)")
-    parser.add_argument("-o", "--output", default=None, help="output .safetensors (default: next to the input)")
+    parser.add_argument(
+        "-o", "--output", default=None, help="output .safetensors (default: next to the input)"
+    )
     parser.add_argument("--key", default=None, help="top-level entry to convert (default: 'ema' if present)")
     args = parser.parse_args(argv)
     try:

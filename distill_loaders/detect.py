@@ -18,14 +18,15 @@ from .keys import diffusers_unet_shapes, ldm_unet_shapes
 from .safetensors_header import FileContents, read_contents
 from .specs import EDM_ARCHS, RECIPES, Recipe, get_recipe
 
-__all__ = ["Detection", "LAYOUTS", "Layout", "detect", "detect_contents", "lora_module_names"]
+__all__ = ["LAYOUTS", "Detection", "Layout", "detect", "detect_contents", "lora_module_names"]
 
 Layout = Literal["ldm_checkpoint", "ldm_unet", "diffusers_unet", "lora_kohya", "lora_diffusers", "edm"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 LDM_PREFIX = "model.diffusion_model."
 _LORA_SUFFIX = re.compile(
     r"\.(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
-    r"(\.[^.]+)?\.weight$|\.alpha$|\.dora_scale$")
+    r"(\.[^.]+)?\.weight$|\.alpha$|\.dora_scale$"
+)
 _TE_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "lora_te1_", "lora_te2_")
 
 
@@ -63,9 +64,11 @@ class Detection:
 
 def _layout(c: FileContents) -> str:
     names = c.tensors
-    if c.metadata.get("fewstep_format") == "edm" or any(k.startswith(("map_layer0", "model.map_layer0")) for k in names):
+    if c.metadata.get("fewstep_format") == "edm" or any(
+        k.startswith(("map_layer0", "model.map_layer0")) for k in names
+    ):
         return "edm"
-    if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in names):
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in names):
         return "lora_kohya"
     if any(_LORA_SUFFIX.search(k) for k in names):
         return "lora_diffusers"
@@ -77,10 +80,12 @@ def _layout(c: FileContents) -> str:
     if "conv_in.weight" in names:
         return "diffusers_unet"
     raise StudentLoadError(
-        c.path, f"unknown architecture: none of the UNet, LoRA or EDM layouts matches its {len(names)} tensors "
+        c.path,
+        f"unknown architecture: none of the UNet, LoRA or EDM layouts matches its {len(names)} tensors "
         f"(first names: {', '.join(sorted(names)[:3])}).",
         "this loader handles SD1.5 / SD2.1 / SDXL UNets, their LoRAs and converted EDM generators; "
-        "load other models with ComfyUI's own loaders.")
+        "load other models with ComfyUI's own loaders.",
+    )
 
 
 def _unet_arch(c: FileContents, reasons: list[str]) -> str:
@@ -100,8 +105,11 @@ def _unet_arch(c: FileContents, reasons: list[str]) -> str:
     elif ctx == 2048 and linear and adm == 2816:
         arch = "sdxl"
     else:
-        raise StudentLoadError(c.path, f"unknown UNet architecture ({found}).",
-                               "supported bases are SD1.5, SD2.1 and SDXL; use ComfyUI's loaders for others.")
+        raise StudentLoadError(
+            c.path,
+            f"unknown UNet architecture ({found}).",
+            "supported bases are SD1.5, SD2.1 and SDXL; use ComfyUI's loaders for others.",
+        )
     reasons.append(f"arch {arch}: {found}")
     return arch
 
@@ -117,8 +125,7 @@ def lora_module_names(names) -> tuple[dict[str, list[str]], list[str]]:
         m = _LORA_SUFFIX.search(k)
         module = k[: m.start()] if m else k
         for prefix in ("base_model.model.", "unet.", "lora_unet_", "diffusion_model."):
-            if module.startswith(prefix):
-                module = module[len(prefix):]
+            module = module.removeprefix(prefix)
         modules.setdefault(module, []).append(k)
     return modules, text
 
@@ -135,8 +142,11 @@ def _lora_arch(c: FileContents, reasons: list[str]) -> tuple[str, int | None]:
             break
     arch = {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(ctx)
     if arch is None:
-        raise StudentLoadError(c.path, f"cannot tell the LoRA's base model (cross-attention input width {ctx}).",
-                               "use a LoRA for SD1.5, SD2.1 or SDXL, or load it with ComfyUI's LoraLoader.")
+        raise StudentLoadError(
+            c.path,
+            f"cannot tell the LoRA's base model (cross-attention input width {ctx}).",
+            "use a LoRA for SD1.5, SD2.1 or SDXL, or load it with ComfyUI's LoraLoader.",
+        )
     reasons.append(f"arch {arch}: LoRA attn2.to_k input width {ctx}, rank {rank}")
     return arch, rank
 
@@ -208,7 +218,9 @@ def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str]) 
         return meta, "certain"
     if layout == "edm":
         recipe = "dmd2_imagenet_1step" if "dmd2" in c.path.name.lower() else "sid_edm_1step"
-        reasons.append(f"recipe {recipe}: EDM generator" + (" named DMD2" if recipe.startswith("dmd2") else ""))
+        reasons.append(
+            f"recipe {recipe}: EDM generator" + (" named DMD2" if recipe.startswith("dmd2") else "")
+        )
         return recipe, "likely"
     texts = [c.path.name, c.path.parent.name, c.path.parent.parent.name, c.config.get("_name_or_path", "")]
     texts += [v for k, v in c.metadata.items() if k in ("modelspec.title", "ss_output_name", "name", "title")]
@@ -232,12 +244,15 @@ def _compare(c: FileContents, layout: str, arch: str, det: Detection) -> None:
         prefix = LDM_PREFIX if LDM_PREFIX + "input_blocks.0.0.weight" in c.tensors else ""
     else:
         return
-    have = {k[len(prefix):]: v for k, v in c.tensors.items() if k.startswith(prefix)}
+    have = {k[len(prefix) :]: v for k, v in c.tensors.items() if k.startswith(prefix)}
     extras = {"time_embedding.cond_proj.weight"}
     det.missing = sorted(k for k in expected if k not in have)
     det.unexpected = sorted(k for k in have if k not in expected and k not in extras)
-    det.mismatched = sorted(f"{k}: {list(have[k].shape)} (expected {list(s)})"
-                            for k, s in expected.items() if k in have and tuple(have[k].shape) != tuple(s))
+    det.mismatched = sorted(
+        f"{k}: {list(have[k].shape)} (expected {list(s)})"
+        for k, s in expected.items()
+        if k in have and tuple(have[k].shape) != tuple(s)
+    )
 
 
 def detect_contents(c: FileContents, override: str | None = None) -> Detection:
@@ -253,8 +268,17 @@ def detect_contents(c: FileContents, override: str | None = None) -> Detection:
     else:
         arch = _unet_arch(c, reasons)
     recipe, confidence = _choose_recipe(c, layout, arch, reasons)
-    det = Detection(str(c.path), c.container, layout, arch, recipe, confidence, reasons, lora_rank=rank,
-                    metadata=dict(c.metadata))
+    det = Detection(
+        str(c.path),
+        c.container,
+        layout,
+        arch,
+        recipe,
+        confidence,
+        reasons,
+        lora_rank=rank,
+        metadata=dict(c.metadata),
+    )
     det.dtypes = dict(Counter(t.dtype for t in c.tensors.values()))
     total = 0
     for t in c.tensors.values():
@@ -272,16 +296,22 @@ def detect_contents(c: FileContents, override: str | None = None) -> Detection:
 def _apply_override(c: FileContents, det: Detection, recipe: Recipe) -> None:
     if det.arch not in recipe.archs:
         raise StudentLoadError(
-            c.path, f"recipe {recipe.name!r} is for {'/'.join(recipe.archs)} but the file is a {det.arch} model.",
-            f"pick a recipe for {det.arch} or leave the override on 'auto'.")
+            c.path,
+            f"recipe {recipe.name!r} is for {'/'.join(recipe.archs)} but the file is a {det.arch} model.",
+            f"pick a recipe for {det.arch} or leave the override on 'auto'.",
+        )
     detected = RECIPES.get(det.recipe) if det.recipe else None
     if detected and det.confidence == "certain" and detected.prediction != recipe.prediction:
         raise StudentLoadError(
-            c.path, f"recipe {recipe.name!r} expects {recipe.prediction} prediction but the file was identified as "
+            c.path,
+            f"recipe {recipe.name!r} expects {recipe.prediction} prediction but the file was identified as "
             f"{detected.name!r} ({detected.prediction} prediction; {det.reasons[-1]}).",
-            f"use {detected.name!r} (or 'auto'), or rename the file if the detection is wrong.")
+            f"use {detected.name!r} (or 'auto'), or rename the file if the detection is wrong.",
+        )
     if recipe.is_lora != det.is_lora:
-        det.reasons.append(f"note: recipe {recipe.name} is written for a {'LoRA' if recipe.is_lora else 'full model'}")
+        det.reasons.append(
+            f"note: recipe {recipe.name} is written for a {'LoRA' if recipe.is_lora else 'full model'}"
+        )
     if detected and detected.name != recipe.name:
         det.reasons.append(f"override: {recipe.name} replaces the detected {detected.name}")
     else:

@@ -43,7 +43,9 @@ def _binomial_filter(taps) -> torch.Tensor:
 class Conv2d(nn.Module):
     """3x3/1x1 convolution with optional 2x FIR up/down-sampling (``kernel = 0``: resampling only)."""
 
-    def __init__(self, c_in, c_out, kernel, bias=True, up=False, down=False, resample_filter=(1, 1), fused=False):
+    def __init__(
+        self, c_in, c_out, kernel, bias=True, up=False, down=False, resample_filter=(1, 1), fused=False
+    ):
         super().__init__()
         self.in_channels, self.out_channels, self.up, self.down, self.fused = c_in, c_out, up, down, fused
         self.weight = nn.Parameter(torch.zeros(c_out, c_in, kernel, kernel)) if kernel else None
@@ -56,18 +58,30 @@ class Conv2d(nn.Module):
         w_pad = 0 if w is None else w.shape[-1] // 2
         f_pad = 0 if f is None else (f.shape[-1] - 1) // 2
         if self.fused and self.up and w is not None:
-            x = conv_transpose2d(x, (4 * f).tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2,
-                                 padding=w_pad + f_pad)
+            x = conv_transpose2d(
+                x,
+                (4 * f).tile(self.in_channels, 1, 1, 1),
+                groups=self.in_channels,
+                stride=2,
+                padding=w_pad + f_pad,
+            )
             x = conv2d(x, w)
         elif self.fused and self.down and w is not None:
             x = conv2d(x, w, padding=w_pad + f_pad)
             x = conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)
         else:
             if self.up:
-                x = conv_transpose2d(x, (4 * f).tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2,
-                                     padding=f_pad)
+                x = conv_transpose2d(
+                    x,
+                    (4 * f).tile(self.in_channels, 1, 1, 1),
+                    groups=self.in_channels,
+                    stride=2,
+                    padding=f_pad,
+                )
             if self.down:
-                x = conv2d(x, f.tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad)
+                x = conv2d(
+                    x, f.tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad
+                )
             if w is not None:
                 x = conv2d(x, w, padding=w_pad)
         return x if self.bias is None else x + self.bias.to(x.dtype).view(1, -1, 1, 1)
@@ -101,7 +115,12 @@ class UNetBlock(nn.Module):
 
     def __init__(self, c_in, c_out, s: _BlockStyle, up=False, down=False, attention=False):
         super().__init__()
-        self.in_channels, self.out_channels, self.skip_scale, self.adaptive_scale = c_in, c_out, s.skip_scale, s.adaptive_scale
+        self.in_channels, self.out_channels, self.skip_scale, self.adaptive_scale = (
+            c_in,
+            c_out,
+            s.skip_scale,
+            s.adaptive_scale,
+        )
         self.num_heads = 0 if not attention else (s.num_heads or c_out // s.channels_per_head)
         self.norm0 = GroupNorm(c_in, s.eps)
         self.conv0 = Conv2d(c_in, c_out, 3, up=up, down=down, resample_filter=s.resample_filter)
@@ -129,8 +148,14 @@ class UNetBlock(nn.Module):
         h = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
         if self.num_heads:
             n, c = h.shape[:2]
-            q, k, v = self.qkv(self.norm2(h)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
-            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(k.shape[1])).softmax(dim=2).to(q.dtype)
+            q, k, v = (
+                self.qkv(self.norm2(h)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
+            )
+            w = (
+                torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(k.shape[1]))
+                .softmax(dim=2)
+                .to(q.dtype)
+            )
             a = torch.einsum("nqk,nck->ncq", w, v)
             h = (self.proj(a.reshape(h.shape)) + h) * self.skip_scale
         return h
@@ -161,7 +186,9 @@ class _FourierEmbedding(nn.Module):
 
 
 class _UNetBase(nn.Module):
-    def _build(self, res0, c_img_in, mc, mult, num_blocks, attn_res, style, first_out, enc_attn, dec_attn_last_only):
+    def _build(
+        self, res0, c_img_in, mc, mult, num_blocks, attn_res, style, first_out, enc_attn, dec_attn_last_only
+    ):
         self.enc = nn.ModuleDict()
         cout = c_img_in
         for level, m in enumerate(mult):
@@ -173,7 +200,9 @@ class _UNetBase(nn.Module):
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, style, down=True)
             for i in range(num_blocks):
                 cin, cout = cout, mc * m
-                self.enc[f"{res}x{res}_block{i}"] = UNetBlock(cin, cout, style, attention=enc_attn and res in attn_res)
+                self.enc[f"{res}x{res}_block{i}"] = UNetBlock(
+                    cin, cout, style, attention=enc_attn and res in attn_res
+                )
         skips = [b.out_channels for b in self.enc.values()]
         self.dec = nn.ModuleDict()
         for level, m in reversed(list(enumerate(mult))):
@@ -215,14 +244,31 @@ class SongUNet(_UNetBase):
     """DDPM++ (``positional`` embedding, standard encoder/decoder) and NCSN++ (``fourier``) of EDM.
     Only the ``standard`` encoder and decoder are implemented (EDM's DDPM++ configs, used by SiD)."""
 
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=128,
-                 channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,),
-                 embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-                 decoder_type="standard", resample_filter=(1, 1), **_unused):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        channel_mult_emb=4,
+        num_blocks=4,
+        attn_resolutions=(16,),
+        embedding_type="positional",
+        channel_mult_noise=1,
+        encoder_type="standard",
+        decoder_type="standard",
+        resample_filter=(1, 1),
+        **_unused,
+    ):
         super().__init__()
         if encoder_type != "standard" or decoder_type != "standard":
-            raise ValueError(f"SongUNet encoder/decoder {encoder_type!r}/{decoder_type!r} is not supported; "
-                             "only 'standard' (DDPM++) is implemented")
+            raise ValueError(
+                f"SongUNet encoder/decoder {encoder_type!r}/{decoder_type!r} is not supported; "
+                "only 'standard' (DDPM++) is implemented"
+            )
         emb, noise = model_channels * channel_mult_emb, model_channels * channel_mult_noise
         self.noise_channels, self.embedding_type = noise, embedding_type
         style = _BlockStyle(emb, math.sqrt(0.5), 1e-6, tuple(resample_filter), True, False, 1)
@@ -232,8 +278,18 @@ class SongUNet(_UNetBase):
         self.map_layer0 = Linear(noise, emb)
         self.map_layer1 = Linear(emb, emb)
         self._out_channels = out_channels
-        self._build(img_resolution, in_channels, model_channels, channel_mult, num_blocks, tuple(attn_resolutions),
-                    style, lambda m: model_channels, True, True)
+        self._build(
+            img_resolution,
+            in_channels,
+            model_channels,
+            channel_mult,
+            num_blocks,
+            tuple(attn_resolutions),
+            style,
+            lambda m: model_channels,
+            True,
+            True,
+        )
 
     def _after_level(self, level, res, cout):
         if level == 0:
@@ -256,8 +312,20 @@ class SongUNet(_UNetBase):
 class DhariwalUNet(_UNetBase):
     """ADM of EDM (ImageNet-64 config: 192 channels, mult 1,2,3,4, 3 blocks, attention at 32/16/8)."""
 
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=192,
-                 channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3, attn_resolutions=(32, 16, 8), **_unused):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=192,
+        channel_mult=(1, 2, 3, 4),
+        channel_mult_emb=4,
+        num_blocks=3,
+        attn_resolutions=(32, 16, 8),
+        **_unused,
+    ):
         super().__init__()
         emb = model_channels * channel_mult_emb
         self.model_channels = model_channels
@@ -266,8 +334,18 @@ class DhariwalUNet(_UNetBase):
         self.map_layer0 = Linear(model_channels, emb)
         self.map_layer1 = Linear(emb, emb)
         self.map_label = Linear(label_dim, emb, bias=False) if label_dim else None
-        cout = self._build(img_resolution, in_channels, model_channels, channel_mult, num_blocks,
-                           tuple(attn_resolutions), style, lambda m: model_channels * m, True, False)
+        cout = self._build(
+            img_resolution,
+            in_channels,
+            model_channels,
+            channel_mult,
+            num_blocks,
+            tuple(attn_resolutions),
+            style,
+            lambda m: model_channels * m,
+            True,
+            False,
+        )
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3)
 
@@ -280,7 +358,12 @@ class DhariwalUNet(_UNetBase):
         return self.out_conv(silu(self.out_norm(x)))
 
 
-_ARCHS = {"edm_songunet": SongUNet, "SongUNet": SongUNet, "edm_dhariwal": DhariwalUNet, "DhariwalUNet": DhariwalUNet}
+_ARCHS = {
+    "edm_songunet": SongUNet,
+    "SongUNet": SongUNet,
+    "edm_dhariwal": DhariwalUNet,
+    "DhariwalUNet": DhariwalUNet,
+}
 
 
 def build_edm_network(arch: str, **kwargs) -> nn.Module:
@@ -291,10 +374,15 @@ def build_edm_network(arch: str, **kwargs) -> nn.Module:
     return _ARCHS[arch](**kwargs)
 
 
-def edm_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, class_labels=None,
-                sigma_data: float = 0.5) -> torch.Tensor:
+def edm_denoise(
+    net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, class_labels=None, sigma_data: float = 0.5
+) -> torch.Tensor:
     """EDM preconditioned denoiser D(x; sigma) (Karras et al. 2022, Table 1, eq. 7)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+    sigma = (
+        torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        .reshape(-1, 1, 1, 1)
+        .expand(x.shape[0], 1, 1, 1)
+    )
     x = x.float()
     c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
     c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
@@ -304,8 +392,9 @@ def edm_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, cl
 
 
 @torch.no_grad()
-def generate_one_step(net: nn.Module, z: torch.Tensor, sigma_init: float, class_labels=None,
-                      sigma_data: float = 0.5) -> torch.Tensor:
+def generate_one_step(
+    net: nn.Module, z: torch.Tensor, sigma_init: float, class_labels=None, sigma_data: float = 0.5
+) -> torch.Tensor:
     """One-step generation ``x0 = G(sigma_init z, sigma_init)`` (SiD ``generate_onestep.py``);
     returns pixels in [-1, 1] (clamped)."""
     return edm_denoise(net, sigma_init * z, sigma_init, class_labels, sigma_data).clamp(-1, 1)
@@ -332,11 +421,18 @@ def edm_config_from_state_dict(sd: dict) -> tuple[str, dict]:
         if f"enc.{r}x{r}_block0.qkv.weight" in sd or f"dec.{r}x{r}_block{num_blocks}.qkv.weight" in sd:
             attn.append(r)
     out_key = "out_conv.weight" if arch == "edm_dhariwal" else f"dec.{res0}x{res0}_aux_conv.weight"
-    kwargs = dict(img_resolution=res0, in_channels=shape(conv0)[1], out_channels=shape(out_key)[0],
-                  label_dim=shape("map_label.weight")[1] if "map_label.weight" in sd else 0,
-                  augment_dim=shape("map_augment.weight")[1] if "map_augment.weight" in sd else 0,
-                  model_channels=mc, channel_mult=mult, channel_mult_emb=emb // mc, num_blocks=num_blocks,
-                  attn_resolutions=attn)
+    kwargs = dict(
+        img_resolution=res0,
+        in_channels=shape(conv0)[1],
+        out_channels=shape(out_key)[0],
+        label_dim=shape("map_label.weight")[1] if "map_label.weight" in sd else 0,
+        augment_dim=shape("map_augment.weight")[1] if "map_augment.weight" in sd else 0,
+        model_channels=mc,
+        channel_mult=mult,
+        channel_mult_emb=emb // mc,
+        num_blocks=num_blocks,
+        attn_resolutions=attn,
+    )
     if arch == "edm_songunet":
         kwargs["embedding_type"] = "fourier" if "map_noise.freqs" in sd else "positional"
         filt = next((sd[k] for k in sd if k.endswith("resample_filter")), None)

@@ -17,7 +17,7 @@ from .errors import StudentLoadError
 from .recipes import recipe_sigmas, recipe_timesteps
 from .specs import RECIPES, recipe_names
 
-__all__ = ["main", "format_report"]
+__all__ = ["format_report", "main"]
 
 
 def format_report(det, limit: int = 8) -> str:
@@ -37,7 +37,8 @@ def format_report(det, limit: int = 8) -> str:
         lines += [
             f"student:     {recipe.student} ({det.confidence})",
             f"recipe:      {recipe.name}: {recipe.prediction} prediction, {recipe.steps} step(s), "
-            f"{recipe.step_rule} steps, cfg {recipe.cfg:g}" + (f", eta {recipe.eta:g}" if recipe.step_rule == "tcd" else ""),
+            f"{recipe.step_rule} steps, cfg {recipe.cfg:g}"
+            + (f", eta {recipe.eta:g}" if recipe.step_rule == "tcd" else ""),
             f"timesteps:   [{ts}]" if ts else f"sigma_init:  {recipe.sigma_init}",
             f"sigmas:      [{sig}]",
             f"first noise: {recipe.first_noise}",
@@ -49,15 +50,23 @@ def format_report(det, limit: int = 8) -> str:
         lines.append("student:     not identified; pick a recipe: " + ", ".join(recipe_names()))
     lines.append("why:")
     lines += [f"  - {r}" for r in det.reasons]
-    for label, items in (("missing", det.missing), ("unexpected", det.unexpected), ("mismatched", det.mismatched)):
+    for label, items in (
+        ("missing", det.missing),
+        ("unexpected", det.unexpected),
+        ("mismatched", det.mismatched),
+    ):
         if items:
-            shown = ", ".join(items[:limit]) + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
+            shown = ", ".join(items[:limit]) + (
+                f", ... (+{len(items) - limit})" if len(items) > limit else ""
+            )
             lines.append(f"{label} keys ({len(items)}): {shown}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_fewstep inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m comfyui_fewstep inspect", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("file", help="a .safetensors / .bin / .pt file or a diffusers folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--recipe", default=None, help="force a recipe (checked against the file)")

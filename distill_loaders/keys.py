@@ -66,11 +66,16 @@ _RESNET_TO_LDM = {
 
 def _resnet(prefix: str, c_in: int, c_out: int, temb: int) -> dict[str, Shape]:
     s = {
-        f"{prefix}norm1.weight": (c_in,), f"{prefix}norm1.bias": (c_in,),
-        f"{prefix}conv1.weight": (c_out, c_in, 3, 3), f"{prefix}conv1.bias": (c_out,),
-        f"{prefix}time_emb_proj.weight": (c_out, temb), f"{prefix}time_emb_proj.bias": (c_out,),
-        f"{prefix}norm2.weight": (c_out,), f"{prefix}norm2.bias": (c_out,),
-        f"{prefix}conv2.weight": (c_out, c_out, 3, 3), f"{prefix}conv2.bias": (c_out,),
+        f"{prefix}norm1.weight": (c_in,),
+        f"{prefix}norm1.bias": (c_in,),
+        f"{prefix}conv1.weight": (c_out, c_in, 3, 3),
+        f"{prefix}conv1.bias": (c_out,),
+        f"{prefix}time_emb_proj.weight": (c_out, temb),
+        f"{prefix}time_emb_proj.bias": (c_out,),
+        f"{prefix}norm2.weight": (c_out,),
+        f"{prefix}norm2.bias": (c_out,),
+        f"{prefix}conv2.weight": (c_out, c_out, 3, 3),
+        f"{prefix}conv2.bias": (c_out,),
     }
     if c_in != c_out:
         s[f"{prefix}conv_shortcut.weight"] = (c_out, c_in, 1, 1)
@@ -80,8 +85,12 @@ def _resnet(prefix: str, c_in: int, c_out: int, temb: int) -> dict[str, Shape]:
 
 def _transformer(prefix: str, c: int, depth: int, ctx: int, linear: bool) -> dict[str, Shape]:
     proj = (c, c) if linear else (c, c, 1, 1)
-    s = {f"{prefix}norm.weight": (c,), f"{prefix}norm.bias": (c,),
-         f"{prefix}proj_in.weight": proj, f"{prefix}proj_in.bias": (c,)}
+    s = {
+        f"{prefix}norm.weight": (c,),
+        f"{prefix}norm.bias": (c,),
+        f"{prefix}proj_in.weight": proj,
+        f"{prefix}proj_in.bias": (c,),
+    }
     for k in range(depth):
         b = f"{prefix}transformer_blocks.{k}."
         for attn, kv in (("attn1", c), ("attn2", ctx)):
@@ -106,18 +115,33 @@ def _walk(cfg: UnetConfig):
     """Yield ``(diffusers_prefix, ldm_prefix, shapes)`` for every sub-module, in order."""
     mc, mult, n = cfg.model_channels, cfg.channel_mult, cfg.layers
     temb = 4 * mc
-    yield "", "", {
-        "conv_in.weight": (mc, cfg.in_channels, 3, 3), "conv_in.bias": (mc,),
-        "time_embedding.linear_1.weight": (temb, mc), "time_embedding.linear_1.bias": (temb,),
-        "time_embedding.linear_2.weight": (temb, temb), "time_embedding.linear_2.bias": (temb,),
-        "conv_norm_out.weight": (mc,), "conv_norm_out.bias": (mc,),
-        "conv_out.weight": (cfg.out_channels, mc, 3, 3), "conv_out.bias": (cfg.out_channels,),
-    }
+    yield (
+        "",
+        "",
+        {
+            "conv_in.weight": (mc, cfg.in_channels, 3, 3),
+            "conv_in.bias": (mc,),
+            "time_embedding.linear_1.weight": (temb, mc),
+            "time_embedding.linear_1.bias": (temb,),
+            "time_embedding.linear_2.weight": (temb, temb),
+            "time_embedding.linear_2.bias": (temb,),
+            "conv_norm_out.weight": (mc,),
+            "conv_norm_out.bias": (mc,),
+            "conv_out.weight": (cfg.out_channels, mc, 3, 3),
+            "conv_out.bias": (cfg.out_channels,),
+        },
+    )
     if cfg.adm_in_channels:
-        yield "", "", {
-            "add_embedding.linear_1.weight": (temb, cfg.adm_in_channels), "add_embedding.linear_1.bias": (temb,),
-            "add_embedding.linear_2.weight": (temb, temb), "add_embedding.linear_2.bias": (temb,),
-        }
+        yield (
+            "",
+            "",
+            {
+                "add_embedding.linear_1.weight": (temb, cfg.adm_in_channels),
+                "add_embedding.linear_1.bias": (temb,),
+                "add_embedding.linear_2.weight": (temb, temb),
+                "add_embedding.linear_2.bias": (temb,),
+            },
+        )
     levels = len(mult)
     ch = mc
     skip_channels = [mc]
@@ -128,18 +152,27 @@ def _walk(cfg: UnetConfig):
             yield f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{index}.0.", _resnet("", ch, out, temb)
             ch = out
             if cfg.transformer_depth[i]:
-                yield (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{index}.1.",
-                       _transformer("", ch, cfg.transformer_depth[i], cfg.context_dim, cfg.linear_proj))
+                yield (
+                    f"down_blocks.{i}.attentions.{j}.",
+                    f"input_blocks.{index}.1.",
+                    _transformer("", ch, cfg.transformer_depth[i], cfg.context_dim, cfg.linear_proj),
+                )
             skip_channels.append(ch)
             index += 1
         if i < levels - 1:
-            yield (f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{index}.0.op.",
-                   {"weight": (ch, ch, 3, 3), "bias": (ch,)})
+            yield (
+                f"down_blocks.{i}.downsamplers.0.conv.",
+                f"input_blocks.{index}.0.op.",
+                {"weight": (ch, ch, 3, 3), "bias": (ch,)},
+            )
             skip_channels.append(ch)
             index += 1
     yield "mid_block.resnets.0.", "middle_block.0.", _resnet("", ch, ch, temb)
-    yield ("mid_block.attentions.0.", "middle_block.1.",
-           _transformer("", ch, cfg.transformer_depth_middle, cfg.context_dim, cfg.linear_proj))
+    yield (
+        "mid_block.attentions.0.",
+        "middle_block.1.",
+        _transformer("", ch, cfg.transformer_depth_middle, cfg.context_dim, cfg.linear_proj),
+    )
     yield "mid_block.resnets.1.", "middle_block.2.", _resnet("", ch, ch, temb)
     index = 0
     for u, level in enumerate(reversed(range(levels))):
@@ -147,14 +180,24 @@ def _walk(cfg: UnetConfig):
         depth = cfg.transformer_depth[level]
         for j in range(n + 1):
             skip = skip_channels.pop()
-            yield f"up_blocks.{u}.resnets.{j}.", f"output_blocks.{index}.0.", _resnet("", ch + skip, out, temb)
+            yield (
+                f"up_blocks.{u}.resnets.{j}.",
+                f"output_blocks.{index}.0.",
+                _resnet("", ch + skip, out, temb),
+            )
             ch = out
             if depth:
-                yield (f"up_blocks.{u}.attentions.{j}.", f"output_blocks.{index}.1.",
-                       _transformer("", ch, depth, cfg.context_dim, cfg.linear_proj))
+                yield (
+                    f"up_blocks.{u}.attentions.{j}.",
+                    f"output_blocks.{index}.1.",
+                    _transformer("", ch, depth, cfg.context_dim, cfg.linear_proj),
+                )
             if level > 0 and j == n:
-                yield (f"up_blocks.{u}.upsamplers.0.conv.", f"output_blocks.{index}.{2 if depth else 1}.conv.",
-                       {"weight": (ch, ch, 3, 3), "bias": (ch,)})
+                yield (
+                    f"up_blocks.{u}.upsamplers.0.conv.",
+                    f"output_blocks.{index}.{2 if depth else 1}.conv.",
+                    {"weight": (ch, ch, 3, 3), "bias": (ch,)},
+                )
             index += 1
 
 
@@ -173,7 +216,7 @@ def _ldm_name(diffusers_prefix: str, ldm_prefix: str, local: str) -> str:
     if not diffusers_prefix:
         for src, dst in _TOP_TO_LDM.items():
             if local.startswith(src):
-                return dst + local[len(src):]
+                return dst + local[len(src) :]
         raise KeyError(local)  # pragma: no cover - the walk only yields known names
     if ".resnets." in diffusers_prefix:
         module, _, param = local.rpartition(".")
@@ -213,7 +256,9 @@ LCM_GUIDANCE_EMBEDDING = "time_embedding.cond_proj.weight"
 LDM_LCM_GUIDANCE_EMBEDDING = "time_embed.cond_proj.weight"
 
 
-def convert_diffusers_to_ldm(state_dict: dict, arch: str | UnetConfig, prefix: str = "") -> tuple[dict, list[str]]:
+def convert_diffusers_to_ldm(
+    state_dict: dict, arch: str | UnetConfig, prefix: str = ""
+) -> tuple[dict, list[str]]:
     """Rename a diffusers UNet state dict to LDM names, zero-copy.
 
     Returns ``(converted, unexpected)``: ``converted`` maps LDM names (with ``prefix`` prepended)
@@ -234,14 +279,16 @@ def convert_diffusers_to_ldm(state_dict: dict, arch: str | UnetConfig, prefix: s
     return converted, unexpected
 
 
-def convert_ldm_to_diffusers(state_dict: dict, arch: str | UnetConfig, prefix: str = "") -> tuple[dict, list[str]]:
+def convert_ldm_to_diffusers(
+    state_dict: dict, arch: str | UnetConfig, prefix: str = ""
+) -> tuple[dict, list[str]]:
     """Inverse of :func:`convert_diffusers_to_ldm` (``prefix`` is stripped from input keys)."""
     inverse = {v: k for k, v in diffusers_to_ldm_map(arch).items()}
     inverse[LDM_LCM_GUIDANCE_EMBEDDING] = LCM_GUIDANCE_EMBEDDING
     converted: dict = {}
     unexpected: list[str] = []
     for key, value in state_dict.items():
-        local = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        local = key[len(prefix) :] if prefix and key.startswith(prefix) else key
         if local in inverse:
             converted[inverse[local]] = value
         else:
@@ -250,13 +297,20 @@ def convert_ldm_to_diffusers(state_dict: dict, arch: str | UnetConfig, prefix: s
 
 
 _LORA_PART = (
-    (".lora_A.default.weight", "lora_down"), (".lora_B.default.weight", "lora_up"),
-    (".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up"),
-    (".lora.down.weight", "lora_down"), (".lora.up.weight", "lora_up"),
-    ("_lora.down.weight", "lora_down"), ("_lora.up.weight", "lora_up"),  # attention-processor LoRA
-    (".lora_linear_layer.down.weight", "lora_down"), (".lora_linear_layer.up.weight", "lora_up"),
-    (".lora.down.weight", "lora_down"), (".lora.up.weight", "lora_up"),
-    ("_lora.down.weight", "lora_down"), ("_lora.up.weight", "lora_up"),  # attention-processor LoRA
+    (".lora_A.default.weight", "lora_down"),
+    (".lora_B.default.weight", "lora_up"),
+    (".lora_A.weight", "lora_down"),
+    (".lora_B.weight", "lora_up"),
+    (".lora.down.weight", "lora_down"),
+    (".lora.up.weight", "lora_up"),
+    ("_lora.down.weight", "lora_down"),
+    ("_lora.up.weight", "lora_up"),  # attention-processor LoRA
+    (".lora_linear_layer.down.weight", "lora_down"),
+    (".lora_linear_layer.up.weight", "lora_up"),
+    (".lora.down.weight", "lora_down"),
+    (".lora.up.weight", "lora_up"),
+    ("_lora.down.weight", "lora_down"),
+    ("_lora.up.weight", "lora_up"),  # attention-processor LoRA
     (".alpha", "alpha"),
 )
 
@@ -267,13 +321,12 @@ def _kohya_name(key: str) -> str | None:
             continue
         module = key[: -len(suffix)]
         for prefix in ("base_model.model.", "unet."):
-            if module.startswith(prefix):
-                module = module[len(prefix):]
+            module = module.removeprefix(prefix)
         if module.startswith(("lora_unet_", "lora_te", "text_encoder", "te_")):
             return None
         if ".processor." in module:  # diffusers attention-processor LoRA: attn1.processor.to_q_lora
             head, _, tail = module.partition(".processor.")
-            tail = tail[: -len("_lora")] if tail.endswith("_lora") else tail
+            tail = tail.removesuffix("_lora")
             module = f"{head}.{'to_out.0' if tail == 'to_out' else tail}"
         return f"lora_unet_{module.replace('.', '_')}.{part}" + ("" if part == "alpha" else ".weight")
     return None

@@ -19,7 +19,9 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
     ``w = guidance_scale - 1``): ``[sin(1000 w f_k), cos(1000 w f_k)]``, ``f_k = 10000^(-k/(half-1))``."""
     w = w.float().reshape(-1) * 1000.0
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    freqs = torch.exp(
+        torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1))
+    )
     emb = w[:, None] * freqs[None, :]
     emb = torch.cat([emb.sin(), emb.cos()], dim=1)
     return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb

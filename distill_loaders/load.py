@@ -28,8 +28,11 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:  # read_contents normally catches these first
-            raise StudentLoadError(weights, f"the safetensors file cannot be read ({e}).",
-                                   "the file is corrupt: download it again.") from None
+            raise StudentLoadError(
+                weights,
+                f"the safetensors file cannot be read ({e}).",
+                "the file is corrupt: download it again.",
+            ) from None
     return load_torch_state_dict(weights)
 
 
@@ -38,22 +41,29 @@ def check_finite(state_dict: dict[str, torch.Tensor], path: str | Path | None, l
     bad = []
     for k, t in state_dict.items():
         if t.is_floating_point() and t.device.type != "meta" and t.numel():
-            lo, hi = torch.aminmax(t)  # NaN propagates, +-Inf shows at an end; far faster than isfinite on CPU
+            lo, hi = torch.aminmax(
+                t
+            )  # NaN propagates, +-Inf shows at an end; far faster than isfinite on CPU
             if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
                 bad.append(k)
     if bad:
         shown = ", ".join(bad[:limit]) + (f" (+{len(bad) - limit} more)" if len(bad) > limit else "")
-        raise StudentLoadError(path, f"{len(bad)} weight tensor(s) contain NaN or Inf: {shown}.",
-                               "the file is damaged or was saved from a diverged training run; "
-                               "download it again or use another checkpoint.")
+        raise StudentLoadError(
+            path,
+            f"{len(bad)} weight tensor(s) contain NaN or Inf: {shown}.",
+            "the file is damaged or was saved from a diverged training run; "
+            "download it again or use another checkpoint.",
+        )
 
 
 def check_lora_base(det: Detection, model_arch: str | None) -> None:
     """Raise when a LoRA's base architecture differs from the model it is applied to."""
     if model_arch is not None and det.arch != model_arch:
         raise StudentLoadError(
-            det.path, f"this LoRA is for {det.arch} but the model it is applied to is {model_arch}.",
-            f"connect a {det.arch} model, or pick a LoRA made for {model_arch}.")
+            det.path,
+            f"this LoRA is for {det.arch} but the model it is applied to is {model_arch}.",
+            f"connect a {det.arch} model, or pick a LoRA made for {model_arch}.",
+        )
 
 
 def to_ldm_unet(det: Detection, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,12 +76,16 @@ def to_ldm_unet(det: Detection, state_dict: dict[str, torch.Tensor]) -> dict[str
             n = len(LDM_PREFIX)
             return {k[n:]: v for k, v in state_dict.items() if k.startswith(LDM_PREFIX)}
         return state_dict
-    raise StudentLoadError(det.path, f"a {det.layout} file holds no UNet.",
-                           "load LoRAs onto a base model; EDM generators go to the EDM generator node.")
+    raise StudentLoadError(
+        det.path,
+        f"a {det.layout} file holds no UNet.",
+        "load LoRAs onto a base model; EDM generators go to the EDM generator node.",
+    )
 
 
-def load_student(path: str | Path, override: str | None = None, check_nan: bool = True
-                 ) -> tuple[Detection, dict[str, torch.Tensor]]:
+def load_student(
+    path: str | Path, override: str | None = None, check_nan: bool = True
+) -> tuple[Detection, dict[str, torch.Tensor]]:
     """Detect (header only), then load the weights and check them. Returns ``(detection, state_dict)``
     where ``state_dict`` is the file's tensors as stored."""
     contents: FileContents = read_contents(path)

@@ -54,7 +54,7 @@ def ddpm_sigma(t: float) -> float:
     if not 0 <= t <= DDPM_TIMESTEPS - 1:
         raise ValueError(f"timestep must lie in [0, {DDPM_TIMESTEPS - 1}], got {t}")
     sigmas = _sigmas()
-    lo = int(math.floor(t))
+    lo = math.floor(t)
     hi = min(lo + 1, DDPM_TIMESTEPS - 1)
     w = t - lo
     return math.exp((1.0 - w) * math.log(sigmas[lo]) + w * math.log(sigmas[hi]))
@@ -70,14 +70,14 @@ def timestep_from_sigma(sigma: float) -> int:
 def _trailing(n: int) -> list[int]:
     """diffusers ``timestep_spacing="trailing"``: ``round(arange(1000, 0, -1000/n)) - 1``."""
     step = DDPM_TIMESTEPS / n
-    return [int(round(DDPM_TIMESTEPS - i * step)) - 1 for i in range(n)]
+    return [round(DDPM_TIMESTEPS - i * step) - 1 for i in range(n)]
 
 
 def _lcm50(n: int) -> list[int]:
     """LCM/TCD grid (diffusers ``LCMScheduler.set_timesteps``): the 50-step skip grid
     ``19, 39, ..., 999`` read backwards at ``floor(linspace(0, 50, n, endpoint=False))``."""
     origin = [(k + 1) * (DDPM_TIMESTEPS // LCM_ORIGINAL_STEPS) - 1 for k in range(LCM_ORIGINAL_STEPS)][::-1]
-    return [origin[int(math.floor(i * LCM_ORIGINAL_STEPS / n))] for i in range(n)]
+    return [origin[math.floor(i * LCM_ORIGINAL_STEPS / n)] for i in range(n)]
 
 
 def _check_steps(recipe: Recipe, steps: int) -> None:
@@ -176,7 +176,9 @@ def renoise(denoised: torch.Tensor, sigma_next: float, noise: torch.Tensor) -> t
     return denoised + sigma_next * noise if sigma_next > 0 else denoised
 
 
-def lcm_boundary_scalings(timestep: float, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[float, float]:
+def lcm_boundary_scalings(
+    timestep: float, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+) -> tuple[float, float]:
     """LCM consistency boundary condition ``(c_skip, c_out)`` (Luo et al. 2023 eq. 9;
     diffusers ``LCMScheduler.get_scalings_for_boundary_condition_discrete``)."""
     scaled = timestep * timestep_scaling

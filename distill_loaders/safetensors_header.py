@@ -17,11 +17,26 @@ from pathlib import Path
 
 from .errors import StudentLoadError
 
-__all__ = ["TensorInfo", "FileContents", "read_contents", "resolve_model_path"]
+__all__ = ["FileContents", "TensorInfo", "read_contents", "resolve_model_path"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 _SAFETENSORS_EXT = (".safetensors", ".sft")
 _TORCH_EXT = (".bin", ".pt", ".pth", ".ckpt")
 _PICKLE_EXT = (".pkl", ".pickle")
@@ -53,16 +68,27 @@ def resolve_model_path(path: str | Path) -> tuple[Path, dict]:
     """
     path = Path(path)
     if not path.exists():
-        raise StudentLoadError(path, "the file does not exist.", "check the path or pick a file from the list.")
+        raise StudentLoadError(
+            path, "the file does not exist.", "check the path or pick a file from the list."
+        )
     if path.is_dir():
         folder = path / "unet" if (path / "unet").is_dir() else path
-        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"):
+        for name in (
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.fp16.bin",
+        ):
             if (folder / name).is_file():
                 return folder / name, _read_config(folder / "config.json")
-        raise StudentLoadError(path, "this folder holds no diffusers UNet (diffusion_pytorch_model.safetensors).",
-                               "point at the UNet weights file or a diffusers pipeline folder with unet/.")
-    return path, _read_config(path.parent / "config.json") if path.name.startswith("diffusion_pytorch_model") else {}
+        raise StudentLoadError(
+            path,
+            "this folder holds no diffusers UNet (diffusion_pytorch_model.safetensors).",
+            "point at the UNet weights file or a diffusers pipeline folder with unet/.",
+        )
+    return path, _read_config(path.parent / "config.json") if path.name.startswith(
+        "diffusion_pytorch_model"
+    ) else {}
 
 
 def _read_config(path: Path) -> dict:
@@ -91,15 +117,20 @@ def read_contents(path: str | Path) -> FileContents:
     suffix = weights.suffix.lower()
     if suffix in _PICKLE_EXT:
         raise StudentLoadError(
-            weights, "this is a Python pickle, which can run arbitrary code when loaded; it is not opened here.",
-            "convert it first: python -m comfyui_fewstep convert FILE (writes .safetensors + .json).")
+            weights,
+            "this is a Python pickle, which can run arbitrary code when loaded; it is not opened here.",
+            "convert it first: python -m comfyui_fewstep convert FILE (writes .safetensors + .json).",
+        )
     if suffix in _SAFETENSORS_EXT:
         contents = _read_safetensors(weights)
     elif suffix in _TORCH_EXT:
         contents = _read_torch(weights)
     else:
-        raise StudentLoadError(weights, f"unsupported file type {suffix!r}.",
-                               "use .safetensors (preferred), .bin/.pt/.pth/.ckpt state dicts, or a diffusers folder.")
+        raise StudentLoadError(
+            weights,
+            f"unsupported file type {suffix!r}.",
+            "use .safetensors (preferred), .bin/.pt/.pth/.ckpt state dicts, or a diffusers folder.",
+        )
     contents.config = config
     return contents
 
@@ -111,24 +142,37 @@ def _read_safetensors(path: Path) -> FileContents:
     kind = "safetensors" if looks_like_safetensors else _sniff(path)
     if kind in ("zip", "pickle"):
         raise StudentLoadError(
-            path, f"the file is named .safetensors but is a torch {'zip archive' if kind == 'zip' else 'pickle'}.",
-            "rename it to .bin/.pt to load it as a weights-only torch state dict, or re-save it as safetensors.")
+            path,
+            f"the file is named .safetensors but is a torch {'zip archive' if kind == 'zip' else 'pickle'}.",
+            "rename it to .bin/.pt to load it as a weights-only torch state dict, or re-save it as safetensors.",
+        )
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise StudentLoadError(path, f"the file is only {size} bytes long, too short to be safetensors.",
-                                   "the download is incomplete or the file is damaged: download it again.")
+            raise StudentLoadError(
+                path,
+                f"the file is only {size} bytes long, too short to be safetensors.",
+                "the download is incomplete or the file is damaged: download it again.",
+            )
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise StudentLoadError(path, f"the safetensors header claims {n} bytes but the file has {size}.",
-                                   "the file is truncated or not safetensors: download it again.")
+            raise StudentLoadError(
+                path,
+                f"the safetensors header claims {n} bytes but the file has {size}.",
+                "the file is truncated or not safetensors: download it again.",
+            )
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
-            raise StudentLoadError(path, f"the safetensors header is not valid JSON ({e}).",
-                                   "the file is corrupt: download it again.") from None
+            raise StudentLoadError(
+                path,
+                f"the safetensors header is not valid JSON ({e}).",
+                "the file is corrupt: download it again.",
+            ) from None
     if not isinstance(header, dict):
-        raise StudentLoadError(path, "the safetensors header is not a JSON object.", "the file is corrupt: download it again.")
+        raise StudentLoadError(
+            path, "the safetensors header is not a JSON object.", "the file is corrupt: download it again."
+        )
     metadata = header.pop("__metadata__", None) or {}
     tensors: dict[str, TensorInfo] = {}
     end = 0
@@ -138,20 +182,31 @@ def _read_safetensors(path: Path) -> FileContents:
             dtype = str(entry["dtype"])
             begin, stop = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise StudentLoadError(path, f"the header entry for {name!r} is malformed.",
-                                   "the file is corrupt: download it again.") from None
+            raise StudentLoadError(
+                path,
+                f"the header entry for {name!r} is malformed.",
+                "the file is corrupt: download it again.",
+            ) from None
         numel = 1
         for d in shape:
             numel *= d
         if dtype in _DTYPE_BYTES and stop - begin != numel * _DTYPE_BYTES[dtype]:
-            raise StudentLoadError(path, f"tensor {name!r} has {stop - begin} bytes for shape {list(shape)} {dtype}.",
-                                   "the file is corrupt: download it again.")
+            raise StudentLoadError(
+                path,
+                f"tensor {name!r} has {stop - begin} bytes for shape {list(shape)} {dtype}.",
+                "the file is corrupt: download it again.",
+            )
         end = max(end, stop)
         tensors[name] = TensorInfo(shape, dtype)
     if 8 + n + end > size:
-        raise StudentLoadError(path, f"the file is truncated: its tensors need {8 + n + end} bytes, it has {size}.",
-                               "the download is incomplete: download it again.")
-    return FileContents(path, "safetensors", tensors, {str(k): str(v) for k, v in metadata.items()}, size_bytes=size)
+        raise StudentLoadError(
+            path,
+            f"the file is truncated: its tensors need {8 + n + end} bytes, it has {size}.",
+            "the download is incomplete: download it again.",
+        )
+    return FileContents(
+        path, "safetensors", tensors, {str(k): str(v) for k, v in metadata.items()}, size_bytes=size
+    )
 
 
 def load_torch_state_dict(path: Path, map_location: str = "cpu") -> dict:
@@ -165,23 +220,34 @@ def load_torch_state_dict(path: Path, map_location: str = "cpu") -> dict:
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise StudentLoadError(
-            path, f"the file is a pickle that needs code to load ({str(e).splitlines()[0][:200]}); it was not run.",
-            "convert it with: python -m comfyui_fewstep convert FILE (rebuilds tensors only).") from None
+            path,
+            f"the file is a pickle that needs code to load ({str(e).splitlines()[0][:200]}); it was not run.",
+            "convert it with: python -m comfyui_fewstep convert FILE (rebuilds tensors only).",
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise StudentLoadError(path, f"the file cannot be read as a torch state dict ({str(e)[:200]}).",
-                               "the file is truncated or corrupt: download it again.") from None
+        raise StudentLoadError(
+            path,
+            f"the file cannot be read as a torch state dict ({str(e)[:200]}).",
+            "the file is truncated or corrupt: download it again.",
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise StudentLoadError(path, "the file does not hold a flat dict of tensors.",
-                               "save the model's state_dict (name -> tensor), ideally as safetensors.")
+        raise StudentLoadError(
+            path,
+            "the file does not hold a flat dict of tensors.",
+            "save the model's state_dict (name -> tensor), ideally as safetensors.",
+        )
     return obj
 
 
 def _read_torch(path: Path) -> FileContents:
     if _sniff(path) == "other":
-        raise StudentLoadError(path, "the file is neither a torch zip archive nor a pickle.",
-                               "the file is corrupt or of another format: download it again.")
+        raise StudentLoadError(
+            path,
+            "the file is neither a torch zip archive nor a pickle.",
+            "the file is corrupt or of another format: download it again.",
+        )
     sd = load_torch_state_dict(path, map_location="meta" if zipfile.is_zipfile(path) else "cpu")
     tensors = {k: TensorInfo(tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in sd.items()}
     return FileContents(path, "torch", tensors, size_bytes=os.path.getsize(path))

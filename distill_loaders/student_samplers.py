@@ -60,13 +60,14 @@ def tcd_intermediate_sigma(sigma_next: float, gamma: float) -> float:
     if sigma_next <= 0:
         return 0.0
     t_prev = timestep_from_sigma(sigma_next)
-    s = int(math.floor((1.0 - gamma) * t_prev))
+    s = math.floor((1.0 - gamma) * t_prev)
     return ddpm_sigma(s)
 
 
 @torch.no_grad()
-def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, eta: float = 0.3,
-               noise_sampler=None):
+def sample_tcd(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, eta: float = 0.3, noise_sampler=None
+):
     """TCD sampling with gamma = ``eta``.
 
     Each step (Zheng et al. 2024, eq. 17) jumps deterministically (DDIM with the model's x0 and eps)

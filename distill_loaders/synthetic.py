@@ -16,8 +16,22 @@ from .keys import diffusers_unet_shapes, ldm_unet_shapes
 __all__ = ["kohya_lora_shapes", "peft_lora_shapes", "unet_shapes", "write_safetensors"]
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2}
-_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                 "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+)
 
 
 def unet_shapes(arch: str, layout: str) -> dict[str, tuple[int, ...]]:
@@ -65,8 +79,13 @@ def peft_lora_shapes(arch: str, rank: int = 64) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def write_safetensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: str = "F16",
-                      metadata: dict[str, str] | None = None, tensors: dict | None = None) -> Path:
+def write_safetensors(
+    path: str | Path,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: str = "F16",
+    metadata: dict[str, str] | None = None,
+    tensors: dict | None = None,
+) -> Path:
     """Write a valid safetensors file: ``tensors`` (name -> torch tensor) are stored as given,
     every other name in ``shapes`` as zeros of ``dtype`` in a sparse region."""
     import torch

@@ -30,8 +30,15 @@ from ._api import io
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FewStepEDMGenerator", "FewStepStudentLoader", "generate_edm_images", "apply_student_lora", "load_student_model", "student_model_sampling",
-           "student_sampler"]
+__all__ = [
+    "FewStepEDMGenerator",
+    "FewStepStudentLoader",
+    "apply_student_lora",
+    "generate_edm_images",
+    "load_student_model",
+    "student_model_sampling",
+    "student_sampler",
+]
 
 FOLDERS = ("checkpoints", "diffusion_models", "loras")
 _COMFY_ARCH = {"SD15": "sd15", "SD20": "sd21", "SD21UnclipL": "sd21", "SD21UnclipH": "sd21", "SDXL": "sdxl"}
@@ -42,6 +49,7 @@ def student_model_sampling(recipe: Recipe, model_config):
     first-step noise scale of :func:`~..distill_loaders.recipes.first_step_noise_scale`."""
     ms = comfy.model_sampling
     if recipe.prediction == "flow_reversed":
+
         class ReversedFlow(ms.CONST):
             """InstaFlow/2-RF/SCFlow velocity points noise -> data: ``x0 = x + sigma v``."""
 
@@ -63,8 +71,11 @@ def student_model_sampling(recipe: Recipe, model_config):
     elif recipe.prediction == "eps":
         base, pred = ms.ModelSamplingDiscrete, ms.EPS
     else:
-        raise StudentLoadError(None, f"recipe {recipe.name!r} ({recipe.prediction}) is not a latent UNet recipe.",
-                               "EDM pixel generators are not loaded by this node.")
+        raise StudentLoadError(
+            None,
+            f"recipe {recipe.name!r} ({recipe.prediction}) is not a latent UNet recipe.",
+            "EDM pixel generators are not loaded by this node.",
+        )
     unit = recipe.first_noise == "unit"
 
     class StudentSampling(base, pred):
@@ -87,8 +98,11 @@ def student_sampler(recipe: Recipe):
         return comfy.samplers.KSAMPLER(sample_renoise)
     if rule == "tcd":
         return comfy.samplers.KSAMPLER(sample_tcd, extra_options={"eta": recipe.eta})
-    raise StudentLoadError(None, f"recipe {recipe.name!r} uses step rule {rule!r}, which needs the EDM generator.",
-                           "EDM pixel generators are not loaded by this node.")
+    raise StudentLoadError(
+        None,
+        f"recipe {recipe.name!r} uses step rule {rule!r}, which needs the EDM generator.",
+        "EDM pixel generators are not loaded by this node.",
+    )
 
 
 def _model_arch(model) -> str | None:
@@ -107,47 +121,77 @@ def apply_student_lora(model, det: Detection, lora_sd: dict, strength: float):
     modules, _text = lora_module_names(lora_sd)
     missing = len(modules) - len(applied)
     if not applied:
-        raise StudentLoadError(det.path, "none of the LoRA's keys match the model.",
-                               "check that the LoRA is for this base model.")
+        raise StudentLoadError(
+            det.path,
+            "none of the LoRA's keys match the model.",
+            "check that the LoRA is for this base model.",
+        )
     if missing > 0:
-        raise StudentLoadError(det.path, f"{missing} of {len(modules)} LoRA modules found no weight in the model.",
-                               "the LoRA is for a different base or layout; pick a matching LoRA.")
+        raise StudentLoadError(
+            det.path,
+            f"{missing} of {len(modules)} LoRA modules found no weight in the model.",
+            "the LoRA is for a different base or layout; pick a matching LoRA.",
+        )
     return patched, len(applied)
 
 
-def load_student_model(path: str | Path, recipe_name: str = "auto", steps: int = 0, model=None,
-                       lora_strength: float = 1.0, check_weights: bool = True, lcm_guidance: float = 8.5):
+def load_student_model(
+    path: str | Path,
+    recipe_name: str = "auto",
+    steps: int = 0,
+    model=None,
+    lora_strength: float = 1.0,
+    check_weights: bool = True,
+    lcm_guidance: float = 8.5,
+):
     """Load ``path`` as a student; returns ``(model, clip, vae, sampler, sigmas, info)``."""
     override = None if recipe_name in ("auto", "", None) else recipe_name
     det, sd = load_student(path, override, check_nan=check_weights)
     if det.recipe is None:
-        raise StudentLoadError(det.path, "the student could not be identified from its name, metadata or keys.",
-                               "choose the recipe in the node's 'recipe' input (" + ", ".join(recipe_names()[:6]) + ", ...).")
+        raise StudentLoadError(
+            det.path,
+            "the student could not be identified from its name, metadata or keys.",
+            "choose the recipe in the node's 'recipe' input (" + ", ".join(recipe_names()[:6]) + ", ...).",
+        )
     recipe = get_recipe(det.recipe)
     if det.layout == "edm":
-        raise StudentLoadError(det.path, "this is an EDM pixel-space generator.",
-                               "it is not a latent UNet; this loader node does not run it.")
+        raise StudentLoadError(
+            det.path,
+            "this is an EDM pixel-space generator.",
+            "it is not a latent UNet; this loader node does not run it.",
+        )
     clip = vae = None
     extra = ""
     if det.is_lora:
         if model is None:
-            raise StudentLoadError(det.path, "this file is a LoRA.", "connect the base MODEL to the loader's 'model' input.")
+            raise StudentLoadError(
+                det.path, "this file is a LoRA.", "connect the base MODEL to the loader's 'model' input."
+            )
         model, n = apply_student_lora(model, det, sd, lora_strength)
         extra = f"\nLoRA: {n} modules patched at strength {lora_strength:g}"
     elif det.layout == "ldm_checkpoint":
-        model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True,
-                                                                     embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+            sd,
+            output_vae=True,
+            output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        )
     else:
         model = comfy.sd.load_diffusion_model_state_dict(to_ldm_unet(det, sd))
         if model is None:
-            raise StudentLoadError(det.path, "ComfyUI did not recognise the converted UNet.",
-                                   "report the inspect output (python -m comfyui_fewstep inspect FILE).")
+            raise StudentLoadError(
+                det.path,
+                "ComfyUI did not recognise the converted UNet.",
+                "report the inspect output (python -m comfyui_fewstep inspect FILE).",
+            )
     model = model.clone()
     model.add_object_patch("model_sampling", student_model_sampling(recipe, model.model.model_config))
     cond_proj = sd.get(LCM_GUIDANCE_EMBEDDING) if not det.is_lora else None
     if cond_proj is not None:  # full LCM: put back the w-embedding ComfyUI's UNet has no slot for
         time_embed = model.get_model_object("diffusion_model.time_embed")
-        model.add_object_patch("diffusion_model.time_embed", GuidedTimeEmbedding(time_embed, cond_proj, lcm_guidance))
+        model.add_object_patch(
+            "diffusion_model.time_embed", GuidedTimeEmbedding(time_embed, cond_proj, lcm_guidance)
+        )
         extra += f"\nLCM guidance embedding: w = {lcm_guidance:g} (time_embedding.cond_proj kept)"
     sigmas = recipe_sigmas(recipe, steps or None).float()
     info = format_report(det) + extra
@@ -158,17 +202,17 @@ def load_student_model(path: str | Path, recipe_name: str = "auto", steps: int =
 def _file_options() -> list[str]:
     out = []
     for folder in FOLDERS:
-        try:
+        if folder in folder_paths.folder_names_and_paths:  # 'diffusion_models' is 'unet' before 0.3
             out += [f"{folder}/{name}" for name in folder_paths.get_filename_list(folder)]
-        except Exception:  # an unknown folder name in an older ComfyUI
-            continue
     return out
 
 
 def _resolve(option: str) -> str:
     folder, _, name = option.partition("/")
     if folder not in FOLDERS:
-        raise StudentLoadError(option, f"unknown model folder {folder!r}.", f"pick a file from {', '.join(FOLDERS)}.")
+        raise StudentLoadError(
+            option, f"unknown model folder {folder!r}.", f"pick a file from {', '.join(FOLDERS)}."
+        )
     return folder_paths.get_full_path_or_raise(folder, name)
 
 
@@ -180,55 +224,114 @@ class FewStepStudentLoader(io.ComfyNode):
             display_name="Load Distilled Student (FewStep)",
             category="loaders",
             description="Load a one-/few-step distilled student (DMD2, SiD-LSG, Turbo, Lightning, Hyper-SD, LCM, "
-                        "TCD, PCM, InstaFlow/SCFlow, SwiftBrush) and get the model, sampler and sigmas of its "
-                        "published recipe. LoRA students are applied to the connected model.",
+            "TCD, PCM, InstaFlow/SCFlow, SwiftBrush) and get the model, sampler and sigmas of its "
+            "published recipe. LoRA students are applied to the connected model.",
             inputs=[
-                io.Combo.Input("model_file", options=_file_options(),
-                               tooltip="a student file from checkpoints/, diffusion_models/ (unet/) or loras/"),
-                io.Combo.Input("recipe", options=["auto", *recipe_names()], default="auto",
-                               tooltip="'auto' detects from file name, metadata and keys; pick one when it cannot."),
-                io.Int.Input("steps", default=0, min=0, max=64,
-                             tooltip="0 = the step count the student was distilled for"),
+                io.Combo.Input(
+                    "model_file",
+                    options=_file_options(),
+                    tooltip="a student file from checkpoints/, diffusion_models/ (unet/) or loras/",
+                ),
+                io.Combo.Input(
+                    "recipe",
+                    options=["auto", *recipe_names()],
+                    default="auto",
+                    tooltip="'auto' detects from file name, metadata and keys; pick one when it cannot.",
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=0,
+                    min=0,
+                    max=64,
+                    tooltip="0 = the step count the student was distilled for",
+                ),
                 io.Model.Input("model", optional=True, tooltip="the base model a LoRA student is applied to"),
-                io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05,
-                               tooltip="strength of a LoRA student (ignored for full models)"),
-                io.Boolean.Input("check_weights", default=True,
-                                 tooltip="refuse files whose weights contain NaN/Inf (reads every weight once)"),
-                io.Float.Input("lcm_guidance", default=8.5, min=1.0, max=20.0, step=0.1,
-                               tooltip="guidance w of full LCM models' built-in w-embedding (not CFG; LCM uses 3-13)"),
+                io.Float.Input(
+                    "lora_strength",
+                    default=1.0,
+                    min=-4.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip="strength of a LoRA student (ignored for full models)",
+                ),
+                io.Boolean.Input(
+                    "check_weights",
+                    default=True,
+                    tooltip="refuse files whose weights contain NaN/Inf (reads every weight once)",
+                ),
+                io.Float.Input(
+                    "lcm_guidance",
+                    default=8.5,
+                    min=1.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="guidance w of full LCM models' built-in w-embedding (not CFG; LCM uses 3-13)",
+                ),
             ],
             outputs=[
-                io.Model.Output(tooltip="the student, with the recipe's prediction type and first-step noise scale"),
-                io.Sampler.Output(tooltip="the recipe's sampler (Euler, Euler-ancestral, LCM-style re-noise or TCD)"),
-                io.Sigmas.Output(tooltip="the recipe's noise levels (use with SamplerCustom, cfg as in recipe_info)"),
-                io.Clip.Output(tooltip="text encoder of a single-file checkpoint (empty for UNet/LoRA files)"),
+                io.Model.Output(
+                    tooltip="the student, with the recipe's prediction type and first-step noise scale"
+                ),
+                io.Sampler.Output(
+                    tooltip="the recipe's sampler (Euler, Euler-ancestral, LCM-style re-noise or TCD)"
+                ),
+                io.Sigmas.Output(
+                    tooltip="the recipe's noise levels (use with SamplerCustom, cfg as in recipe_info)"
+                ),
+                io.Clip.Output(
+                    tooltip="text encoder of a single-file checkpoint (empty for UNet/LoRA files)"
+                ),
                 io.Vae.Output(tooltip="VAE of a single-file checkpoint (empty for UNet/LoRA files)"),
-                io.String.Output(display_name="recipe_info",
-                                 tooltip="which recipe was used and why (file name, metadata, keys, shapes)"),
+                io.String.Output(
+                    display_name="recipe_info",
+                    tooltip="which recipe was used and why (file name, metadata, keys, shapes)",
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, model_file, recipe="auto", steps=0, model=None, lora_strength=1.0, check_weights=True,
-                lcm_guidance=8.5):
+    def execute(
+        cls,
+        model_file,
+        recipe="auto",
+        steps=0,
+        model=None,
+        lora_strength=1.0,
+        check_weights=True,
+        lcm_guidance=8.5,
+    ):
         model, clip, vae, sampler, sigmas, info = load_student_model(
-            _resolve(model_file), recipe, steps, model, lora_strength, check_weights, lcm_guidance)
+            _resolve(model_file), recipe, steps, model, lora_strength, check_weights, lcm_guidance
+        )
         return io.NodeOutput(model, sampler, sigmas, clip, vae, info)
 
 
-def generate_edm_images(path: str | Path, seed: int = 0, batch_size: int = 1, class_label: int = -1,
-                        sigma_init: float = 0.0, recipe_name: str = "auto"):
+def generate_edm_images(
+    path: str | Path,
+    seed: int = 0,
+    batch_size: int = 1,
+    class_label: int = -1,
+    sigma_init: float = 0.0,
+    recipe_name: str = "auto",
+):
     """Run a converted EDM one-step generator; returns ``(images [B,H,W,C] in [0,1], info)``."""
     import comfy.model_management
     import torch
 
-    from ..distill_loaders.edm_networks import build_edm_network, edm_config_from_state_dict, generate_one_step
+    from ..distill_loaders.edm_networks import (
+        build_edm_network,
+        edm_config_from_state_dict,
+        generate_one_step,
+    )
 
     override = None if recipe_name in ("auto", "", None) else recipe_name
     det = detect(path, override)
     if det.layout != "edm":
-        raise StudentLoadError(det.path, f"this is a {det.layout} file, not an EDM pixel generator.",
-                               "load latent students with 'Load Distilled Student (FewStep)'.")
+        raise StudentLoadError(
+            det.path,
+            f"this is a {det.layout} file, not an EDM pixel generator.",
+            "load latent students with 'Load Distilled Student (FewStep)'.",
+        )
     sd = load_weights(path)
     check_finite(sd, det.path)
     recipe = get_recipe(det.recipe)
@@ -237,8 +340,11 @@ def generate_edm_images(path: str | Path, seed: int = 0, batch_size: int = 1, cl
     try:
         net.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise StudentLoadError(det.path, f"the weights do not fit the {arch} network read from their shapes ({str(e)[:300]}).",
-                               "re-convert the pickle with python -m comfyui_fewstep convert FILE.") from None
+        raise StudentLoadError(
+            det.path,
+            f"the weights do not fit the {arch} network read from their shapes ({str(e)[:300]}).",
+            "re-convert the pickle with python -m comfyui_fewstep convert FILE.",
+        ) from None
     device = comfy.model_management.get_torch_device()
     net = net.to(device).eval()
     g = torch.Generator().manual_seed(seed)
@@ -246,8 +352,11 @@ def generate_edm_images(path: str | Path, seed: int = 0, batch_size: int = 1, cl
     z = torch.randn(batch_size, c, r, r, generator=g).to(device)
     labels = None
     if kwargs["label_dim"]:
-        idx = torch.randint(kwargs["label_dim"], (batch_size,), generator=g) if class_label < 0 else \
-            torch.full((batch_size,), class_label % kwargs["label_dim"])
+        idx = (
+            torch.randint(kwargs["label_dim"], (batch_size,), generator=g)
+            if class_label < 0
+            else torch.full((batch_size,), class_label % kwargs["label_dim"])
+        )
         labels = torch.nn.functional.one_hot(idx, kwargs["label_dim"]).float().to(device)
     sigma = sigma_init or float(recipe.sigma_init)
     x = generate_one_step(net, z, sigma, labels)
@@ -264,20 +373,42 @@ class FewStepEDMGenerator(io.ComfyNode):
             display_name="EDM One-Step Generator (FewStep)",
             category="sampling",
             description="Run a one-step EDM pixel generator (SiD, DMD2-ImageNet) converted with "
-                        "'python -m comfyui_fewstep convert': x0 = G(sigma_init z, sigma_init). No VAE.",
+            "'python -m comfyui_fewstep convert': x0 = G(sigma_init z, sigma_init). No VAE.",
             inputs=[
-                io.Combo.Input("model_file", options=[o for o in _file_options() if not o.startswith("loras/")],
-                               tooltip="a converted generator (.safetensors) from checkpoints/ or diffusion_models/"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="seed of the input noise (and of random class labels)"),
+                io.Combo.Input(
+                    "model_file",
+                    options=[o for o in _file_options() if not o.startswith("loras/")],
+                    tooltip="a converted generator (.safetensors) from checkpoints/ or diffusion_models/",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="seed of the input noise (and of random class labels)",
+                ),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="number of images to generate"),
-                io.Int.Input("class_label", default=-1, min=-1, max=100000,
-                             tooltip="class index for class-conditional generators; -1 draws random classes"),
-                io.Float.Input("sigma_init", default=0.0, min=0.0, max=1000.0, step=0.01,
-                               tooltip="starting noise level; 0 uses the recipe's (SiD 2.5, DMD2-ImageNet 80)"),
+                io.Int.Input(
+                    "class_label",
+                    default=-1,
+                    min=-1,
+                    max=100000,
+                    tooltip="class index for class-conditional generators; -1 draws random classes",
+                ),
+                io.Float.Input(
+                    "sigma_init",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.01,
+                    tooltip="starting noise level; 0 uses the recipe's (SiD 2.5, DMD2-ImageNet 80)",
+                ),
             ],
-            outputs=[io.Image.Output(tooltip="generated images in [0, 1]"),
-                     io.String.Output(display_name="recipe_info", tooltip="detected network, recipe and why")],
+            outputs=[
+                io.Image.Output(tooltip="generated images in [0, 1]"),
+                io.String.Output(display_name="recipe_info", tooltip="detected network, recipe and why"),
+            ],
         )
 
     @classmethod

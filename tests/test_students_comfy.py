@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from comfyui_fewstep.distill_loaders import keys as K
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
 from comfyui_fewstep.distill_loaders.lcm_guidance import guidance_scale_embedding
 from comfyui_fewstep.distill_loaders.recipes import ddpm_sigma
 from comfyui_fewstep.distill_loaders.synthetic import kohya_lora_shapes, peft_lora_shapes
+from safetensors.torch import save_file
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
@@ -43,7 +42,9 @@ def files(sd15_diffusers, tmp_path_factory):
     del ldm
     torch.save(sd15_diffusers, d / "batch512_cfg222_t625_v2.bin")
     lcm = dict(sd15_diffusers)
-    lcm["time_embedding.cond_proj.weight"] = torch.randn(320, 256, generator=torch.Generator().manual_seed(5)).half() * 0.02
+    lcm["time_embedding.cond_proj.weight"] = (
+        torch.randn(320, 256, generator=torch.Generator().manual_seed(5)).half() * 0.02
+    )
     save_file(lcm, str(d / "LCM_Dreamshaper_v7_unet.safetensors"))
     del lcm
     gc.collect()
@@ -53,15 +54,15 @@ def files(sd15_diffusers, tmp_path_factory):
 def _sample(comfy_mods, model, sampler, sigmas, seed=0):
     noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
     cond = [[torch.zeros(1, 77, 768), {}]]
-    return comfy_mods.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond,
-                                           torch.zeros(LATENT), disable_pbar=True, seed=seed)
+    return comfy_mods.sample.sample_custom(
+        model, noise, 1.0, sampler, sigmas, cond, cond, torch.zeros(LATENT), disable_pbar=True, seed=seed
+    )
 
 
 @pytest.fixture(scope="module")
 def api(comfy):
     import comfy.sample
     import folder_paths
-
     from comfyui_fewstep.nodes import student_nodes
 
     class A:
@@ -72,21 +73,35 @@ def api(comfy):
     return a
 
 
-@pytest.mark.parametrize("name, recipe, timestep, input_std", [
-    ("dmd2_sd15_unet.safetensors", "dmd2_sd15_1step", 999, 1.0),                      # diffusers safetensors
-    ("instaflow_0_9B_unet.safetensors", "instaflow_sd15_1step", 1000, 1.0),            # LDM UNet, flow
-    ("batch512_cfg222_t625_v2.bin", "sid_lsg_sd15_1step", 625, math.sqrt(1 - 1 / (1 + ddpm_sigma(625) ** 2))),  # .bin
-    ("LCM_Dreamshaper_v7_unet.safetensors", "lcm", 999, 1.0),                          # LCM with w-embedding
-])
-def test_full_size_sd15_student_loads_and_samples(api, files, sd15_diffusers, name, recipe, timestep, input_std):
+@pytest.mark.parametrize(
+    "name, recipe, timestep, input_std",
+    [
+        ("dmd2_sd15_unet.safetensors", "dmd2_sd15_1step", 999, 1.0),  # diffusers safetensors
+        ("instaflow_0_9B_unet.safetensors", "instaflow_sd15_1step", 1000, 1.0),  # LDM UNet, flow
+        (
+            "batch512_cfg222_t625_v2.bin",
+            "sid_lsg_sd15_1step",
+            625,
+            math.sqrt(1 - 1 / (1 + ddpm_sigma(625) ** 2)),
+        ),  # .bin
+        ("LCM_Dreamshaper_v7_unet.safetensors", "lcm", 999, 1.0),  # LCM with w-embedding
+    ],
+)
+def test_full_size_sd15_student_loads_and_samples(
+    api, files, sd15_diffusers, name, recipe, timestep, input_std
+):
     model, clip, vae, sampler, sigmas, info = api.nodes.load_student_model(files / name)
     assert f"recipe:      {recipe}" in info and clip is None and vae is None
     ms = model.get_model_object("model_sampling")
     # ComfyUI holds our weights under its names (the diffusers -> LDM conversion is right).
     unet = model.model.diffusion_model
-    torch.testing.assert_close(unet.input_blocks[0][0].weight.float(), sd15_diffusers["conv_in.weight"].float())
-    torch.testing.assert_close(unet.output_blocks[11][1].transformer_blocks[0].attn2.to_k.weight.float(),
-                               sd15_diffusers["up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"].float())
+    torch.testing.assert_close(
+        unet.input_blocks[0][0].weight.float(), sd15_diffusers["conv_in.weight"].float()
+    )
+    torch.testing.assert_close(
+        unet.output_blocks[11][1].transformer_blocks[0].attn2.to_k.weight.float(),
+        sd15_diffusers["up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"].float(),
+    )
     assert float(ms.timestep(sigmas[:1])) == pytest.approx(timestep, abs=1e-3)
     # first-step noise as the student expects it at the network input
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -112,11 +127,15 @@ def test_full_size_sd15_student_loads_and_samples(api, files, sd15_diffusers, na
 def test_lora_students_patch_every_module(api, files, tmp_path):
     base, *_ = api.nodes.load_student_model(files / "dmd2_sd15_unet.safetensors")
     g = torch.Generator().manual_seed(2)
-    for name, shapes in (("lcm-lora-sdv1-5.safetensors", kohya_lora_shapes("sd15", 4)),
-                         ("Hyper-SD15-4steps-lora.safetensors", peft_lora_shapes("sd15", 4))):
-        tensors = {k: (torch.randn(s, generator=g) * 0.01 if s else torch.tensor(4.0)) for k, s in shapes.items()}
+    for name, shapes in (
+        ("lcm-lora-sdv1-5.safetensors", kohya_lora_shapes("sd15", 4)),
+        ("Hyper-SD15-4steps-lora.safetensors", peft_lora_shapes("sd15", 4)),
+    ):
+        tensors = {
+            k: (torch.randn(s, generator=g) * 0.01 if s else torch.tensor(4.0)) for k, s in shapes.items()
+        }
         save_file(tensors, str(tmp_path / name))
-        model, _, _, sampler, sigmas, info = api.nodes.load_student_model(tmp_path / name, model=base)
+        model, _, _, _sampler, sigmas, info = api.nodes.load_student_model(tmp_path / name, model=base)
         n_modules = len({k.rsplit(".", 2)[0] for k in shapes})
         assert f"LoRA: {n_modules} modules patched" in info
         assert len(model.patches) == n_modules
@@ -146,11 +165,17 @@ def test_node_execute_and_errors(api, files, tmp_path):
 
 def test_student_sampling_objects(api):
     import comfy.supported_models
-
     from comfyui_fewstep.distill_loaders.specs import get_recipe
 
-    cfg = comfy.supported_models.SD15({"context_dim": 768, "model_channels": 320, "use_linear_in_transformer": False,
-                                        "adm_in_channels": None, "use_temporal_attention": False})
+    cfg = comfy.supported_models.SD15(
+        {
+            "context_dim": 768,
+            "model_channels": 320,
+            "use_linear_in_transformer": False,
+            "adm_in_channels": None,
+            "use_temporal_attention": False,
+        }
+    )
     z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
     for name, expected_std in (("dmd2_sdxl_1step", 1.0), ("hyper_sdxl_1step_unet", 1.0)):
         recipe = get_recipe(name)
@@ -159,7 +184,12 @@ def test_student_sampling_objects(api):
         x = ms.noise_scaling(sigma, z, torch.zeros_like(z), False)
         torch.testing.assert_close(ms.calculate_input(sigma, x), z, rtol=1e-5, atol=1e-5)
     ms = api.nodes.student_model_sampling(get_recipe("lcm_lora"), cfg)
-    assert [int(ms.timestep(torch.tensor([ddpm_sigma(t)]))) for t in (999, 759, 499, 259)] == [999, 759, 499, 259]
+    assert [int(ms.timestep(torch.tensor([ddpm_sigma(t)]))) for t in (999, 759, 499, 259)] == [
+        999,
+        759,
+        499,
+        259,
+    ]
     x0_ms = api.nodes.student_model_sampling(get_recipe("sdxl_lightning_1step_x0"), cfg)
     out = torch.randn(1, 4, 2, 2)
     assert torch.equal(x0_ms.calculate_denoised(torch.tensor([14.6]), out, torch.zeros_like(out)), out)
@@ -172,18 +202,31 @@ def test_edm_generator_node(api, tmp_path):
     from comfyui_fewstep.distill_loaders.edm_networks import build_edm_network
 
     torch.manual_seed(0)
-    net = build_edm_network("SongUNet", img_resolution=16, in_channels=3, out_channels=3, label_dim=10,
-                            model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    net = build_edm_network(
+        "SongUNet",
+        img_resolution=16,
+        in_channels=3,
+        out_channels=3,
+        label_dim=10,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+    )
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
     src = tmp_path / "sid-network-snapshot.pkl"
     src.write_bytes(pickle.dumps({"ema": {f"model.{k}": v for k, v in net.state_dict().items()}}))
     convert(src, tmp_path / "sid_cifar10_cond.safetensors")
     api.folder_paths.add_model_folder_path("checkpoints", str(tmp_path))
-    images, info = api.nodes.FewStepEDMGenerator.execute("checkpoints/sid_cifar10_cond.safetensors", 3, 2, 7).result
+    images, info = api.nodes.FewStepEDMGenerator.execute(
+        "checkpoints/sid_cifar10_cond.safetensors", 3, 2, 7
+    ).result
     assert images.shape == (2, 16, 16, 3) and float(images.min()) >= 0 and float(images.max()) <= 1
     assert "recipe:      sid_edm_1step" in info and "sigma_init: 2.5" in info
-    again, _ = api.nodes.FewStepEDMGenerator.execute("checkpoints/sid_cifar10_cond.safetensors", 3, 2, 7).result
+    again, _ = api.nodes.FewStepEDMGenerator.execute(
+        "checkpoints/sid_cifar10_cond.safetensors", 3, 2, 7
+    ).result
     assert torch.equal(images, again)
     with pytest.raises(StudentLoadError, match="not an EDM pixel generator"):
         api.nodes.generate_edm_images(_latent_file(tmp_path))

@@ -10,11 +10,10 @@ import types
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from comfyui_fewstep.distill_loaders.convert_pickle import convert, main, restricted_load
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError, UnsafePickleError
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 
 def _model():
@@ -67,7 +66,7 @@ def test_model_classes_are_never_imported(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "training")
     dst, cfg = convert(src, tmp_path / "sid.safetensors")
     got = load_file(str(dst))
-    want = {k[len("model."):]: v for k, v in net.state_dict().items()}
+    want = {k[len("model.") :]: v for k, v in net.state_dict().items()}
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     with safe_open(str(dst), "pt") as f:
         assert f.metadata()["fewstep_format"] == "edm"

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from comfyui_fewstep.distill_loaders import keys as K
 from comfyui_fewstep.distill_loaders.detect import detect
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
@@ -19,12 +18,16 @@ from comfyui_fewstep.distill_loaders.synthetic import (
     write_safetensors,
 )
 
-
 # --- key layouts -------------------------------------------------------------------------------
+
 
 def test_key_counts_match_the_published_unets():
     # SD1.5 / SD2.1 UNet: 686 tensors (859.5M params); SDXL: 1680 tensors (2.567B params).
-    for arch, count, params in (("sd15", 686, 859_520_964), ("sd21", 686, 865_910_724), ("sdxl", 1680, 2_567_463_684)):
+    for arch, count, params in (
+        ("sd15", 686, 859_520_964),
+        ("sd21", 686, 865_910_724),
+        ("sdxl", 1680, 2_567_463_684),
+    ):
         shapes = K.diffusers_unet_shapes(arch)
         assert len(shapes) == count
         assert sum(torch.Size(s).numel() for s in shapes.values()) == params
@@ -36,9 +39,15 @@ _DIFFUSERS_CONFIGS = {
     "sdxl": dict(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(320, 640, 1280), transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816, attention_head_dim=[5, 10, 20]),
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=[1, 2, 10],
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        attention_head_dim=[5, 10, 20],
+    ),
 }
 
 
@@ -59,16 +68,20 @@ def test_ldm_names_follow_openaimodel_layout():
     assert m["down_blocks.0.downsamplers.0.conv.weight"] == "input_blocks.3.0.op.weight"
     assert m["down_blocks.1.resnets.0.conv_shortcut.weight"] == "input_blocks.4.0.skip_connection.weight"
     assert m["down_blocks.3.resnets.1.conv2.bias"] == "input_blocks.11.0.out_layers.3.bias"
-    assert m["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"] == \
-        "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    assert (
+        m["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+        == "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    )
     assert m["up_blocks.0.upsamplers.0.conv.weight"] == "output_blocks.2.1.conv.weight"
     assert m["up_blocks.1.upsamplers.0.conv.weight"] == "output_blocks.5.2.conv.weight"
     assert m["up_blocks.3.resnets.2.time_emb_proj.weight"] == "output_blocks.11.0.emb_layers.1.weight"
     assert m["conv_out.weight"] == "out.2.weight" and m["time_embedding.linear_2.bias"] == "time_embed.2.bias"
     x = K.diffusers_to_ldm_map("sdxl")
     assert x["add_embedding.linear_1.weight"] == "label_emb.0.0.weight"
-    assert x["up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2.weight"] == \
-        "output_blocks.2.1.transformer_blocks.9.ff.net.2.weight"
+    assert (
+        x["up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2.weight"]
+        == "output_blocks.2.1.transformer_blocks.9.ff.net.2.weight"
+    )
     assert len(set(x.values())) == len(x)  # one-to-one
 
 
@@ -89,8 +102,13 @@ def test_conversion_is_zero_copy_and_round_trips():
 def test_ldm_map_agrees_with_comfyui(comfy):
     import comfy.utils
 
-    cfg = dict(num_res_blocks=[2] * 3, channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
-               transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
+    cfg = dict(
+        num_res_blocks=[2] * 3,
+        channel_mult=[1, 2, 4],
+        transformer_depth=[0, 0, 2, 2, 10, 10],
+        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+        transformer_depth_middle=10,
+    )
     theirs = comfy.utils.unet_to_diffusers(cfg)
     ours = K.diffusers_to_ldm_map("sdxl")
     assert all(theirs[k] == v for k, v in ours.items())
@@ -107,12 +125,35 @@ CASES = [
     ("sd_turbo.safetensors", "sd21", "ldm_checkpoint", "ldm_checkpoint", "sd_turbo_sd21"),
     ("sdxl_lightning_4step.safetensors", "sdxl", "ldm_checkpoint", "ldm_checkpoint", "sdxl_lightning_4step"),
     ("sdxl_lightning_8step_unet.safetensors", "sdxl", "diffusers", "diffusers_unet", "sdxl_lightning_8step"),
-    ("sdxl_lightning_1step_unet_x0.safetensors", "sdxl", "diffusers", "diffusers_unet", "sdxl_lightning_1step_x0"),
+    (
+        "sdxl_lightning_1step_unet_x0.safetensors",
+        "sdxl",
+        "diffusers",
+        "diffusers_unet",
+        "sdxl_lightning_1step_x0",
+    ),
     ("Hyper-SDXL-1step-Unet.safetensors", "sdxl", "diffusers", "diffusers_unet", "hyper_sdxl_1step_unet"),
-    ("Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors", "sdxl", "ldm_checkpoint", "ldm_checkpoint",
-     "hyper_sdxl_1step_unet"),
-    ("batch512_cfg1.51.51.5_t625_8806_v2.safetensors", "sd15", "diffusers", "diffusers_unet", "sid_lsg_sd15_1step"),
-    ("batch512_sd21_cfg222_t625_8482_v2.safetensors", "sd21", "diffusers", "diffusers_unet", "sid_lsg_sd21_1step"),
+    (
+        "Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors",
+        "sdxl",
+        "ldm_checkpoint",
+        "ldm_checkpoint",
+        "hyper_sdxl_1step_unet",
+    ),
+    (
+        "batch512_cfg1.51.51.5_t625_8806_v2.safetensors",
+        "sd15",
+        "diffusers",
+        "diffusers_unet",
+        "sid_lsg_sd15_1step",
+    ),
+    (
+        "batch512_sd21_cfg222_t625_8482_v2.safetensors",
+        "sd21",
+        "diffusers",
+        "diffusers_unet",
+        "sid_lsg_sd21_1step",
+    ),
     ("scflow_unet_ema.safetensors", "sd15", "diffusers", "diffusers_unet", "scflow_sd15_1step"),
     ("instaflow_0_9B.safetensors", "sd15", "ldm_unet", "ldm_unet", "instaflow_sd15_1step"),
     ("swiftbrush_unet.safetensors", "sd21", "diffusers", "diffusers_unet", "swiftbrush_sd21_1step"),
@@ -125,24 +166,31 @@ def test_detects_full_models(tmp_path, name, arch, builder, layout, recipe):
     det = detect(path)
     assert (det.layout, det.arch, det.recipe, det.confidence) == (layout, arch, recipe, "certain")
     assert det.missing == [] and det.unexpected == [] and det.mismatched == []
-    assert any(r.startswith("arch ") for r in det.reasons) and any(r.startswith("recipe ") for r in det.reasons)
+    assert any(r.startswith("arch ") for r in det.reasons) and any(
+        r.startswith("recipe ") for r in det.reasons
+    )
 
 
 def test_dmd2_kohya_lora(tmp_path):
-    path = write_safetensors(tmp_path / "dmd2_sdxl_4step_lora_fp16.safetensors", kohya_lora_shapes("sdxl", 64))
+    path = write_safetensors(
+        tmp_path / "dmd2_sdxl_4step_lora_fp16.safetensors", kohya_lora_shapes("sdxl", 64)
+    )
     det = detect(path)
     assert (det.layout, det.arch, det.recipe, det.lora_rank) == ("lora_kohya", "sdxl", "dmd2_sdxl_4step", 64)
 
 
-@pytest.mark.parametrize("name, arch, recipe", [
-    ("pytorch_lora_weights.safetensors", "sd15", None),
-    ("lcm-lora-sdv1-5.safetensors", "sd15", "lcm_lora"),
-    ("TCD-SDXL-LoRA.safetensors", "sdxl", "tcd_lora"),
-    ("Hyper-SD15-4steps-lora.safetensors", "sd15", "hyper_4step_lora"),
-    ("Hyper-SDXL-1step-lora.safetensors", "sdxl", "hyper_1step_lora_tcd"),
-    ("pcm_sdxl_smallcfg_8step_converted.safetensors", "sdxl", "pcm_smallcfg_8step"),
-    ("pcm_sd15_normalcfg_16step_converted.safetensors", "sd15", "pcm_normalcfg_16step"),
-])
+@pytest.mark.parametrize(
+    "name, arch, recipe",
+    [
+        ("pytorch_lora_weights.safetensors", "sd15", None),
+        ("lcm-lora-sdv1-5.safetensors", "sd15", "lcm_lora"),
+        ("TCD-SDXL-LoRA.safetensors", "sdxl", "tcd_lora"),
+        ("Hyper-SD15-4steps-lora.safetensors", "sd15", "hyper_4step_lora"),
+        ("Hyper-SDXL-1step-lora.safetensors", "sdxl", "hyper_1step_lora_tcd"),
+        ("pcm_sdxl_smallcfg_8step_converted.safetensors", "sdxl", "pcm_smallcfg_8step"),
+        ("pcm_sd15_normalcfg_16step_converted.safetensors", "sd15", "pcm_normalcfg_16step"),
+    ],
+)
 def test_diffusers_loras(tmp_path, name, arch, recipe):
     det = detect(write_safetensors(tmp_path / name, peft_lora_shapes(arch, 16)))
     assert (det.layout, det.arch, det.recipe, det.lora_rank) == ("lora_diffusers", arch, recipe, 16)
@@ -150,8 +198,11 @@ def test_diffusers_loras(tmp_path, name, arch, recipe):
 
 
 def test_metadata_names_the_recipe(tmp_path):
-    path = write_safetensors(tmp_path / "model.safetensors", unet_shapes("sdxl", "ldm_unet"),
-                             metadata={"fewstep_recipe": "dmd2_sdxl_1step"})
+    path = write_safetensors(
+        tmp_path / "model.safetensors",
+        unet_shapes("sdxl", "ldm_unet"),
+        metadata={"fewstep_recipe": "dmd2_sdxl_1step"},
+    )
     det = detect(path)
     assert det.recipe == "dmd2_sdxl_1step" and "metadata" in det.reasons[-1]
 
@@ -202,14 +253,22 @@ def test_override(tmp_path):
     assert det.recipe == "dmd2_sdxl_1step" and det.reasons[-1] == "override: dmd2_sdxl_1step"
     with pytest.raises(StudentLoadError, match="for sd21 but the file is a sdxl model.*What to do"):
         detect(path, override="sd_turbo_sd21")
-    named = write_safetensors(tmp_path / "sdxl_lightning_4step_unet.safetensors", unet_shapes("sdxl", "diffusers"))
+    named = write_safetensors(
+        tmp_path / "sdxl_lightning_4step_unet.safetensors", unet_shapes("sdxl", "diffusers")
+    )
     with pytest.raises(StudentLoadError, match="expects x0 prediction.*sdxl_lightning_4step"):
         detect(named, override="sdxl_lightning_1step_x0")
-    assert detect(named, override="dmd2_sdxl_4step").reasons[-1].endswith("replaces the detected sdxl_lightning_4step")
+    assert (
+        detect(named, override="dmd2_sdxl_4step")
+        .reasons[-1]
+        .endswith("replaces the detected sdxl_lightning_4step")
+    )
 
 
 def test_header_only_read_is_fast_on_a_full_size_file(tmp_path):
-    path = write_safetensors(tmp_path / "sd_xl_turbo_1.0.safetensors", unet_shapes("sdxl", "ldm_checkpoint"), dtype="F32")
+    path = write_safetensors(
+        tmp_path / "sd_xl_turbo_1.0.safetensors", unet_shapes("sdxl", "ldm_checkpoint"), dtype="F32"
+    )
     assert path.stat().st_size > 10e9 - 1  # 2.57B fp32 parameters, sparse on disk
     start = time.perf_counter()
     det = detect(path)
@@ -219,8 +278,11 @@ def test_header_only_read_is_fast_on_a_full_size_file(tmp_path):
 
 # --- the CLI ---------------------------------------------------------------------------------
 
+
 def test_inspect_cli(tmp_path, capsys):
-    path = write_safetensors(tmp_path / "dmd2_sdxl_1step_unet_fp16.safetensors", unet_shapes("sdxl", "diffusers"))
+    path = write_safetensors(
+        tmp_path / "dmd2_sdxl_1step_unet_fp16.safetensors", unet_shapes("sdxl", "diffusers")
+    )
     assert inspect_main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "recipe:      dmd2_sdxl_1step: eps prediction, 1 step(s)" in out
@@ -258,13 +320,15 @@ def test_lora_keys_to_kohya_zero_copy():
     }
     out, n = K.lora_to_kohya(sd)
     assert n == 6 and all(v is t for v in out.values())
-    assert sorted(out) == sorted([
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
-        "lora_unet_mid_block_resnets_0_conv1.lora_down.weight",
-        "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_down.weight",
-        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight",
-        "lora_unet_conv_in.alpha",
-        "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight",
-        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
-    ])
+    assert sorted(out) == sorted(
+        [
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
+            "lora_unet_mid_block_resnets_0_conv1.lora_down.weight",
+            "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_down.weight",
+            "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight",
+            "lora_unet_conv_in.alpha",
+            "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight",
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+        ]
+    )

@@ -8,17 +8,32 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from comfyui_fewstep.distill_loaders.convert_pickle import convert
 from comfyui_fewstep.distill_loaders.detect import detect
 from comfyui_fewstep.distill_loaders.edm_networks import build_edm_network, edm_denoise, generate_one_step
 from comfyui_fewstep.distill_loaders.recipes import recipe_sigmas
+from safetensors.torch import load_file
 
-CIFAR = dict(img_resolution=32, in_channels=3, out_channels=3, augment_dim=9, model_channels=128,
-             channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16])
-IMAGENET = dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000, model_channels=192,
-                channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[32, 16, 8])
+CIFAR = dict(
+    img_resolution=32,
+    in_channels=3,
+    out_channels=3,
+    augment_dim=9,
+    model_channels=128,
+    channel_mult=[2, 2, 2],
+    num_blocks=4,
+    attn_resolutions=[16],
+)
+IMAGENET = dict(
+    img_resolution=64,
+    in_channels=3,
+    out_channels=3,
+    label_dim=1000,
+    model_channels=192,
+    channel_mult=[1, 2, 3, 4],
+    num_blocks=3,
+    attn_resolutions=[32, 16, 8],
+)
 
 
 def _params(net):
@@ -52,8 +67,17 @@ def test_preconditioning_closed_form():
 
 def test_one_step_generation_shapes_and_range():
     torch.manual_seed(0)
-    net = build_edm_network("SongUNet", img_resolution=16, in_channels=3, out_channels=3, label_dim=10,
-                            model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    net = build_edm_network(
+        "SongUNet",
+        img_resolution=16,
+        in_channels=3,
+        out_channels=3,
+        label_dim=10,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+    )
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
     sigma_init = float(recipe_sigmas("sid_edm_1step")[0])
@@ -68,8 +92,15 @@ def test_one_step_generation_shapes_and_range():
 
 def test_converted_pickle_loads_strictly(tmp_path):
     torch.manual_seed(1)
-    kwargs = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2],
-                  num_blocks=1, attn_resolutions=[8])
+    kwargs = dict(
+        img_resolution=16,
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+    )
     net = build_edm_network("DhariwalUNet", label_dim=10, **kwargs)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -81,14 +112,17 @@ def test_converted_pickle_loads_strictly(tmp_path):
     fresh = build_edm_network("DhariwalUNet", label_dim=10, **kwargs)
     fresh.load_state_dict(sd, strict=True)
     z = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(generate_one_step(fresh, z, 80.0, torch.eye(10)[:2]),
-                               generate_one_step(net, z, 80.0, torch.eye(10)[:2]))
+    torch.testing.assert_close(
+        generate_one_step(fresh, z, 80.0, torch.eye(10)[:2]),
+        generate_one_step(net, z, 80.0, torch.eye(10)[:2]),
+    )
     det = detect(dst)
     assert (det.layout, det.arch, det.recipe) == ("edm", "edm_dhariwal", "dmd2_imagenet_1step")
 
 
-@pytest.mark.parametrize("arch, kwargs", [("SongUNet", CIFAR), ("SongUNet", dict(CIFAR, label_dim=10)),
-                                          ("DhariwalUNet", IMAGENET)])
+@pytest.mark.parametrize(
+    "arch, kwargs", [("SongUNet", CIFAR), ("SongUNet", dict(CIFAR, label_dim=10)), ("DhariwalUNet", IMAGENET)]
+)
 def test_config_is_recovered_from_shapes(arch, kwargs):
     from comfyui_fewstep.distill_loaders.edm_networks import edm_config_from_state_dict
 

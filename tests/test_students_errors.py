@@ -8,7 +8,6 @@ import struct
 
 import pytest
 import torch
-
 from comfyui_fewstep.distill_loaders.detect import detect
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
 from comfyui_fewstep.distill_loaders.load import check_finite, check_lora_base, load_student, to_ldm_unet
@@ -37,7 +36,9 @@ def test_corrupt_header(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(struct.pack("<Q", 12) + b"{not json!!}")
     _raises(path, "not valid JSON")
-    path.write_bytes(struct.pack("<Q", 70) + b'{"a": {"dtype": "F16", "shape": [4, 4], "data_offsets": [0, 8]}}'.ljust(70))
+    path.write_bytes(
+        struct.pack("<Q", 70) + b'{"a": {"dtype": "F16", "shape": [4, 4], "data_offsets": [0, 8]}}'.ljust(70)
+    )
     _raises(path, "has 8 bytes for shape \\[4, 4\\] F16")
 
 
@@ -68,21 +69,36 @@ def test_bin_with_code_is_refused(tmp_path):
 
 
 def test_unknown_architecture(tmp_path):
-    _raises(write_safetensors(tmp_path / "vae.safetensors", {"encoder.conv_in.weight": (128, 3, 3, 3)}),
-            "unknown architecture")
+    _raises(
+        write_safetensors(tmp_path / "vae.safetensors", {"encoder.conv_in.weight": (128, 3, 3, 3)}),
+        "unknown architecture",
+    )
     shapes = unet_shapes("sd15", "diffusers")
     shapes["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"] = (320, 512)
-    shapes = {k: v for k, v in shapes.items() if "attn2.to_k" not in k or k.startswith("down_blocks.0.attentions.0.")}
-    _raises(write_safetensors(tmp_path / "odd.safetensors", shapes), "unknown UNet architecture.*cross-attention width 512")
+    shapes = {
+        k: v
+        for k, v in shapes.items()
+        if "attn2.to_k" not in k or k.startswith("down_blocks.0.attentions.0.")
+    }
+    _raises(
+        write_safetensors(tmp_path / "odd.safetensors", shapes),
+        "unknown UNet architecture.*cross-attention width 512",
+    )
 
 
 def test_nan_weights(tmp_path):
-    sd = {"conv_in.weight": torch.zeros(4, 4, dtype=torch.float16), "conv_in.bias": torch.zeros(4),
-          "steps": torch.arange(3), "conv_out.weight": torch.zeros(2, dtype=torch.bfloat16)}
+    sd = {
+        "conv_in.weight": torch.zeros(4, 4, dtype=torch.float16),
+        "conv_in.bias": torch.zeros(4),
+        "steps": torch.arange(3),
+        "conv_out.weight": torch.zeros(2, dtype=torch.bfloat16),
+    }
     check_finite(sd, "x.safetensors")
     sd["conv_in.bias"][1] = float("nan")
     sd["conv_out.weight"][0] = float("-inf")
-    with pytest.raises(StudentLoadError, match="2 weight tensor\\(s\\) contain NaN or Inf: conv_in.bias, conv_out.weight"):
+    with pytest.raises(
+        StudentLoadError, match="2 weight tensor\\(s\\) contain NaN or Inf: conv_in.bias, conv_out.weight"
+    ):
         check_finite(sd, "x.safetensors")
 
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from comfyui_fewstep.distill_loaders.lcm_guidance import GuidedTimeEmbedding, guidance_scale_embedding
 
 

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from comfyui_fewstep.distill_loaders import recipes as R
 from comfyui_fewstep.distill_loaders.specs import RECIPES, Recipe, get_recipe
 
@@ -122,7 +121,10 @@ def test_edm_sigmas():
 
 def test_renoise_is_ddpm_add_noise_in_ve_coordinates():
     g = torch.Generator().manual_seed(1)
-    x0, z = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(4, 8, generator=g, dtype=torch.float64)
+    x0, z = (
+        torch.randn(4, 8, generator=g, dtype=torch.float64),
+        torch.randn(4, 8, generator=g, dtype=torch.float64),
+    )
     t = 499
     abar = _abar_numpy(t)
     ddpm = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * z  # DDPMScheduler.add_noise

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from comfyui_fewstep.distill_loaders.recipes import alphas_cumprod, recipe_sigmas, timestep_from_sigma
 from comfyui_fewstep.distill_loaders.student_samplers import sample_renoise, sample_tcd
 
@@ -32,7 +31,7 @@ def _tcd_ddpm_reference(z0, timesteps, gamma, noises):
         if i == len(timesteps) - 1:
             return x0
         t_prev = timesteps[i + 1]
-        s = int(math.floor((1 - gamma) * t_prev))
+        s = math.floor((1 - gamma) * t_prev)
         a_s = alphas_cumprod(s)
         x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
         a_prev = alphas_cumprod(t_prev)
@@ -64,7 +63,9 @@ def test_tcd_gamma_zero_is_euler():
     for i in range(len(sigmas) - 1):  # k-diffusion Euler
         d = (y - _model(y, sigmas[i] * s_in)) / sigmas[i]
         y = y + d * (sigmas[i + 1] - sigmas[i])
-    torch.testing.assert_close(sample_tcd(_model, x, sigmas, eta=0.0, disable=True), y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        sample_tcd(_model, x, sigmas, eta=0.0, disable=True), y, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_renoise_matches_lcm_scheduler_step():
@@ -81,8 +82,13 @@ def test_renoise_matches_lcm_scheduler_step():
             ap = alphas_cumprod(ts[i + 1])
             x = math.sqrt(ap) * x0 + math.sqrt(1 - ap) * noises[i]
     it = iter(noises)
-    ours = sample_renoise(_model, z * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, disable=True,
-                          noise_sampler=lambda s, sn: next(it))
+    ours = sample_renoise(
+        _model,
+        z * math.sqrt(1 + float(sigmas[0]) ** 2),
+        sigmas,
+        disable=True,
+        noise_sampler=lambda s, sn: next(it),
+    )
     torch.testing.assert_close(ours, x0, rtol=1e-10, atol=1e-10)
 
 
@@ -90,7 +96,9 @@ def test_callback_and_seeded_noise():
     sigmas = recipe_sigmas("lcm_lora", 4)
     x = torch.randn(1, 3, dtype=torch.float64) * 15
     seen = []
-    a = sample_tcd(_model, x, sigmas, extra_args={"seed": 5}, callback=lambda d: seen.append(d["i"]), disable=True)
+    a = sample_tcd(
+        _model, x, sigmas, extra_args={"seed": 5}, callback=lambda d: seen.append(d["i"]), disable=True
+    )
     b = sample_tcd(_model, x, sigmas, extra_args={"seed": 5}, disable=True)
     assert seen == [0, 1, 2, 3] and torch.equal(a, b)
     with pytest.raises(ValueError, match="gamma"):
