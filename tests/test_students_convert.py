@@ -126,3 +126,30 @@ def test_cli(tmp_path, capsys):
     src.write_bytes(pickle.dumps({"ema": _model()}))
     assert cli(["convert", str(src), "-o", str(tmp_path / "out.safetensors")]) == 0
     assert (tmp_path / "out.safetensors").exists() and (tmp_path / "out.json").exists()
+
+
+def test_pickled_diffusers_unet_like_sid_lsg(tmp_path):
+    """SiD-LSG saves ``dict(ema=<diffusers UNet2DConditionModel>)``; convert it without diffusers' code."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    src = tmp_path / "batch512_cfg1.51.51.5_t625_8806_v2.pkl"
+    src.write_bytes(pickle.dumps({"ema": unet}))
+    dst, cfg = convert(src)
+    got, want = load_file(str(dst)), unet.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    root = json.loads(cfg.read_text())["modules"]["<root>"]
+    assert root["class"] == "diffusers.models.unets.unet_2d_condition.UNet2DConditionModel"
+    assert root["init_kwargs"]["cross_attention_dim"] == 32 and root["init_kwargs"]["block_out_channels"] == [
+        32,
+        64,
+    ]
