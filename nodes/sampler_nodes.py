@@ -41,6 +41,7 @@ def check_sampler_options(
 
 
 def sampler_options(
+    *,
     order: int,
     solver_type: str,
     prediction: str,
@@ -205,41 +206,9 @@ class FewStepDPMSolverSampler(io.ComfyNode):
         return check_sampler_options(solver, order, eta, corrector) or True
 
     @classmethod
-    def execute(
-        cls,
-        solver,
-        order,
-        solver_type,
-        prediction,
-        lower_order_final,
-        lower_order_final_steps,
-        euler_at_final,
-        final_step,
-        eta,
-        s_noise,
-        corrector,
-        thresholding,
-        threshold_percentile,
-        threshold_max,
-        third_order="taylor",
-    ) -> io.NodeOutput:
+    def execute(cls, solver: str, order: int, eta: float, corrector: str, **widgets: Any) -> io.NodeOutput:
         problem = check_sampler_options(solver, order, eta, corrector)
         if problem:
             raise ValueError(problem)
-        options = sampler_options(
-            order,
-            solver_type,
-            prediction,
-            lower_order_final,
-            lower_order_final_steps,
-            euler_at_final,
-            final_step,
-            eta,
-            s_noise,
-            corrector,
-            thresholding,
-            threshold_percentile,
-            threshold_max,
-            third_order,
-        )
+        options = sampler_options(order=order, eta=eta, corrector=corrector, **widgets)
         return io.NodeOutput(make_sampler(solver, options))
