@@ -1,0 +1,457 @@
+"""The example workflows run end to end in a real ComfyUI server on a full-size SD1.5 checkpoint.
+
+The checkpoint is random-weight but has the exact single-file layout of SD1.5 (UNet, CLIP-L text
+encoder, KL-f8 VAE; ``tools/make_test_models.py``, built once into a cache). The server runs
+from a temporary base directory whose ``custom_nodes`` links this checkout and whose
+``models/checkpoints`` links the test checkpoint, with every other custom node disabled.
+
+* The checkpoint loads through ``CheckpointLoaderSimple`` as SD1.5 with no missing or
+  unexpected UNet / CLIP / VAE key (ComfyUI's debug log).
+* Every API-format example (``example_workflows/api``) is queued through ``POST /prompt`` with
+  the test checkpoint, 128x128 latents and at most 4 steps; every saved image exists, has the
+  requested size, varies, and was never NaN (numpy's cast warning in the log).
+* Every UI-format example (``example_workflows/*.json``) uses only served node types, has the
+  right number and kind of widget values for each node, consistent links, and is the same graph
+  as its API-format twin.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "ComfyUI-FewStep"
+EXAMPLES = ROOT / "example_workflows"
+API_EXAMPLES = EXAMPLES / "api"
+UI_ONLY_NODES = {"MarkdownNote", "Note"}  # frontend-only annotation nodes, never sent to the server
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("FewStepStudentLoader", "model_file")}
+CONTROL = "control_after_generate"
+IMAGE_SIZE = 128
+MAX_STEPS = 4
+START_TIMEOUT_S = 300.0
+RUN_TIMEOUT_S = 300.0
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"fewstep_tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ui_files() -> list[Path]:
+    return sorted(EXAMPLES.glob("*.json"))
+
+
+def _api_files() -> list[Path]:
+    return sorted(API_EXAMPLES.glob("*.json"))
+
+
+# ------------------------------------------------------------------------------------ no ComfyUI
+
+
+def test_every_example_exists_in_both_formats_and_is_up_to_date():
+    """The committed JSON is what ``tools/make_example_workflows.py`` writes (run it after edits)."""
+    tool = _load_tool("make_example_workflows")
+    rendered = tool.render()
+    assert (
+        {p.name for p in _ui_files()}
+        == {p.name for p in _api_files()}
+        == {p.name for p in rendered if p.parent == EXAMPLES}
+    )
+    for path, text in rendered.items():
+        assert path.read_text() == text, (
+            f"{path.relative_to(ROOT)} is stale: run tools/make_example_workflows.py"
+        )
+    readme = (EXAMPLES / "README.md").read_text()
+    for path in _ui_files():
+        assert path.name in readme, f"example_workflows/README.md does not list {path.name}"
+
+
+def test_checkpoint_layout_has_the_sd15_sizes():
+    """Key counts and parameter counts of the three parts are those of the released SD1.5 file."""
+    tool = _load_tool("make_test_models")
+    count = {name: sum(_numel(s) for s in shapes.values()) for name, shapes in (
+        ("unet", tool.sd15_unet_shapes()), ("vae", tool.sd15_vae_shapes()), ("clip", tool.clip_l_shapes()))}  # fmt: skip
+    assert len(tool.sd15_unet_shapes()) == 686 and count["unet"] == 859_520_964
+    assert len(tool.sd15_vae_shapes()) == 248 and count["vae"] == 83_653_863
+    assert len(tool.clip_l_shapes()) == 196 and count["clip"] == 123_060_480
+    assert len(tool.sd15_checkpoint_shapes()) == 686 + 248 + 196
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ------------------------------------------------------------------------------------ the server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``main.py`` in a subprocess on a free loopback port, from a temporary base directory."""
+
+    def __init__(self, comfy_root: Path, base: Path, checkpoint: Path):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        (base / "custom_nodes").mkdir(parents=True)
+        (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+        (base / "models" / "checkpoints").mkdir(parents=True)
+        (base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
+        command = [
+            sys.executable, str(comfy_root / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--base-directory", str(base), "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK,
+            "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--preview-method", "none",
+            "--disable-auto-launch", "--verbose", "DEBUG",
+        ]  # fmt: skip
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command, cwd=str(comfy_root), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 30.0):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict, timeout: float = 30.0) -> tuple[int, dict | None]:
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                data = response.read()
+                return response.status, json.loads(data) if data else None
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
+                )
+            try:
+                self.get("/system_stats", timeout=5.0)
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1.0)
+        raise RuntimeError(
+            f"ComfyUI did not answer within {START_TIMEOUT_S:.0f} s:\n{self.log_text()[-4000:]}"
+        )
+
+    def run(self, prompt: dict, free_first: bool = True) -> tuple[dict, str]:
+        """Queue ``prompt``; return its history entry and the server log written meanwhile."""
+        if free_first:  # drop models and cached outputs of the previous prompt (bounded memory)
+            self.post("/free", {"unload_models": True, "free_memory": True})
+            time.sleep(1.0)
+        start = len(self.log_text())
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        assert status == 200, body
+        prompt_id = body["prompt_id"]
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                time.sleep(0.2)  # let the worker's log lines after the run land
+                return history[prompt_id], self.log_text()[start:]
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
+                )
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt did not finish within {RUN_TIMEOUT_S:.0f} s:\n{self.log_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=20)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Path:
+    return _load_tool("make_test_models").cached_sd15_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def server(comfy, tmp_path_factory, checkpoint):
+    srv = Server(Path(comfy), tmp_path_factory.mktemp("e2e_base"), checkpoint)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.get("/object_info", timeout=60.0)
+
+
+# ------------------------------------------------------------------------------------ API format
+
+
+def patched_prompt(prompt: dict, checkpoint_name: str) -> dict:
+    """The example with the test checkpoint, ``IMAGE_SIZE`` latents and at most ``MAX_STEPS`` steps."""
+    prompt = copy.deepcopy(prompt)
+    loaders = 0
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = checkpoint_name
+            loaders += 1
+        elif kind == "FewStepStudentLoader":
+            inputs["model_file"] = f"checkpoints/{checkpoint_name}"
+            loaders += 1
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=1)
+        elif kind in ("KSampler", "FewStepSchedule"):
+            inputs["steps"] = min(inputs["steps"], MAX_STEPS)
+        elif kind == "FewStepNFEPlan":
+            inputs["nfe"] = min(inputs["nfe"], MAX_STEPS)
+    assert loaders, "the example loads no model"
+    return prompt
+
+
+def _saved_images(server: Server, prompt: dict, history: dict) -> dict[str, list]:
+    """SaveImage node id -> list of images (numpy uint8 HxWx3) it wrote."""
+    import numpy as np
+    from PIL import Image
+
+    images = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] != "SaveImage":
+            continue
+        entries = history["outputs"].get(node_id, {}).get("images", [])
+        assert entries, f"SaveImage {node_id} wrote nothing"
+        images[node_id] = []
+        for entry in entries:
+            path = server.base / "output" / entry["subfolder"] / entry["filename"]
+            assert entry["type"] == "output" and path.is_file(), entry
+            with Image.open(path) as im:
+                assert im.size == (IMAGE_SIZE, IMAGE_SIZE) and im.mode == "RGB", (im.size, im.mode)
+                images[node_id].append(np.asarray(im).copy())
+    return images
+
+
+@pytest.fixture(scope="module")
+def runs(server, checkpoint) -> dict[str, tuple[dict, dict, dict, str]]:
+    """Every API example run once: name -> (prompt, history, images, log)."""
+    out = {}
+    for path in _api_files():
+        prompt = patched_prompt(json.loads(path.read_text()), checkpoint.name)
+        started = time.monotonic()
+        history, log = server.run(prompt)
+        assert history["status"]["status_str"] == "success", (path.name, history["status"], log[-3000:])
+        out[path.stem] = (prompt, history, _saved_images(server, prompt, history), log)
+        print(f"{path.stem}: {time.monotonic() - started:.1f} s")
+    return out
+
+
+@pytest.mark.parametrize("name", [p.stem for p in _api_files()])
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_api_example_runs_and_saves_real_images(runs, name):
+    _, _, images, log = runs[name]
+    assert "invalid value encountered" not in log  # numpy's warning when a NaN pixel is cast to uint8
+    assert "Traceback" not in log
+    assert images, "no SaveImage node"
+    pictures = [a for group in images.values() for a in group]
+    for a in pictures:
+        assert a.std() > 5.0, "flat image"  # decoded latents vary (random weights give grey noise)
+        assert (a.max(axis=2) == 0).mean() < 0.5, "mostly black image"
+        assert (a.min(axis=2) == 255).mean() < 0.5, "mostly white image"
+    for i, a in enumerate(pictures):  # different branches (1 vs 4 student steps) give different images
+        for b in pictures[i + 1 :]:
+            assert (a != b).any()
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_checkpoint_loads_as_sd15_with_every_key(runs, server):
+    log = server.log_text()
+    assert "model_type EPS" in log
+    for marker in ("unet missing", "unet unexpected", "Missing VAE keys", "Leftover VAE keys",
+                   "clip unexpected", "left over keys:", "no CLIP/text encoder weights"):  # fmt: skip
+        assert marker not in log, [line for line in log.splitlines() if marker in line][:2]
+    # SD1.5 releases carry neither CLIP-L's logit scale nor its text projection; ComfyUI expects that.
+    clip_missing = [line for line in log.splitlines() if "clip missing:" in line]
+    assert clip_missing, "the checkpoint's text encoder was not loaded"
+    for line in clip_missing:
+        missing = set(ast.literal_eval(line.split("clip missing:", 1)[1].strip()))
+        assert missing <= {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"}, line
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_nfe_plan_example_reports_its_plan(runs):
+    prompt, history, _, _ = runs["fewstep_nfe_plan"]
+    (plan_node,) = [i for i, n in prompt.items() if n["class_type"] == "FewStepNFEPlan"]
+    (preview,) = [i for i, n in prompt.items() if n["class_type"] == "PreviewAny"]
+    text = history["outputs"][preview]["text"][0]
+    assert text.startswith(prompt[plan_node]["inputs"]["preset"] + ":"), text
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_cuda_graph_example_gives_the_same_image_as_without_the_node(runs, server):
+    """Off the GPU every call runs eagerly, so the node changes nothing (bit-identical PNG)."""
+    prompt, _, images, _ = runs["fewstep_cuda_graph"]
+    (graph,) = [i for i, n in prompt.items() if n["class_type"] == "FewStepCUDAGraph"]
+    assert prompt[graph]["inputs"]["enable"] is True
+    off = copy.deepcopy(prompt)
+    off[graph]["inputs"]["enable"] = False
+    history, _ = server.run(off)
+    assert history["status"]["status_str"] == "success", history["status"]
+    images_off = _saved_images(server, off, history)
+    for node_id, group in images.items():
+        for a, b in zip(group, images_off[node_id], strict=True):
+            assert (a == b).all()
+
+
+# ------------------------------------------------------------------------------------ UI format
+
+
+def _input_specs(info: dict) -> list[tuple[str, object, dict]]:
+    """(name, type, options) of every input in the served order."""
+    order = info.get("input_order", {})
+    out = []
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        for name in order.get(section, list(specs)):
+            spec = specs[name]
+            out.append((name, spec[0], spec[1] if len(spec) > 1 else {}))
+    return out
+
+
+def _is_widget(kind: object, options: dict) -> bool:
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput")
+
+
+def _widget_names(info: dict) -> list[str]:
+    names = []
+    for name, kind, options in _input_specs(info):
+        if _is_widget(kind, options):
+            names.append(name)
+            if options.get(CONTROL):
+                names.append(CONTROL)
+    return names
+
+
+def _check_widget_value(node_type: str, name: str, kind: object, options: dict, value: object) -> None:
+    where = f"{node_type}.{name} = {value!r}"
+    if (node_type, name) in FILE_WIDGETS:
+        assert isinstance(value, str) and value.endswith(".safetensors"), where
+        return
+    if isinstance(kind, list) or kind == "COMBO":
+        choices = kind if isinstance(kind, list) else options.get("options", [])
+        assert value in choices, f"{where} is not one of {choices}"
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), where
+    elif kind in ("INT", "FLOAT"):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+        if kind == "INT":
+            assert isinstance(value, int), where
+        assert options.get("min", value) <= value <= options.get("max", value), where
+    elif kind == "STRING":
+        assert isinstance(value, str), where
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """The API prompt the frontend would queue for a UI-format workflow (no primitives/groups)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in UI_ONLY_NODES:
+            continue
+        inputs = {}
+        values = dict(zip(_widget_names(object_info[node["type"]]), node["widgets_values"], strict=True))
+        values.pop(CONTROL, None)
+        inputs.update(values)
+        for slot in node["inputs"]:
+            if slot.get("link") is not None:
+                _, origin, origin_slot, *_ = links[slot["link"]]
+                inputs[slot["name"]] = [str(origin), origin_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("path", _ui_files(), ids=lambda p: p.stem)
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_ui_example_matches_the_served_nodes(object_info, path):
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4 and workflow["extra"]["info"]["models"]
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    assert len(nodes) == len(workflow["nodes"]) and workflow["last_node_id"] == max(nodes)
+    assert any(node["type"] in UI_ONLY_NODES for node in nodes.values()), "no note naming the models"
+    for node in nodes.values():
+        kind = node["type"]
+        if kind in UI_ONLY_NODES:
+            continue
+        assert kind in object_info, f"{path.name}: node type {kind} is not served"
+        info = object_info[kind]
+        names = _widget_names(info)
+        assert len(node["widgets_values"]) == len(names), (kind, names, node["widgets_values"])
+        specs = {name: (k, o) for name, k, o in _input_specs(info)}
+        for name, value in zip(names, node["widgets_values"], strict=True):
+            if name == CONTROL:
+                assert value in ("fixed", "increment", "decrement", "randomize"), (kind, value)
+            else:
+                _check_widget_value(kind, name, *specs[name], value)
+        sockets = [(n, k) for n, k, o in _input_specs(info) if not _is_widget(k, o)]
+        assert [(s["name"], s["type"]) for s in node["inputs"]] == sockets, kind
+        assert [(o["name"], o["type"]) for o in node["outputs"]] == list(
+            zip(info["output_name"], info["output"], strict=True)
+        ), kind
+    for link_id, origin, origin_slot, target, target_slot, link_type in workflow["links"]:
+        out = nodes[origin]["outputs"][origin_slot]
+        into = nodes[target]["inputs"][target_slot]
+        assert link_id in out["links"] and into["link"] == link_id, link_id
+        assert out["type"] == link_type and into["type"] in (link_type, "*"), (link_id, link_type, into)
+    assert workflow["last_link_id"] == max((link[0] for link in workflow["links"]), default=0)
+
+
+@pytest.mark.parametrize("path", _ui_files(), ids=lambda p: p.stem)
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_ui_example_is_the_api_example(object_info, path):
+    api = json.loads((API_EXAMPLES / path.name).read_text())
+    for node in api.values():
+        node.pop("_meta", None)
+    assert ui_to_api(json.loads(path.read_text()), object_info) == api

@@ -1,0 +1,618 @@
+"""Write the example workflows in both ComfyUI formats from one description per workflow.
+
+    python tools/make_example_workflows.py          # rewrites example_workflows/*.json and api/*.json
+
+``example_workflows/<name>.json`` is the UI format (what the ComfyUI frontend saves and shows
+under Workflow > Browse Templates for an installed pack: LiteGraph nodes with positional
+``widgets_values``, a ``links`` table, schema version 0.4). ``example_workflows/api/<name>.json``
+is the API format of the same graph (what ``POST /prompt`` accepts; node ids are the same).
+
+Each node's widget order is written down in :data:`NODES` (it must follow the node's input order
+in ``/object_info``; a seed widget with ``control_after_generate`` is followed by its control
+value). The ComfyUI end-to-end test checks every file against a running server. Only the
+standard library is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "example_workflows"
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+"""The checkpoint name the examples use; any SD1.5 checkpoint works (pick yours in the loader)."""
+LCM_CHECKPOINT = "LCM_Dreamshaper_v7.safetensors"
+"""A full single-file LCM student of SD1.5 (any SD1.5 LCM checkpoint works)."""
+CONTROL = "control_after_generate"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """Sockets (name, type), widget names in input order, outputs (name, type) of one node type."""
+
+    sockets: tuple[tuple[str, str], ...] = ()
+    widgets: tuple[str, ...] = ()
+    outputs: tuple[tuple[str, str], ...] = ()
+    size: tuple[int, int] = (320, 110)
+    ui_only: bool = False
+
+
+_DPM_WIDGETS = (
+    "solver",
+    "order",
+    "solver_type",
+    "prediction",
+    "lower_order_final",
+    "lower_order_final_steps",
+    "euler_at_final",
+    "final_step",
+    "eta",
+    "s_noise",
+    "corrector",
+    "thresholding",
+    "threshold_percentile",
+    "threshold_max",
+    "third_order",
+)
+_SCHEDULE_WIDGETS = (
+    "schedule",
+    "steps",
+    "denoise",
+    "rho",
+    "table_model",
+    "gits_coeff",
+    "custom_sigmas",
+    "sigma_min",
+    "sigma_max",
+)
+
+NODES: dict[str, NodeSpec] = {
+    "CheckpointLoaderSimple": NodeSpec(
+        widgets=("ckpt_name",),
+        outputs=(("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")),
+        size=(320, 100),
+    ),
+    "CLIPTextEncode": NodeSpec(
+        sockets=(("clip", "CLIP"),),
+        widgets=("text",),
+        outputs=(("CONDITIONING", "CONDITIONING"),),
+        size=(400, 160),
+    ),
+    "CFGGuider": NodeSpec(
+        sockets=(("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")),
+        widgets=("cfg",),
+        outputs=(("GUIDER", "GUIDER"),),
+        size=(270, 100),
+    ),
+    "BasicGuider": NodeSpec(
+        sockets=(("model", "MODEL"), ("conditioning", "CONDITIONING")),
+        outputs=(("GUIDER", "GUIDER"),),
+        size=(220, 50),
+    ),
+    "RandomNoise": NodeSpec(widgets=("noise_seed", CONTROL), outputs=(("NOISE", "NOISE"),), size=(270, 85)),
+    "EmptyLatentImage": NodeSpec(
+        widgets=("width", "height", "batch_size"), outputs=(("LATENT", "LATENT"),), size=(270, 110)
+    ),
+    "SamplerCustomAdvanced": NodeSpec(
+        sockets=(
+            ("noise", "NOISE"),
+            ("guider", "GUIDER"),
+            ("sampler", "SAMPLER"),
+            ("sigmas", "SIGMAS"),
+            ("latent_image", "LATENT"),
+        ),
+        outputs=(("output", "LATENT"), ("denoised_output", "LATENT")),
+        size=(270, 130),
+    ),
+    "KSampler": NodeSpec(
+        sockets=(
+            ("model", "MODEL"),
+            ("positive", "CONDITIONING"),
+            ("negative", "CONDITIONING"),
+            ("latent_image", "LATENT"),
+        ),
+        widgets=("seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise"),
+        outputs=(("LATENT", "LATENT"),),
+        size=(300, 270),
+    ),
+    "VAEDecode": NodeSpec(
+        sockets=(("samples", "LATENT"), ("vae", "VAE")), outputs=(("IMAGE", "IMAGE"),), size=(210, 50)
+    ),
+    "SaveImage": NodeSpec(sockets=(("images", "IMAGE"),), widgets=("filename_prefix",), size=(320, 360)),
+    "PreviewAny": NodeSpec(sockets=(("source", "*"),), size=(320, 120)),
+    "MarkdownNote": NodeSpec(widgets=("text",), size=(420, 260), ui_only=True),
+    "FewStepDPMSolverSampler": NodeSpec(
+        widgets=_DPM_WIDGETS, outputs=(("SAMPLER", "SAMPLER"),), size=(320, 420)
+    ),
+    "FewStepSchedule": NodeSpec(
+        sockets=(("model", "MODEL"),),
+        widgets=_SCHEDULE_WIDGETS,
+        outputs=(("SIGMAS", "SIGMAS"),),
+        size=(320, 330),
+    ),
+    "FewStepNFEPlan": NodeSpec(
+        sockets=(("model", "MODEL"),),
+        widgets=("preset", "nfe", "schedule", "cfg", "denoise"),
+        outputs=(("SAMPLER", "SAMPLER"), ("SIGMAS", "SIGMAS"), ("plan", "STRING")),
+        size=(320, 200),
+    ),
+    "FewStepStudentLoader": NodeSpec(
+        sockets=(("model", "MODEL"),),
+        widgets=("model_file", "recipe", "steps", "lora_strength", "check_weights", "lcm_guidance"),
+        outputs=(
+            ("MODEL", "MODEL"),
+            ("SAMPLER", "SAMPLER"),
+            ("SIGMAS", "SIGMAS"),
+            ("CLIP", "CLIP"),
+            ("VAE", "VAE"),
+            ("recipe_info", "STRING"),
+        ),
+        size=(360, 230),
+    ),
+    "FewStepCUDAGraph": NodeSpec(
+        sockets=(("model", "MODEL"),),
+        widgets=("enable", "max_graphs", "warmup", "verify", "attention", "tolerance"),
+        outputs=(("MODEL", "MODEL"),),
+        size=(320, 200),
+    ),
+}
+"""The node types the examples use. Optional sockets (the student loader's ``model``) stay unlinked."""
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict[str, Any]
+    links: dict[str, tuple[int, int]]
+    pos: tuple[int, int]
+    title: str | None = None
+
+
+@dataclass
+class Workflow:
+    """One example graph; :meth:`ui` and :meth:`api` render it in the two formats."""
+
+    name: str
+    title: str
+    description: str
+    models: list[str]
+    nodes: list[Node] = field(default_factory=list)
+
+    def add(
+        self, type_: str, pos: tuple[int, int], title: str | None = None, links: dict | None = None, **widgets
+    ) -> Node:
+        spec = NODES[type_]
+        names = [w for w in spec.widgets if w != CONTROL]
+        if set(widgets) != set(names):
+            raise ValueError(f"{type_}: widgets {sorted(widgets)} do not match {names}")
+        sockets = {name for name, _ in spec.sockets}
+        if links and not set(links) <= sockets:
+            raise ValueError(f"{type_}: unknown sockets {sorted(set(links) - sockets)}")
+        node = Node(len(self.nodes) + 1, type_, widgets, dict(links or {}), pos, title)
+        self.nodes.append(node)
+        return node
+
+    def note(self, pos: tuple[int, int], text: str) -> Node:
+        return self.add("MarkdownNote", pos, title="Read me", text=text)
+
+    # ------------------------------------------------------------------ API format
+    def api(self) -> dict[str, Any]:
+        prompt: dict[str, Any] = {}
+        for node in self.nodes:
+            spec = NODES[node.type]
+            if spec.ui_only:
+                continue
+            inputs: dict[str, Any] = {}
+            for name in spec.widgets:
+                if name != CONTROL:
+                    inputs[name] = node.widgets[name]
+            for name, _ in spec.sockets:
+                if name in node.links:
+                    source, slot = node.links[name]
+                    inputs[name] = [str(source), slot]
+            entry: dict[str, Any] = {"class_type": node.type, "inputs": inputs}
+            if node.title:
+                entry["_meta"] = {"title": node.title}
+            prompt[str(node.id)] = entry
+        return prompt
+
+    # ------------------------------------------------------------------ UI (LiteGraph) format
+    def ui(self) -> dict[str, Any]:
+        links: list[list[Any]] = []
+        out_links: dict[tuple[int, int], list[int]] = {}
+        in_links: dict[tuple[int, str], int] = {}
+        for node in self.nodes:
+            spec = NODES[node.type]
+            for target_slot, (name, _) in enumerate(spec.sockets):
+                if name not in node.links:
+                    continue
+                source, slot = node.links[name]
+                origin = self.nodes[source - 1]
+                link_type = NODES[origin.type].outputs[slot][1]
+                link_id = len(links) + 1
+                links.append([link_id, source, slot, node.id, target_slot, link_type])
+                out_links.setdefault((source, slot), []).append(link_id)
+                in_links[(node.id, name)] = link_id
+        nodes = []
+        for order, node in enumerate(self.nodes):
+            spec = NODES[node.type]
+            entry: dict[str, Any] = {
+                "id": node.id,
+                "type": node.type,
+                "pos": list(node.pos),
+                "size": list(spec.size),
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": [
+                    {"name": name, "type": kind, "link": in_links.get((node.id, name))}
+                    for name, kind in spec.sockets
+                ],
+                "outputs": [
+                    {
+                        "name": name,
+                        "type": kind,
+                        "links": out_links.get((node.id, slot), []),
+                        "slot_index": slot,
+                    }
+                    for slot, (name, kind) in enumerate(spec.outputs)
+                ],
+                "properties": {} if spec.ui_only else {"Node name for S&R": node.type},
+                "widgets_values": [
+                    "fixed" if name == CONTROL else node.widgets[name] for name in spec.widgets
+                ],
+            }
+            if node.title:
+                entry["title"] = node.title
+            nodes.append(entry)
+        return {
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(links),
+            "nodes": nodes,
+            "links": links,
+            "groups": [],
+            "config": {},
+            "extra": {
+                "ds": {"scale": 0.8, "offset": [40, 40]},
+                "info": {"name": self.title, "description": self.description, "models": self.models},
+            },
+            "version": 0.4,
+        }
+
+
+# ---------------------------------------------------------------------------------------- pieces
+
+POSITIVE = "a photograph of a lighthouse on a rocky coast at sunset, dramatic sky, highly detailed"
+NEGATIVE = "blurry, low quality, watermark, text"
+
+
+def _dpm_widgets(**overrides: Any) -> dict[str, Any]:
+    widgets = {
+        "solver": "multistep",
+        "order": 2,
+        "solver_type": "midpoint",
+        "prediction": "dpmsolver++",
+        "lower_order_final": True,
+        "lower_order_final_steps": 10,
+        "euler_at_final": False,
+        "final_step": "zero",
+        "eta": 0.0,
+        "s_noise": 1.0,
+        "corrector": "none",
+        "thresholding": "none",
+        "threshold_percentile": 0.995,
+        "threshold_max": 1.0,
+        "third_order": "taylor",
+    }
+    widgets.update(overrides)
+    return widgets
+
+
+def _schedule_widgets(schedule: str = "logsnr_uniform", steps: int = 8) -> dict[str, Any]:
+    return {
+        "schedule": schedule,
+        "steps": steps,
+        "denoise": 1.0,
+        "rho": 0.0,
+        "table_model": "auto",
+        "gits_coeff": 1.2,
+        "custom_sigmas": "",
+        "sigma_min": 0.0,
+        "sigma_max": 0.0,
+    }
+
+
+def _text_nodes(wf: Workflow, loader: Node, y: int = 0) -> tuple[Node, Node]:
+    positive = wf.add("CLIPTextEncode", (420, y), "Positive prompt", {"clip": (loader.id, 1)}, text=POSITIVE)
+    negative = wf.add(
+        "CLIPTextEncode", (420, y + 200), "Negative prompt", {"clip": (loader.id, 1)}, text=NEGATIVE
+    )
+    return positive, negative
+
+
+def _models_line(models: list[str]) -> str:
+    return "\n".join(f"- `models/{m}`" for m in models)
+
+
+def _output(wf: Workflow, latent: tuple[int, int], vae: tuple[int, int], x: int, y: int, prefix: str) -> Node:
+    decode = wf.add("VAEDecode", (x, y), links={"samples": latent, "vae": vae})
+    return wf.add("SaveImage", (x + 250, y), links={"images": (decode.id, 0)}, filename_prefix=prefix)
+
+
+# ---------------------------------------------------------------------------------------- examples
+
+
+def dpm_solver_custom_sampler() -> Workflow:
+    models = [f"checkpoints/{CHECKPOINT} (any SD1.5 checkpoint)"]
+    wf = Workflow(
+        "fewstep_dpm_solver_custom_sampler",
+        "FewStep: DPM-Solver++ with SamplerCustomAdvanced",
+        "DPM-Solver++(2M) on a log-SNR-uniform schedule in 8 steps, through ComfyUI's custom-sampling nodes.",
+        models,
+    )
+    loader = wf.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    positive, negative = _text_nodes(wf, loader)
+    guider = wf.add(
+        "CFGGuider",
+        (880, 0),
+        links={"model": (loader.id, 0), "positive": (positive.id, 0), "negative": (negative.id, 0)},
+        cfg=5.0,
+    )
+    noise = wf.add("RandomNoise", (880, 150), noise_seed=42)
+    sampler = wf.add("FewStepDPMSolverSampler", (0, 400), **_dpm_widgets())
+    schedule = wf.add("FewStepSchedule", (420, 450), links={"model": (loader.id, 0)}, **_schedule_widgets())
+    latent = wf.add("EmptyLatentImage", (880, 280), width=512, height=512, batch_size=1)
+    sample = wf.add(
+        "SamplerCustomAdvanced",
+        (1200, 0),
+        links={
+            "noise": (noise.id, 0),
+            "guider": (guider.id, 0),
+            "sampler": (sampler.id, 0),
+            "sigmas": (schedule.id, 0),
+            "latent_image": (latent.id, 0),
+        },
+    )
+    _output(wf, (sample.id, 0), (loader.id, 2), 1200, 200, "FewStep/dpm_solver")
+    wf.note(
+        (880, 450),
+        "## DPM-Solver++ as a SAMPLER\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "**FewStep DPM-Solver++ Sampler** sets the solver (multistep 2M here; order 3 for low cfg, "
+        "`singlestep` for 2S/3S, `adaptive` for error-controlled steps). **FewStep Schedule** computes "
+        "the noise levels from the model's own schedule: `logsnr_uniform` is the paper's choice for few "
+        "steps. Each multistep step is one model call.",
+    )
+    return wf
+
+
+def ksampler_presets() -> Workflow:
+    models = [f"checkpoints/{CHECKPOINT} (any SD1.5 checkpoint)"]
+    wf = Workflow(
+        "fewstep_ksampler_presets",
+        "FewStep: presets in the plain KSampler",
+        "The fewstep_* sampler and scheduler names in the stock KSampler dropdowns: DPM-Solver++(3M) on the "
+        "log-SNR-uniform schedule.",
+        models,
+    )
+    loader = wf.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    positive, negative = _text_nodes(wf, loader)
+    latent = wf.add("EmptyLatentImage", (420, 420), width=512, height=512, batch_size=1)
+    sample = wf.add(
+        "KSampler",
+        (880, 0),
+        links={
+            "model": (loader.id, 0),
+            "positive": (positive.id, 0),
+            "negative": (negative.id, 0),
+            "latent_image": (latent.id, 0),
+        },
+        seed=42,
+        steps=8,
+        cfg=5.0,
+        sampler_name="fewstep_dpmpp_3m",
+        scheduler="fewstep_logsnr",
+        denoise=1.0,
+    )
+    _output(wf, (sample.id, 0), (loader.id, 2), 1220, 0, "FewStep/ksampler_preset")
+    wf.note(
+        (0, 200),
+        "## FewStep presets in KSampler\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "The pack adds `fewstep_*` names to the KSampler `sampler_name` and `scheduler` lists "
+        "(`fewstep_dpmpp_2m`, `fewstep_dpmpp_3m`, `fewstep_unipc_bh2`, ... and `fewstep_logsnr`, "
+        "`fewstep_ays`, `fewstep_gits`, ...). They need this pack installed to load.",
+    )
+    return wf
+
+
+def nfe_plan() -> Workflow:
+    models = [f"checkpoints/{CHECKPOINT} (any SD1.5 checkpoint)"]
+    wf = Workflow(
+        "fewstep_nfe_plan",
+        "FewStep: NFE plan (budget of model calls)",
+        "Give a number of model calls; FewStep NFE Plan picks the step count for the solver and returns the "
+        "SAMPLER and SIGMAS (DPM-Solver++(3S) with 9 calls here).",
+        models,
+    )
+    loader = wf.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    positive, negative = _text_nodes(wf, loader)
+    plan = wf.add(
+        "FewStepNFEPlan",
+        (0, 420),
+        links={"model": (loader.id, 0)},
+        preset="dpmpp_3s",
+        nfe=9,
+        schedule="logsnr_uniform",
+        cfg=5.0,
+        denoise=1.0,
+    )
+    guider = wf.add(
+        "CFGGuider",
+        (880, 0),
+        links={"model": (loader.id, 0), "positive": (positive.id, 0), "negative": (negative.id, 0)},
+        cfg=5.0,
+    )
+    noise = wf.add("RandomNoise", (880, 150), noise_seed=42)
+    latent = wf.add("EmptyLatentImage", (880, 280), width=512, height=512, batch_size=1)
+    sample = wf.add(
+        "SamplerCustomAdvanced",
+        (1200, 0),
+        links={
+            "noise": (noise.id, 0),
+            "guider": (guider.id, 0),
+            "sampler": (plan.id, 0),
+            "sigmas": (plan.id, 1),
+            "latent_image": (latent.id, 0),
+        },
+    )
+    wf.add("PreviewAny", (420, 450), "Plan", {"source": (plan.id, 2)})
+    _output(wf, (sample.id, 0), (loader.id, 2), 1200, 200, "FewStep/nfe_plan")
+    wf.note(
+        (0, 660),
+        "## Budget first\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "Set `nfe` to the number of model calls you can afford. Single-step presets (2S, 3S) spend "
+        "several calls per step, so the plan derives the steps; the **Plan** box shows steps, calls "
+        "and network evaluations (cfg != 1 doubles the latter).",
+    )
+    return wf
+
+
+def student_steps() -> Workflow:
+    models = [f"checkpoints/{LCM_CHECKPOINT} (a single-file SD1.5 LCM student; any supported student works)"]
+    wf = Workflow(
+        "fewstep_student_1_and_4_steps",
+        "FewStep: a distilled student in 1 and 4 steps",
+        "Load Distilled Student (FewStep) returns the model with the recipe's prediction type, its sampler and "
+        "its sigmas; the same student sampled in 1 step and in 4 steps.",
+        models,
+    )
+    model_file = f"checkpoints/{LCM_CHECKPOINT}"
+    for row, steps in enumerate((1, 4)):
+        y = row * 520
+        loader = wf.add(
+            "FewStepStudentLoader",
+            (0, y),
+            f"Student, {steps} step{'s' if steps > 1 else ''}",
+            model_file=model_file,
+            recipe="lcm",
+            steps=steps,
+            lora_strength=1.0,
+            check_weights=True,
+            lcm_guidance=8.5,
+        )
+        text = wf.add("CLIPTextEncode", (420, y), "Prompt", {"clip": (loader.id, 3)}, text=POSITIVE)
+        guider = wf.add(
+            "BasicGuider", (880, y), links={"model": (loader.id, 0), "conditioning": (text.id, 0)}
+        )
+        noise = wf.add("RandomNoise", (880, y + 100), noise_seed=42)
+        latent = wf.add("EmptyLatentImage", (880, y + 230), width=512, height=512, batch_size=1)
+        sample = wf.add(
+            "SamplerCustomAdvanced",
+            (1200, y),
+            links={
+                "noise": (noise.id, 0),
+                "guider": (guider.id, 0),
+                "sampler": (loader.id, 1),
+                "sigmas": (loader.id, 2),
+                "latent_image": (latent.id, 0),
+            },
+        )
+        _output(wf, (sample.id, 0), (loader.id, 4), 1200, y + 200, f"FewStep/student_{steps}step")
+    wf.note(
+        (420, 250),
+        "## Distilled students\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "`recipe` = `auto` detects DMD2, SiD-LSG, Turbo, Lightning, Hyper-SD, LCM, TCD, PCM, InstaFlow ... "
+        "from the file name, metadata and keys; here it is set to `lcm`. `steps` = 0 uses the step count "
+        "the student was distilled for. Students are sampled without cfg (a BasicGuider). LoRA students: "
+        "pick the file from `loras/` and connect the base MODEL.",
+    )
+    return wf
+
+
+def cuda_graph() -> Workflow:
+    models = [f"checkpoints/{CHECKPOINT} (any SD1.5 checkpoint)"]
+    wf = Workflow(
+        "fewstep_cuda_graph",
+        "FewStep: CUDA graphs in front of a sampler",
+        "FewStep CUDA Graph between the model and KSampler: later model calls replay captured CUDA graphs "
+        "(NVIDIA GPUs; on other devices the model runs as usual).",
+        models,
+    )
+    loader = wf.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    graph = wf.add(
+        "FewStepCUDAGraph",
+        (0, 200),
+        links={"model": (loader.id, 0)},
+        enable=True,
+        max_graphs=4,
+        warmup=2,
+        verify=True,
+        attention="auto",
+        tolerance=0.001,
+    )
+    positive, negative = _text_nodes(wf, loader)
+    latent = wf.add("EmptyLatentImage", (420, 420), width=512, height=512, batch_size=1)
+    sample = wf.add(
+        "KSampler",
+        (880, 0),
+        links={
+            "model": (graph.id, 0),
+            "positive": (positive.id, 0),
+            "negative": (negative.id, 0),
+            "latent_image": (latent.id, 0),
+        },
+        seed=42,
+        steps=8,
+        cfg=5.0,
+        sampler_name="fewstep_dpmpp_2m",
+        scheduler="fewstep_logsnr",
+        denoise=1.0,
+    )
+    _output(wf, (sample.id, 0), (loader.id, 2), 1220, 0, "FewStep/cuda_graph")
+    wf.note(
+        (0, 450),
+        "## CUDA graphs\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "Put **FewStep CUDA Graph** after the loader (and after LoRAs) and before the sampler. The "
+        "first calls of each shape run eagerly and capture; later ones replay. Images do not change; "
+        "calls that cannot be captured safely (CPU, low-VRAM loading, patches) run as usual and the log "
+        "says why.",
+    )
+    return wf
+
+
+EXAMPLES = (dpm_solver_custom_sampler, ksampler_presets, nfe_plan, student_steps, cuda_graph)
+
+
+def render(out_dir: Path = OUT_DIR) -> dict[Path, str]:
+    """File path -> JSON text for every example in both formats."""
+    files: dict[Path, str] = {}
+    for make in EXAMPLES:
+        wf = make()
+        files[out_dir / f"{wf.name}.json"] = json.dumps(wf.ui(), indent=2) + "\n"
+        files[out_dir / "api" / f"{wf.name}.json"] = json.dumps(wf.api(), indent=2) + "\n"
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only report files that differ; exit 1 if any")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in render().items():
+        if path.is_file() and path.read_text() == text:
+            continue
+        stale.append(path)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    for path in stale:
+        print(("stale: " if args.check else "wrote: ") + str(path.relative_to(ROOT)))
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
