@@ -32,6 +32,16 @@ The third-order weight ``c2 = H phi_3(-H)`` on ``D2 = h^2 m''/2`` is the authors
 integral gives twice that (``2 H phi_3(-H)``); ``third_order="taylor"`` selects it. Both are
 consistent; see :data:`THIRD_ORDER_WEIGHTS`.
 
+Order 4 (``order=4``, data prediction, ``eta = 0``) is the exponential Adams-Bashforth step of
+order ``k``: ``D`` is replaced by its polynomial interpolant through the last ``k`` model outputs
+(at ``u_j = lambda_(i-j) - lambda_s = rho_j h``, ``rho_0 = 0``) and integrated exactly against
+``e^(-(lambda_t - lambda))``; the weights ``w_j`` of ``m_(i-j)`` solve the moment conditions
+``sum_j w_j rho_j^q = q! h phi_(q+1)(-h)``, ``q = 0..k-1`` (the variable-step lambda form of DEIS,
+Zhang and Chen 2023, arXiv 2204.13902, eq. 15, with data prediction; UniP-k of Zhao et al. 2023,
+arXiv 2302.04867). For ``k <= 3`` this is exactly the ``heun`` / ``taylor`` update above (the
+divided differences are those of the same interpolant); :func:`adams_weights` computes it for any
+``k`` and the tests check the identity.
+
 Order selection per step: ``min(order, 1 + usable history, lower-order-final cap)``. History is
 usable while every earlier step size involved is finite: after a step from ``sigma = 1`` in flow
 form (``lambda = -inf``, an exact first-order step) the ratio ``r = inf / h`` makes the difference
@@ -46,7 +56,7 @@ from typing import Literal, get_args
 
 from .parameterization import Parameterization
 from .phi import h_phi, phi
-from .unipc import CorrectorVariant, unic_weights
+from .unipc import CorrectorVariant, solve_linear, unic_weights
 
 SolverType = Literal["midpoint", "heun"]
 SOLVER_TYPES: tuple[str, ...] = get_args(SolverType)
@@ -68,9 +78,14 @@ __all__ = [
     "MultistepCoefficients",
     "SolverType",
     "ThirdOrder",
+    "MAX_ORDER",
+    "adams_weights",
     "plan_multistep",
     "step_orders",
 ]
+
+#: highest multistep order (order 4 only for the deterministic data-prediction solver)
+MAX_ORDER = 4
 
 
 @dataclass(frozen=True)
@@ -160,6 +175,24 @@ def _difference_weights(order: int, r: tuple[float, ...], c1: float, c2: float) 
     return (w10 / r0, -w10 / r0 + w11 / r1, -w11 / r1)
 
 
+def adams_weights(h: float, rhos: tuple[float, ...]) -> tuple[float, ...]:
+    """Weights ``w_j`` of ``m_(i-j)`` in ``integral_0^h e^(-(h-u)) p(u) du`` (exponential Adams-Bashforth).
+
+    ``p`` interpolates the model outputs at ``u_j = rho_j h`` (``rho_0 = 0`` the current point,
+    ``rho_j < 0`` the earlier ones, distinct). The weights solve ``sum_j w_j rho_j^q = q! h
+    phi_(q+1)(-h)`` for ``q = 0..k-1`` (moments of ``e^(-(h-u)) u^q``, divided by ``h^q``).
+    Multiply by ``alpha_t`` for the update of :func:`plan_multistep`.
+    """
+    if not rhos or rhos[0] != 0.0:
+        raise ValueError(f"adams_weights needs the current point first (rho_0 = 0), got {rhos!r}")
+    if not (h > 0.0 and math.isfinite(h)):
+        raise ValueError(f"adams_weights needs a finite positive step h, got {h!r}")
+    k = len(rhos)
+    moments = [math.factorial(q) * h * phi(q + 1, -h) for q in range(k)]
+    vandermonde = [[rho**q for rho in rhos] for q in range(k)]
+    return tuple(solve_linear(vandermonde, moments))
+
+
 def plan_multistep(
     sigmas: list[float],
     parameterization: Parameterization,
@@ -207,7 +240,7 @@ def plan_multistep(
         # earlier step sizes h_1 = lambda_s - lambda_(s-1), h_2 = ..., while finite
         k = offset + i
         prev_h: list[float] = []
-        for j in range(1, 3):
+        for j in range(1, max(order, 3)):
             if k - j < 0:
                 break
             hj = eval_lambdas[k - j + 1] - eval_lambdas[k - j]
@@ -221,7 +254,13 @@ def plan_multistep(
         m_x, m_d = 0.0, 1.0
         c_denoised = 0.0
         c_noise = 0.0
-        if algorithm == "dpmsolver++":
+        if algorithm == "dpmsolver++" and step_order == 4:
+            rhos = [0.0]
+            for hj in prev_h[:3]:
+                rhos.append(rhos[-1] - hj / h)
+            c_x = t / s
+            c_m = tuple(alpha_t * w for w in adams_weights(h, tuple(rhos)))
+        elif algorithm == "dpmsolver++":
             eta_h = 0.0 if eta == 0.0 else eta * h
             c_x = (t / s) * _exp_neg(eta_h)
             big_h = (1.0 + eta) * h

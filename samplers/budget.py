@@ -143,8 +143,10 @@ def steps_for_nfe(solver: SolverKind, nfe: int, order: int, final_step: FinalSte
             )
         notes.append("the adaptive solver picks its steps from atol/rtol; the NFE it uses is reported after sampling")
         return StepPlan(1, (), nfe, " ".join(notes), solver, order)
-    if order > 3:
-        raise ValueError(f"{solver} order must be 1, 2 or 3, got {order}")
+    max_order = 4 if solver == "multistep" else 3  # multistep order 4: exponential Adams-Bashforth
+    if order > max_order:
+        allowed = "1, 2, 3 or 4" if max_order == 4 else "1, 2 or 3"
+        raise ValueError(f"{solver} order must be {allowed}, got {order}")
     if solver == "multistep":
         orders = tuple(min(order, i + 1) for i in range(nfe))
         if nfe < order:

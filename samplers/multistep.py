@@ -38,6 +38,7 @@ from . import history as _history
 from ._coefficients import (
     ALGORITHMS,
     FINAL_STEPS,
+    MAX_ORDER,
     SOLVER_TYPES,
     THIRD_ORDER_WEIGHTS,
     Algorithm,
@@ -91,8 +92,8 @@ def _validate(
     s_noise: float,
     lower_order_final_steps: int,
 ) -> None:
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if isinstance(order, bool) or order not in range(1, MAX_ORDER + 1):
+        raise ValueError(f"order must be 1, 2, 3 or {MAX_ORDER}, got {order!r}")
     for name, value, allowed in (
         ("solver_type", solver_type, SOLVER_TYPES),
         ("algorithm", algorithm, ALGORITHMS),
@@ -110,6 +111,12 @@ def _validate(
         raise ValueError(f"lower_order_final_steps must be >= 0, got {lower_order_final_steps!r}")
     if algorithm == "dpmsolver" and eta != 0.0:
         raise ValueError("eta > 0 (SDE sampling) needs algorithm='dpmsolver++'; set eta=0 for 'dpmsolver'")
+    if order == MAX_ORDER and (algorithm != "dpmsolver++" or eta != 0.0):
+        raise ValueError(
+            f"order {MAX_ORDER} (exponential Adams-Bashforth) is implemented for the deterministic "
+            f"data-prediction solver only; got algorithm={algorithm!r}, eta={eta!r}. Use order <= 3 for "
+            "'dpmsolver' or SDE sampling."
+        )
     if corrector != "none" and (algorithm != "dpmsolver++" or eta != 0.0):
         raise ValueError(
             "the UniC corrector works on the deterministic data-prediction solver; got "
@@ -151,7 +158,9 @@ def sample_dpmpp_multistep(
         x: the noised start, ``(B, ...)``, in the model's coordinates at ``sigmas[0]``.
         sigmas: descending 1-D schedule, usually ending in 0.
         parameterization: VE (default) or flow; sets ``alpha_t`` and ``lambda_t``.
-        order: 1 (DDIM), 2 (2M) or 3 (3M).
+        order: 1 (DDIM), 2 (2M), 3 (3M) or 4 (exponential Adams-Bashforth of order 4 on the
+            data prediction, the variable-step lambda form of DEIS; ``algorithm="dpmsolver++"``
+            and ``eta=0`` only; see :mod:`._coefficients`).
         solver_type: second-order difference weight, ``midpoint`` (the paper's ``1 / (2r)`` form,
             official ``dpmsolver``) or ``heun`` (``phi_2``-weighted, official ``taylor``).
         algorithm: ``dpmsolver++`` (data prediction) or ``dpmsolver`` (noise prediction, for
@@ -211,7 +220,8 @@ def sample_dpmpp_multistep(
     evaluate = ModelEvaluator(model, extra_args, x0_correction, n_steps, check_finite)
     outputs: list[torch.Tensor] = list(carried.outputs[: order - 1]) if carried is not None else []
     lambdas: list[float] = list(history_lambdas)
-    depth = max(order, 4 if corrector != "none" else order)
+    # the UniC correction of an order-k step combines k + 1 outputs (the new one included)
+    depth = order + 1 if corrector != "none" else order
     x_prev = x
     for i in progress(n_steps, disable):
         c = plan[i]

@@ -26,7 +26,7 @@ from .phi import phi
 CorrectorVariant = Literal["none", "bh1", "bh2"]
 CORRECTOR_VARIANTS: tuple[str, ...] = get_args(CorrectorVariant)
 
-__all__ = ["CORRECTOR_VARIANTS", "CorrectorVariant", "b_of_h", "unic_weights"]
+__all__ = ["CORRECTOR_VARIANTS", "CorrectorVariant", "b_of_h", "solve_linear", "unic_weights"]
 
 
 def b_of_h(h: float, variant: CorrectorVariant) -> float:
@@ -38,14 +38,14 @@ def b_of_h(h: float, variant: CorrectorVariant) -> float:
     raise ValueError(f"UniC variant must be 'bh1' or 'bh2', got {variant!r}")
 
 
-def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
+def solve_linear(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     """Solve a small dense linear system by Gaussian elimination with partial pivoting (float64)."""
     n = len(rhs)
     a = [row[:] + [b] for row, b in zip(matrix, rhs)]
     for col in range(n):
         pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
         if a[pivot][col] == 0.0:
-            raise ValueError("UniC system is singular: two evaluation points share the same lambda")
+            raise ValueError("singular solver system: two evaluation points share the same lambda")
         a[col], a[pivot] = a[pivot], a[col]
         for row in range(col + 1, n):
             f = a[row][col] / a[col][col]
@@ -72,4 +72,4 @@ def unic_weights(h: float, rks: tuple[float, ...], variant: CorrectorVariant) ->
         return (0.5 * bh,)
     g = [math.factorial(j + 1) * h * phi(j + 2, -h) for j in range(p)]
     matrix = [[rk**j for rk in rks] for j in range(p)]
-    return tuple(_solve(matrix, g))
+    return tuple(solve_linear(matrix, g))

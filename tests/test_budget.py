@@ -101,6 +101,7 @@ def test_effective_nfe():
     [
         (("multistep", 0, 2), ValueError, "nfe must be >= 1"),
         (("singlestep", 4, 4), ValueError, "order must be 1, 2 or 3"),
+        (("multistep", 6, 5), ValueError, "order must be 1, 2, 3 or 4"),
         (("multistep", 4, 0), ValueError, "order must be >= 1"),
         (("rk4", 4, 2), ValueError, "solver must be one of"),
         (("multistep", 4.0, 2), TypeError, "nfe must be an int"),
@@ -112,3 +113,9 @@ def test_plan_errors(args, exc, match):
         steps_for_nfe(*args)
     with pytest.raises(ValueError, match="final_step"):
         steps_for_nfe("multistep", 4, 2, final_step="none")  # type: ignore[arg-type]
+
+
+def test_multistep_order_four_warms_up_one_order_per_step():
+    plan = steps_for_nfe("multistep", 6, 4)
+    assert plan.orders == (1, 2, 3, 4, 4, 4) and plan.steps == 6 and plan.nfe == 6
+    assert "order 4" in steps_for_nfe("multistep", 3, 4).notes

@@ -304,7 +304,8 @@ def test_x0_correction_is_applied_to_every_prediction():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"order": 4}, {"solver_type": "euler"}, {"algorithm": "ddim"}, {"final_step": "none"}, {"eta": -1.0},
+    [{"order": 5}, {"order": 0}, {"order": 4, "eta": 0.5}, {"order": 4, "algorithm": "dpmsolver"},
+     {"solver_type": "euler"}, {"algorithm": "ddim"}, {"final_step": "none"}, {"eta": -1.0},
      {"corrector": "bh3"}, {"algorithm": "dpmsolver", "eta": 1.0}, {"corrector": "bh2", "eta": 0.5},
      {"s_noise": float("nan")}],
 )
