@@ -32,8 +32,10 @@ AYS_SVD = [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034
 
 SCHEDULES_FOR = {
     "eps": [n for n in S.SCHEDULE_NAMES if n != "custom"],
-    "edm": ["logsnr_uniform", "time_uniform", "time_quadratic", "karras", "exponential", "polyexponential"],
-    "flow": ["logsnr_uniform", "time_uniform", "time_quadratic", "karras", "exponential", "polyexponential"],
+    "edm": ["logsnr_uniform", "logsnr_window", "time_uniform", "time_quadratic", "karras", "exponential",
+            "polyexponential"],
+    "flow": ["logsnr_uniform", "logsnr_window", "time_uniform", "time_quadratic", "karras", "exponential",
+             "polyexponential"],
 }
 PARAMS = {"eps": EPS, "edm": EDM, "flow": FLOW}
 
@@ -43,7 +45,7 @@ def lam(p: Parameterization, sigmas: torch.Tensor) -> np.ndarray:
 
 
 def test_names_and_defaults_are_one_source_of_truth():
-    assert S.SCHEDULE_NAMES == ("logsnr_uniform", "time_uniform", "time_quadratic", "karras",
+    assert S.SCHEDULE_NAMES == ("logsnr_uniform", "logsnr_window", "time_uniform", "time_quadratic", "karras",
                                 "exponential", "polyexponential", "ays", "gits", "custom")
     assert tuple(S.SCHEDULE_DEFAULTS) == S.SCHEDULE_NAMES
     for name, defaults in S.SCHEDULE_DEFAULTS.items():
@@ -67,6 +69,49 @@ def test_sigmas_contract(family, steps):
         if name not in ("ays", "gits"):
             assert s[0].item() == np.float32(p.sigma_max), name
         assert s[-2].item() >= p.sigma_min * (1 - 1e-6), name
+
+
+# -- logsnr_window ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [EDM, FLOW, FLOW3])
+@pytest.mark.parametrize("steps", [2, 5, 8])
+def test_logsnr_window_is_uniform_in_lambda_between_its_window_ends(p, steps):
+    s = S.get_sigmas("logsnr_window", steps, p)
+    grid = lam(p, s[1:-1])  # the points after the stretched first step
+    lam_end = -math.log(0.02)
+    h = (lam_end + 2.0) / steps
+    expected = -2.0 + h * np.arange(1, steps)
+    np.testing.assert_allclose(grid, expected, atol=2e-5)
+    assert s[0].item() == np.float32(p.sigma_max) and s[-1].item() == 0.0
+
+
+def test_logsnr_window_never_calls_the_model_below_its_sigma_min():
+    # SD1.5 (sigma_min 0.0292): with few steps the last call, one step above sigma_end = 0.02, is
+    # above sigma_min; from 16 steps on it would not be, and the grid is stretched to end there
+    lam_floor = EPS.lambda_(EPS.sigma_min)
+    for steps in (5, 8, 15):
+        s = S.get_sigmas("logsnr_window", steps, EPS)
+        h = (-math.log(0.02) + 2.0) / steps
+        last = EPS.lambda_(s[-2].item())
+        assert last == pytest.approx(-math.log(0.02) - h, abs=2e-5) and last < lam_floor
+    for steps in (16, 20, 40):
+        s = S.get_sigmas("logsnr_window", steps, EPS)
+        assert s[-2].item() == pytest.approx(EPS.sigma_min, rel=1e-5)
+        h = (lam_floor + 2.0) / (steps - 1)
+        np.testing.assert_allclose(lam(EPS, s[1:-1]), -2.0 + h * np.arange(1, steps), atol=2e-5)
+
+
+def test_logsnr_window_with_the_full_range_is_logsnr_uniform():
+    s = S.get_sigmas("logsnr_window", 7, EDM, lambda_start=-10.0, sigma_end=EDM.sigma_min)
+    torch.testing.assert_close(s, S.get_sigmas("logsnr_uniform", 7, EDM), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("options", [{"lambda_start": 5.0}, {"sigma_end": 0.0}, {"lambda_start": math.nan},
+                                     {"sigma_end": 2.0, "lambda_start": 0.0}])
+def test_logsnr_window_rejects_an_empty_window(options):
+    with pytest.raises(ValueError, match="logsnr_window"):
+        S.get_sigmas("logsnr_window", 5, EDM, **options)
 
 
 # -- logsnr_uniform ---------------------------------------------------------------------------
