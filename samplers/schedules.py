@@ -70,7 +70,7 @@ GITS_COEFFS: tuple[float, ...] = tuple(k / 100.0 for k in sorted(GITS_SD15_TABLE
 #: ``sigma_min`` / ``sigma_max`` overrides are accepted by every schedule in addition.
 SCHEDULE_DEFAULTS: dict[str, dict[str, object]] = {
     "logsnr_uniform": {"lambda_min": None},
-    "logsnr_window": {"lambda_start": -2.0, "sigma_end": 0.02},
+    "logsnr_window": {"lambda_start": -2.5, "sigma_end": 0.02},
     "time_uniform": {},
     "time_quadratic": {},
     "karras": {"rho": 7.0},
@@ -290,7 +290,7 @@ def get_sigmas_logsnr_uniform(
 def get_sigmas_logsnr_window(
     steps: int,
     parameterization: Parameterization,
-    lambda_start: float = -2.0,
+    lambda_start: float = -2.5,
     sigma_end: float = 0.02,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
@@ -309,13 +309,15 @@ def get_sigmas_logsnr_window(
     ``lambda_end = -log(sigma_end)`` with ``sigma_end`` in VE units (``sigma / alpha``, i.e.
     ``e^(-lambda)``); when that would put the last model call below the model's ``sigma_min``,
     the grid is stretched instead so that the last call is at ``sigma_min`` (a model is never
-    evaluated outside its range; SD 1.5's ``sigma_min = 0.029`` sets the end this way).
+    evaluated outside its range; SD 1.5's ``sigma_min = 0.029`` sets the end from 16 steps on).
 
-    Defaults (``lambda_start=-2``, ``sigma_end=0.02``) were chosen with DPM-Solver++(2M) + UniC
-    on held-out Gaussian mixtures (unit-scale means, component widths 0.05-0.3) at 4-10 NFE,
-    see ``docs/benchmarks.md``; ``sigma_end`` is a data-scale choice (about a third of the
-    finest feature scale). With ``lambda_start <= lambda(sigma_max)`` and ``sigma_end`` at or
-    below ``sigma_min`` this is ``logsnr_uniform`` (unclipped).
+    Defaults (``lambda_start=-2.5``, VE sigma 12.2; ``sigma_end=0.02``) were chosen with
+    DPM-Solver++(2M) + UniC on held-out Gaussian mixtures (unit-scale means, component widths
+    0.05-0.3) at 4-10 NFE (``bench/_tune.py``; see ``docs/benchmarks.md``): a later start
+    (-2) lowers the median error at 4-6 NFE further but changes the mixture component of more
+    samples on flow models, an earlier one (-3) the reverse. ``sigma_end`` is a data-scale
+    choice (about a third of the finest feature scale). With ``lambda_start <= lambda(sigma_max)``
+    and ``sigma_end = sigma_min`` this is ``logsnr_uniform`` (unclipped).
     """
     name = "logsnr_window"
     steps = _check_steps(steps, name)

@@ -79,9 +79,10 @@ def test_sigmas_contract(family, steps):
 def test_logsnr_window_is_uniform_in_lambda_between_its_window_ends(p, steps):
     s = S.get_sigmas("logsnr_window", steps, p)
     grid = lam(p, s[1:-1])  # the points after the stretched first step
+    start = S.SCHEDULE_DEFAULTS["logsnr_window"]["lambda_start"]
     lam_end = -math.log(0.02)
-    h = (lam_end + 2.0) / steps
-    expected = -2.0 + h * np.arange(1, steps)
+    h = (lam_end - start) / steps
+    expected = start + h * np.arange(1, steps)
     np.testing.assert_allclose(grid, expected, atol=2e-5)
     assert s[0].item() == np.float32(p.sigma_max) and s[-1].item() == 0.0
 
@@ -90,16 +91,17 @@ def test_logsnr_window_never_calls_the_model_below_its_sigma_min():
     # SD1.5 (sigma_min 0.0292): with few steps the last call, one step above sigma_end = 0.02, is
     # above sigma_min; from 16 steps on it would not be, and the grid is stretched to end there
     lam_floor = EPS.lambda_(EPS.sigma_min)
+    start = -2.0  # above lambda(sigma_max) = -2.68
     for steps in (5, 8, 15):
-        s = S.get_sigmas("logsnr_window", steps, EPS)
-        h = (-math.log(0.02) + 2.0) / steps
+        s = S.get_sigmas("logsnr_window", steps, EPS, lambda_start=start)
+        h = (-math.log(0.02) - start) / steps
         last = EPS.lambda_(s[-2].item())
         assert last == pytest.approx(-math.log(0.02) - h, abs=2e-5) and last < lam_floor
     for steps in (16, 20, 40):
-        s = S.get_sigmas("logsnr_window", steps, EPS)
+        s = S.get_sigmas("logsnr_window", steps, EPS, lambda_start=start)
         assert s[-2].item() == pytest.approx(EPS.sigma_min, rel=1e-5)
-        h = (lam_floor + 2.0) / (steps - 1)
-        np.testing.assert_allclose(lam(EPS, s[1:-1]), -2.0 + h * np.arange(1, steps), atol=2e-5)
+        h = (lam_floor - start) / (steps - 1)
+        np.testing.assert_allclose(lam(EPS, s[1:-1]), start + h * np.arange(1, steps), atol=2e-5)
 
 
 def test_logsnr_window_with_the_full_range_is_logsnr_uniform():

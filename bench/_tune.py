@@ -1,0 +1,150 @@
+"""Preset selection on held-out problems (not the benchmark's): the data behind the preset choices.
+
+Usage::
+
+    python bench/_tune.py [--samples 256] [--nfes 4,5,6,8,10] [--mixture-seeds 11,12]
+
+The benchmark (``solver_benchmark.py``) scores on the ``gmm16`` mixture (mixture seed 0,
+trajectory seed 0). Preset choices (order, lower-order-final policy, schedule) are made here on
+other 16-D, 8-component mixtures of the same shape (``--mixture-seeds``, default 11 and 12) with
+other starting noise (trajectory seed 1), so they are not tuned to the problem they are scored
+on. Prints, per problem and NFE, each candidate's median error and its ratio to the best ComfyUI
+sampler x scheduler (when ``COMFYUI_PATH`` is set) on the same held-out problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _comfy  # noqa: E402
+from _harness import import_package, measure  # noqa: E402
+
+RANGES = ("sd15", "edm", "flow_shift1", "flow_shift3")
+COMFY_SAMPLERS = ("ipndm_v", "ipndm", "deis", "uni_pc", "uni_pc_bh2", "dpmpp_2m", "gradient_estimation",
+                  "res_multistep", "dpmpp_2m_sde(eta=0)", "dpmpp_3m_sde(eta=0)", "euler", "lms")
+
+
+def held_out_problem(analytic: Any, range_name: str, mixture_seed: int, n_samples: int) -> Any:
+    """A gmm16-shaped mixture with another seed, noise from trajectory seed 1, DOP853 reference."""
+    rng = analytic.RANGE_PRESETS[range_name]
+    mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), mixture_seed)
+    g = torch.Generator().manual_seed(1)
+    x_start = mixture.sample(n_samples, rng.sigma_max, rng.form, generator=g)
+    reference = mixture.ode_solution(x_start, rng.sigma_max, 0.0, rng.form)
+    return analytic.Problem(f"{range_name}/seed{mixture_seed}", mixture, rng, x_start, reference,
+                            mixture.nearest_component(reference))
+
+
+def candidates() -> list[tuple[str, dict[str, Any], str]]:
+    """(label, sampler options, schedule) to compare; schedules ending in '(ComfyUI)' come from ComfyUI."""
+    out = []
+    configs = {
+        "2M": {"order": 2},
+        "2M+UniC": {"order": 2, "corrector": "bh2"},
+        "3M": {"order": 3},
+        "3M+UniC": {"order": 3, "corrector": "bh2"},
+        "4M": {"order": 4},
+        "4M+UniC": {"order": 4, "corrector": "bh2"},
+        "3M nolof": {"order": 3, "lower_order_final": False},
+        "3M+UniC nolof": {"order": 3, "corrector": "bh2", "lower_order_final": False},
+        "4M nolof": {"order": 4, "lower_order_final": False},
+        "4M+UniC nolof": {"order": 4, "corrector": "bh2", "lower_order_final": False},
+    }
+    for label, opts in configs.items():
+        for schedule in ("logsnr_uniform", "logsnr_window", "time_uniform", "exponential (ComfyUI)", "kl_optimal (ComfyUI)",
+                         "beta (ComfyUI)", "sgm_uniform (ComfyUI)", "karras (ComfyUI)", "simple (ComfyUI)"):
+            out.append((label, opts, schedule))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--nfes", default="4,5,6,8,10")
+    ap.add_argument("--mixture-seeds", default="11,12")
+    ap.add_argument("--ranges", default=",".join(RANGES))
+    ap.add_argument("--only", default="", help="comma-separated candidate labels to run (default: all)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    pkg = import_package()
+    from comfyui_fewstep.samplers import analytic, schedules
+
+    comfy = _comfy.import_comfy()
+    nfes = [int(n) for n in args.nfes.split(",")]
+    only = set(filter(None, args.only.split(",")))
+    cands = [c for c in candidates() if not only or c[0] in only]
+    # ratio to the best ComfyUI median, per (candidate label, schedule, nfe) over problems
+    ratios: dict[tuple[str, str, int], list[float]] = {}
+    for range_name in args.ranges.split(","):
+        for mseed in (int(s) for s in args.mixture_seeds.split(",")):
+            prob = held_out_problem(analytic, range_name, mseed, args.samples)
+            p = prob.range.parameterization()
+            ms = _comfy.model_sampling_for(comfy, prob.range) if comfy is not None else None
+            x = prob.x_start.to(torch.float32)
+            best_comfy: dict[int, tuple[float, str]] = {}
+            if comfy is not None:
+                samplers, _ = _comfy.sampler_list(comfy)
+                for sampler in samplers:
+                    if sampler.name not in COMFY_SAMPLERS:
+                        continue
+                    fn, options = _comfy.sampler_function(comfy, sampler)
+                    for nfe in nfes:
+                        for scheduler in _comfy.scheduler_names(comfy):
+                            sig = _comfy.comfy_sigmas(comfy, ms, scheduler, nfe, sampler.base)
+                            model = prob.denoiser()
+                            try:
+                                with warnings.catch_warnings():
+                                    warnings.simplefilter("ignore")
+                                    out = fn(_comfy.ComfyModel(model, ms), x.clone(), sig.clone(),
+                                             extra_args={"seed": 0}, callback=None, disable=True, **options)
+                            except Exception:
+                                continue
+                            if model.nfe > nfe:
+                                continue
+                            med = measure(prob, out, analytic.per_sample_rms)[0]
+                            if nfe not in best_comfy or med < best_comfy[nfe][0]:
+                                best_comfy[nfe] = (med, f"{sampler.name}/{scheduler}")
+            print(f"\n## {prob.name}: best ComfyUI " + ", ".join(
+                f"{n}: {best_comfy[n][0]:.4f} {best_comfy[n][1]}" for n in nfes if n in best_comfy))
+            rows = []
+            for label, opts, schedule in cands:
+                meds = []
+                for nfe in nfes:
+                    if schedule.endswith("(ComfyUI)"):
+                        if comfy is None:
+                            meds.append(float("nan"))
+                            continue
+                        sig = _comfy.comfy_sigmas(comfy, ms, schedule.split()[0], nfe, "")
+                    else:
+                        sig = schedules.get_sigmas(schedule, nfe, p)
+                    model = prob.denoiser()
+                    out = pkg.samplers.sample_dpmpp_multistep(model, x, sig, parameterization=p,
+                                                              resume_history=False, disable=True, **opts)
+                    med = measure(prob, out, analytic.per_sample_rms)[0]
+                    meds.append(med)
+                    if nfe in best_comfy:
+                        ratios.setdefault((label, schedule, nfe), []).append(med / best_comfy[nfe][0])
+                rows.append((label, schedule, meds))
+            for label, schedule, meds in rows:
+                print(f"{label:16s} {schedule:24s} " + " ".join(f"{m:.4f}" for m in meds))
+    if ratios:
+        print("\n## geometric-mean ratio to the best ComfyUI median over held-out problems")
+        keys = sorted({(k[0], k[1]) for k in ratios}, key=lambda k: statistics.geometric_mean(
+            [v for n in nfes for v in ratios.get((k[0], k[1], n), [])] or [1e9]))
+        for label, schedule in keys:
+            cells = [statistics.geometric_mean(ratios[(label, schedule, n)]) if (label, schedule, n) in ratios
+                     else float("nan") for n in nfes]
+            print(f"{label:16s} {schedule:24s} " + " ".join(f"{c:.2f}" for c in cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
