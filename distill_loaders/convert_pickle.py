@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import pickle
+import re
 import sys
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -68,6 +69,39 @@ def _codecs_encode(text, encoding="utf-8"):
     return text.encode(encoding)
 
 
+class _NumpyDType:
+    """Inert record of a pickled ``numpy.dtype(code, align, copy)``; BUILD passes its byte order."""
+
+    def __init__(self, code, align=False, copy=False):
+        if not isinstance(code, str):
+            raise UnsafePickleError(
+                None,
+                f"the pickle builds a numpy dtype from {code!r}.",
+                "this file cannot be converted safely.",
+            )
+        self.code, self.order = code, "="
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "=", "|"):
+            self.order = state[1]
+
+
+def _numpy_scalar(dtype, data=None):
+    """A pickled numpy scalar (EDM keeps ``skip_scale = np.sqrt(0.5)`` in its modules) as a Python
+    number, decoded from its bytes; object and structured dtypes are refused."""
+    import numpy as np
+
+    numeric = re.fullmatch(r"[?bBhHiIlLqQefdgFDG]|[biufc]\d+", getattr(dtype, "code", ""))
+    if not isinstance(dtype, _NumpyDType) or not isinstance(data, bytes) or not numeric:
+        raise UnsafePickleError(
+            None,
+            "the pickle holds a numpy scalar of an object or unknown type.",
+            "this file cannot be converted safely.",
+        )
+    dt = np.dtype(dtype.code).newbyteorder(dtype.order if dtype.order != "|" else "=")
+    return np.frombuffer(data, dtype=dt, count=1)[0].item()
+
+
 _SAFE_GLOBALS = {
     ("_codecs", "encode"): _codecs_encode,
     ("collections", "OrderedDict"): OrderedDict,
@@ -82,6 +116,9 @@ _SAFE_GLOBALS = {
     ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
     ("torch", "Size"): torch.Size,
 }
+for _np_core in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x / 2.x names
+    _SAFE_GLOBALS[(_np_core, "scalar")] = _numpy_scalar
+_SAFE_GLOBALS[("numpy", "dtype")] = _NumpyDType
 for _dt in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"):
     _SAFE_GLOBALS[("torch", _dt)] = getattr(torch, _dt)
 
