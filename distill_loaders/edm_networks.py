@@ -58,14 +58,15 @@ class Conv2d(nn.Module):
         w_pad = 0 if w is None else w.shape[-1] // 2
         f_pad = 0 if f is None else (f.shape[-1] - 1) // 2
         if self.fused and self.up and w is not None:
+            # EDM's fused path: the up-sampling crops what it can, the convolution pads the rest.
             x = conv_transpose2d(
                 x,
                 (4 * f).tile(self.in_channels, 1, 1, 1),
                 groups=self.in_channels,
                 stride=2,
-                padding=w_pad + f_pad,
+                padding=max(f_pad - w_pad, 0),
             )
-            x = conv2d(x, w)
+            x = conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused and self.down and w is not None:
             x = conv2d(x, w, padding=w_pad + f_pad)
             x = conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)
@@ -411,8 +412,16 @@ def edm_config_from_state_dict(sd: dict) -> tuple[str, dict]:
     conv0 = next((k for k in sd if re.fullmatch(r"enc\.(\d+)x\1_conv\.weight", k)), None)
     if conv0 is None or "map_layer0.weight" not in sd:
         raise ValueError("not an EDM SongUNet/DhariwalUNet state dict (no enc.<R>x<R>_conv / map_layer0)")
+    if any(re.match(r"(enc\.\d+x\d+_aux_(skip|residual|down)|dec\.\d+x\d+_aux_up)\.", k) for k in sd):
+        raise ValueError(
+            "this EDM SongUNet uses NCSN++'s 'skip'/'residual' encoder or 'skip' decoder, which is not "
+            "supported; only the 'standard' DDPM++ layout (SiD's published generators) loads"
+        )
     res0 = int(conv0.split(".")[1].split("x")[0])
-    emb, mc = shape("map_layer0.weight")
+    emb, noise = shape("map_layer0.weight")
+    # DhariwalUNet's timestep embedding has model_channels; SongUNet's has model_channels *
+    # channel_mult_noise and its first convolution has model_channels outputs.
+    mc = noise if arch == "edm_dhariwal" else shape(conv0)[0]
     levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"enc\.(\d+)x\1_", k))}, reverse=True)
     mult, attn = [], []
     num_blocks = len({k.split(".")[1] for k in sd if k.startswith(f"enc.{res0}x{res0}_block")})
@@ -421,20 +430,21 @@ def edm_config_from_state_dict(sd: dict) -> tuple[str, dict]:
         if f"enc.{r}x{r}_block0.qkv.weight" in sd or f"dec.{r}x{r}_block{num_blocks}.qkv.weight" in sd:
             attn.append(r)
     out_key = "out_conv.weight" if arch == "edm_dhariwal" else f"dec.{res0}x{res0}_aux_conv.weight"
-    kwargs = dict(
-        img_resolution=res0,
-        in_channels=shape(conv0)[1],
-        out_channels=shape(out_key)[0],
-        label_dim=shape("map_label.weight")[1] if "map_label.weight" in sd else 0,
-        augment_dim=shape("map_augment.weight")[1] if "map_augment.weight" in sd else 0,
-        model_channels=mc,
-        channel_mult=mult,
-        channel_mult_emb=emb // mc,
-        num_blocks=num_blocks,
-        attn_resolutions=attn,
-    )
+    kwargs = {
+        "img_resolution": res0,
+        "in_channels": shape(conv0)[1],
+        "out_channels": shape(out_key)[0],
+        "label_dim": shape("map_label.weight")[1] if "map_label.weight" in sd else 0,
+        "augment_dim": shape("map_augment.weight")[1] if "map_augment.weight" in sd else 0,
+        "model_channels": mc,
+        "channel_mult": mult,
+        "channel_mult_emb": emb // mc,
+        "num_blocks": num_blocks,
+        "attn_resolutions": attn,
+    }
     if arch == "edm_songunet":
         kwargs["embedding_type"] = "fourier" if "map_noise.freqs" in sd else "positional"
+        kwargs["channel_mult_noise"] = noise // mc
         filt = next((sd[k] for k in sd if k.endswith("resample_filter")), None)
         kwargs["resample_filter"] = [1, 1] if filt is None or filt.shape[-1] == 2 else [1, 3, 3, 1]
     return arch, kwargs
