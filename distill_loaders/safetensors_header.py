@@ -46,6 +46,7 @@ _PICKLE_EXT = (".pkl", ".pickle")
 class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
+    data_offsets: tuple[int, int] | None = None  # safetensors: byte range after the header
 
 
 @dataclass
@@ -58,6 +59,7 @@ class FileContents:
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # a diffusers config.json next to the weights, if any
     size_bytes: int = 0
+    data_start: int = 0  # safetensors: file offset of the first tensor byte (8 + header length)
 
 
 def resolve_model_path(path: str | Path) -> tuple[Path, dict]:
@@ -197,7 +199,7 @@ def _read_safetensors(path: Path) -> FileContents:
                 "the file is corrupt: download it again.",
             )
         end = max(end, stop)
-        tensors[name] = TensorInfo(shape, dtype)
+        tensors[name] = TensorInfo(shape, dtype, (begin, stop))
     if 8 + n + end > size:
         raise StudentLoadError(
             path,
@@ -205,7 +207,12 @@ def _read_safetensors(path: Path) -> FileContents:
             "the download is incomplete: download it again.",
         )
     return FileContents(
-        path, "safetensors", tensors, {str(k): str(v) for k, v in metadata.items()}, size_bytes=size
+        path,
+        "safetensors",
+        tensors,
+        {str(k): str(v) for k, v in metadata.items()},
+        size_bytes=size,
+        data_start=8 + n,
     )
 
 
