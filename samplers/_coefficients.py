@@ -71,6 +71,7 @@ THIRD_ORDER_WEIGHTS: dict[str, float] = {"official": 1.0, "taylor": 2.0}
 __all__ = [
     "ALGORITHMS",
     "FINAL_STEPS",
+    "MAX_ORDER",
     "SOLVER_TYPES",
     "THIRD_ORDER_WEIGHTS",
     "Algorithm",
@@ -78,7 +79,6 @@ __all__ = [
     "MultistepCoefficients",
     "SolverType",
     "ThirdOrder",
-    "MAX_ORDER",
     "adams_weights",
     "plan_multistep",
     "step_orders",

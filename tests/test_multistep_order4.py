@@ -29,7 +29,7 @@ SIGMAS = [math.exp(-lam) for lam in LAMBDAS]
 def test_weights_integrate_polynomials_exactly(h, rhos):
     w = adams_weights(h, rhos)
     for q in range(len(rhos)):
-        exact = quad(lambda u: math.exp(-(h - u)) * u**q, 0.0, h, epsabs=0.0, epsrel=1e-13)[0]
+        exact = quad(lambda u, q=q: math.exp(-(h - u)) * u**q, 0.0, h, epsabs=0.0, epsrel=1e-13)[0]
         approx = sum(wj * (rho * h) ** q for wj, rho in zip(w, rhos))
         assert approx == pytest.approx(exact, rel=1e-10, abs=1e-14)
 
