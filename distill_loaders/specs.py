@@ -413,39 +413,31 @@ _R: list[Recipe] = [
         source="jabir-zheng/TCD: scheduling_tcd.py (eta default 0.3)",
         is_lora=True,
     ),
-    # PCM (Wang et al. 2024): TCD trailing with eta 0 = deterministic DDIM over the phases.
+    # PCM (Wang et al. 2024). The authors' demo samples with diffusers' TCDScheduler(timestep_spacing=
+    # "trailing") and the pipeline's default eta 0. TCDScheduler stores timestep_spacing but never reads
+    # it: set_timesteps always picks floor(linspace(0, 50, N)) on the 50-step grid 999, 979, ..., 19
+    # (4 steps: 999, 759, 499, 259), and its last step ends at t = 0 (abar_0), like the training's
+    # last phase (DDIMSolver.ddim_alpha_cumprods_prev[0] = alphas_cumprod[0]). eta 0 = DDIM jumps.
     *[
         Recipe(
-            f"pcm_smallcfg_{n}step",
+            f"pcm_{kind}_{n}step",
             "PCM",
             ("sd15", "sdxl"),
             "eps",
-            "trailing",
-            "euler",
+            "lcm50",
+            "tcd",
             "unit",
             n,
             (n,),
-            source="G-U-N/Phased-Consistency-Model: demo/app.py (TCDScheduler trailing, eta 0)",
+            cfg=cfg,
+            eta=0.0,
+            source="G-U-N/Phased-Consistency-Model: demo/app.py (TCDScheduler, eta 0, guidance "
+            f"{cfg if cfg > 1 else 0:g}); huggingface/diffusers: schedulers/scheduling_tcd.py (set_timesteps)",
+            note="the 50-step grid, not trailing: diffusers' TCDScheduler ignores timestep_spacing",
             is_lora=True,
         )
-        for n in (2, 4, 8, 16)
-    ],
-    *[
-        Recipe(
-            f"pcm_normalcfg_{n}step",
-            "PCM",
-            ("sd15", "sdxl"),
-            "eps",
-            "trailing",
-            "euler",
-            "unit",
-            n,
-            (n,),
-            cfg=7.5,
-            source="G-U-N/Phased-Consistency-Model: demo/app.py (guidance 7.5)",
-            is_lora=True,
-        )
-        for n in (4, 8, 16)
+        for kind, cfg, steps in (("smallcfg", 1.0, (2, 4, 8, 16)), ("normalcfg", 7.5, (4, 8, 16)))
+        for n in steps
     ],
     # SwiftBrush (Nguyen & Tran CVPR 2024): SD2.1-base, unit noise at t = 999.
     Recipe(

@@ -74,7 +74,9 @@ def sample_tcd(
     to ``s = floor((1 - gamma) t_next)`` and then forward-diffuses from ``s`` to ``t_next`` with
     fresh noise. In VE coordinates: ``x_s = x0 + sigma_s eps`` and
     ``x_next = x_s + sqrt(sigma_next^2 - sigma_s^2) z``. ``gamma = 0`` is DDIM (= Euler);
-    ``gamma = 1`` re-noises from (almost) x0 like LCM.
+    ``gamma = 1`` re-noises from (almost) x0 like LCM. As in diffusers' ``TCDScheduler`` (which
+    PCM and Hyper-SD also sample with), the last step ends at DDPM timestep 0, not at the clean
+    x0: the output is ``sqrt(abar_0) x0 + sqrt(1 - abar_0) eps`` with ``abar_0 = 1 - 0.00085``.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"TCD gamma (eta) must lie in [0, 1], got {eta}")
@@ -86,10 +88,14 @@ def sample_tcd(
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if sigma_next <= 0:
-            x = denoised
-            continue
         eps = (x - denoised) / sigma
+        if sigma_next <= 0:
+            # diffusers TCDScheduler.step: after the last timestep prev_timestep is 0 (not -1), so
+            # the final jump lands on abar_0 = 1 - beta_0 without noise, sqrt(abar_0) x0 +
+            # sqrt(1 - abar_0) eps, i.e. (x0 + sigma_0 eps) / sqrt(1 + sigma_0^2) in VE terms.
+            sigma_0 = ddpm_sigma(0)
+            x = (denoised + sigma_0 * eps) / math.sqrt(1.0 + sigma_0 * sigma_0)
+            continue
         sigma_s = tcd_intermediate_sigma(sigma_next, eta)
         x = denoised + sigma_s * eps
         if sigma_s < sigma_next:

@@ -79,6 +79,17 @@ def test_hyper_one_step_unet_at_800_unit_noise():
         ("lcm_lora", 2, [999, 499]),
         ("lcm", 8, [999, 879, 759, 639, 499, 379, 259, 139]),
         ("tcd_lora", 4, [999, 759, 499, 259]),
+        # PCM: diffusers' TCDScheduler(timestep_spacing="trailing") as in the authors' demo/app.py;
+        # set_timesteps ignores timestep_spacing and takes floor(linspace(0, 50, N)) on the 50-step
+        # grid 999, 979, ..., 19 (huggingface/diffusers: src/diffusers/schedulers/scheduling_tcd.py).
+        ("pcm_smallcfg_2step", 2, [999, 499]),
+        ("pcm_smallcfg_4step", 4, [999, 759, 499, 259]),
+        ("pcm_normalcfg_8step", 8, [999, 879, 759, 639, 499, 379, 259, 139]),
+        (
+            "pcm_smallcfg_16step",
+            16,
+            [999, 939, 879, 819, 759, 699, 639, 579, 499, 439, 379, 319, 259, 199, 139, 79],
+        ),
         ("sd_turbo_sd21", 4, [999, 899, 799, 699]),
         ("sdxl_turbo_sdxl", 1, [999]),
         ("swiftbrush_sd21_1step", 1, [999]),

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
-from comfyui_fewstep.distill_loaders.recipes import alphas_cumprod, recipe_sigmas, timestep_from_sigma
+from comfyui_fewstep.distill_loaders.recipes import (
+    alphas_cumprod,
+    ddpm_sigma,
+    recipe_sigmas,
+    recipe_timesteps,
+    timestep_from_sigma,
+)
 from comfyui_fewstep.distill_loaders.student_samplers import sample_renoise, sample_tcd
 
 
@@ -20,24 +27,25 @@ def _noises(n, shape, seed=0):
 
 
 def _tcd_ddpm_reference(z0, timesteps, gamma, noises):
-    """diffusers TCDScheduler.step written in DDPM coordinates (x_t = sqrt(abar) x0 + sqrt(1-abar) eps)."""
-    t0 = timesteps[0]
+    """diffusers TCDScheduler.step written in DDPM coordinates (x_t = sqrt(abar) x0 + sqrt(1-abar) eps).
+
+    After the last timestep diffusers sets ``prev_timestep = 0`` (not -1), so the final jump goes to
+    ``s = floor((1 - gamma) 0) = 0`` and returns ``sqrt(abar_0) x0 + sqrt(1 - abar_0) eps`` without
+    noise (huggingface/diffusers: src/diffusers/schedulers/scheduling_tcd.py, ``TCDScheduler.step``)."""
     x = z0  # unit-variance start (TCD's init_noise_sigma = 1)
     for i, t in enumerate(timesteps):
         a_t = alphas_cumprod(t)
         sigma_ve = math.sqrt((1 - a_t) / a_t)
         x0 = _model(x / math.sqrt(a_t), torch.tensor([sigma_ve], dtype=torch.float64))
         eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-        if i == len(timesteps) - 1:
-            return x0
-        t_prev = timesteps[i + 1]
+        last = i == len(timesteps) - 1
+        t_prev = 0 if last else timesteps[i + 1]
         s = math.floor((1 - gamma) * t_prev)
         a_s = alphas_cumprod(s)
         x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
         a_prev = alphas_cumprod(t_prev)
-        if gamma > 0:
+        if gamma > 0 and not last:
             x = math.sqrt(a_prev / a_s) * x + math.sqrt(1 - a_prev / a_s) * noises[i]
-    del t0
     return x
 
 
@@ -56,13 +64,18 @@ def test_tcd_matches_ddpm_form(gamma):
 
 
 def test_tcd_gamma_zero_is_euler():
+    """gamma 0 is DDIM, i.e. Euler in VE coordinates, down to t = 0 (sigma_0 = 0.0292), where the
+    result is read in DDPM scale: ``x / sqrt(1 + sigma_0^2)``."""
     sigmas = recipe_sigmas("pcm_smallcfg_4step")
+    assert [timestep_from_sigma(float(s)) for s in sigmas[:-1]] == [999, 759, 499, 259]
     x = _noises(1, (3, 5), seed=7)[0] * float(sigmas[0])
     y = x.clone()
     s_in = torch.ones(3, dtype=torch.float64)
-    for i in range(len(sigmas) - 1):  # k-diffusion Euler
-        d = (y - _model(y, sigmas[i] * s_in)) / sigmas[i]
-        y = y + d * (sigmas[i + 1] - sigmas[i])
+    euler_sigmas = [*sigmas[:-1].tolist(), ddpm_sigma(0)]
+    for i in range(len(euler_sigmas) - 1):  # k-diffusion Euler
+        d = (y - _model(y, euler_sigmas[i] * s_in)) / euler_sigmas[i]
+        y = y + d * (euler_sigmas[i + 1] - euler_sigmas[i])
+    y = y / math.sqrt(1 + ddpm_sigma(0) ** 2)
     torch.testing.assert_close(
         sample_tcd(_model, x, sigmas, eta=0.0, disable=True), y, rtol=1e-12, atol=1e-12
     )
@@ -103,3 +116,53 @@ def test_callback_and_seeded_noise():
     assert seen == [0, 1, 2, 3] and torch.equal(a, b)
     with pytest.raises(ValueError, match="gamma"):
         sample_tcd(_model, x, sigmas, eta=1.5)
+
+
+@pytest.mark.parametrize(
+    "recipe, gamma", [("tcd_lora", 0.3), ("pcm_smallcfg_4step", 0.0), ("hyper_1step_lora_tcd", 1.0)]
+)
+def test_tcd_matches_diffusers_scheduler(recipe, gamma, monkeypatch):
+    """Our timesteps and sample_tcd against diffusers' own TCDScheduler, built as PCM's demo builds it
+    (G-U-N/Phased-Consistency-Model: demo/app.py), with the same noise injected."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.TCDScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="trailing",  # stored, never read by TCDScheduler.set_timesteps
+    )
+    steps = len(recipe_timesteps(recipe))
+    sched.set_timesteps(steps)
+    assert recipe_timesteps(recipe) == [float(t) for t in sched.timesteps.tolist()]
+
+    def eps_model(x_ddpm, t):  # a fixed non-linear eps predictor in DDPM coordinates
+        return torch.tanh(0.5 * x_ddpm) + 0.01 * t / 1000
+
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    noises = [torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(steps)]
+    theirs_noise, our_noise = iter(noises), iter(noises)
+    module = sys.modules[type(sched).__module__]
+    monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: next(theirs_noise).float())
+    x = z.float()
+    for t in sched.timesteps:
+        x = sched.step(eps_model(x.double(), int(t)).float(), t, x, eta=gamma).prev_sample
+
+    def denoiser(x_ve, sigma, **kwargs):
+        s = float(sigma[0])
+        t = timestep_from_sigma(s)
+        a = alphas_cumprod(t)
+        x_ddpm = x_ve / math.sqrt(1 + s * s)
+        return (x_ddpm - math.sqrt(1 - a) * eps_model(x_ddpm, t)) / math.sqrt(a)
+
+    sigmas = recipe_sigmas(recipe)
+    ours = sample_tcd(
+        denoiser,
+        z * math.sqrt(1 + float(sigmas[0]) ** 2),
+        sigmas,
+        eta=gamma,
+        disable=True,
+        noise_sampler=lambda s, sn: next(our_noise),
+    )
+    torch.testing.assert_close(ours.float(), x, rtol=1e-4, atol=1e-4)
