@@ -23,8 +23,10 @@ def check_sampler_options(
     """Why a combination of widgets cannot run, or None. ``None`` values (linked inputs) pass."""
     if solver is not None and solver not in SOLVER_FAMILIES:
         return f"solver {solver!r} is not one of {list(SOLVER_FAMILIES)}"
-    if order is not None and (isinstance(order, bool) or order not in (1, 2, 3)):
-        return f"order must be 1, 2 or 3, got {order!r}"
+    if order is not None and (isinstance(order, bool) or order not in (1, 2, 3, 4)):
+        return f"order must be 1, 2, 3 or 4, got {order!r}"
+    if solver == "singlestep" and order == 4:
+        return "the singlestep solver has orders 1-3 (2S, 3S); use order 3, or the multistep solver for order 4"
     if solver == "adaptive" and order is not None and order not in (2, 3):
         return "the adaptive solver has order 2 (DPM-Solver++12) or 3 (DPM-Solver++23); set order to 2 or 3"
     if eta is not None and not eta >= 0.0:
@@ -99,9 +101,10 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "order",
                     default=2,
                     min=1,
-                    max=3,
-                    tooltip="Solver order. 2 is the robust choice with guidance; 3 is more accurate "
-                    "without (or with low) guidance. Adaptive: 2 or 3.",
+                    max=4,
+                    tooltip="Solver order. 2 is the robust choice with guidance and at 5-10 steps; 3 "
+                    "(and multistep-only 4) are more accurate at 15+ steps without (or with low) "
+                    "guidance. Singlestep: 1-3. Adaptive: 2 or 3.",
                 ),
                 io.Combo.Input(
                     "solver_type",

@@ -3,9 +3,9 @@
 A multistep solver needs the model outputs of its last ``order - 1`` steps. When a schedule is
 split into two sampler runs, the second run normally restarts at first order. This module keeps
 the end state of the last few runs that stopped at a non-zero sigma, in a small module-level LRU
-(tensors stay on their device; at most :data:`MAX_ENTRIES` entries, each holding at most two model
-outputs), so a run whose input ``x`` and first sigma match a stored end state resumes with that
-history and keeps its order.
+(tensors stay on their device; at most :data:`MAX_ENTRIES` entries, each holding at most
+``order - 1`` model outputs), so a run whose input ``x`` and first sigma match a stored end state
+resumes with that history and keeps its order.
 
 Matching: ComfyUI round-trips the latent between the two runs (``process_latent_out`` /
 ``process_latent_in``, and for flow models ``inverse_noise_scaling`` divides by ``1 - sigma`` at the

@@ -145,7 +145,8 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
         ({"solver": "adaptive", "order": 1, "eta": 0.0, "corrector": "none"}, "order to 2 or 3"),
         ({"solver": "singlestep", "order": 2, "eta": 0.5, "corrector": "none"}, "set eta to 0"),
         ({"solver": "adaptive", "order": 3, "eta": 0.0, "corrector": "bh1"}, "set corrector to none"),
-        ({"solver": "multistep", "order": 4, "eta": 0.0, "corrector": "none"}, "order must be 1, 2 or 3"),
+        ({"solver": "multistep", "order": 5, "eta": 0.0, "corrector": "none"}, "order must be 1, 2, 3 or 4"),
+        ({"solver": "singlestep", "order": 4, "eta": 0.0, "corrector": "none"}, "singlestep solver has orders 1-3"),
         ({"solver": "bogus", "order": 2, "eta": 0.0, "corrector": "none"}, "not one of"),
         ({"solver": None, "order": None, "eta": None, "corrector": None}, None),  # linked inputs
     ],
