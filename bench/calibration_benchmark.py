@@ -90,7 +90,7 @@ def run_tiny_teacher(nfes, cal, lines):
     with torch.no_grad():
         x_cal, x_eval = noise(16, CALIBRATION_SEED), noise(64, 0)
         ref = cal.SolverSpec("multistep", {"order": 3}).run(net, x_eval, get_sigmas("logsnr_uniform", 500, p).double(), p)
-        lines += ["### Tiny trained teacher (EDM, 16x16), median per-sample RMS error vs a 500-step 3M reference", "",
+        lines += ["### Tiny trained teacher (EDM, 8x8 digits), median per-sample RMS error vs a 500-step 3M reference", "",
                   "| NFE | calibrated 2M | 2M best fixed schedule | ratio | calibration cost (model calls, s) |",
                   "|---|---|---|---|---|"]
         spec = cal.SolverSpec("multistep", {"order": 2}, "2M")
