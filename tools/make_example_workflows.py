@@ -492,7 +492,7 @@ def student_steps() -> Workflow:
     )
     model_file = f"checkpoints/{LCM_CHECKPOINT}"
     for row, steps in enumerate((1, 4)):
-        y = row * 520
+        y = row * 650
         loader = wf.add(
             "FewStepStudentLoader",
             (0, y),
@@ -523,7 +523,7 @@ def student_steps() -> Workflow:
         )
         _output(wf, (sample.id, 0), (loader.id, 4), 1200, y + 200, f"FewStep/student_{steps}step")
     wf.note(
-        (420, 250),
+        (1820, 0),
         "## Distilled students\n\nExpects:\n" + _models_line(models) + "\n\n"
         "`recipe` = `auto` detects DMD2, SiD-LSG, Turbo, Lightning, Hyper-SD, LCM, TCD, PCM, InstaFlow ... "
         "from the file name, metadata and keys; here it is set to `lcm`. `steps` = 0 uses the step count "
