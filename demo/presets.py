@@ -38,6 +38,8 @@ class Preset:
     order: int = 1
     options: dict[str, Any] = field(default_factory=dict)
     baseline: bool = False
+    schedule: str | None = None
+    """A schedule of the preset's own; ``None`` uses the run's schedule."""
 
 
 PRESETS: tuple[Preset, ...] = (
@@ -48,6 +50,8 @@ PRESETS: tuple[Preset, ...] = (
     Preset("dpmpp_3m", "multistep", order=3),
     Preset("dpmpp_3m_unipc", "multistep", order=3, options={"corrector": "bh2"}),
     Preset("dpmpp_3s", "singlestep", order=3),
+    # the pack's few-step preset: 2M + UniC on the windowed log-SNR schedule (docs/benchmarks.md)
+    Preset("fewstep_2m_unipc", "multistep", order=2, options={"corrector": "bh2"}, schedule="logsnr_window"),
 )
 PRESET_NAMES: tuple[str, ...] = tuple(p.name for p in PRESETS)
 
@@ -70,6 +74,7 @@ def run_preset(
     so an even budget leaves one call unused).
     """
     calls = 0
+    schedule = preset.schedule or schedule
 
     def counted(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
         nonlocal calls

@@ -22,7 +22,7 @@ def format_table(result: DemoResult) -> str:
     lines = [
         (
             f"median per-sample RMSE to the reference ({result.reference_steps}-step dpmpp_3m, "
-            f"{result.schedule} schedule, images in [-1, 1])"
+            f"{result.schedule} schedule unless the preset has its own, images in [-1, 1])"
         ),
         head,
         "-" * len(head),
@@ -84,7 +84,8 @@ def write_plot(result: DemoResult, path: Path) -> Path | None:
     ax.minorticks_off()
     ax.set_xlabel("model calls (NFE)")
     ax.set_ylabel("median RMSE to reference")
-    ax.set_title(f"tiny digits teacher, {result.schedule} schedule")
+    own = ", ".join(f"{p.name}: {p.schedule}" for p in result.presets if p.schedule)
+    ax.set_title(f"tiny digits teacher, {result.schedule} schedule" + (f" ({own})" if own else ""), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
