@@ -14,7 +14,7 @@ from .calibration_nodes import FewStepCalibrateSchedule, FewStepLoadSchedule
 from .ksampler_presets import register_ksampler_presets
 from .sampler_nodes import FewStepDPMSolverSampler
 from .schedule_nodes import FewStepNFEPlan, FewStepSchedule
-from .student_nodes import FewStepEDMGenerator, FewStepStudentLoader
+from .student_nodes import FewStepEDMGenerator, FewStepStudentLoader, FewStepStudentSample
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def node_list() -> list[type[io.ComfyNode]]:
         FewStepNFEPlan,
         FewStepCUDAGraph,
         FewStepCalibrateSchedule, FewStepLoadSchedule,
-        FewStepStudentLoader,
+        FewStepStudentLoader, FewStepStudentSample,
         FewStepEDMGenerator,
     ]
 

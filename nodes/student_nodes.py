@@ -17,14 +17,16 @@ import comfy.samplers
 import comfy.sd
 import folder_paths
 
-from ..distill_loaders.detect import Detection, detect, lora_module_names
+from ..distill_loaders.detect import Detection, detect, detect_contents, lora_module_names
 from ..distill_loaders.errors import StudentLoadError
 from ..distill_loaders.inspect import format_report
-from ..distill_loaders.keys import LCM_GUIDANCE_EMBEDDING, lora_to_kohya
+from ..distill_loaders.keys import LCM_GUIDANCE_EMBEDDING, LDM_LCM_GUIDANCE_EMBEDDING, lora_to_kohya
 from ..distill_loaders.lcm_guidance import GuidedTimeEmbedding
-from ..distill_loaders.load import check_finite, check_lora_base, load_student, load_weights, to_ldm_unet
+from ..distill_loaders.load import check_finite, check_lora_base, load_weights, to_ldm_unet
 from ..distill_loaders.recipes import recipe_sigmas
+from ..distill_loaders.safetensors_header import FileContents, read_contents
 from ..distill_loaders.specs import Recipe, get_recipe, recipe_names
+from ..distill_loaders.stream import placeholder_state_dict, read_tensor, stream_into
 from ..distill_loaders.student_samplers import sample_renoise, sample_tcd
 from ._api import io
 
@@ -33,9 +35,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FewStepEDMGenerator",
     "FewStepStudentLoader",
+    "FewStepStudentSample",
     "apply_student_lora",
     "generate_edm_images",
     "load_student_model",
+    "sample_student",
     "student_model_sampling",
     "student_sampler",
 ]
@@ -135,6 +139,35 @@ def apply_student_lora(model, det: Detection, lora_sd: dict, strength: float):
     return patched, len(applied)
 
 
+def _unet_from_state_dict(det: Detection, ldm_sd: dict, model_options: dict):
+    ldm_sd.pop(LDM_LCM_GUIDANCE_EMBEDDING, None)  # no slot in ComfyUI's UNet; patched in afterwards
+    model = comfy.sd.load_diffusion_model_state_dict(ldm_sd, model_options=model_options)
+    if model is None:
+        raise StudentLoadError(
+            det.path,
+            "ComfyUI did not recognise the converted UNet.",
+            "report the inspect output (python -m comfyui_fewstep inspect FILE).",
+        )
+    return model
+
+
+def _stream_unet(contents: FileContents, det: Detection, model_options: dict, check_weights: bool):
+    """A UNet safetensors file -> ComfyUI model, with one copy of the weights in RAM.
+
+    ComfyUI builds the model from zero-stride placeholders (shapes and dtypes only), then every
+    weight is read from the file straight into its parameter (see ``distill_loaders.stream``).
+    """
+    model = _unet_from_state_dict(det, to_ldm_unet(det, placeholder_state_dict(contents)), model_options)
+    params = model.model.diffusion_model.state_dict(keep_vars=True)
+    ldm_to_file = to_ldm_unet(det, {name: name for name in contents.tensors})
+    targets = {name: params[ldm] for ldm, name in ldm_to_file.items() if ldm in params}
+    unused = sorted(ldm for ldm in ldm_to_file if ldm not in params and ldm != LDM_LCM_GUIDANCE_EMBEDDING)
+    if unused:
+        logger.warning("FewStep student: %d tensors have no slot in the model: %s", len(unused), unused[:5])
+    stream_into(contents, targets, check_finite=check_weights)
+    return model
+
+
 def load_student_model(
     path: str | Path,
     recipe_name: str = "auto",
@@ -143,10 +176,15 @@ def load_student_model(
     lora_strength: float = 1.0,
     check_weights: bool = True,
     lcm_guidance: float = 8.5,
+    model_options: dict | None = None,
 ):
-    """Load ``path`` as a student; returns ``(model, clip, vae, sampler, sigmas, info)``."""
+    """Load ``path`` as a student; returns ``(model, clip, vae, sampler, sigmas, info)``.
+
+    ``model_options`` goes to ComfyUI's model construction as in ``UNETLoader`` (``dtype``, ...)."""
+    model_options = dict(model_options or {})
     override = None if recipe_name in ("auto", "", None) else recipe_name
-    det, sd = load_student(path, override, check_nan=check_weights)
+    contents = read_contents(path)
+    det = detect_contents(contents, override)
     if det.recipe is None:
         raise StudentLoadError(
             det.path,
@@ -160,33 +198,36 @@ def load_student_model(
             "this is an EDM pixel-space generator.",
             "it is not a latent UNet; this loader node does not run it.",
         )
-    clip = vae = None
+    clip = vae = cond_proj = None
     extra = ""
-    if det.is_lora:
-        if model is None:
-            raise StudentLoadError(
-                det.path, "this file is a LoRA.", "connect the base MODEL to the loader's 'model' input."
-            )
-        model, n = apply_student_lora(model, det, sd, lora_strength)
-        extra = f"\nLoRA: {n} modules patched at strength {lora_strength:g}"
-    elif det.layout == "ldm_checkpoint":
-        model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
-            sd,
-            output_vae=True,
-            output_clip=True,
-            embedding_directory=folder_paths.get_folder_paths("embeddings"),
-        )
+    if det.layout in ("ldm_unet", "diffusers_unet") and contents.container == "safetensors":
+        model = _stream_unet(contents, det, model_options, check_weights)
+        if LCM_GUIDANCE_EMBEDDING in contents.tensors:
+            cond_proj = read_tensor(contents, LCM_GUIDANCE_EMBEDDING)
     else:
-        model = comfy.sd.load_diffusion_model_state_dict(to_ldm_unet(det, sd))
-        if model is None:
-            raise StudentLoadError(
-                det.path,
-                "ComfyUI did not recognise the converted UNet.",
-                "report the inspect output (python -m comfyui_fewstep inspect FILE).",
+        sd = load_weights(path)
+        if check_weights:
+            check_finite(sd, det.path)
+        if det.is_lora:
+            if model is None:
+                raise StudentLoadError(
+                    det.path, "this file is a LoRA.", "connect the base MODEL to the loader's 'model' input."
+                )
+            model, n = apply_student_lora(model, det, sd, lora_strength)
+            extra = f"\nLoRA: {n} modules patched at strength {lora_strength:g}"
+        elif det.layout == "ldm_checkpoint":
+            model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+                sd,
+                output_vae=True,
+                output_clip=True,
+                embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                model_options=model_options,
             )
+        else:
+            model = _unet_from_state_dict(det, to_ldm_unet(det, sd), model_options)
+            cond_proj = sd.get(LCM_GUIDANCE_EMBEDDING)
     model = model.clone()
     model.add_object_patch("model_sampling", student_model_sampling(recipe, model.model.model_config))
-    cond_proj = sd.get(LCM_GUIDANCE_EMBEDDING) if not det.is_lora else None
     if cond_proj is not None:  # full LCM: put back the w-embedding ComfyUI's UNet has no slot for
         time_embed = model.get_model_object("diffusion_model.time_embed")
         model.add_object_patch(
@@ -304,6 +345,74 @@ class FewStepStudentLoader(io.ComfyNode):
             _resolve(model_file), recipe, steps, model, lora_strength, check_weights, lcm_guidance
         )
         return io.NodeOutput(model, sampler, sigmas, clip, vae, info)
+
+
+def sample_student(
+    model, sampler, sigmas, positive, negative, latent: dict, seed: int, cfg: float = 1.0
+) -> dict:
+    """``SamplerCustom`` with noise on, for a loaded student: one call of ``comfy.sample.sample_custom``."""
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+    out = dict(latent)
+    out["samples"] = comfy.sample.sample_custom(
+        model,
+        noise,
+        cfg,
+        sampler,
+        sigmas,
+        positive,
+        negative,
+        samples,
+        noise_mask=latent.get("noise_mask"),
+        callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+        seed=seed,
+    )
+    return out
+
+
+class FewStepStudentSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepStudentSample",
+            display_name="Sample Distilled Student (FewStep)",
+            category="sampling",
+            description="Run a loaded student with its recipe: connect MODEL, SAMPLER and SIGMAS from "
+            "'Load Distilled Student (FewStep)'. The same as SamplerCustom with noise on, in one node.",
+            inputs=[
+                io.Model.Input("model", tooltip="the student from the loader"),
+                io.Sampler.Input("sampler", tooltip="the recipe's sampler from the loader"),
+                io.Sigmas.Input("sigmas", tooltip="the recipe's noise levels from the loader"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative", tooltip="only used when cfg > 1"),
+                io.Latent.Input(
+                    "latent_image", tooltip="e.g. Empty Latent Image at the student's resolution"
+                ),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Float.Input(
+                    "cfg",
+                    default=1.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="1 for most students (guidance is distilled in); see the loader's recipe_info",
+                ),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, sampler, sigmas, positive, negative, latent_image, seed=0, cfg=1.0):
+        return io.NodeOutput(
+            sample_student(model, sampler, sigmas, positive, negative, latent_image, seed, cfg)
+        )
 
 
 def generate_edm_images(

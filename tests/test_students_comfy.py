@@ -11,7 +11,7 @@ import torch
 from comfyui_fewstep.distill_loaders import keys as K
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
 from comfyui_fewstep.distill_loaders.lcm_guidance import guidance_scale_embedding
-from comfyui_fewstep.distill_loaders.recipes import ddpm_sigma
+from comfyui_fewstep.distill_loaders.recipes import ddpm_sigma, recipe_sigmas
 from comfyui_fewstep.distill_loaders.synthetic import kohya_lora_shapes, peft_lora_shapes
 from safetensors.torch import save_file
 
@@ -236,3 +236,54 @@ def _latent_file(tmp_path):
     from comfyui_fewstep.distill_loaders.synthetic import unet_shapes, write_safetensors
 
     return write_safetensors(tmp_path / "dmd2_sd15.safetensors", unet_shapes("sd15", "diffusers"))
+
+
+def _make_test_models():
+    """tools/make_test_models.py, imported by path (it needs only torch and safetensors)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_test_models.py"
+    spec = importlib.util.spec_from_file_location("fewstep_make_test_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_step_sample_node_calls_the_unet_once_and_decodes(api, files):
+    """FewStepStudentSample on a 1-step student: exactly one UNet forward, at sigma_max; an N-step
+    recipe makes N. The latent decodes (random-weight SD1.5 VAE) to a finite, non-constant IMAGE."""
+    import comfy.sd
+    from comfyui_fewstep.distill_loaders.specs import get_recipe
+
+    model, _, _, sampler, sigmas, _ = api.nodes.load_student_model(files / "dmd2_sd15_unet.safetensors")
+    node = api.nodes.FewStepStudentSample
+    assert node.define_schema().node_id == "FewStepStudentSample"
+    calls = []
+
+    def record(module, args, kwargs, out):  # UNetModel.forward(x, timesteps, context=..., ...)
+        calls.append(float((kwargs["timesteps"] if "timesteps" in kwargs else args[1])[0]))
+
+    hook = model.model.diffusion_model.register_forward_hook(record, with_kwargs=True)
+    cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4)), {}]]
+    latent = {"samples": torch.zeros(LATENT)}
+    try:
+        out = node.execute(model, sampler, sigmas, cond, cond, latent, 7, 1.0).result[0]
+        assert calls == [pytest.approx(999, abs=1e-3)]  # the UNet sees DDPM timestep 999 once
+        again = node.execute(model, sampler, sigmas, cond, cond, latent, 7, 1.0).result[0]
+        calls.clear()
+        four = get_recipe("dmd2_sdxl_4step")  # same eps UNet, DMD2's 4-step re-noising loop
+        node.execute(
+            model, api.nodes.student_sampler(four), recipe_sigmas(four).float(), cond, cond, latent, 7, 1.0
+        )
+        assert calls == pytest.approx([999, 749, 499, 249], abs=1e-3)
+    finally:
+        hook.remove()
+    samples = out["samples"]
+    assert samples.shape == LATENT and bool(torch.isfinite(samples).all())
+    assert torch.equal(samples, again["samples"])  # seeded
+    make = _make_test_models()
+    vae = comfy.sd.VAE(sd=dict(make.random_state_dict(make.sd15_vae_shapes(), seed=1)))
+    image = vae.decode(samples).detach()
+    assert image.shape == (1, 64, 64, 3) and bool(torch.isfinite(image).all())
+    assert float(image.std()) > 1e-3 and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
