@@ -142,7 +142,7 @@ class UNetBlock(nn.Module):
         params = self.affine(emb)[:, :, None, None].to(h.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
-            h = silu(shift + self.norm1(h) * (scale + 1))
+            h = silu(torch.addcmul(shift, self.norm1(h), scale + 1))  # fused, as the reference rounds
         else:
             h = silu(self.norm1(h + params))
         h = self.conv1(h)
@@ -153,7 +153,7 @@ class UNetBlock(nn.Module):
                 self.qkv(self.norm2(h)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
             )
             w = (
-                torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(k.shape[1]))
+                torch.einsum("ncq,nck->nqk", q.float(), (k / math.sqrt(k.shape[1])).float())
                 .softmax(dim=2)
                 .to(q.dtype)
             )
@@ -397,8 +397,10 @@ def generate_one_step(
     net: nn.Module, z: torch.Tensor, sigma_init: float, class_labels=None, sigma_data: float = 0.5
 ) -> torch.Tensor:
     """One-step generation ``x0 = G(sigma_init z, sigma_init)`` (SiD ``generate_onestep.py``);
-    returns pixels in [-1, 1] (clamped)."""
-    return edm_denoise(net, sigma_init * z, sigma_init, class_labels, sigma_data).clamp(-1, 1)
+    returns pixels in [-1, 1] (clamped). ``sigma_init z`` is formed in float64 as SiD does, then
+    rounded once to float32 by :func:`edm_denoise` (float32 on MPS, which has no float64)."""
+    x = sigma_init * (z if z.device.type == "mps" else z.to(torch.float64))
+    return edm_denoise(net, x, sigma_init, class_labels, sigma_data).clamp(-1, 1)
 
 
 def edm_config_from_state_dict(sd: dict) -> tuple[str, dict]:

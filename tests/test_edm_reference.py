@@ -33,7 +33,7 @@ from comfyui_fewstep.distill_loaders.edm_networks import (
     generate_one_step,
 )
 from comfyui_fewstep.distill_loaders.load import load_weights
-from torch.nn.functional import conv2d, conv_transpose2d
+from torch.nn.functional import conv2d, conv_transpose2d, silu
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "edm_reference_state_dicts.json").read_text())
 
@@ -121,6 +121,55 @@ def test_fused_upsampling_convolution_follows_the_reference_formula(taps):
         plain = Conv2d(4, 6, 3, up=True, resample_filter=taps)
         plain.load_state_dict(conv.state_dict())
         torch.testing.assert_close(plain(x), out, rtol=1e-12, atol=1e-12)
+
+
+def _reference_block(b: UNetBlock, x, emb):
+    """Transcription of EDM ``UNetBlock.forward`` (the reference's operation order, which fixes the
+    float32 rounding), composed from our verified layers."""
+    orig = x
+    x = b.conv0(silu(b.norm0(x)))
+    params = b.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+    if b.adaptive_scale:
+        scale, shift = params.chunk(chunks=2, dim=1)
+        x = silu(torch.addcmul(shift, b.norm1(x), scale + 1))
+    else:
+        x = silu(b.norm1(x + params))
+    x = b.conv1(x)
+    x = (x + (b.skip(orig) if b.skip is not None else orig)) * b.skip_scale
+    if b.num_heads:
+        n, c = x.shape[:2]
+        q, k, v = b.qkv(b.norm2(x)).reshape(n * b.num_heads, c // b.num_heads, 3, -1).unbind(2)
+        w = torch.einsum("ncq,nck->nqk", q.float(), (k / np.sqrt(k.shape[1])).float()).softmax(dim=2)
+        a = torch.einsum("nqk,nck->ncq", w.to(q.dtype), v)
+        x = (b.proj(a.reshape(*x.shape)) + x) * b.skip_scale
+    return x
+
+
+@pytest.mark.parametrize("arch", ["SongUNet", "DhariwalUNet"])
+def test_unet_blocks_round_like_the_reference(arch):
+    """Every block of a small network gives bit-identical float32 output to the transcription."""
+    g = torch.Generator().manual_seed(3)
+    net = build_edm_network(
+        arch,
+        img_resolution=16,
+        in_channels=3,
+        out_channels=3,
+        model_channels=64,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel() if p.ndim > 1 else 16))
+    emb = torch.randn(2, net.map_layer1.in_features, generator=g)
+    blocks = [b for b in net.modules() if isinstance(b, UNetBlock)]
+    assert any(b.num_heads for b in blocks) and any(b.skip is not None for b in blocks)
+    assert all(b.adaptive_scale == (arch == "DhariwalUNet") for b in blocks)
+    with torch.no_grad():
+        for b in blocks:
+            x = torch.randn(2, b.in_channels, 8, 8, generator=g)
+            torch.testing.assert_close(b(x, emb), _reference_block(b, x, emb), rtol=0, atol=0)
 
 
 class EDMPrecond(torch.nn.Module):
