@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _comfy  # noqa: E402
 from _harness import ROOT, Result, ddim, euler_ode, import_package, measure  # noqa: E402
+from _tier2 import make_teacher_problem  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
 TARGET_NFES = (5, 6, 8, 10)  # where the 0.5x target is checked
@@ -458,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=None, help="trajectories per problem (256 quick, 512 full)")
     ap.add_argument("--stochastic", action="store_true",
                     help="also run ComfyUI's stochastic samplers with their default noise (slow, never 'best')")
+    ap.add_argument("--no-tier2", action="store_true", help="skip tier 2 (the tiny trained teacher)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)  # small tensors: the intra-op pool only adds overhead
@@ -489,6 +491,17 @@ def main(argv: list[str] | None = None) -> int:
                 bench.run_comfy(problem, comfy, samplers, schedulers)
             bench.run_presets_on_comfy_schedules(problem, comfy, schedulers)
         print(f"[{time.time() - t0:6.1f} s] {problem.name} done", file=sys.stderr)
+    if not args.no_tier2:
+        teacher = make_teacher_problem(pkg, n_samples=32 if args.quick else 128)
+        problems.append(teacher.name)
+        bench.run_presets(teacher)
+        bench.run_local(teacher)
+        if comfy is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                bench.run_comfy(teacher, comfy, samplers, schedulers)
+            bench.run_presets_on_comfy_schedules(teacher, comfy, schedulers)
+        print(f"[{time.time() - t0:6.1f} s] {teacher.name} (tier 2) done", file=sys.stderr)
     overhead = time_overhead(pkg, comfy, steps=50 if args.quick else 200)
     elapsed = time.time() - t0
 
