@@ -33,6 +33,15 @@ def _alias_package() -> None:
 _alias_package()
 
 
+def _load_helper(name: str):
+    """A ``tests/_<name>.py`` helper module (``--import-mode=importlib`` puts no test folder on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"fewstep_tests_{name}", ROOT / "tests" / f"_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def comfyui_path() -> Path | None:
     """The ComfyUI checkout named by ``COMFYUI_PATH``, or None."""
     value = os.environ.get("COMFYUI_PATH")
@@ -42,10 +51,11 @@ def comfyui_path() -> Path | None:
     return path if (path / "comfy").is_dir() else None
 
 
+NEEDS_COMFY = "needs ComfyUI: set COMFYUI_PATH to a ComfyUI checkout (its requirements installed)"
+
+
 def pytest_collection_modifyitems(config, items):
-    skip_comfy = pytest.mark.skip(
-        reason="needs ComfyUI: set COMFYUI_PATH to a ComfyUI checkout (its requirements installed)"
-    )
+    skip_comfy = pytest.mark.skip(reason=NEEDS_COMFY)
     try:
         import torch
 
@@ -65,7 +75,7 @@ def comfy():
     """Import ComfyUI from ``COMFYUI_PATH`` in CPU mode and return its root path."""
     path = comfyui_path()
     if path is None:
-        pytest.skip("needs ComfyUI: set COMFYUI_PATH to a ComfyUI checkout")
+        pytest.skip(NEEDS_COMFY)
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     import comfy.cli_args
@@ -74,6 +84,26 @@ def comfy():
     import comfy.model_management  # noqa: F401
 
     return path
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """One real ComfyUI server (``main.py --cpu``, this checkout its only pack) for the whole session.
+
+    Started on first use and stopped at the end of the session; see ``tests/_comfy_server.py``.
+    It logs at DEBUG level (the model loader reports missing and unexpected keys there). Tests
+    that need a model file link it in with ``comfy_server.link_model(folder, path)``.
+    """
+    path = comfyui_path()
+    if path is None:
+        pytest.skip(NEEDS_COMFY)
+    base = tmp_path_factory.mktemp("comfy_base")
+    server = _load_helper("comfy_server").ComfyServer(path, base, extra_args=("--verbose", "DEBUG"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

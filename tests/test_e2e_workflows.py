@@ -1,9 +1,10 @@
 """The example workflows run end to end in a real ComfyUI server on a full-size SD1.5 checkpoint.
 
 The checkpoint is random-weight but has the exact single-file layout of SD1.5 (UNet, CLIP-L text
-encoder, KL-f8 VAE; ``tools/make_test_models.py``, built once into a cache). The server runs
-from a temporary base directory whose ``custom_nodes`` links this checkout and whose
-``models/checkpoints`` links the test checkpoint, with every other custom node disabled.
+encoder, KL-f8 VAE; ``tools/make_test_models.py``, built once into a cache). The server is the
+session's ``comfy_server`` (``tests/conftest.py``): a temporary base directory whose
+``custom_nodes`` links this checkout, with every other custom node disabled; the test checkpoint
+is linked into its ``models/checkpoints``.
 
 * The checkpoint loads through ``CheckpointLoaderSimple`` as SD1.5 with no missing or
   unexpected UNet / CLIP / VAE key (ComfyUI's debug log).
@@ -24,15 +25,8 @@ import copy
 import importlib.util
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -40,7 +34,6 @@ import pytest
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-PACK = "ComfyUI-FewStep"
 EXAMPLES = ROOT / "example_workflows"
 API_EXAMPLES = EXAMPLES / "api"
 UI_ONLY_NODES = {"MarkdownNote", "Note"}  # frontend-only annotation nodes, never sent to the server
@@ -49,8 +42,6 @@ FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("FewStepStudentLoader"
 CONTROL = "control_after_generate"
 IMAGE_SIZE = 64  # latents 8x8: the full UNet still runs every level (down to 1x1)
 MAX_STEPS = 4
-START_TIMEOUT_S = 300.0
-RUN_TIMEOUT_S = 300.0
 
 
 def _load_tool(name: str):
@@ -111,121 +102,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 # ------------------------------------------------------------------------------------ the server
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``main.py`` in a subprocess on a free loopback port, from a temporary base directory."""
-
-    def __init__(self, comfy_root: Path, base: Path, checkpoint: Path):
-        self.base = base
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = base / "server.log"
-        (base / "custom_nodes").mkdir(parents=True)
-        (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-        (base / "models" / "checkpoints").mkdir(parents=True)
-        (base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
-        command = [
-            sys.executable, str(comfy_root / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(base), "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK,
-            "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--preview-method", "none",
-            "--disable-auto-launch", "--verbose", "DEBUG",
-        ]  # fmt: skip
-        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command, cwd=str(comfy_root), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, path: str, timeout: float = 30.0):
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
-            return json.loads(response.read())
-
-    def post(self, path: str, body: dict, timeout: float = 30.0) -> tuple[int, dict | None]:
-        request = urllib.request.Request(
-            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                data = response.read()
-                return response.status, json.loads(data) if data else None
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
-                )
-            try:
-                self.get("/system_stats", timeout=5.0)
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(1.0)
-        raise RuntimeError(
-            f"ComfyUI did not answer within {START_TIMEOUT_S:.0f} s:\n{self.log_text()[-4000:]}"
-        )
-
-    def run(self, prompt: dict, free_first: bool = True) -> tuple[dict, str]:
-        """Queue ``prompt``; return its history entry and the server log written meanwhile."""
-        if free_first:  # drop models and cached outputs of the previous prompt (bounded memory)
-            self.post("/free", {"unload_models": True, "free_memory": True})
-            time.sleep(1.0)
-        start = len(self.log_text())
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
-        assert status == 200, body
-        prompt_id = body["prompt_id"]
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-                time.sleep(0.2)  # let the worker's log lines after the run land
-                return history[prompt_id], self.log_text()[start:]
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
-                )
-            time.sleep(0.5)
-        raise TimeoutError(f"prompt did not finish within {RUN_TIMEOUT_S:.0f} s:\n{self.log_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
-        self.log.close()
+@pytest.fixture(scope="module")
+def checkpoint_name(comfy_server) -> str:
+    """The test checkpoint (built once into a cache), linked into the server's ``models/checkpoints``."""
+    return comfy_server.link_model("checkpoints", _load_tool("make_test_models").cached_sd15_checkpoint())
 
 
 @pytest.fixture(scope="module")
-def checkpoint() -> Path:
-    return _load_tool("make_test_models").cached_sd15_checkpoint()
-
-
-@pytest.fixture(scope="module")
-def server(comfy, tmp_path_factory, checkpoint):
-    srv = Server(Path(comfy), tmp_path_factory.mktemp("e2e_base"), checkpoint)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
-def object_info(server) -> dict:
-    return server.get("/object_info", timeout=60.0)
+def object_info(comfy_server) -> dict:
+    return comfy_server.get("/object_info", timeout=60.0)
 
 
 # ------------------------------------------------------------------------------------ API format
@@ -253,7 +138,7 @@ def patched_prompt(prompt: dict, checkpoint_name: str) -> dict:
     return prompt
 
 
-def _saved_images(server: Server, prompt: dict, history: dict) -> dict[str, list]:
+def _saved_images(output_dir: Path, prompt: dict, history: dict) -> dict[str, list]:
     """SaveImage node id -> list of images (numpy uint8 HxWx3) it wrote."""
     import numpy as np
     from PIL import Image
@@ -266,7 +151,7 @@ def _saved_images(server: Server, prompt: dict, history: dict) -> dict[str, list
         assert entries, f"SaveImage {node_id} wrote nothing"
         images[node_id] = []
         for entry in entries:
-            path = server.base / "output" / entry["subfolder"] / entry["filename"]
+            path = output_dir / entry["subfolder"] / entry["filename"]
             assert entry["type"] == "output" and path.is_file(), entry
             with Image.open(path) as im:
                 assert im.size == (IMAGE_SIZE, IMAGE_SIZE) and im.mode == "RGB", (im.size, im.mode)
@@ -302,14 +187,15 @@ def _prompts(checkpoint_name: str):
 
 
 @pytest.fixture(scope="module")
-def runs(server, checkpoint) -> dict[str, tuple[dict, dict, dict, str]]:
+def runs(comfy_server, checkpoint_name) -> dict[str, tuple[dict, dict, dict, str]]:
     """Every API example run once: name -> (prompt, history, images, log); images only on success."""
     out = {}
-    for name, prompt, free_first in _prompts(checkpoint.name):
+    for name, prompt, free_first in _prompts(checkpoint_name):
         started = time.monotonic()
-        history, log = server.run(prompt, free_first)
+        history, log = comfy_server.run(prompt, free_first)
         ok = history["status"]["status_str"] == "success"
-        out[name] = (prompt, history, _saved_images(server, prompt, history) if ok else {}, log)
+        images = _saved_images(comfy_server.base / "output", prompt, history) if ok else {}
+        out[name] = (prompt, history, images, log)
         logger.info("%s: %s in %.1f s", name, history["status"]["status_str"], time.monotonic() - started)
     return out
 
@@ -341,8 +227,8 @@ def test_api_example_runs_and_saves_real_images(runs, name):
 
 @pytest.mark.comfy
 @pytest.mark.slow
-def test_checkpoint_loads_as_sd15_with_every_key(runs, server):
-    log = server.log_text()
+def test_checkpoint_loads_as_sd15_with_every_key(runs, comfy_server):
+    log = comfy_server.log_text()
     assert "model_type EPS" in log
     for marker in ("unet missing", "unet unexpected", "Missing VAE keys", "Leftover VAE keys",
                    "clip unexpected", "left over keys:", "no CLIP/text encoder weights"):  # fmt: skip
