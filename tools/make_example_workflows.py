@@ -172,6 +172,15 @@ class Node:
     pos: tuple[int, int]
     title: str | None = None
 
+    def out(self, name: str | None = None) -> tuple[int, int]:
+        """The link source (node id, output slot) of output ``name`` (default: the first output)."""
+        if name is None:
+            return self.id, 0
+        names = [n for n, _ in NODES[self.type].outputs]
+        if name not in names:
+            raise ValueError(f"{self.type} has no output {name!r}; it has {names}")
+        return self.id, names.index(name)
+
 
 @dataclass
 class Workflow:
@@ -197,8 +206,12 @@ class Workflow:
         self.nodes.append(node)
         return node
 
-    def note(self, pos: tuple[int, int], text: str) -> Node:
-        return self.add("MarkdownNote", pos, title="Read me", text=text)
+    def note(self, pos: tuple[int, int], heading: str, body: str) -> Node:
+        """The "Read me" note: ``heading``, the models the example expects, then ``body``."""
+        models = "\n".join(f"- `models/{m}`" for m in self.models)
+        return self.add(
+            "MarkdownNote", pos, title="Read me", text=f"## {heading}\n\nExpects:\n{models}\n\n{body}"
+        )
 
     # ------------------------------------------------------------------ API format
     def api(self) -> dict[str, Any]:
@@ -289,6 +302,10 @@ class Workflow:
 
 POSITIVE = "a photograph of a lighthouse on a rocky coast at sunset, dramatic sky, highly detailed"
 NEGATIVE = "blurry, low quality, watermark, text"
+SD15_MODELS = [f"checkpoints/{CHECKPOINT} (any SD1.5 checkpoint)"]
+SEED = 42
+CFG = 5.0
+Link = tuple[int, int]
 
 
 def _dpm_widgets(**overrides: Any) -> dict[str, Any]:
@@ -327,61 +344,96 @@ def _schedule_widgets(schedule: str = "logsnr_uniform", steps: int = 8) -> dict[
     }
 
 
+def _checkpoint(wf: Workflow) -> Node:
+    return wf.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+
+
 def _text_nodes(wf: Workflow, loader: Node, y: int = 0) -> tuple[Node, Node]:
-    positive = wf.add("CLIPTextEncode", (420, y), "Positive prompt", {"clip": (loader.id, 1)}, text=POSITIVE)
-    negative = wf.add(
-        "CLIPTextEncode", (420, y + 200), "Negative prompt", {"clip": (loader.id, 1)}, text=NEGATIVE
-    )
+    """Positive and negative prompt, encoded with the loader's CLIP."""
+    clip = {"clip": loader.out("CLIP")}
+    positive = wf.add("CLIPTextEncode", (420, y), "Positive prompt", clip, text=POSITIVE)
+    negative = wf.add("CLIPTextEncode", (420, y + 200), "Negative prompt", clip, text=NEGATIVE)
     return positive, negative
 
 
-def _models_line(models: list[str]) -> str:
-    return "\n".join(f"- `models/{m}`" for m in models)
+def _cfg_guider(wf: Workflow, model: Link, positive: Node, negative: Node) -> Node:
+    links = {"model": model, "positive": positive.out(), "negative": negative.out()}
+    return wf.add("CFGGuider", (880, 0), links=links, cfg=CFG)
 
 
-def _output(wf: Workflow, latent: tuple[int, int], vae: tuple[int, int], x: int, y: int, prefix: str) -> Node:
+def _noise(wf: Workflow, pos: tuple[int, int]) -> Node:
+    return wf.add("RandomNoise", pos, noise_seed=SEED)
+
+
+def _latent(wf: Workflow, pos: tuple[int, int]) -> Node:
+    return wf.add("EmptyLatentImage", pos, width=512, height=512, batch_size=1)
+
+
+def _sample_custom(
+    wf: Workflow, pos: tuple[int, int], noise: Node, guider: Node, sampler: Link, sigmas: Link, latent: Node
+) -> Node:
+    """SamplerCustomAdvanced wired to its five inputs."""
+    links = {
+        "noise": noise.out(),
+        "guider": guider.out(),
+        "sampler": sampler,
+        "sigmas": sigmas,
+        "latent_image": latent.out(),
+    }
+    return wf.add("SamplerCustomAdvanced", pos, links=links)
+
+
+def _ksampler(wf: Workflow, model: Link, positive: Node, negative: Node, sampler_name: str) -> Node:
+    """An SD1.5-sized latent into KSampler: 8 steps of ``sampler_name`` on the ``fewstep_logsnr`` schedule."""
+    latent = _latent(wf, (420, 420))
+    links = {
+        "model": model,
+        "positive": positive.out(),
+        "negative": negative.out(),
+        "latent_image": latent.out(),
+    }
+    return wf.add(
+        "KSampler",
+        (880, 0),
+        links=links,
+        seed=SEED,
+        steps=8,
+        cfg=CFG,
+        sampler_name=sampler_name,
+        scheduler="fewstep_logsnr",
+        denoise=1.0,
+    )
+
+
+def _output(wf: Workflow, latent: Link, vae: Link, x: int, y: int, prefix: str) -> Node:
     decode = wf.add("VAEDecode", (x, y), links={"samples": latent, "vae": vae})
-    return wf.add("SaveImage", (x + 250, y), links={"images": (decode.id, 0)}, filename_prefix=prefix)
+    return wf.add("SaveImage", (x + 250, y), links={"images": decode.out()}, filename_prefix=prefix)
 
 
 # ---------------------------------------------------------------------------------------- examples
 
 
 def dpm_solver_custom_sampler() -> Workflow:
-    models = [f"checkpoints/{CHECKPOINT} (any SD1.5 checkpoint)"]
     wf = Workflow(
         "fewstep_dpm_solver_custom_sampler",
         "FewStep: DPM-Solver++ with SamplerCustomAdvanced",
         "DPM-Solver++(2M) on a log-SNR-uniform schedule in 8 steps, through ComfyUI's custom-sampling nodes.",
-        models,
+        SD15_MODELS,
     )
-    loader = wf.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    loader = _checkpoint(wf)
     positive, negative = _text_nodes(wf, loader)
-    guider = wf.add(
-        "CFGGuider",
-        (880, 0),
-        links={"model": (loader.id, 0), "positive": (positive.id, 0), "negative": (negative.id, 0)},
-        cfg=5.0,
-    )
-    noise = wf.add("RandomNoise", (880, 150), noise_seed=42)
+    guider = _cfg_guider(wf, loader.out("MODEL"), positive, negative)
+    noise = _noise(wf, (880, 150))
     sampler = wf.add("FewStepDPMSolverSampler", (0, 400), **_dpm_widgets())
-    schedule = wf.add("FewStepSchedule", (420, 450), links={"model": (loader.id, 0)}, **_schedule_widgets())
-    latent = wf.add("EmptyLatentImage", (880, 280), width=512, height=512, batch_size=1)
-    sample = wf.add(
-        "SamplerCustomAdvanced",
-        (1200, 0),
-        links={
-            "noise": (noise.id, 0),
-            "guider": (guider.id, 0),
-            "sampler": (sampler.id, 0),
-            "sigmas": (schedule.id, 0),
-            "latent_image": (latent.id, 0),
-        },
+    schedule = wf.add(
+        "FewStepSchedule", (420, 450), links={"model": loader.out("MODEL")}, **_schedule_widgets()
     )
-    _output(wf, (sample.id, 0), (loader.id, 2), 1200, 200, "FewStep/dpm_solver")
+    latent = _latent(wf, (880, 280))
+    sample = _sample_custom(wf, (1200, 0), noise, guider, sampler.out(), schedule.out(), latent)
+    _output(wf, sample.out(), loader.out("VAE"), 1200, 200, "FewStep/dpm_solver")
     wf.note(
         (880, 450),
-        "## DPM-Solver++ as a SAMPLER\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "DPM-Solver++ as a SAMPLER",
         "**FewStep DPM-Solver++ Sampler** sets the solver (multistep 2M here; order 3 for low cfg, "
         "`singlestep` for 2S/3S, `adaptive` for error-controlled steps). **FewStep Schedule** computes "
         "the noise levels from the model's own schedule: `logsnr_uniform` is the paper's choice for few "
@@ -391,37 +443,20 @@ def dpm_solver_custom_sampler() -> Workflow:
 
 
 def ksampler_presets() -> Workflow:
-    models = [f"checkpoints/{CHECKPOINT} (any SD1.5 checkpoint)"]
     wf = Workflow(
         "fewstep_ksampler_presets",
         "FewStep: presets in the plain KSampler",
         "The fewstep_* sampler and scheduler names in the stock KSampler dropdowns: DPM-Solver++(3M) on the "
         "log-SNR-uniform schedule.",
-        models,
+        SD15_MODELS,
     )
-    loader = wf.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    loader = _checkpoint(wf)
     positive, negative = _text_nodes(wf, loader)
-    latent = wf.add("EmptyLatentImage", (420, 420), width=512, height=512, batch_size=1)
-    sample = wf.add(
-        "KSampler",
-        (880, 0),
-        links={
-            "model": (loader.id, 0),
-            "positive": (positive.id, 0),
-            "negative": (negative.id, 0),
-            "latent_image": (latent.id, 0),
-        },
-        seed=42,
-        steps=8,
-        cfg=5.0,
-        sampler_name="fewstep_dpmpp_3m",
-        scheduler="fewstep_logsnr",
-        denoise=1.0,
-    )
-    _output(wf, (sample.id, 0), (loader.id, 2), 1220, 0, "FewStep/ksampler_preset")
+    sample = _ksampler(wf, loader.out("MODEL"), positive, negative, "fewstep_dpmpp_3m")
+    _output(wf, sample.out(), loader.out("VAE"), 1220, 0, "FewStep/ksampler_preset")
     wf.note(
         (0, 200),
-        "## FewStep presets in KSampler\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "FewStep presets in KSampler",
         "The pack adds `fewstep_*` names to the KSampler `sampler_name` and `scheduler` lists "
         "(`fewstep_dpmpp_2m`, `fewstep_dpmpp_3m`, `fewstep_unipc_bh2`, ... and `fewstep_logsnr`, "
         "`fewstep_ays`, `fewstep_gits`, ...). They need this pack installed to load.",
@@ -430,50 +465,34 @@ def ksampler_presets() -> Workflow:
 
 
 def nfe_plan() -> Workflow:
-    models = [f"checkpoints/{CHECKPOINT} (any SD1.5 checkpoint)"]
     wf = Workflow(
         "fewstep_nfe_plan",
         "FewStep: NFE plan (budget of model calls)",
         "Give a number of model calls; FewStep NFE Plan picks the step count for the solver and returns the "
         "SAMPLER and SIGMAS (DPM-Solver++(3S) with 9 calls here).",
-        models,
+        SD15_MODELS,
     )
-    loader = wf.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    loader = _checkpoint(wf)
     positive, negative = _text_nodes(wf, loader)
     plan = wf.add(
         "FewStepNFEPlan",
         (0, 420),
-        links={"model": (loader.id, 0)},
+        links={"model": loader.out("MODEL")},
         preset="dpmpp_3s",
         nfe=9,
         schedule="logsnr_uniform",
-        cfg=5.0,
+        cfg=CFG,
         denoise=1.0,
     )
-    guider = wf.add(
-        "CFGGuider",
-        (880, 0),
-        links={"model": (loader.id, 0), "positive": (positive.id, 0), "negative": (negative.id, 0)},
-        cfg=5.0,
-    )
-    noise = wf.add("RandomNoise", (880, 150), noise_seed=42)
-    latent = wf.add("EmptyLatentImage", (880, 280), width=512, height=512, batch_size=1)
-    sample = wf.add(
-        "SamplerCustomAdvanced",
-        (1200, 0),
-        links={
-            "noise": (noise.id, 0),
-            "guider": (guider.id, 0),
-            "sampler": (plan.id, 0),
-            "sigmas": (plan.id, 1),
-            "latent_image": (latent.id, 0),
-        },
-    )
-    wf.add("PreviewAny", (420, 450), "Plan", {"source": (plan.id, 2)})
-    _output(wf, (sample.id, 0), (loader.id, 2), 1200, 200, "FewStep/nfe_plan")
+    guider = _cfg_guider(wf, loader.out("MODEL"), positive, negative)
+    noise = _noise(wf, (880, 150))
+    latent = _latent(wf, (880, 280))
+    sample = _sample_custom(wf, (1200, 0), noise, guider, plan.out("SAMPLER"), plan.out("SIGMAS"), latent)
+    wf.add("PreviewAny", (420, 450), "Plan", {"source": plan.out("plan")})
+    _output(wf, sample.out(), loader.out("VAE"), 1200, 200, "FewStep/nfe_plan")
     wf.note(
         (0, 660),
-        "## Budget first\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "Budget first",
         "Set `nfe` to the number of model calls you can afford. Single-step presets (2S, 3S) spend "
         "several calls per step, so the plan derives the steps; the **Plan** box shows steps, calls "
         "and network evaluations (cfg != 1 doubles the latter).",
@@ -482,49 +501,38 @@ def nfe_plan() -> Workflow:
 
 
 def student_steps() -> Workflow:
-    models = [f"checkpoints/{LCM_CHECKPOINT} (a single-file SD1.5 LCM student; any supported student works)"]
     wf = Workflow(
         "fewstep_student_1_and_4_steps",
         "FewStep: a distilled student in 1 and 4 steps",
         "Load Distilled Student (FewStep) returns the model with the recipe's prediction type, its sampler and "
         "its sigmas; the same student sampled in 1 step and in 4 steps.",
-        models,
+        [f"checkpoints/{LCM_CHECKPOINT} (a single-file SD1.5 LCM student; any supported student works)"],
     )
-    model_file = f"checkpoints/{LCM_CHECKPOINT}"
     for row, steps in enumerate((1, 4)):
         y = row * 650
         loader = wf.add(
             "FewStepStudentLoader",
             (0, y),
             f"Student, {steps} step{'s' if steps > 1 else ''}",
-            model_file=model_file,
+            model_file=f"checkpoints/{LCM_CHECKPOINT}",
             recipe="lcm",
             steps=steps,
             lora_strength=1.0,
             check_weights=True,
             lcm_guidance=8.5,
         )
-        text = wf.add("CLIPTextEncode", (420, y), "Prompt", {"clip": (loader.id, 3)}, text=POSITIVE)
-        guider = wf.add(
-            "BasicGuider", (880, y), links={"model": (loader.id, 0), "conditioning": (text.id, 0)}
+        text = wf.add("CLIPTextEncode", (420, y), "Prompt", {"clip": loader.out("CLIP")}, text=POSITIVE)
+        links = {"model": loader.out("MODEL"), "conditioning": text.out()}
+        guider = wf.add("BasicGuider", (880, y), links=links)
+        noise = _noise(wf, (880, y + 100))
+        latent = _latent(wf, (880, y + 230))
+        sample = _sample_custom(
+            wf, (1200, y), noise, guider, loader.out("SAMPLER"), loader.out("SIGMAS"), latent
         )
-        noise = wf.add("RandomNoise", (880, y + 100), noise_seed=42)
-        latent = wf.add("EmptyLatentImage", (880, y + 230), width=512, height=512, batch_size=1)
-        sample = wf.add(
-            "SamplerCustomAdvanced",
-            (1200, y),
-            links={
-                "noise": (noise.id, 0),
-                "guider": (guider.id, 0),
-                "sampler": (loader.id, 1),
-                "sigmas": (loader.id, 2),
-                "latent_image": (latent.id, 0),
-            },
-        )
-        _output(wf, (sample.id, 0), (loader.id, 4), 1200, y + 200, f"FewStep/student_{steps}step")
+        _output(wf, sample.out(), loader.out("VAE"), 1200, y + 200, f"FewStep/student_{steps}step")
     wf.note(
         (1820, 0),
-        "## Distilled students\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "Distilled students",
         "`recipe` = `auto` detects DMD2, SiD-LSG, Turbo, Lightning, Hyper-SD, LCM, TCD, PCM, InstaFlow ... "
         "from the file name, metadata and keys; here it is set to `lcm`. `steps` = 0 uses the step count "
         "the student was distilled for. Students are sampled without cfg (a BasicGuider). LoRA students: "
@@ -534,19 +542,18 @@ def student_steps() -> Workflow:
 
 
 def cuda_graph() -> Workflow:
-    models = [f"checkpoints/{CHECKPOINT} (any SD1.5 checkpoint)"]
     wf = Workflow(
         "fewstep_cuda_graph",
         "FewStep: CUDA graphs in front of a sampler",
         "FewStep CUDA Graph between the model and KSampler: later model calls replay captured CUDA graphs "
         "(NVIDIA GPUs; on other devices the model runs as usual).",
-        models,
+        SD15_MODELS,
     )
-    loader = wf.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    loader = _checkpoint(wf)
     graph = wf.add(
         "FewStepCUDAGraph",
         (0, 200),
-        links={"model": (loader.id, 0)},
+        links={"model": loader.out("MODEL")},
         enable=True,
         max_graphs=4,
         warmup=2,
@@ -555,27 +562,11 @@ def cuda_graph() -> Workflow:
         tolerance=0.001,
     )
     positive, negative = _text_nodes(wf, loader)
-    latent = wf.add("EmptyLatentImage", (420, 420), width=512, height=512, batch_size=1)
-    sample = wf.add(
-        "KSampler",
-        (880, 0),
-        links={
-            "model": (graph.id, 0),
-            "positive": (positive.id, 0),
-            "negative": (negative.id, 0),
-            "latent_image": (latent.id, 0),
-        },
-        seed=42,
-        steps=8,
-        cfg=5.0,
-        sampler_name="fewstep_dpmpp_2m",
-        scheduler="fewstep_logsnr",
-        denoise=1.0,
-    )
-    _output(wf, (sample.id, 0), (loader.id, 2), 1220, 0, "FewStep/cuda_graph")
+    sample = _ksampler(wf, graph.out("MODEL"), positive, negative, "fewstep_dpmpp_2m")
+    _output(wf, sample.out(), loader.out("VAE"), 1220, 0, "FewStep/cuda_graph")
     wf.note(
         (0, 450),
-        "## CUDA graphs\n\nExpects:\n" + _models_line(models) + "\n\n"
+        "CUDA graphs",
         "Put **FewStep CUDA Graph** after the loader (and after LoRAs) and before the sampler. The "
         "first calls of each shape run eagerly and capture; later ones replay. Images do not change; "
         "calls that cannot be captured safely (CPU, low-VRAM loading, patches) run as usual and the log "
