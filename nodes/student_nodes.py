@@ -389,12 +389,13 @@ class FewStepStudentSample(io.ComfyNode):
                 io.Model.Input("model", tooltip="the student from the loader"),
                 io.Sampler.Input("sampler", tooltip="the recipe's sampler from the loader"),
                 io.Sigmas.Input("sigmas", tooltip="the recipe's noise levels from the loader"),
-                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("positive", tooltip="the prompt's conditioning (CLIP Text Encode)"),
                 io.Conditioning.Input("negative", tooltip="only used when cfg > 1"),
                 io.Latent.Input(
                     "latent_image", tooltip="e.g. Empty Latent Image at the student's resolution"
                 ),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="seed of the starting noise and of any re-noising"),
                 io.Float.Input(
                     "cfg",
                     default=1.0,
@@ -405,7 +406,7 @@ class FewStepStudentSample(io.ComfyNode):
                     tooltip="1 for most students (guidance is distilled in); see the loader's recipe_info",
                 ),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="the sampled latent; decode it with the student's VAE")],
         )
 
     @classmethod
