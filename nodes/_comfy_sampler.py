@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args
 import comfy.samplers
 
 from ..samplers.adaptive import sample_dpmpp_adaptive
+from ..samplers.fitted import sample_fitted_multistep
 from ..samplers.multistep import sample_dpmpp_multistep
 from ..samplers.singlestep import sample_dpmpp_singlestep
 from ._comfy_sampling import parameterization_for_denoiser
@@ -35,6 +36,8 @@ _SAMPLERS: dict[str, Callable[..., Any]] = {
     "singlestep": sample_dpmpp_singlestep,
     "adaptive": sample_dpmpp_adaptive,
 }
+#: solvers that only run with the result of a calibration (not in the presets or the NFE planner)
+_CALIBRATED_SAMPLERS: dict[str, Callable[..., Any]] = {"fitted": sample_fitted_multistep}
 
 __all__ = [
     "PRESETS",
@@ -43,6 +46,7 @@ __all__ = [
     "Preset",
     "SolverFamily",
     "comfy_sampler_function",
+    "make_fitted_sampler",
     "make_sampler",
     "normalize_options",
     "supported_options",
@@ -134,12 +138,18 @@ def comfy_sampler_function(
         return x
     if options.get("parameterization") is None:
         options["parameterization"] = parameterization_for_denoiser(model)
-    return _SAMPLERS[solver](
-        model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options
-    )
+    function = _SAMPLERS.get(solver) or _CALIBRATED_SAMPLERS[solver]
+    return function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
 
 
 def make_sampler(solver: SolverFamily, options: Mapping[str, Any]) -> comfy.samplers.KSAMPLER:
     """A ComfyUI ``SAMPLER`` running ``solver`` with ``options`` (after :func:`normalize_options`)."""
     solver, options = normalize_options(solver, options)
     return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={"solver": solver, **options})
+
+
+def make_fitted_sampler(coefficients: list[list[float]], sigmas: list[float], history: int) -> comfy.samplers.KSAMPLER:
+    """A ComfyUI ``SAMPLER`` for a fitted solver: its coefficients, bound to the sigmas they were fitted on."""
+    return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={
+        "solver": "fitted", "coefficients": [list(row) for row in coefficients], "fitted_sigmas": list(sigmas),
+        "history": int(history)})

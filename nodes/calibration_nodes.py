@@ -20,17 +20,22 @@ import folder_paths
 import torch
 
 from ..samplers.calibration import DEFAULTS, CalibrationError, SolverSpec, calibrate
+from ..samplers.fitted import HISTORY
 from ..samplers.schedule_store import ScheduleRecord, ScheduleStore, cache_key, model_fingerprint
 from ._api import CATEGORY_SCHEDULERS, io, ui
-from ._comfy_sampler import PRESETS, make_sampler
+from ._comfy_sampler import PRESETS, make_fitted_sampler, make_sampler
 from ._comfy_sampling import parameterization_for_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CALIBRATION_PRESETS", "FewStepCalibrateSchedule", "FewStepLoadSchedule", "model_hash", "schedule_store"]
+__all__ = ["CALIBRATION_PRESETS", "FITTED_PRESET", "FewStepCalibrateSchedule", "FewStepLoadSchedule", "model_hash",
+           "sampler_for_record", "schedule_store"]
 
-#: the deterministic presets (an SDE solver has no single trajectory to match)
-CALIBRATION_PRESETS: tuple[str, ...] = tuple(k for k, p in PRESETS.items() if float(p.options.get("eta", 0.0)) == 0.0)
+#: 2M with per-step coefficients fitted together with the schedule (``samplers/fitted.py``)
+FITTED_PRESET = "dpmpp_2m_fitted"
+#: the fitted solver, then the deterministic presets (an SDE solver has no single trajectory to match)
+CALIBRATION_PRESETS: tuple[str, ...] = (FITTED_PRESET, *(k for k, p in PRESETS.items()
+                                                         if float(p.options.get("eta", 0.0)) == 0.0))
 STORE_FOLDER = "fewstep_schedules"
 
 
@@ -52,16 +57,26 @@ def model_hash(model: Any) -> str:
 def _spec(preset: str) -> SolverSpec:
     if preset not in CALIBRATION_PRESETS:
         raise ValueError(f"preset {preset!r} cannot be calibrated; use one of {CALIBRATION_PRESETS}")
+    if preset == FITTED_PRESET:
+        return SolverSpec("fitted", {"history": HISTORY}, preset)
     p = PRESETS[preset]
     return SolverSpec(p.solver, dict(p.options), preset)  # type: ignore[arg-type]
 
 
-def _sampler_for(preset: str, orders: list[int]) -> Any:
-    p = PRESETS[preset]
-    options = dict(p.options)
-    if p.solver == "singlestep":
-        options["orders"] = list(orders)
-    return make_sampler(p.solver, options)
+def sampler_for_record(record: ScheduleRecord) -> Any:
+    """The SAMPLER a stored schedule was calibrated for (2M for a file that names no solver)."""
+    solver = record.solver.get("solver") or "multistep"
+    options = dict(record.solver.get("options") or {})
+    if solver == "fitted":
+        if record.coefficients is None:
+            raise ValueError("this schedule was calibrated for the fitted solver but has no 'coefficients'; "
+                             "calibrate it again")
+        return make_fitted_sampler(record.coefficients, record.sigmas, int(options.get("history", HISTORY)))
+    if solver not in ("multistep", "singlestep"):
+        raise ValueError(f"unknown solver {solver!r} in the schedule file; expected multistep, singlestep or fitted")
+    if solver == "singlestep":
+        options["orders"] = list(record.orders)
+    return make_sampler(solver, options or {"order": 2})
 
 
 def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe: int, seeds: int, seed: int,
@@ -113,8 +128,10 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to calibrate for; its weights key the cache."),
                 io.Conditioning.Input("positive", tooltip="Conditioning for the calibration trajectories."),
                 io.Latent.Input("latent_image", tooltip="Sets the latent size of the calibration noise (e.g. Empty Latent Image)."),
-                io.Combo.Input("preset", options=list(CALIBRATION_PRESETS), default="dpmpp_2m",
-                               tooltip="The solver the schedule is fitted for (use the SAMPLER output with it)."),
+                io.Combo.Input("preset", options=list(CALIBRATION_PRESETS), default=FITTED_PRESET,
+                               tooltip="The solver the schedule is fitted for (use the SAMPLER output with it). "
+                                       f"{FITTED_PRESET}: 2M whose per-step coefficients are fitted with the "
+                                       "schedule (most accurate; its SAMPLER only runs with these SIGMAS)."),
                 io.Int.Input("nfe", default=6, min=2, max=50, tooltip="Model calls of one sampling run."),
                 io.Int.Input("seeds", default=8, min=1, max=64,
                              tooltip="Calibration trajectories (batched into every model call)."),
@@ -169,7 +186,7 @@ class FewStepCalibrateSchedule(io.ComfyNode):
             store.save(save_as.strip(), record)
         text = _report(record, cached)
         logger.info("FewStep: %s", text)
-        return io.NodeOutput(_sampler_for(preset, record.orders), record.sigmas_tensor(), text,
+        return io.NodeOutput(sampler_for_record(record), record.sigmas_tensor(), text,
                              ui=ui.PreviewText(text))
 
 
@@ -187,7 +204,9 @@ class FewStepLoadSchedule(io.ComfyNode):
                         f"'{STORE_FOLDER}'; copy a shared .json there).",
             inputs=[io.Combo.Input("name", options=names or [""], tooltip="Saved schedule (file name without .json).")],
             outputs=[io.Sigmas.Output("sigmas", tooltip="The saved schedule."),
-                     io.String.Output("info", tooltip="Solver, NFE and steps the schedule was made for.")],
+                     io.String.Output("info", tooltip="Solver, NFE and steps the schedule was made for."),
+                     io.Sampler.Output("sampler", tooltip="The solver the schedule was calibrated for "
+                                                          "(DPM-Solver++(2M) for a file with sigmas only).")],
         )
 
     @classmethod
@@ -206,4 +225,4 @@ class FewStepLoadSchedule(io.ComfyNode):
         record = schedule_store().load(name)
         label = record.solver.get("label") or record.solver.get("solver") or "unknown solver"
         text = f"{name}: {label}, NFE {record.nfe}, {len(record.sigmas) - 1} steps"
-        return io.NodeOutput(record.sigmas_tensor(), text)
+        return io.NodeOutput(record.sigmas_tensor(), text, sampler_for_record(record))

@@ -17,6 +17,10 @@ NFE from a handful of accurate trajectories of that model, in three stages:
    ``time_uniform``, ``karras``, ``exponential``) are run with the true solver on the calibration
    noise; from the best, coordinate descent on the interior ``lambda`` values (step halving)
    minimises the true end-point error against the teacher, within a budget of model calls.
+4. **Fitted coefficients** (solver ``"fitted"``, :mod:`.fitted`): every run of the search fits
+   the solver's per-step coefficients to the teacher's trajectory (weighted least squares, no
+   extra model calls), so schedule and coefficients are calibrated together, and the result
+   carries the coefficients.
 
 By construction the result's calibration error is never above that of the fixed schedules tried.
 The AYS paper (Sabour et al. 2024, arXiv 2404.14507) optimises a KL bound instead and reports
@@ -39,6 +43,7 @@ from ._calibration_dp import GridCosts, dp_multistep, dp_singlestep
 from ._coefficients import step_orders
 from ._loop import Denoiser, NonFiniteModelOutputError
 from .budget import steps_for_nfe
+from .fitted import HISTORY, fit_fitted_multistep, sample_fitted_multistep
 from .multistep import sample_dpmpp_multistep
 from .parameterization import Parameterization
 from .schedules import get_sigmas
@@ -46,7 +51,7 @@ from .singlestep import sample_dpmpp_singlestep
 
 logger = logging.getLogger(__name__)
 
-SolverKind = Literal["multistep", "singlestep"]
+SolverKind = Literal["multistep", "singlestep", "fitted"]
 SOLVER_KINDS: tuple[str, ...] = get_args(SolverKind)
 
 #: half log-SNR where a flow model's teacher grid starts after the point sigma = 1 (sigma ~0.9975)
@@ -81,8 +86,10 @@ class SolverSpec:
     """The solver a schedule is calibrated for: a family and its options.
 
     Args:
-        solver: ``"multistep"`` (:func:`.multistep.sample_dpmpp_multistep`, one call per step) or
-            ``"singlestep"`` (:func:`.singlestep.sample_dpmpp_singlestep`, orders from the budget).
+        solver: ``"multistep"`` (:func:`.multistep.sample_dpmpp_multistep`, one call per step),
+            ``"singlestep"`` (:func:`.singlestep.sample_dpmpp_singlestep`, orders from the budget) or
+            ``"fitted"`` (:func:`.fitted.sample_fitted_multistep`: 2M plus per-step coefficients
+            fitted together with the schedule; option ``history``).
         options: keyword options of that sampler (``order``, ``corrector``, ``solver_type``,
             ``lower_order_final``, ...). Stochastic sampling (``eta > 0``) cannot be calibrated
             against an ODE teacher and is refused.
@@ -110,6 +117,8 @@ class SolverSpec:
 
     def step_orders(self, nfe: int) -> list[int]:
         """Order of each step of a schedule ending in 0 that costs ``nfe`` model calls."""
+        if self.solver == "fitted":  # the 2M base, no lower-order final step; the last step returns D
+            return step_orders(nfe, 2, 0, lower_order_final=False)
         if self.solver == "multistep":
             o = self.options
             return step_orders(nfe, self.order, 0, lower_order_final=bool(o.get("lower_order_final", True)),
@@ -118,8 +127,15 @@ class SolverSpec:
         return list(steps_for_nfe("singlestep", nfe, self.order).orders)
 
     def run(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, parameterization: Parameterization,
-            extra_args: dict[str, Any] | None = None, nfe: int | None = None) -> torch.Tensor:
-        """One deterministic run over ``sigmas``; a singlestep run needs the budget ``nfe`` for its orders."""
+            extra_args: dict[str, Any] | None = None, nfe: int | None = None,
+            coefficients: Sequence[Sequence[float]] | None = None) -> torch.Tensor:
+        """One deterministic run over ``sigmas``; a singlestep run needs the budget ``nfe`` for its
+        orders, a fitted one its ``coefficients``."""
+        if self.solver == "fitted":
+            if coefficients is None:
+                raise CalibrationError("a fitted solver runs with the coefficients of its calibration")
+            return sample_fitted_multistep(model, x, sigmas, extra_args, disable=True, coefficients=coefficients,
+                                           history=self.history, parameterization=parameterization)
         if self.solver == "multistep":
             return sample_dpmpp_multistep(model, x, sigmas, extra_args, disable=True, parameterization=parameterization,
                                           resume_history=False, **self.options)
@@ -127,6 +143,10 @@ class SolverSpec:
             raise CalibrationError("a singlestep run needs nfe to allocate its step orders")
         return sample_dpmpp_singlestep(model, x, sigmas, extra_args, disable=True, parameterization=parameterization,
                                        **{**self.options, "orders": self.step_orders(nfe)})
+
+    @property
+    def history(self) -> int:
+        return int(self.options.get("history", HISTORY))
 
     def to_dict(self) -> dict[str, Any]:
         return {"solver": self.solver, "options": dict(self.options), "label": self.label}
@@ -142,6 +162,29 @@ class Teacher:
     end: torch.Tensor  # [B, ...]
     nfe: int
     seconds: float
+
+    def state_at(self, sigma: float, parameterization: Parameterization) -> torch.Tensor:
+        """The teacher's state at ``sigma`` (float64), its end point at 0; no model calls.
+
+        Between grid points: one DPM-Solver++(2M) step (arXiv 2211.01095, Alg. 2) from the grid point
+        ``g_i >= sigma`` with the cached ``D_i`` and ``D_(i-1)``; its error is third order in the
+        grid spacing (a fraction of the teacher's own spacing in lambda).
+        """
+        if sigma == 0.0:
+            return self.end.to(torch.float64)
+        p, g = parameterization, self.sigmas
+        i = max((k for k in range(len(g)) if g[k] >= sigma * (1.0 - 1e-12)), default=0)
+        x_i, d_i = self.xs[i].to(torch.float64), self.ds[i].to(torch.float64)
+        if abs(g[i] - sigma) <= 1e-12 * sigma:
+            return x_i
+        lam_i = p.lambda_(g[i])
+        h = p.lambda_(sigma) - lam_i
+        c = p.alpha(sigma) * -math.expm1(-h)
+        x = (p.sigma_t(sigma) / p.sigma_t(g[i])) * x_i + c * d_i
+        if i > 0 and math.isfinite(p.lambda_(g[i - 1])):
+            r = (lam_i - p.lambda_(g[i - 1])) / h
+            x = x + (c / (2.0 * r)) * (d_i - self.ds[i - 1].to(torch.float64))
+        return x
 
 
 @dataclass
@@ -159,6 +202,7 @@ class CalibrationResult:
         baselines: the same for each fixed schedule tried (name -> error).
         cost: ``teacher_nfe``, ``search_nfe``, ``total_nfe`` (model calls on the calibration batch),
             ``samples``, ``grid_points``, ``substeps``, ``seconds``.
+        coefficients: for a ``"fitted"`` solver, its per-step weights on ``sigmas``; else None.
     """
 
     sigmas: list[float]
@@ -169,6 +213,7 @@ class CalibrationResult:
     dp_error: float
     baselines: dict[str, float]
     cost: dict[str, float]
+    coefficients: list[list[float]] | None = None
 
     def sigmas_tensor(self) -> torch.Tensor:
         return torch.tensor(self.sigmas, dtype=torch.float32)
@@ -314,16 +359,20 @@ def calibrate(
     grid = teacher.sigmas
     costs = GridCosts(grid, teacher.xs, teacher.ds, teacher.end, p)
     solver_type = str(spec.options.get("solver_type", "midpoint"))
-    if spec.solver == "multistep":
+    if spec.solver in ("multistep", "fitted"):
         path, _ = dp_multistep(costs, orders, solver_type)
     else:
         path, _ = dp_singlestep(costs, orders, solver_type)
 
     counter = _Counter(model)
 
+    def fit(points: Sequence[float]) -> tuple[torch.Tensor, list[list[float]]]:
+        return fit_fitted_multistep(counter, x, [*points, 0.0], lambda n, s: teacher.state_at(s, p), p,
+                                    history=spec.history, extra_args=extra_args)
+
     def objective(points: Sequence[float]) -> float:
         try:
-            out = spec.run(counter, x, _schedule(points), p, extra_args, nfe)
+            out = fit(points)[0] if spec.solver == "fitted" else spec.run(counter, x, _schedule(points), p, extra_args, nfe)
         except NonFiniteModelOutputError:
             return math.inf
         return end_error(out, teacher.end)
@@ -349,12 +398,14 @@ def calibrate(
     step0 = (costs.lambdas[-1] - costs.lambdas[1]).item() / max(grid_points - 2, 1)
     best_points, best_error = _refine(objective, box, start, start_error, 4.0 * step0, step0 / 32.0,
                                       search_nfe // nfe)
+    coefficients = fit(best_points)[1] if spec.solver == "fitted" else None
     logger.info("calibrated %s at NFE %d: error %.4g (dp %.4g, start %s %.4g)", spec.label or spec.solver,
                 nfe, best_error, dp_error, start_name, start_error)
     cost = {"teacher_nfe": teacher_nfe, "search_nfe": counter.nfe, "total_nfe": teacher_nfe + counter.nfe,
             "samples": int(x.shape[0]), "grid_points": len(grid), "substeps": substeps,
             "seconds": round(time.perf_counter() - t0 + (teacher.seconds if teacher_nfe else 0.0), 3)}
-    return CalibrationResult([*best_points, 0.0], nfe, orders, spec.to_dict(), best_error, dp_error, baseline_errors, cost)
+    return CalibrationResult([*best_points, 0.0], nfe, orders, spec.to_dict(), best_error, dp_error, baseline_errors, cost,
+                             coefficients)
 
 
 class _Box:

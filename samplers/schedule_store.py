@@ -7,6 +7,9 @@ A record is one JSON object (:class:`ScheduleRecord`)::
      "model_hash": "...", "settings": {...}, "cost": {"total_nfe": 620, "seconds": 41.2, ...},
      "error": 0.0123, "created": "2025-01-01T12:00:00+00:00"}
 
+A schedule calibrated for the fitted solver (:mod:`.fitted`) also has ``"coefficients"``: one
+list of weights per step, valid only with its own ``sigmas``.
+
 so a user can share it next to a workflow, edit it, or paste its ``sigmas`` anywhere. The cache
 stores files named by :func:`cache_key` (a hash of the model fingerprint and the settings) in
 ``<root>/cache/``; named schedules live in ``<root>/<name>.json``. Writes are atomic (temporary
@@ -57,6 +60,19 @@ def validate_sigmas(sigmas: Iterable[Any], where: str = "schedule") -> list[floa
     return values
 
 
+def _validate_coefficients(rows: Any, n_steps: int) -> list[list[float]]:
+    """A fitted solver's per-step weights: one list of finite numbers per step of the schedule."""
+    if not isinstance(rows, list) or len(rows) != n_steps:
+        raise ValueError(f"coefficients must be a list with one entry per step ({n_steps}), got {rows!r}")
+    out = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and math.isfinite(v) for v in row):
+            raise ValueError(f"coefficients of step {n + 1} must be a list of finite numbers, got {row!r}")
+        out.append([float(v) for v in row])
+    return out
+
+
 @dataclass
 class ScheduleRecord:
     """One calibrated schedule and its provenance (see the module docstring for the JSON)."""
@@ -69,6 +85,7 @@ class ScheduleRecord:
     cost: dict[str, Any] = field(default_factory=dict)
     orders: list[int] = field(default_factory=list)
     error: float | None = None
+    coefficients: list[list[float]] | None = None
     created: str = ""
     format: str = FORMAT
 
@@ -76,6 +93,8 @@ class ScheduleRecord:
         self.sigmas = validate_sigmas(self.sigmas)
         if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 1:
             raise ValueError(f"schedule record: nfe must be a positive integer, got {self.nfe!r}")
+        if self.coefficients is not None:
+            self.coefficients = _validate_coefficients(self.coefficients, len(self.sigmas) - 1)
         if not self.created:
             self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -84,7 +103,7 @@ class ScheduleRecord:
         """A record for a :class:`.calibration.CalibrationResult`."""
         return cls(sigmas=list(result.sigmas), nfe=int(result.nfe), solver=dict(result.solver), model_hash=model_hash,
                    settings=dict(settings or {}), cost=dict(result.cost), orders=list(result.orders),
-                   error=float(result.error))
+                   error=float(result.error), coefficients=getattr(result, "coefficients", None))
 
     def sigmas_tensor(self) -> torch.Tensor:
         """ComfyUI's SIGMAS: a 1-D float32 CPU tensor."""

@@ -73,9 +73,9 @@ def test_calibrate_caches_and_drives_sampler_custom_advanced(nodes, tiny_comfy_m
     assert counter.calls == first and again.result[2].startswith("cached")
     torch.testing.assert_close(again.result[1], sigmas)
 
-    loaded, info = nodes.FewStepLoadSchedule.execute("tiny sd15 2m").result
+    loaded, info, loaded_sampler = nodes.FewStepLoadSchedule.execute("tiny sd15 2m").result
     torch.testing.assert_close(loaded, sigmas)
-    assert "NFE 4" in info
+    assert "NFE 4" in info and loaded_sampler.extra_options["solver"] == "multistep"
 
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(*tiny_comfy_conds)
@@ -85,6 +85,43 @@ def test_calibrate_caches_and_drives_sampler_custom_advanced(nodes, tiny_comfy_m
         samples = custom.SamplerCustomAdvanced().sample(
             custom.Noise_RandomNoise(3), guider, sampler, loaded, {"samples": torch.zeros(LATENT)})[0]["samples"]
     assert torch.isfinite(samples).all() and counter.calls - before == 4
+
+
+def test_fitted_preset_calibrates_saves_loads_and_samples(nodes, tiny_comfy_model, tiny_comfy_conds):
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as custom
+
+    counter = CallCounter()
+    model = tiny_comfy_model.clone()
+    model.set_model_unet_function_wrapper(counter)
+    with torch.inference_mode():
+        sampler, sigmas, report = _calibrate(nodes, model, tiny_comfy_conds, preset=nodes.FITTED_PRESET,
+                                             save_as="tiny fitted").result
+    assert report.startswith("calibrated") and nodes.FITTED_PRESET in report
+    options = sampler.extra_options
+    assert options["solver"] == "fitted" and len(options["coefficients"]) == 4
+    assert options["fitted_sigmas"] == pytest.approx(sigmas.tolist(), rel=1e-6)
+    loaded, _, loaded_sampler = nodes.FewStepLoadSchedule.execute("tiny fitted").result
+    assert loaded_sampler.extra_options["coefficients"] == options["coefficients"]
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(*tiny_comfy_conds)
+    guider.set_cfg(2.0)
+
+    def sample(smp, sig):
+        with torch.inference_mode():
+            return custom.SamplerCustomAdvanced().sample(
+                custom.Noise_RandomNoise(3), guider, smp, sig, {"samples": torch.zeros(LATENT)})[0]["samples"]
+
+    before = counter.calls
+    a, b = sample(sampler, sigmas), sample(loaded_sampler, loaded)
+    assert counter.calls - before == 8 and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b)
+    # the fitted weights belong to their schedule: other sigmas get a clear error, not a wrong image
+    other = sigmas.clone()
+    other[1] *= 0.9
+    with pytest.raises(ValueError, match="calibrated for the sigmas"):
+        sample(sampler, other)
 
 
 def test_changed_weights_miss_the_cache(nodes, tiny_comfy_model, tiny_comfy_conds):

@@ -1,0 +1,218 @@
+"""A multistep solver whose per-step coefficients are fitted to one model (with its schedule).
+
+At 4-8 model calls the fixed weights of Adams-type solvers (DPM-Solver++, UniPC, iPNDM) come from
+polynomial interpolation, which is a poor model of the data prediction over steps of one or more
+units of log-SNR. Improved Integration Approximation (IIA; Zhang, Niwa and Kleijn 2023, arXiv
+2304.11328, eqs. 10-14) keeps the solver's update and adds a few terms whose coefficients are
+fitted, per step, by least squares against an accurate integration; Differentiable Solver Search
+(Wang et al. 2025, arXiv 2505.21114) searches timesteps and multistep coefficients together.
+This module is the update both calibrations use (:mod:`.calibration` fits it):
+
+For a step from ``s = sigma_n`` to ``t = sigma_(n+1) > 0`` with ``h = lambda_t - lambda_s`` and
+``r = h_(n-1) / h``, the base is DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2,
+midpoint form)::
+
+    x_base = (sigma_t / sigma_s) x_n + alpha_t (1 - e^-h) D_n + alpha_t (1 - e^-h) / (2 r) (D_n - D_(n-1))
+
+and the fitted step adds a linear combination of ``K + 2`` regressors::
+
+    x_(n+1) = x_base + w_0 alpha_t D_n + w_1 (sigma_t / sigma_s) x_n + sum_(k=1..K) w_(k+1) alpha_t (D_n - D_(n-k))
+
+(only the history that exists: the first step has two regressors). The last step to ``sigma = 0``
+returns ``D_n + sum_k w_k (D_n - D_(n-k))``. With every ``w = 0`` this is 2M without a
+lower-order final step. The weights depend on the schedule, so a fitted solver is always used
+with the sigmas it was fitted on (:func:`sample_fitted_multistep` checks).
+
+Fitting (:func:`fit_fitted_multistep`) runs the solver on calibration noise and, at each step,
+chooses the step's ``w`` so that ``x_(n+1)`` lands on the teacher's trajectory at ``t`` (the
+teacher's end point for the last step): a weighted least-squares problem over every sample and
+element, solved in float64. The weights are iteratively reweighted by each sample's inverse
+residual (IRLS for the sum of per-sample RMS errors), so the rare calibration sample that falls
+into another mode does not drag the fit. Model calls are those of one sampling run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, progress, sigma_list
+from .parameterization import Parameterization
+
+__all__ = ["HISTORY", "IRLS_ITERATIONS", "fit_fitted_multistep", "regressor_count", "sample_fitted_multistep"]
+
+#: number of history differences ``D_n - D_(n-k)`` among the regressors
+HISTORY = 3
+#: reweighting passes of the per-step least-squares fit
+IRLS_ITERATIONS = 3
+#: relative tolerance when comparing a run's sigmas with the fitted ones (SIGMAS travel as float32)
+SIGMA_RTOL = 1e-5
+
+_F64 = torch.float64
+_VE_DEFAULT = Parameterization("ve", 1e-12, 1e12, family="edm")
+
+Targets = Callable[[int, float], torch.Tensor]
+"""``targets(n, sigma)``: the teacher's state after step ``n`` (at ``sigma``; its end point at 0)."""
+
+
+def regressor_count(step: int, n_steps: int, history: int = HISTORY) -> int:
+    """Number of fitted weights of step ``step`` (0-based) in a run of ``n_steps`` ending at 0."""
+    k = min(history, step)
+    return k if step == n_steps - 1 else k + 2
+
+
+def _step_terms(x: torch.Tensor, outputs: list[torch.Tensor], s: float, t: float, s_prev: float | None,
+                p: Parameterization, history: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The base update and the regressors of one step (module docstring), in float64."""
+    d = outputs[0]
+    diffs = [d - outputs[k] for k in range(1, min(history, len(outputs) - 1) + 1)]
+    if t == 0.0:
+        return d, diffs
+    h = p.lambda_(t) - p.lambda_(s)
+    ratio, alpha_t = p.sigma_t(t) / p.sigma_t(s), p.alpha(t)
+    c1 = -math.expm1(-h)
+    base = ratio * x + (alpha_t * c1) * d
+    if s_prev is not None and math.isfinite(p.lambda_(s_prev)):
+        r = (p.lambda_(s) - p.lambda_(s_prev)) / h
+        base = base + (alpha_t * c1 / (2.0 * r)) * diffs[0]
+    return base, [alpha_t * d, ratio * x, *(alpha_t * v for v in diffs)]
+
+
+def _fit_step(base: torch.Tensor, regressors: list[torch.Tensor], target: torch.Tensor,
+              iterations: int) -> list[float]:
+    """Weights ``w`` minimising the sum over samples of ``||base + sum w_k R_k - target||`` (IRLS)."""
+    if not regressors:
+        return []
+    b = base.shape[0]
+    a = torch.stack([r.reshape(b, -1) for r in regressors], -1)  # [B, d, P]
+    y = (target.to(_F64) - base).reshape(b, -1)
+    weights = torch.ones(b, dtype=_F64, device=a.device)
+    eye = torch.eye(a.shape[-1], dtype=_F64, device=a.device)
+    w = torch.zeros(a.shape[-1], dtype=_F64, device=a.device)
+    for _ in range(iterations + 1):
+        gram = torch.einsum("b,bdp,bdq->pq", weights, a, a)
+        rhs = torch.einsum("b,bdp,bd->p", weights, a, y)
+        ridge = 1e-10 * float(torch.diagonal(gram).mean()) + 1e-300
+        w = torch.linalg.solve(gram + ridge * eye, rhs)
+        residual = (y - a @ w).pow(2).mean(1).sqrt()
+        weights = 1.0 / residual.clamp_min(1e-6 * float(residual.median()) + 1e-30)
+    return [float(v) for v in w]
+
+
+def _run(model: Denoiser, x: torch.Tensor, values: list[float], p: Parameterization, *,
+         coefficients: Sequence[Sequence[float]] | None, targets: Targets | None, history: int,
+         irls_iterations: int, extra_args: dict[str, Any] | None, callback: Callable | None, disable: bool | None,
+         sigmas: torch.Tensor, x0_correction: X0Correction | None, check_finite: bool,
+         ) -> tuple[torch.Tensor, list[list[float]]]:
+    n_steps = len(values) - 1
+    evaluate = ModelEvaluator(model, extra_args, x0_correction, n_steps, check_finite)
+    state = x.to(_F64)
+    outputs: list[torch.Tensor] = []
+    fitted: list[list[float]] = []
+    for n in progress(n_steps, disable):
+        s, t = values[n], values[n + 1]
+        denoised = evaluate(state.to(x.dtype), s, n)
+        emit_callback(callback, n, state.to(x.dtype), s, denoised, sigmas)
+        outputs = [denoised.to(_F64), *outputs][: history + 1]
+        base, regressors = _step_terms(state, outputs, s, t, values[n - 1] if n else None, p, history)
+        if targets is not None:
+            w = _fit_step(base, regressors, targets(n, t), irls_iterations)
+            fitted.append(w)
+        else:
+            w = list(coefficients[n])  # type: ignore[index]
+        state = base
+        for wk, r in zip(w, regressors):
+            if wk != 0.0:
+                state = state + wk * r
+    return state.to(x.dtype), fitted
+
+
+def _check_coefficients(coefficients: Sequence[Sequence[float]], n_steps: int, history: int) -> None:
+    if len(coefficients) != n_steps:
+        raise ValueError(f"the fitted solver has coefficients for {len(coefficients)} steps but the schedule has "
+                         f"{n_steps}; use the sigmas it was calibrated with")
+    for n, row in enumerate(coefficients):
+        want = regressor_count(n, n_steps, history)
+        if len(row) != want or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row):
+            raise ValueError(f"fitted coefficients of step {n + 1}: expected {want} finite numbers, got {list(row)!r}")
+
+
+@torch.no_grad()
+def sample_fitted_multistep(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    disable: bool | None = None,
+    *,
+    coefficients: Sequence[Sequence[float]] = (),
+    fitted_sigmas: Sequence[float] | None = None,
+    history: int = HISTORY,
+    parameterization: Parameterization | None = None,
+    x0_correction: X0Correction | None = None,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Sample with fitted per-step coefficients (module docstring; k-diffusion sampler contract).
+
+    Args:
+        coefficients: the weights of every step, from :func:`fit_fitted_multistep` (or a saved
+            calibration).
+        fitted_sigmas: the schedule they were fitted on; ``sigmas`` must match it (relative
+            tolerance :data:`SIGMA_RTOL`), and its float64 values are used.
+        history: number of history differences (as when fitting).
+        parameterization: VE (default) or flow coordinates and sigma range.
+
+    Raises:
+        ValueError: the sigmas do not end in 0, differ from ``fitted_sigmas``, or the coefficients
+            do not fit the schedule.
+    """
+    p = _VE_DEFAULT if parameterization is None else parameterization
+    values = sigma_list(sigmas)
+    if fitted_sigmas is not None:
+        fitted = [float(v) for v in fitted_sigmas]
+        if len(fitted) != len(values) or any(abs(a - b) > SIGMA_RTOL * max(abs(b), 1e-12) for a, b in zip(values, fitted)):
+            raise ValueError(
+                "this fitted sampler was calibrated for the sigmas "
+                f"[{', '.join(f'{v:.5g}' for v in fitted)}] but got [{', '.join(f'{v:.5g}' for v in values)}]. "
+                "Connect the SIGMAS output of the same FewStep Calibrate Steps / Load Schedule node (no split, "
+                "no denoise < 1), or calibrate a plain preset such as dpmpp_2m for other schedules."
+            )
+        values = fitted
+    if len(values) < 2:
+        return x
+    if values[-1] != 0.0:
+        raise ValueError(f"the fitted solver's schedule must end in 0, got last sigma {values[-1]!r}")
+    _check_coefficients(coefficients, len(values) - 1, history)
+    out, _ = _run(model, x, values, p, coefficients=coefficients, targets=None, history=history, irls_iterations=0,
+                  extra_args=extra_args, callback=callback, disable=disable, sigmas=sigmas,
+                  x0_correction=x0_correction, check_finite=check_finite)
+    return out
+
+
+@torch.no_grad()
+def fit_fitted_multistep(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: Sequence[float],
+    targets: Targets,
+    parameterization: Parameterization,
+    *,
+    history: int = HISTORY,
+    irls_iterations: int = IRLS_ITERATIONS,
+    extra_args: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, list[list[float]]]:
+    """Run on the calibration noise ``x`` over ``sigmas`` (ending in 0), fitting each step to ``targets``.
+
+    Returns the end point of the fitted run and the coefficients (one list per step). Costs one
+    model call per step.
+    """
+    values = [float(v) for v in sigmas]
+    if len(values) < 2 or values[-1] != 0.0:
+        raise ValueError(f"a fitted schedule needs at least one step and must end in 0, got {values}")
+    return _run(model, x, values, parameterization, coefficients=None, targets=targets, history=history,
+                irls_iterations=irls_iterations, extra_args=extra_args, callback=None, disable=True,
+                sigmas=torch.tensor(values, dtype=_F64), x0_correction=None, check_finite=True)
