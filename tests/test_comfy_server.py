@@ -58,39 +58,31 @@ def test_ksampler_dropdowns_show_the_presets(comfy_server):
     assert set(SAMPLER_PRESETS) <= set(select["sampler_name"][0])
 
 
-def _sampler_prompt(**widgets) -> dict:
-    inputs = {
-        "solver": "multistep",
-        "order": 3,
-        "solver_type": "midpoint",
-        "prediction": "dpmsolver++",
-        "lower_order_final": True,
-        "lower_order_final_steps": 10,
-        "euler_at_final": False,
-        "final_step": "zero",
-        "eta": 0.0,
-        "s_noise": 1.0,
-        "corrector": "none",
-        "thresholding": "none",
-        "threshold_percentile": 0.995,
-        "threshold_max": 1.0,
-    }
-    inputs.update(widgets)
+@pytest.fixture(scope="module")
+def sampler_defaults(comfy_server) -> dict:
+    """The served default of every FewStep DPM-Solver++ Sampler widget."""
+    node = comfy_server.get("/object_info/FewStepDPMSolverSampler")["FewStepDPMSolverSampler"]
+    specs = {**node["input"]["required"], **node["input"].get("optional", {})}
+    return {name: spec[1]["default"] for name, spec in specs.items()}
+
+
+def _sampler_prompt(defaults: dict, **widgets) -> dict:
+    """The sampler node on its defaults but for ``widgets``, its SAMPLER shown by PreviewAny."""
     return {
-        "1": {"class_type": "FewStepDPMSolverSampler", "inputs": inputs},
+        "1": {"class_type": "FewStepDPMSolverSampler", "inputs": {**defaults, **widgets}},
         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
     }
 
 
-def test_a_prompt_with_our_node_executes(comfy_server):
-    status, body = comfy_server.queue(_sampler_prompt(corrector="bh2"))
+def test_a_prompt_with_our_node_executes(comfy_server, sampler_defaults):
+    status, body = comfy_server.queue(_sampler_prompt(sampler_defaults, order=3, corrector="bh2"))
     assert status == 200, body
     entry = comfy_server.wait_for(body["prompt_id"], RUN_TIMEOUT_S)
     assert entry["status"]["status_str"] == "success", entry["status"]
 
 
-def test_invalid_combination_is_rejected_with_our_message(comfy_server):
-    status, body = comfy_server.queue(_sampler_prompt(solver="adaptive", order=1))
+def test_invalid_combination_is_rejected_with_our_message(comfy_server, sampler_defaults):
+    status, body = comfy_server.queue(_sampler_prompt(sampler_defaults, solver="adaptive", order=1))
     assert status == 400
     errors = body["node_errors"]["1"]["errors"]
     assert any("order to 2 or 3" in (e.get("details", "") + e.get("message", "")) for e in errors), errors
