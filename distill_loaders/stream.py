@@ -8,9 +8,17 @@ every 4 KiB page of the map costs a page fault. Here each tensor's byte range is
 or, when the destination has another dtype or layout, into one reused staging buffer and then
 cast with ``copy_``. Peak RAM is the destination tensors plus at most the largest tensor.
 
+Reads go in :data:`CHUNK_BYTES` pieces, and the NaN/Inf check looks at each piece right after its
+read, while it is still in the CPU cache. The check works on the raw bits (a float is NaN or
++-Inf iff its exponent bits are all ones), with single-threaded integer numpy ops: exact, no
+overflow, and no per-call wake-up of torch's intra-op thread pool (on a busy machine that wake-up,
+not the arithmetic, was most of the cost of a ``torch.aminmax`` per tensor).
+
 The model is built first from shapes alone: :func:`placeholder_state_dict` gives every tensor as a
 zero-stride view of a single zero (no memory), which is all a model constructor that only reads
-shapes and dtypes needs.
+shapes and dtypes needs. ``copy_`` from a placeholder leaves the destination as it is, so a
+``load_state_dict`` of placeholders does not write 1.6 GB of zeros (and fault in every page from
+two threads) just before :func:`stream_into` overwrites them.
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import StudentLoadError
 from .safetensors_header import FileContents
 
-__all__ = ["SAFETENSORS_DTYPES", "placeholder_state_dict", "read_tensor", "stream_into"]
+__all__ = ["CHUNK_BYTES", "SAFETENSORS_DTYPES", "placeholder_state_dict", "read_tensor", "stream_into"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -40,6 +49,21 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 
+CHUNK_BYTES = 1 << 20
+"""Bytes per read-and-check step: fits the L2 cache, so the check reads what the read just wrote."""
+
+# Float dtype -> (unsigned integer of its width, bits of +Inf). With the sign bit cleared, a value
+# is NaN or +-Inf iff its bits are >= those of +Inf (all exponent bits set). float8 e4m3fn has no
+# Inf; its only non-finite pattern is NaN, 0x7F.
+_NONFINITE_BITS: dict[torch.dtype, tuple[type, int]] = {
+    torch.float64: (np.uint64, 0x7FF0_0000_0000_0000),
+    torch.float32: (np.uint32, 0x7F80_0000),
+    torch.float16: (np.uint16, 0x7C00),
+    torch.bfloat16: (np.uint16, 0x7F80),
+    torch.float8_e5m2: (np.uint8, 0x7C),
+    torch.float8_e4m3fn: (np.uint8, 0x7F),
+}
+
 
 def _dtype(contents: FileContents, name: str) -> torch.dtype:
     code = contents.tensors[name].dtype
@@ -53,12 +77,28 @@ def _dtype(contents: FileContents, name: str) -> torch.dtype:
         ) from None
 
 
+class _Placeholder(torch.Tensor):
+    """A zero-stride zero whose ``copy_`` into another tensor is skipped (the destination keeps
+    its memory untouched until :func:`stream_into` fills it). Every other operation runs on the
+    plain zero and returns plain tensors."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_ and len(args) > 1 and type(args[1]) is cls and type(args[0]) is not cls:
+            return args[0]
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
 def placeholder_state_dict(contents: FileContents) -> dict[str, torch.Tensor]:
     """Every tensor of ``contents`` as a zero with the right shape and dtype, occupying no memory
-    (``torch.zeros(()).expand(shape)``: stride 0 everywhere). Reading one gives zeros."""
+    (``torch.zeros(()).expand(shape)``: stride 0 everywhere). Reading one gives zeros; ``copy_``
+    from one leaves the destination unchanged (``load_state_dict`` of placeholders writes nothing),
+    so every destination must then be filled by :func:`stream_into`."""
     out = {}
     for name, info in contents.tensors.items():
-        out[name] = torch.zeros((), dtype=_dtype(contents, name)).expand(info.shape)
+        zero = torch.zeros((), dtype=_dtype(contents, name)).expand(info.shape)
+        out[name] = torch.Tensor._make_subclass(_Placeholder, zero)
     return out
 
 
@@ -71,15 +111,27 @@ def _readinto(f, view: memoryview, path: Path, name: str) -> None:
         done += n
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 
-def _check_finite(t: torch.Tensor) -> bool:
-    if not t.is_floating_point() or not t.numel():
-        return True
-    lo, hi = torch.aminmax(t)  # NaN propagates, +-Inf shows at an end
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+def _all_finite(chunk: np.ndarray, dtype: torch.dtype, scratch: np.ndarray) -> bool:
+    """Whether the float values whose bytes are ``chunk`` are all finite (exact, bitwise)."""
+    uint, inf_bits = _NONFINITE_BITS[dtype]
+    magnitude = np.bitwise_and(chunk.view(uint), np.iinfo(uint).max >> 1, out=scratch[: chunk.size].view(uint))
+    return int(magnitude.max()) < inf_bits
+
+
+def _read_checked(f, buffer: np.ndarray, path: Path, name: str, dtype: torch.dtype | None, scratch) -> bool:
+    """Fill the bytes ``buffer`` from ``f`` in :data:`CHUNK_BYTES` pieces; with a float ``dtype``,
+    check each piece right after its read. Returns False when some value is NaN or Inf."""
+    finite = True
+    for begin in range(0, buffer.size, CHUNK_BYTES):
+        chunk = buffer[begin : begin + CHUNK_BYTES]
+        _readinto(f, memoryview(chunk), path, name)
+        if finite and dtype is not None:
+            finite = _all_finite(chunk, dtype, scratch)
+    return finite
 
 
 def stream_into(
@@ -112,23 +164,23 @@ def stream_into(
         order.append((info.data_offsets[0], name, dest))
     order.sort(key=lambda item: item[0])
     staging = torch.empty(0, dtype=torch.uint8)
+    scratch = np.empty(CHUNK_BYTES if check_finite else 0, dtype=np.uint8)
     bad = []
     with open(contents.path, "rb", buffering=0) as f, torch.no_grad():
         for begin, name, dest in order:
             info = contents.tensors[name]
             file_dtype = _dtype(contents, name)
+            checked = file_dtype if check_finite and file_dtype in _NONFINITE_BITS else None
             f.seek(contents.data_start + begin)
             if dest.device.type == "cpu" and dest.dtype == file_dtype and dest.is_contiguous():
-                _readinto(f, _byte_view(dest), contents.path, name)  # page cache -> parameter
-                data = dest.detach()
+                finite = _read_checked(f, _byte_view(dest), contents.path, name, checked, scratch)
             else:
                 nbytes = info.data_offsets[1] - begin
                 if staging.numel() < nbytes:
                     staging = torch.empty(nbytes, dtype=torch.uint8)
-                _readinto(f, memoryview(staging.numpy())[:nbytes], contents.path, name)
-                data = staging[:nbytes].view(file_dtype).view(info.shape)
-                dest.copy_(data)
-            if check_finite and not _check_finite(data):  # right after the read, while data is cached
+                finite = _read_checked(f, staging[:nbytes].numpy(), contents.path, name, checked, scratch)
+                dest.copy_(staging[:nbytes].view(file_dtype).view(info.shape))
+            if not finite:
                 bad.append(name)
     if bad:
         shown = ", ".join(bad[:limit]) + (f" (+{len(bad) - limit} more)" if len(bad) > limit else "")
