@@ -11,8 +11,9 @@ the held-out evaluation trajectories against the exact ODE solution. The preset 
 is the one with the lowest *calibration* error (no selection on the evaluation set). Baselines
 come from the solver benchmark's own code: every ComfyUI sampler x scheduler (with
 ``COMFYUI_PATH``) or the local Euler/DDIM loops, and our presets on fixed schedules.
-When the bundled tiny teacher (``comfyui_fewstep.demo``) has weights, it is benchmarked the same
-way with a 500-step reference.
+The bundled tiny trained teacher (``comfyui_fewstep.demo``, tier 2 of the solver benchmark:
+8x8 digits, EDM, 128 evaluation trajectories against a 500-step reference, 16 calibration seeds)
+is benchmarked the same way; mode flips are not defined for it.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _comfy
 import solver_benchmark as sb
 from _harness import import_package, measure
+from _tier2 import make_teacher_problem
 
 NFES = (4, 5, 6, 8)
 TARGET_RATIO = 0.25
 CALIBRATION_SEEDS = 32
+TEACHER_CALIBRATION_SEEDS = 16
 CALIBRATION_SEED = 1000  # the evaluation noise uses seed 0
 CALIBRATED = (
+    ("2M fitted", "fitted", {}),
     ("2M", "multistep", {"order": 2}),
     ("3M", "multistep", {"order": 3}),
     ("3M+UniC(bh2)", "multistep", {"order": 3, "corrector": "bh2"}),
@@ -46,21 +50,32 @@ BEGIN = "<!-- calibration-benchmark:begin -->"
 END = "<!-- calibration-benchmark:end -->"
 
 
-def calibrate_problem(problem, nfes, cal, analytic):
-    """Calibrated rows for one problem: (nfe, label, median, p90, flips, calibration error, cost)."""
-    p = problem.range.parameterization()
+def calibration_noise(problem, n):
+    """Calibration noise at sigma_max, independent of the evaluation noise (seed 0)."""
     g = torch.Generator().manual_seed(CALIBRATION_SEED)
-    x_cal = problem.mixture.sample(CALIBRATION_SEEDS, problem.range.sigma_max, problem.form, generator=g)
-    teacher = cal.run_teacher(problem.denoiser(), x_cal, p, cal.DEFAULTS["grid_points"], cal.DEFAULTS["substeps"])
+    if hasattr(problem.mixture, "sample"):
+        return problem.mixture.sample(n, problem.range.sigma_max, problem.form, generator=g)
+    return torch.randn(n, *problem.x_start.shape[1:], generator=g, dtype=torch.float64) * problem.range.sigma_max
+
+
+def calibrate_problem(problem, nfes, cal, analytic, n_seeds):
+    """Calibrated rows for one problem: (nfe, label, median, p90, flips, calibration error, cost, sigmas)."""
+    p = problem.range.parameterization()
+    x_cal = calibration_noise(problem, n_seeds)
+    with torch.no_grad():
+        teacher = cal.run_teacher(problem.denoiser(), x_cal, p, cal.DEFAULTS["grid_points"], cal.DEFAULTS["substeps"])
     rows = []
     for nfe in nfes:
         for label, solver, options in CALIBRATED:
             spec = cal.SolverSpec(solver, options, label)
             t0 = time.perf_counter()
-            res = cal.calibrate(problem.denoiser(), x_cal, p, nfe, spec, teacher=teacher)
+            with torch.no_grad():
+                res = cal.calibrate(problem.denoiser(), x_cal, p, nfe, spec, teacher=teacher)
             seconds = time.perf_counter() - t0 + teacher.seconds
             model = problem.denoiser()
-            out = spec.run(model, problem.x_start, torch.tensor(res.sigmas, dtype=torch.float64), p, nfe=nfe)
+            with torch.no_grad():
+                out = spec.run(model, problem.x_start, torch.tensor(res.sigmas, dtype=torch.float64), p, nfe=nfe,
+                               coefficients=res.coefficients)
             assert model.nfe == nfe, (label, nfe, model.nfe)
             med, p90, flips = measure(problem, out, analytic.per_sample_rms)
             cost = dict(res.cost, teacher_nfe=teacher.nfe, total_nfe=teacher.nfe + res.cost["search_nfe"],
@@ -69,51 +84,12 @@ def calibrate_problem(problem, nfes, cal, analytic):
     return rows
 
 
-def run_tiny_teacher(nfes, cal, lines):
-    """The bundled tiny EDM teacher, if its weights are present: calibrated 2M vs fixed schedules."""
-    try:
-        from comfyui_fewstep.demo import load_teacher
-
-        net = load_teacher()
-    except (ImportError, FileNotFoundError, ValueError) as exc:
-        lines += [f"Tiny trained teacher: not run ({type(exc).__name__}: {exc}).", ""]
-        return
-    from comfyui_fewstep.samplers.parameterization import Parameterization
-    from comfyui_fewstep.samplers.schedules import get_sigmas
-
-    p = Parameterization("ve", float(net.sigma_min), float(net.sigma_max), "edm")
-    shape = (1, net.config.in_channels if hasattr(net.config, "in_channels") else 1, 16, 16)
-
-    def noise(n, seed):
-        return torch.randn((n, *shape[1:]), generator=torch.Generator().manual_seed(seed)) * p.sigma_max
-
-    with torch.no_grad():
-        x_cal, x_eval = noise(16, CALIBRATION_SEED), noise(64, 0)
-        ref = cal.SolverSpec("multistep", {"order": 3}).run(net, x_eval, get_sigmas("logsnr_uniform", 500, p).double(), p)
-        lines += ["### Tiny trained teacher (EDM, 8x8 digits), median per-sample RMS error vs a 500-step 3M reference", "",
-                  "| NFE | calibrated 2M | 2M best fixed schedule | ratio | calibration cost (model calls, s) |",
-                  "|---|---|---|---|---|"]
-        spec = cal.SolverSpec("multistep", {"order": 2}, "2M")
-        for nfe in nfes:
-            res = cal.calibrate(net, x_cal, p, nfe, spec)
-
-            def err(sig, nfe=nfe):
-                out = spec.run(net, x_eval, sig, p, nfe=nfe)
-                return float((out - ref).reshape(out.shape[0], -1).pow(2).mean(1).sqrt().median())
-
-            ours = err(torch.tensor(res.sigmas, dtype=torch.float64))
-            fixed = {n: err(get_sigmas(n, nfe, p).double()) for n in cal.BASELINE_SCHEDULES}
-            name = min(fixed, key=fixed.get)
-            lines.append(f"| {nfe} | {ours:.4f} | {fixed[name]:.4f} ({name}) | {ours / fixed[name]:.2f} | "
-                         f"{res.cost['total_nfe']}, {res.cost['seconds']:.1f} |")
-    lines.append("")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 problems, 256 samples, a reduced ComfyUI grid")
     ap.add_argument("--out", type=Path, default=None, help="markdown file to update (e.g. docs/benchmarks.md)")
     ap.add_argument("--samples", type=int, default=None, help="evaluation trajectories per problem (256 / 512)")
+    ap.add_argument("--no-teacher", action="store_true", help="skip the tiny trained teacher")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
@@ -137,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = [BEGIN, "## Calibrated schedules", ""]
     body: list[str] = []
     cells = []
-    for range_name, mixture_name in problems_spec:
-        problem = analytic.make_problem(range_name, mixture_name, n_samples=n_samples, seed=0)
+    problems = [(lambda r=r, m=m: analytic.make_problem(r, m, n_samples=n_samples, seed=0), CALIBRATION_SEEDS)
+                for r, m in problems_spec]
+    if not args.no_teacher:
+        problems.append((lambda: make_teacher_problem(pkg, n_samples=32 if args.quick else 128),
+                         TEACHER_CALIBRATION_SEEDS))
+    for make, n_seeds in problems:
+        problem = make()
         bench.run_presets(problem)
         if comfy is not None:
             with warnings.catch_warnings():
@@ -146,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.run_comfy(problem, comfy, samplers, schedulers)
         else:
             bench.run_local(problem)
-        rows = calibrate_problem(problem, NFES, cal, analytic)
+        rows = calibrate_problem(problem, NFES, cal, analytic, n_seeds)
         body += [f"### {problem.name}", "",
                  (f"| NFE | {base_name} | median / p90 / flips | ours, fixed schedule (best) | median | calibrated "
                  "(preset chosen by calibration error) | median / p90 / flips | ratio to ComfyUI | "
@@ -171,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
             body.append(f"| {label} | " + " | ".join(cells_p) + " |")
         body.append("")
         print(f"[{time.time() - t0:6.1f} s] {problem.name} done", file=sys.stderr)
-    run_tiny_teacher(NFES, cal, body)
     elapsed = time.time() - t0
     command = "python bench/calibration_benchmark.py" + (" --quick" if args.quick else "")
     if comfy is not None:

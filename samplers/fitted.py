@@ -87,8 +87,8 @@ def _fit_step(base: torch.Tensor, regressors: list[torch.Tensor], target: torch.
     if not regressors:
         return []
     b = base.shape[0]
-    a = torch.stack([r.reshape(b, -1) for r in regressors], -1)  # [B, d, P]
-    y = (target.to(_F64) - base).reshape(b, -1)
+    a = torch.stack([r.reshape(b, -1).to(_F64) for r in regressors], -1)  # [B, d, P]
+    y = (target.to(_F64) - base.to(_F64)).reshape(b, -1)
     weights = torch.ones(b, dtype=_F64, device=a.device)
     eye = torch.eye(a.shape[-1], dtype=_F64, device=a.device)
     w = torch.zeros(a.shape[-1], dtype=_F64, device=a.device)
@@ -109,14 +109,15 @@ def _run(model: Denoiser, x: torch.Tensor, values: list[float], p: Parameterizat
          ) -> tuple[torch.Tensor, list[list[float]]]:
     n_steps = len(values) - 1
     evaluate = ModelEvaluator(model, extra_args, x0_correction, n_steps, check_finite)
-    state = x.to(_F64)
+    work = torch.float32 if x.device.type == "mps" else _F64  # MPS has no float64
+    state = x.to(work)
     outputs: list[torch.Tensor] = []
     fitted: list[list[float]] = []
     for n in progress(n_steps, disable):
         s, t = values[n], values[n + 1]
         denoised = evaluate(state.to(x.dtype), s, n)
         emit_callback(callback, n, state.to(x.dtype), s, denoised, sigmas)
-        outputs = [denoised.to(_F64), *outputs][: history + 1]
+        outputs = [denoised.to(work), *outputs][: history + 1]
         base, regressors = _step_terms(state, outputs, s, t, values[n - 1] if n else None, p, history)
         if targets is not None:
             w = _fit_step(base, regressors, targets(n, t), irls_iterations)
