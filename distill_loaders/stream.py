@@ -118,8 +118,9 @@ def _byte_view(t: torch.Tensor) -> np.ndarray:
 def _all_finite(chunk: np.ndarray, dtype: torch.dtype, scratch: np.ndarray) -> bool:
     """Whether the float values whose bytes are ``chunk`` are all finite (exact, bitwise)."""
     uint, inf_bits = _NONFINITE_BITS[dtype]
-    magnitude = np.bitwise_and(chunk.view(uint), np.iinfo(uint).max >> 1, out=scratch[: chunk.size].view(uint))
-    return int(magnitude.max()) < inf_bits
+    sign_cleared = scratch[: chunk.size].view(uint)
+    np.bitwise_and(chunk.view(uint), np.iinfo(uint).max >> 1, out=sign_cleared)
+    return int(sign_cleared.max()) < inf_bits
 
 
 def _read_checked(f, buffer: np.ndarray, path: Path, name: str, dtype: torch.dtype | None, scratch) -> bool:

@@ -6,7 +6,12 @@ import pytest
 import torch
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
 from comfyui_fewstep.distill_loaders.safetensors_header import read_contents
-from comfyui_fewstep.distill_loaders.stream import placeholder_state_dict, read_tensor, stream_into
+from comfyui_fewstep.distill_loaders.stream import (
+    CHUNK_BYTES,
+    placeholder_state_dict,
+    read_tensor,
+    stream_into,
+)
 from safetensors.torch import load_file, save_file
 
 
@@ -79,3 +84,136 @@ def test_stream_errors_name_the_tensor(tmp_path, sample):
     assert sorted(listed.split(", ")) == ["inf.bias", "nan.weight"]
     stream_into(contents, targets, check_finite=False)
     assert torch.isnan(targets["nan.weight"][1])
+
+
+# ----------------------------------------------------------------------------- chunked NaN/Inf check
+
+FLOAT_DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e5m2,
+    torch.float8_e4m3fn,
+]
+
+
+def _save(tmp_path, tensors, name="t.safetensors"):
+    path = tmp_path / name
+    save_file(tensors, str(path))
+    return read_contents(path)
+
+
+def _bad_names(contents, targets, limit=10**6):
+    try:
+        stream_into(contents, targets, limit=limit)
+    except StudentLoadError as err:
+        listed = str(err).split("contain NaN or Inf: ")[1].split(". What to do")[0]
+        assert contents.path.name in str(err)
+        return sorted(listed.split(", "))
+    return []
+
+
+def _multi_chunk(n_chunks=3.5, dtype=torch.float16, seed=0):
+    n = int(n_chunks * CHUNK_BYTES) // torch.empty((), dtype=dtype).element_size()
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("cast", [False, True], ids=["direct", "staging"])
+def test_nan_inf_found_in_any_chunk_of_a_large_tensor(tmp_path, cast):
+    """Tensors spanning several read chunks: a single NaN/Inf in the middle chunk, on a chunk
+    boundary, or in the (partial) last chunk is found, through the direct read and through the
+    staging buffer of a dtype cast; the finite tensors around them pass and arrive intact."""
+    big = _multi_chunk()
+    assert big.numel() * 2 > 3 * CHUNK_BYTES
+    per_chunk = CHUNK_BYTES // 2
+    tensors = {"a.ok": big.clone(), "b.nan_middle": big.clone(), "c.neg_inf_last": big.clone()}
+    tensors["d.nan_on_boundary"] = big.clone()
+    tensors["e.ok"] = big.clone()
+    tensors["b.nan_middle"][per_chunk + per_chunk // 2] = float("nan")
+    tensors["c.neg_inf_last"][-1] = float("-inf")
+    tensors["d.nan_on_boundary"][2 * per_chunk] = float("nan")
+    contents = _save(tmp_path, tensors)
+    dtype = torch.float32 if cast else torch.float16
+    targets = {k: torch.empty(v.shape, dtype=dtype) for k, v in tensors.items()}
+    assert _bad_names(contents, targets) == ["b.nan_middle", "c.neg_inf_last", "d.nan_on_boundary"]
+    assert torch.equal(targets["a.ok"], big.to(dtype)) and torch.equal(targets["e.ok"], big.to(dtype))
+    assert torch.isnan(targets["d.nan_on_boundary"][2 * per_chunk])  # read completely all the same
+
+
+def test_inf_in_the_last_chunk_of_a_non_contiguous_destination(tmp_path):
+    w = _multi_chunk(2.25).reshape(-1, 64)
+    w[-1, -1] = float("inf")
+    contents = _save(tmp_path, {"w": w})
+    dest = torch.empty(w.shape[1], w.shape[0], dtype=torch.float16).t()  # staging path, no cast
+    with pytest.raises(StudentLoadError, match="1 weight tensor\\(s\\) contain NaN or Inf: w\\."):
+        stream_into(contents, {"w": dest})
+    stream_into(contents, {"w": dest}, check_finite=False)
+    assert torch.equal(dest, w)
+
+
+def test_huge_finite_values_never_error(tmp_path):
+    """The largest finite value of every float dtype (6e4 in float16) and its negative, next to
+    subnormals and -0, is finite: no error, and the bits arrive unchanged."""
+    tensors = {}
+    for dtype in FLOAT_DTYPES:
+        info = torch.finfo(dtype)
+        values = [info.max, -info.max, info.tiny, -info.smallest_normal, 0.0, -0.0, 1.0]
+        t = torch.tensor(values, dtype=torch.float64).to(dtype)
+        t = torch.cat([t, torch.full((CHUNK_BYTES // t.element_size() + 3,), info.max, dtype=dtype)])
+        tensors[str(dtype)] = t
+    tensors["f16.6e4"] = torch.full((CHUNK_BYTES,), 6e4, dtype=torch.float16)  # 2 chunks of 6e4
+    contents = _save(tmp_path, tensors)
+    targets = {k: torch.empty_like(v) for k, v in tensors.items()}
+    stream_into(contents, targets)
+    for k, v in tensors.items():
+        assert torch.equal(targets[k].view(torch.uint8), v.view(torch.uint8)), k
+    wide = {k: torch.empty(v.shape, dtype=torch.float64) for k, v in tensors.items()}
+    stream_into(contents, wide)  # through the staging buffer
+    assert float(wide["f16.6e4"].min()) == 60000.0
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_bitwise_check_agrees_with_isfinite_on_random_bits(tmp_path, dtype):
+    """Random bit patterns (every NaN payload, both Infs, subnormals): the tensors the loader
+    reports are exactly those where ``torch.isfinite`` finds a non-finite value."""
+    size = torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(size)
+    n_values = {8: 512, 4: 64, 2: 8, 1: 32}[size]
+    tensors = {}
+    for i in range(300):
+        bits = torch.randint(0, 256, (n_values * size,), dtype=torch.uint8, generator=g)
+        tensors[f"t{i:03d}"] = bits.view(dtype)
+    expected = sorted(k for k, v in tensors.items() if not bool(torch.isfinite(v.to(torch.float64)).all()))
+    assert 10 < len(expected) < 290  # both outcomes are exercised
+    contents = _save(tmp_path, tensors)
+    assert _bad_names(contents, {k: torch.empty_like(v) for k, v in tensors.items()}) == expected
+
+
+def test_ints_and_bools_are_not_checked(tmp_path):
+    tensors = {"i": torch.full((10,), -1, dtype=torch.int16), "b": torch.ones(3, dtype=torch.bool)}
+    contents = _save(tmp_path, tensors)
+    targets = {k: torch.empty_like(v) for k, v in tensors.items()}
+    stream_into(contents, targets)
+    assert all(torch.equal(targets[k], v) for k, v in tensors.items())
+
+
+def test_placeholder_copy_into_a_model_leaves_it_for_the_stream(tmp_path):
+    """``load_state_dict`` of placeholders writes nothing (the stream fills every destination next);
+    any other use of a placeholder sees plain zeros."""
+    conv = torch.nn.Conv2d(3, 8, 3)
+    ref = {"weight": torch.randn(8, 3, 3, 3).half(), "bias": torch.randn(8).half()}
+    contents = _save(tmp_path, ref)
+    conv.half()
+    with torch.no_grad():
+        conv.weight.fill_(7.0)
+    ph = placeholder_state_dict(contents)
+    conv.load_state_dict(ph)
+    assert bool((conv.weight == 7.0).all())  # not overwritten by zeros
+    plain = ph["weight"] + 1
+    assert type(plain) is torch.Tensor and bool((plain == 1).all())
+    derived = torch.full((8,), 3.0, dtype=torch.float16)
+    derived.copy_(ph["bias"][:8].clone())  # a derived (plain) tensor copies as usual
+    assert bool((derived == 0).all())
+    stream_into(contents, dict(conv.named_parameters()))
+    assert torch.equal(conv.weight.detach(), ref["weight"]) and torch.equal(conv.bias.detach(), ref["bias"])
