@@ -14,16 +14,11 @@ from comfyui_fewstep.samplers.schedules import get_sigmas
 
 pytest.importorskip("scipy")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EDM = Parameterization("ve", 0.002, 80.0, "edm")
 FLOW = Parameterization("flow", 0.001, 1.0, "flow")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("form,p", [("ve", EDM), ("flow", FLOW)])

@@ -9,18 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("one_thread")]
 
 LATENT = (1, 4, 8, 8)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tiny model's ops are too small for intra-op threads; one thread is faster and steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,10 @@ from comfyui_fewstep.demo.teacher import read_metadata
 from comfyui_fewstep.samplers.multistep import sample_dpmpp_multistep
 from comfyui_fewstep.samplers.schedules import get_sigmas
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The network is tiny: one thread is fastest and avoids thread contention on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
