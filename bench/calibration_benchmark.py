@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if comfy is not None:
         command = "COMFYUI_PATH=<ComfyUI 0.3.64 checkout> " + command
     met = [c for c in cells if c[2] <= TARGET_RATIO and c[3]]
+    met_median = [c for c in cells if c[2] <= TARGET_RATIO]
     lines += [
         (f"Produced by `{command}` ({platform.python_implementation()} {platform.python_version()}, torch "
         f"{torch.__version__}, CPU, {elapsed:.0f} s). Calibration: {CALIBRATION_SEEDS} seeds independent of the "
@@ -165,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         "teacher is shared by the presets and NFEs of a problem, and its cost is counted in every row. "
         "Errors: per-sample RMS against the exact ODE solution at sigma = 0; cells median / p90 / mode-flip rate."),
         "",
-        (f"Target: calibrated median <= {TARGET_RATIO} x the {base_name} median with no more flips: met in "
-        f"{len(met)} of {len(cells)} (problem, NFE) cells. Median ratio over cells: "
-        f"{sorted(c[2] for c in cells)[len(cells) // 2]:.2f}."),
+        (f"Target: calibrated median <= {TARGET_RATIO} x the {base_name} median: met in {len(met_median)} of "
+        f"{len(cells)} (problem, NFE) cells; with no more mode flips as well: {len(met)} of {len(cells)}. Median "
+        f"ratio over cells: {sorted(c[2] for c in cells)[len(cells) // 2]:.2f}."),
         "",
         *body,
         END,
