@@ -12,17 +12,18 @@ pack, then loads the file with one arm:
 
 * ``comfy``: ``comfy.sd.load_diffusion_model(path, model_options)`` (the ``UNETLoader`` node);
 * ``ours``: ``nodes.student_nodes.load_student_model(path, ...)``, the code path of the
-  ``FewStepStudentLoader`` node: header detection, zero-copy key renaming, ComfyUI model
-  construction from shape-only placeholders, every weight read from the file straight into its
-  parameter with a NaN/Inf check per tensor (``--no-check`` turns the check off), and the recipe's
-  object patches.
+  ``FewStepStudentLoader`` node with its defaults: header detection, zero-copy key renaming,
+  ComfyUI model construction from shape-only placeholders, every weight read from the file
+  straight into its parameter with the NaN/Inf check, and the recipe's object patches;
+* ``ours_nocheck``: the same with ``check_weights=False``.
 
 Time is the wall time of that call. Peak RAM is the process's peak resident set size during the
 call (``VmHWM``, which counts file pages mapped by safetensors as well as anonymous memory) minus
 the resident size just before it; a 5 ms sampler thread splits the peak into anonymous and
-file-backed pages. The page cache is warm for every run (the files are read once before the
-first measurement), so the times compare CPU work, not disk speed. Arms alternate; each cell is
-the median of ``--repeats`` runs.
+file-backed pages; CPU time is the process's (``time.process_time``, all threads) during the call,
+steadier than wall time on a shared machine. The page cache is warm for every run (the files are
+read once before the first measurement), so the times compare CPU work, not disk speed. Arms
+alternate (rotating order) within every repeat; each cell is the median of ``--repeats`` runs.
 
 The UNet is built in float16 in both arms (``model_options={"dtype": torch.float16}``), the
 dtype ComfyUI picks for SD1.5 on a CUDA GPU; on a CPU-only machine ComfyUI would otherwise pick
@@ -49,7 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import import_package
 
 LAYOUTS = ("ldm", "diffusers")
-ARMS = ("comfy", "ours")
+ARMS = ("comfy", "ours", "ours_nocheck")
+ARM_LABELS = {
+    "comfy": "ComfyUI UNETLoader",
+    "ours": "FewStep student loader",
+    "ours_nocheck": "FewStep, check_weights off",
+}
 FILE_NAMES = {"ldm": "bench_sd15_unet_ldm.safetensors", "diffusers": "bench_sd15_unet_diffusers.safetensors"}
 TIME_TARGET = 1.05
 RAM_TARGET = 1.10
@@ -122,7 +128,7 @@ class _Sampler(threading.Thread):
             time.sleep(0.005)
 
 
-def child(arm: str, path: Path, dtype: str, check: bool = True) -> dict:
+def child(arm: str, path: Path, dtype: str) -> dict:
     """Load ``path`` once with ``arm`` in this (fresh) process and report time and memory."""
     import gc
     import importlib
@@ -147,7 +153,7 @@ def child(arm: str, path: Path, dtype: str, check: bool = True) -> dict:
         model = comfy.sd.load_diffusion_model(str(path), model_options=options)
     else:
         model = student_nodes.load_student_model(
-            path, "dmd2_sd15_1step", check_weights=check, model_options=options
+            path, "dmd2_sd15_1step", check_weights=arm == "ours", model_options=options
         )[0]
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     sampler.stop.set()
@@ -173,9 +179,9 @@ def child(arm: str, path: Path, dtype: str, check: bool = True) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_arm(arm: str, path: Path, dtype: str, check: bool = True) -> dict:
+def run_arm(arm: str, path: Path, dtype: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--file", str(path)]
-    cmd += ["--dtype", dtype] + ([] if check else ["--no-check"])
+    cmd += ["--dtype", dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{arm} on {path.name} failed:\n{proc.stderr[-3000:]}")
@@ -189,34 +195,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp16", "default"), default="fp16")
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument(
-        "--no-check", action="store_true", help="our loader without its NaN/Inf scan (check_weights off)"
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        default=list(ARMS),
+        help="comfy: UNETLoader; ours: our loader (NaN/Inf check on, the default); ours_nocheck: check off",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every run here")
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.file, args.dtype, not args.no_check)))
+        print(json.dumps(child(args.child, args.file, args.dtype)))
         return 0
     if not os.environ.get("COMFYUI_PATH"):
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout")
+    arms = ["comfy"] + [arm for arm in args.arms if arm != "comfy"]  # ratios are to ComfyUI's arm
 
     paths = write_files(args.dir)
     runs: dict[tuple[str, str], list[dict]] = {}
     for layout in args.layouts:
         warm_page_cache(paths[layout])
-        for _ in range(args.repeats):
-            for arm in ARMS:
-                runs.setdefault((layout, arm), []).append(
-                    run_arm(arm, paths[layout], args.dtype, not args.no_check)
-                )
+        for r in range(args.repeats):
+            for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:  # rotate: no arm always first
+                runs.setdefault((layout, arm), []).append(run_arm(arm, paths[layout], args.dtype))
 
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
     )
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
-        f"# model dtype: {args.dtype}; our NaN/Inf check {'off' if args.no_check else 'on'}; median of {args.repeats} fresh processes per cell; load average {load}\n"
+        f"# model dtype: {args.dtype}; median of {args.repeats} fresh processes per cell; load average {load}\n"
     )
     print(
         "| file layout | arm | load time (s) | CPU time (s) | peak RAM (MB) | anon / file-backed at peak (MB) "
@@ -230,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                 k: statistics.median(r[k] for r in runs[(layout, arm)])
                 for k in ("seconds", "cpu_seconds", "peak_mb", "peak_anon_mb", "peak_file_mb")
             }
-            for arm in ARMS
+            for arm in arms
         }
-        for arm in ARMS:
+        for arm in arms:
             m = med[arm]
             print(
-                f"| {layout} | {'ComfyUI UNETLoader' if arm == 'comfy' else 'FewStep student loader'} "
+                f"| {layout} | {ARM_LABELS[arm]} "
                 f"| {m['seconds']:.2f} | {m['cpu_seconds']:.2f} | {m['peak_mb']:.0f} | {m['peak_anon_mb']:.0f} / {m['peak_file_mb']:.0f} "
                 f"| {size_mb:.0f} | {m['peak_mb'] / size_mb:.2f}x | {m['seconds'] / med['comfy']['seconds']:.2f}x "
                 f"| {m['cpu_seconds'] / med['comfy']['cpu_seconds']:.2f}x |"

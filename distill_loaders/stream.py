@@ -23,7 +23,9 @@ two threads) just before :func:`stream_into` overwrites them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,14 @@ import torch
 from .errors import StudentLoadError
 from .safetensors_header import FileContents
 
-__all__ = ["CHUNK_BYTES", "SAFETENSORS_DTYPES", "placeholder_state_dict", "read_tensor", "stream_into"]
+__all__ = [
+    "CHUNK_BYTES",
+    "SAFETENSORS_DTYPES",
+    "default_workers",
+    "placeholder_state_dict",
+    "read_tensor",
+    "stream_into",
+]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -102,15 +111,6 @@ def placeholder_state_dict(contents: FileContents) -> dict[str, torch.Tensor]:
     return out
 
 
-def _readinto(f, view: memoryview, path: Path, name: str) -> None:
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise StudentLoadError(path, f"the file ends inside tensor {name!r}.", "download it again.")
-        done += n
-
-
 def _byte_view(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(-1).view(torch.uint8).numpy()
 
@@ -123,16 +123,45 @@ def _all_finite(chunk: np.ndarray, dtype: torch.dtype, scratch: np.ndarray) -> b
     return int(sign_cleared.max()) < inf_bits
 
 
-def _read_checked(f, buffer: np.ndarray, path: Path, name: str, dtype: torch.dtype | None, scratch) -> bool:
-    """Fill the bytes ``buffer`` from ``f`` in :data:`CHUNK_BYTES` pieces; with a float ``dtype``,
-    check each piece right after its read. Returns False when some value is NaN or Inf."""
-    finite = True
-    for begin in range(0, buffer.size, CHUNK_BYTES):
-        chunk = buffer[begin : begin + CHUNK_BYTES]
-        _readinto(f, memoryview(chunk), path, name)
-        if finite and dtype is not None:
-            finite = _all_finite(chunk, dtype, scratch)
-    return finite
+def default_workers() -> int:
+    """Reader threads: as many as torch's intra-op threads (what ComfyUI's ``copy_`` of a mapped
+    file into the parameters uses), at most 8."""
+    return max(1, min(torch.get_num_threads(), 8))
+
+
+class _ChunkReader:
+    """Reads one chunk at a file offset into memory and checks it, from any thread: every thread
+    has its own unbuffered file handle and check scratch buffer (file reads and numpy release the
+    GIL, so threads read and fault in pages in parallel)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.local = threading.local()
+        self.files: list = []
+        self.lock = threading.Lock()
+
+    def read(self, offset: int, chunk: np.ndarray, name: str, dtype: torch.dtype | None) -> bool:
+        """Fill ``chunk`` (bytes) from ``offset``; with a float ``dtype``, False when it holds NaN/Inf."""
+        f = getattr(self.local, "file", None)
+        if f is None:
+            f = self.local.file = open(self.path, "rb", buffering=0)
+            self.local.scratch = np.empty(CHUNK_BYTES, dtype=np.uint8)
+            with self.lock:
+                self.files.append(f)
+        f.seek(offset)
+        view, done = memoryview(chunk), 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise StudentLoadError(
+                    self.path, f"the file ends inside tensor {name!r}.", "download it again."
+                )
+            done += n
+        return dtype is None or _all_finite(chunk, dtype, self.local.scratch)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
 
 
 def stream_into(
@@ -140,11 +169,15 @@ def stream_into(
     targets: Mapping[str, torch.Tensor],
     check_finite: bool = True,
     limit: int = 5,
+    workers: int | None = None,
 ) -> None:
     """Fill ``targets`` (file tensor name -> destination tensor) from the safetensors file of
-    ``contents``, in file order. Destinations must have the file tensor's shape; their dtype may
-    differ (cast on copy). Raises :class:`StudentLoadError` for unknown names, shape mismatches
-    and, with ``check_finite``, for tensors holding NaN or Inf (named in the message)."""
+    ``contents``. Destinations must have the file tensor's shape; their dtype may differ (cast on
+    copy). Raises :class:`StudentLoadError` for unknown names, shape mismatches, a truncated file
+    and, with ``check_finite``, for tensors holding NaN or Inf (named in the message).
+
+    The file is read in :data:`CHUNK_BYTES` chunks, in file order, by ``workers`` threads
+    (:func:`default_workers` when None); each chunk is checked by the thread that read it."""
     if contents.container != "safetensors":
         raise ValueError(f"stream_into reads safetensors files, got a {contents.container} file")
     order = []
@@ -165,24 +198,38 @@ def stream_into(
         order.append((info.data_offsets[0], name, dest))
     order.sort(key=lambda item: item[0])
     staging = torch.empty(0, dtype=torch.uint8)
-    scratch = np.empty(CHUNK_BYTES if check_finite else 0, dtype=np.uint8)
-    bad = []
-    with open(contents.path, "rb", buffering=0) as f, torch.no_grad():
-        for begin, name, dest in order:
-            info = contents.tensors[name]
-            file_dtype = _dtype(contents, name)
-            checked = file_dtype if check_finite and file_dtype in _NONFINITE_BITS else None
-            f.seek(contents.data_start + begin)
-            if dest.device.type == "cpu" and dest.dtype == file_dtype and dest.is_contiguous():
-                finite = _read_checked(f, _byte_view(dest), contents.path, name, checked, scratch)
-            else:
-                nbytes = info.data_offsets[1] - begin
-                if staging.numel() < nbytes:
-                    staging = torch.empty(nbytes, dtype=torch.uint8)
-                finite = _read_checked(f, staging[:nbytes].numpy(), contents.path, name, checked, scratch)
-                dest.copy_(staging[:nbytes].view(file_dtype).view(info.shape))
-            if not finite:
-                bad.append(name)
+    reader = _ChunkReader(contents.path)
+    pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="fewstep-read")
+    reads: list[tuple[str, list[Future]]] = []
+    try:
+        with torch.no_grad():
+            for begin, name, dest in order:
+                file_dtype = _dtype(contents, name)
+                checked = file_dtype if check_finite and file_dtype in _NONFINITE_BITS else None
+                direct = dest.device.type == "cpu" and dest.dtype == file_dtype and dest.is_contiguous()
+                if direct:
+                    buffer = _byte_view(dest)  # page cache -> parameter
+                else:
+                    nbytes = contents.tensors[name].data_offsets[1] - begin
+                    if staging.numel() < nbytes:
+                        staging = torch.empty(nbytes, dtype=torch.uint8)
+                    buffer = staging[:nbytes].numpy()
+                offset = contents.data_start + begin
+                chunks = [
+                    pool.submit(reader.read, offset + k, buffer[k : k + CHUNK_BYTES], name, checked)
+                    for k in range(0, buffer.size, CHUNK_BYTES)
+                ]
+                reads.append((name, chunks))
+                if not direct:  # the staging buffer is reused: finish this tensor first
+                    wait(chunks)
+                    for chunk in chunks:
+                        chunk.result()
+                    view = staging[: buffer.size].view(file_dtype).view(contents.tensors[name].shape)
+                    dest.copy_(view)
+            bad = [name for name, chunks in reads if not all([chunk.result() for chunk in chunks])]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
     if bad:
         shown = ", ".join(bad[:limit]) + (f" (+{len(bad) - limit} more)" if len(bad) > limit else "")
         raise StudentLoadError(
@@ -198,5 +245,5 @@ def read_tensor(contents: FileContents, name: str) -> torch.Tensor:
     guidance embedding)."""
     info = contents.tensors[name]
     out = torch.empty(info.shape, dtype=_dtype(contents, name))
-    stream_into(contents, {name: out}, check_finite=False)
+    stream_into(contents, {name: out}, check_finite=False, workers=1)
     return out

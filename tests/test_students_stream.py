@@ -217,3 +217,44 @@ def test_placeholder_copy_into_a_model_leaves_it_for_the_stream(tmp_path):
     assert bool((derived == 0).all())
     stream_into(contents, dict(conv.named_parameters()))
     assert torch.equal(conv.weight.detach(), ref["weight"]) and torch.equal(conv.bias.detach(), ref["bias"])
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_reader_threads_give_the_same_result(sample, tmp_path, workers):
+    big = {"x": _multi_chunk(5.5), "y": _multi_chunk(2.0, torch.float32, seed=1)}
+    big["x"][-7] = float("nan")
+    contents = _save(tmp_path, big)
+    direct = {k: torch.empty_like(v) for k, v in big.items()}
+    cast = {k: torch.empty(v.shape, dtype=torch.float64) for k, v in big.items()}
+    for targets in (direct, cast):
+        assert _bad_names(contents, targets) == ["x"]  # every chunk filled before the error
+        assert all(torch.equal(targets[k], v.to(targets[k].dtype)) for k, v in big.items() if k != "x")
+        assert torch.equal(targets["x"].isnan(), big["x"].isnan())
+
+
+def test_errors_in_reader_threads_reach_the_caller(tmp_path, monkeypatch):
+    """A truncated file and a failing check inside a reader thread raise in the caller (no hang,
+    no reader thread left behind)."""
+    import threading
+
+    from comfyui_fewstep.distill_loaders import stream
+
+    t = _multi_chunk(4.0)
+    path = tmp_path / "cut.safetensors"
+    save_file({"a": t.clone(), "b": t.clone()}, str(path))
+    contents = read_contents(path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - CHUNK_BYTES - 10)
+    targets = {"a": torch.empty_like(t), "b": torch.empty_like(t)}
+    with pytest.raises(StudentLoadError, match="the file ends inside tensor 'b'"):
+        stream_into(contents, targets, workers=2)
+    with pytest.raises(StudentLoadError, match="the file ends inside tensor 'b'"):
+        stream_into(contents, {"b": torch.empty(t.shape, dtype=torch.float32)}, workers=2)  # staging
+
+    def broken(chunk, dtype, scratch):
+        raise MemoryError("check failed")
+
+    monkeypatch.setattr(stream, "_all_finite", broken)
+    with pytest.raises(MemoryError, match="check failed"):
+        stream_into(contents, {"a": torch.empty_like(t)}, workers=2)
+    assert not [th for th in threading.enumerate() if th.name.startswith("fewstep-read")]
