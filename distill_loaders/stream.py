@@ -8,11 +8,13 @@ every 4 KiB page of the map costs a page fault. Here each tensor's byte range is
 or, when the destination has another dtype or layout, into one reused staging buffer and then
 cast with ``copy_``. Peak RAM is the destination tensors plus at most the largest tensor.
 
-Reads go in :data:`CHUNK_BYTES` pieces, and the NaN/Inf check looks at each piece right after its
-read, while it is still in the CPU cache. The check works on the raw bits (a float is NaN or
-+-Inf iff its exponent bits are all ones), with single-threaded integer numpy ops: exact, no
-overflow, and no per-call wake-up of torch's intra-op thread pool (on a busy machine that wake-up,
-not the arithmetic, was most of the cost of a ``torch.aminmax`` per tensor).
+Reads go in :data:`CHUNK_BYTES` pieces on a few threads (as many as torch's intra-op threads,
+which is what ComfyUI's own ``copy_`` from a memory map uses), and the NaN/Inf check looks at each
+piece in the thread that read it, right after the read, while it is still in the CPU cache. The
+check works on the raw bits (a float is NaN or +-Inf iff its exponent bits are all ones), with
+integer numpy ops: exact, no overflow, and no wake-up of torch's intra-op thread pool per call
+(on a busy machine that wake-up, not the arithmetic, was most of the cost of a ``torch.aminmax``
+per tensor).
 
 The model is built first from shapes alone: :func:`placeholder_state_dict` gives every tensor as a
 zero-stride view of a single zero (no memory), which is all a model constructor that only reads
