@@ -102,6 +102,11 @@ def test_full_size_sd15_student_loads_and_samples(
         unet.output_blocks[11][1].transformer_blocks[0].attn2.to_k.weight.float(),
         sd15_diffusers["up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"].float(),
     )
+    ldm, _ = K.convert_diffusers_to_ldm(sd15_diffusers, "sd15")  # every parameter holds its weight
+    params = unet.state_dict()
+    assert set(params) == set(ldm)
+    assert all(torch.equal(params[k].to(v.dtype), v) for k, v in ldm.items())
+    del ldm, params
     assert float(ms.timestep(sigmas[:1])) == pytest.approx(timestep, abs=1e-3)
     # first-step noise as the student expects it at the network input
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
