@@ -115,8 +115,9 @@ def _run(model: Denoiser, x: torch.Tensor, values: list[float], p: Parameterizat
     fitted: list[list[float]] = []
     for n in progress(n_steps, disable):
         s, t = values[n], values[n + 1]
-        denoised = evaluate(state.to(x.dtype), s, n)
-        emit_callback(callback, n, state.to(x.dtype), s, denoised, sigmas)
+        x_n = state.to(x.dtype)  # the model and the callback see the caller's dtype
+        denoised = evaluate(x_n, s, n)
+        emit_callback(callback, n, x_n, s, denoised, sigmas)
         outputs = [denoised.to(work), *outputs][: history + 1]
         base, regressors = _step_terms(state, outputs, s, t, values[n - 1] if n else None, p, history)
         if targets is not None:
