@@ -81,6 +81,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class UnetCallCounter:
+    """Counts diffusion-model forwards through ComfyUI's unet wrapper slot
+    (``model.set_model_unet_function_wrapper(counter)``)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, apply_model, args):
+        self.calls += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+@pytest.fixture()
+def unet_counter() -> UnetCallCounter:
+    """A fresh :class:`UnetCallCounter`."""
+    return UnetCallCounter()
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """Import ComfyUI from ``COMFYUI_PATH`` in CPU mode and return its root path."""

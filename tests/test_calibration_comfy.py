@@ -22,14 +22,6 @@ def nodes(comfy, tmp_path, monkeypatch):
     return calibration_nodes
 
 
-class CallCounter:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, apply_model, args):
-        self.calls += 1
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
 
 def _calibrate(nodes, model, conds, **kw):
     args = {"model": model, "positive": conds[0], "latent_image": {"samples": torch.zeros(LATENT)}, "preset": "dpmpp_2m",
@@ -39,11 +31,11 @@ def _calibrate(nodes, model, conds, **kw):
     return nodes.FewStepCalibrateSchedule.execute(**args)
 
 
-def test_calibrate_caches_and_drives_sampler_custom_advanced(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path):
+def test_calibrate_caches_and_drives_sampler_custom_advanced(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path, unet_counter):
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as custom
 
-    counter = CallCounter()
+    counter = unet_counter
     model = tiny_comfy_model.clone()
     model.set_model_unet_function_wrapper(counter)
     with torch.inference_mode():
@@ -80,11 +72,11 @@ def test_calibrate_caches_and_drives_sampler_custom_advanced(nodes, tiny_comfy_m
     assert torch.isfinite(samples).all() and counter.calls - before == 4
 
 
-def test_fitted_preset_calibrates_saves_loads_and_samples(nodes, tiny_comfy_model, tiny_comfy_conds):
+def test_fitted_preset_calibrates_saves_loads_and_samples(nodes, tiny_comfy_model, tiny_comfy_conds, unet_counter):
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as custom
 
-    counter = CallCounter()
+    counter = unet_counter
     model = tiny_comfy_model.clone()
     model.set_model_unet_function_wrapper(counter)
     with torch.inference_mode():

@@ -68,16 +68,6 @@ def _noise(seed=0):
     return torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
 
 
-class CallCounter:
-    """Counts diffusion-model forwards through ComfyUI's unet wrapper slot."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, apply_model, args):
-        self.calls += 1
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
 
 def test_guider_sample_runs_with_callbacks(api, tiny_comfy_model, tiny_comfy_conds):
     steps = []
@@ -181,8 +171,8 @@ def test_ksampler_dropdown_path_equals_the_node_path(api, tiny_comfy_model, tiny
     assert (ksampler - euler).abs().max() > 1e-2
 
 
-def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds):
-    counter = CallCounter()
+def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, unet_counter):
+    counter = unet_counter
     model = tiny_comfy_model.clone()
     model.set_model_unet_function_wrapper(counter)
     out = api["schedule_nodes"].FewStepNFEPlan.execute(model, "dpmpp_3s", 7, "logsnr_uniform", 1.0)
