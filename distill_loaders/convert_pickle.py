@@ -32,7 +32,9 @@ from pathlib import Path
 
 import torch
 
+from .edm_networks import strip_precond_prefix
 from .errors import StudentLoadError, UnsafePickleError
+from .specs import RECIPES
 
 logger = logging.getLogger(__name__)
 
@@ -310,14 +312,21 @@ def _jsonable(value):
     return repr(value)
 
 
-def convert(src: str | Path, dst: str | Path | None = None, key: str | None = None) -> tuple[Path, Path]:
+def convert(
+    src: str | Path, dst: str | Path | None = None, key: str | None = None, recipe: str | None = None
+) -> tuple[Path, Path]:
     """Convert a pickle to ``dst`` (.safetensors) and ``dst`` with ``.json``; returns both paths.
 
     ``key`` picks a top-level entry (default: ``ema`` when present, as SiD / SiD-LSG save it).
+    ``recipe`` is stored as ``fewstep_recipe`` metadata, which detection then takes as given.
     """
     from safetensors.torch import save_file
 
     src = Path(src)
+    if recipe is not None and recipe not in RECIPES:
+        raise StudentLoadError(
+            src, f"unknown recipe {recipe!r}.", f"use one of: {', '.join(sorted(RECIPES))}."
+        )
     obj = restricted_load(src)
     if isinstance(obj, dict):
         pick = key or ("ema" if "ema" in obj else None)
@@ -332,13 +341,14 @@ def convert(src: str | Path, dst: str | Path | None = None, key: str | None = No
     tensors, config = extract_state_dict(obj)
     if not tensors:
         raise StudentLoadError(src, "the pickle holds no tensors.", "check that this is a model file.")
-    if tensors and all(k.startswith("model.") for k in tensors) and any("map_layer0" in k for k in tensors):
-        tensors = {k[len("model.") :]: v for k, v in tensors.items()}  # EDMPrecond wrapper -> the network
+    tensors = strip_precond_prefix(tensors)
     dst = Path(dst) if dst else src.with_suffix(".safetensors")
     root = config.get("<root>", {})
     metadata = {"fewstep_converted_from": src.name, "fewstep_root_class": str(root.get("class", ""))}
     if any(k.startswith("map_layer0") for k in tensors):
         metadata["fewstep_format"] = "edm"
+    if recipe is not None:
+        metadata["fewstep_recipe"] = recipe
     # safetensors refuses shared storage: give every tensor its own.
     seen: set[int] = set()
     for k, v in tensors.items():
@@ -362,9 +372,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-o", "--output", default=None, help="output .safetensors (default: next to the input)"
     )
     parser.add_argument("--key", default=None, help="top-level entry to convert (default: 'ema' if present)")
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="store this recipe in the file (e.g. sid_edm_1step, dmd2_imagenet_1step); the loader then uses it",
+    )
     args = parser.parse_args(argv)
     try:
-        dst, cfg = convert(args.file, args.output, args.key)
+        dst, cfg = convert(args.file, args.output, args.key, args.recipe)
     except StudentLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -161,6 +161,38 @@ def _edm_arch(c: FileContents, reasons: list[str]) -> str:
     return arch
 
 
+def _edm_recipe(c: FileContents, arch: str, reasons: list[str]) -> tuple[str, str]:
+    """SiD or DMD2 for an EDM generator: both are EDM networks with the same key layout, so the
+    evidence is where the file came from. SiD publishes EDM persistence pickles (``ema`` holding an
+    ``EDMPrecond`` module; our converter records the class as ``fewstep_root_class``) and has SongUNet
+    students; DMD2 publishes its ImageNet-64 DhariwalUNet as a plain ``EDMPrecond`` state dict
+    (``pytorch_model.bin``, names under ``model.``)."""
+    name = c.path.name.lower()
+    root_class = c.metadata.get("fewstep_root_class", "")
+    if arch == "edm_songunet":
+        why = "a SongUNet generator (DMD2 has none; SiD's CIFAR-10/FFHQ/AFHQ students are SongUNets)"
+        recipe, confidence = "sid_edm_1step", "certain"
+    elif "dmd2" in name:
+        why, recipe, confidence = "file name says DMD2", "dmd2_imagenet_1step", "certain"
+    elif re.search(r"(^|[^a-z])sida?([^a-z]|$)", name):
+        why, recipe, confidence = "file name says SiD", "sid_edm_1step", "certain"
+    elif root_class:
+        why = f"converted from a pickled {root_class.split(':')[-1]} module, SiD's format (EDM persistence)"
+        recipe, confidence = "sid_edm_1step", "likely"
+    elif "fewstep_converted_from" in c.metadata or any(k.startswith("model.map_layer0") for k in c.tensors):
+        why = "a plain state dict, not a pickled module: DMD2's ImageNet-64 format (EDMPrecond, 'model.' names)"
+        recipe, confidence = "dmd2_imagenet_1step", "likely"
+    else:
+        why = "EDM generator with nothing that tells SiD from DMD2; assuming SiD (sigma_init 2.5)"
+        recipe, confidence = "sid_edm_1step", "likely"
+    reasons.append(f"recipe {recipe}: {why}")
+    if confidence != "certain":
+        other = "dmd2_imagenet_1step" if recipe == "sid_edm_1step" else "sid_edm_1step"
+        if arch in RECIPES[other].archs:
+            reasons.append(f"recipe: if this is the other student, set the recipe override to {other}")
+    return recipe, confidence
+
+
 # (regex on the lower-case file name, recipe, or a callable (arch, name) -> recipe)
 def _name_rules(arch: str, name: str, is_lora: bool) -> tuple[str | None, str]:
     n = name.lower()
@@ -217,11 +249,7 @@ def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str]) 
         reasons.append(f"recipe {meta}: from the file's metadata (fewstep_recipe)")
         return meta, "certain"
     if layout == "edm":
-        recipe = "dmd2_imagenet_1step" if "dmd2" in c.path.name.lower() else "sid_edm_1step"
-        reasons.append(
-            f"recipe {recipe}: EDM generator" + (" named DMD2" if recipe.startswith("dmd2") else "")
-        )
-        return recipe, "likely"
+        return _edm_recipe(c, arch, reasons)
     texts = [c.path.name, c.path.parent.name, c.path.parent.parent.name, c.config.get("_name_or_path", "")]
     texts += [v for k, v in c.metadata.items() if k in ("modelspec.title", "ss_output_name", "name", "title")]
     for text in texts:

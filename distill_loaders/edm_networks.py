@@ -403,6 +403,14 @@ def generate_one_step(
     return edm_denoise(net, x, sigma_init, class_labels, sigma_data).clamp(-1, 1)
 
 
+def strip_precond_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's own names from an ``EDMPrecond`` state dict (every name under ``model.``, as in
+    DMD2's ImageNet ``pytorch_model.bin``); any other state dict is returned unchanged."""
+    if sd and "model.map_layer0.weight" in sd and all(k.startswith("model.") for k in sd):
+        return {k[len("model.") :]: v for k, v in sd.items()}
+    return sd
+
+
 def edm_config_from_state_dict(sd: dict) -> tuple[str, dict]:
     """``(arch, constructor kwargs)`` read from a network state dict's names and shapes alone."""
     import re

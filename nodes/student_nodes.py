@@ -432,6 +432,7 @@ def generate_edm_images(
         build_edm_network,
         edm_config_from_state_dict,
         generate_one_step,
+        strip_precond_prefix,
     )
 
     override = None if recipe_name in ("auto", "", None) else recipe_name
@@ -442,7 +443,7 @@ def generate_edm_images(
             f"this is a {det.layout} file, not an EDM pixel generator.",
             "load latent students with 'Load Distilled Student (FewStep)'.",
         )
-    sd = load_weights(path)
+    sd = strip_precond_prefix(load_weights(path))
     check_finite(sd, det.path)
     recipe = get_recipe(det.recipe)
     arch, kwargs = edm_config_from_state_dict(sd)

@@ -239,7 +239,7 @@ def test_sid_snapshot_pickle_converts_and_generates_the_same_images(tmp_path, mo
     src.write_bytes(_persistence_pickle(snapshot, monkeypatch))
     assert b"numpy" in src.read_bytes() and b"_reconstruct_persistent_obj" in src.read_bytes()
 
-    dst, cfg = convert(src, tmp_path / "sid.safetensors")
+    dst, cfg = convert(src, tmp_path / "generator.safetensors")
     sd = load_weights(dst)
     arch, found = edm_config_from_state_dict(sd)
     loaded = build_edm_network(arch, **found).eval()
@@ -249,6 +249,29 @@ def test_sid_snapshot_pickle_converts_and_generates_the_same_images(tmp_path, mo
     torch.testing.assert_close(
         generate_one_step(loaded, z, 2.5, labels), generate_one_step(net, z, 2.5, labels), rtol=0, atol=0
     )
-    assert detect(dst).layout == "edm"
+    assert (detect(dst).layout, detect(dst).recipe) == ("edm", "sid_edm_1step")
     modules = json.loads(cfg.read_text())["modules"]
     assert modules["<root>"]["class"].endswith("EDMPrecond")
+
+
+def test_sid_imagenet_pickle_is_told_from_dmd2_by_its_provenance(tmp_path, monkeypatch):
+    """SiD's ImageNet-64 generator and DMD2's share the DhariwalUNet layout; a converted EDM
+    persistence pickle (SiD's format) gets SiD's recipe whatever the file is called."""
+    torch.manual_seed(0)
+    net = build_edm_network(
+        "DhariwalUNet",
+        img_resolution=16,
+        in_channels=3,
+        out_channels=3,
+        label_dim=10,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+    )
+    src = tmp_path / "network-snapshot-1.200000-939176.pkl"
+    src.write_bytes(_persistence_pickle({"ema": EDMPrecond(net, 10)}, monkeypatch))
+    dst, _ = convert(src, tmp_path / "generator.safetensors")
+    det = detect(dst)
+    assert (det.arch, det.recipe, det.confidence) == ("edm_dhariwal", "sid_edm_1step", "likely")
+    assert any("pickled EDMPrecond module" in r for r in det.reasons), det.reasons

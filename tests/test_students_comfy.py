@@ -237,6 +237,36 @@ def test_edm_generator_node(api, tmp_path):
         api.nodes.generate_edm_images(_latent_file(tmp_path))
 
 
+def test_edm_generator_node_reads_dmd2s_plain_state_dict(api, tmp_path):
+    """DMD2's ImageNet generator ships as ``pytorch_model.bin``: an EDMPrecond state dict with the
+    network under ``model.``; it runs unconverted, at DMD2's sigma 80."""
+    from comfyui_fewstep.distill_loaders.edm_networks import build_edm_network, generate_one_step
+
+    torch.manual_seed(0)
+    net = build_edm_network(
+        "DhariwalUNet",
+        img_resolution=16,
+        in_channels=3,
+        out_channels=3,
+        label_dim=10,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+    )
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    folder = tmp_path / "in64"
+    folder.mkdir()
+    torch.save({f"model.{k}": v for k, v in net.state_dict().items()}, folder / "pytorch_model.bin")
+    api.folder_paths.add_model_folder_path("checkpoints", str(tmp_path))
+    images, info = api.nodes.FewStepEDMGenerator.execute("checkpoints/in64/pytorch_model.bin", 5, 2, 3).result
+    assert "recipe:      dmd2_imagenet_1step" in info and "sigma_init: 80" in info
+    z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    expected = (generate_one_step(net, z, 80.0, torch.eye(10)[[3, 3]]) + 1) / 2
+    torch.testing.assert_close(images, expected.permute(0, 2, 3, 1), atol=1e-5, rtol=0)
+
+
 def _latent_file(tmp_path):
     from comfyui_fewstep.distill_loaders.synthetic import unet_shapes, write_safetensors
 

@@ -12,7 +12,7 @@ from comfyui_fewstep.distill_loaders.convert_pickle import convert
 from comfyui_fewstep.distill_loaders.detect import detect
 from comfyui_fewstep.distill_loaders.edm_networks import build_edm_network, edm_denoise, generate_one_step
 from comfyui_fewstep.distill_loaders.recipes import recipe_sigmas
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 CIFAR = dict(
     img_resolution=32,
@@ -132,3 +132,94 @@ def test_config_is_recovered_from_shapes(arch, kwargs):
         rebuilt = build_edm_network(name, **found).state_dict()
     assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in sd.items()}
     assert found["attn_resolutions"] == list(kwargs["attn_resolutions"])
+
+
+def _tiny_edm(arch: str) -> torch.nn.Module:
+    torch.manual_seed(2)
+    net = build_edm_network(
+        arch,
+        img_resolution=16,
+        in_channels=3,
+        out_channels=3,
+        label_dim=10,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+    )
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return net
+
+
+def _write(path, sd):
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "arch, name, wrapped, recipe, confidence",
+    [
+        # DMD2 publishes its ImageNet-64 generator as a plain EDMPrecond state dict (names under model.)
+        ("DhariwalUNet", "pytorch_model.bin", True, "dmd2_imagenet_1step", "likely"),
+        ("DhariwalUNet", "generator.safetensors", True, "dmd2_imagenet_1step", "likely"),
+        # a bare network with no provenance: SiD assumed, and the reasons say how to override
+        ("DhariwalUNet", "generator.safetensors", False, "sid_edm_1step", "likely"),
+        ("DhariwalUNet", "sid_imagenet64.safetensors", False, "sid_edm_1step", "certain"),
+        ("DhariwalUNet", "my-dmd2-in64.safetensors", False, "dmd2_imagenet_1step", "certain"),
+        # DMD2 has no SongUNet generator, whatever the file is called
+        ("SongUNet", "dmd2_cifar.safetensors", True, "sid_edm_1step", "certain"),
+    ],
+)
+def test_edm_recipe_from_provenance_not_only_the_name(tmp_path, arch, name, wrapped, recipe, confidence):
+    from comfyui_fewstep.distill_loaders.edm_networks import edm_config_from_state_dict, strip_precond_prefix
+    from comfyui_fewstep.distill_loaders.load import load_weights
+
+    net = _tiny_edm(arch)
+    sd = {(f"model.{k}" if wrapped else k): v for k, v in net.state_dict().items()}
+    path = _write(tmp_path / name, sd)
+    det = detect(path)
+    assert (det.layout, det.recipe, det.confidence) == ("edm", recipe, confidence), det.reasons
+    if confidence == "likely":
+        other = {"sid_edm_1step": "dmd2_imagenet_1step", "dmd2_imagenet_1step": "sid_edm_1step"}[recipe]
+        assert any(f"override to {other}" in r for r in det.reasons), det.reasons
+    # the file loads strictly into the network read from its shapes, EDMPrecond wrapper or not
+    weights = strip_precond_prefix(load_weights(path))
+    found_arch, kwargs = edm_config_from_state_dict(weights)
+    fresh = build_edm_network({"edm_dhariwal": "DhariwalUNet", "edm_songunet": "SongUNet"}[found_arch], **kwargs)
+    fresh.load_state_dict(weights, strict=True)
+    z = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(
+        generate_one_step(fresh, z, 2.5, torch.eye(10)[:2]), generate_one_step(net, z, 2.5, torch.eye(10)[:2])
+    )
+
+
+def test_converted_plain_state_dict_is_dmd2_and_recipe_flag_wins(tmp_path):
+    from comfyui_fewstep.distill_loaders.convert_pickle import main
+
+    net = _tiny_edm("DhariwalUNet")
+    src = tmp_path / "snapshot.pkl"
+    src.write_bytes(pickle.dumps({"ema": {f"model.{k}": v for k, v in net.state_dict().items()}}))
+    dst, _ = convert(src, tmp_path / "g.safetensors")
+    det = detect(dst)
+    assert (det.recipe, det.confidence) == ("dmd2_imagenet_1step", "likely")
+    assert "plain state dict" in det.reasons[-2]
+    # --recipe stores the choice in the file; detection then takes it as certain
+    assert main([str(src), "-o", str(tmp_path / "h.safetensors"), "--recipe", "sid_edm_1step"]) == 0
+    det = detect(tmp_path / "h.safetensors")
+    assert (det.recipe, det.confidence) == ("sid_edm_1step", "certain")
+    assert "fewstep_recipe" in det.reasons[-1]
+
+
+def test_converter_refuses_an_unknown_recipe(tmp_path, capsys):
+    from comfyui_fewstep.distill_loaders.convert_pickle import main
+
+    src = tmp_path / "snapshot.pkl"
+    src.write_bytes(pickle.dumps({"ema": {k: v for k, v in _tiny_edm("SongUNet").state_dict().items()}}))
+    assert main([str(src), "--recipe", "sid_edm"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown recipe 'sid_edm'" in err and "sid_edm_1step" in err
+    assert not (tmp_path / "snapshot.safetensors").exists()
