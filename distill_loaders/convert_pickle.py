@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--recipe",
         default=None,
-        help="store this recipe in the file (e.g. sid_edm_1step, dmd2_imagenet_1step); the loader then uses it",
+        help="store this recipe in the file (sid_edm_1step, dmd2_imagenet_1step, ...); the loader uses it",
     )
     args = parser.parse_args(argv)
     try:

@@ -180,7 +180,7 @@ def _edm_recipe(c: FileContents, arch: str, reasons: list[str]) -> tuple[str, st
         why = f"converted from a pickled {root_class.split(':')[-1]} module, SiD's format (EDM persistence)"
         recipe, confidence = "sid_edm_1step", "likely"
     elif "fewstep_converted_from" in c.metadata or any(k.startswith("model.map_layer0") for k in c.tensors):
-        why = "a plain state dict, not a pickled module: DMD2's ImageNet-64 format (EDMPrecond, 'model.' names)"
+        why = "a plain state dict, not a pickled module: DMD2's ImageNet-64 format (EDMPrecond)"
         recipe, confidence = "dmd2_imagenet_1step", "likely"
     else:
         why = "EDM generator with nothing that tells SiD from DMD2; assuming SiD (sigma_init 2.5)"

@@ -189,7 +189,8 @@ def test_edm_recipe_from_provenance_not_only_the_name(tmp_path, arch, name, wrap
     # the file loads strictly into the network read from its shapes, EDMPrecond wrapper or not
     weights = strip_precond_prefix(load_weights(path))
     found_arch, kwargs = edm_config_from_state_dict(weights)
-    fresh = build_edm_network({"edm_dhariwal": "DhariwalUNet", "edm_songunet": "SongUNet"}[found_arch], **kwargs)
+    arch_name = {"edm_dhariwal": "DhariwalUNet", "edm_songunet": "SongUNet"}[found_arch]
+    fresh = build_edm_network(arch_name, **kwargs)
     fresh.load_state_dict(weights, strict=True)
     z = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(
