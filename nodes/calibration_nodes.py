@@ -19,7 +19,7 @@ import comfy.samplers
 import folder_paths
 import torch
 
-from ..samplers.calibration import DEFAULTS, CalibrationError, SolverSpec, calibrate
+from ..samplers.calibration import DEFAULTS, TEACHER_ENDS, CalibrationError, SolverSpec, calibrate
 from ..samplers.fitted import HISTORY
 from ..samplers.schedule_store import ScheduleRecord, ScheduleStore, cache_key, model_fingerprint
 from ._api import CATEGORY_SCHEDULERS, io, ui
@@ -80,7 +80,7 @@ def sampler_for_record(record: ScheduleRecord) -> Any:
 
 
 def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe: int, seeds: int, seed: int,
-                        cfg: float, grid_points: int, substeps: int, search_nfe: int):
+                        cfg: float, grid_points: int, substeps: int, search_nfe: int, target: str = "ode"):
     """Run :func:`calibrate` as the sampler function of ComfyUI's guider; returns the result."""
     parameterization = parameterization_for_model(model)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1])
@@ -90,7 +90,8 @@ def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe
 
     def sampler_function(k_model, x, sigmas, extra_args=None, callback=None, disable=None):
         box["result"] = calibrate(k_model, x, parameterization, nfe, spec, extra_args=extra_args,
-                                  grid_points=grid_points, substeps=substeps, search_nfe=search_nfe)
+                                  grid_points=grid_points, substeps=substeps, search_nfe=search_nfe,
+                                  teacher_end=target)
         return x
 
     guider = comfy.samplers.CFGGuider(model)
@@ -147,6 +148,12 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                              tooltip="Budget of model calls for the local search after the DP (0: none)."),
                 io.Boolean.Input("use_cache", default=True, tooltip="Reuse a cached schedule for the same model and settings."),
                 io.String.Input("save_as", default="", tooltip="Also save the schedule under this name (loadable with FewStep Load Schedule)."),
+                io.Combo.Input("target", options=list(TEACHER_ENDS), default="ode",
+                               tooltip="What the schedule is fitted to reach. ode: the solution of the sampling ODE "
+                                       "at noise 0, extrapolated from the model's last noise levels (removes the "
+                                       "residual blur of stopping at the model's sigma_min, 0.029 on SD1.5). "
+                                       "sigma_min: the model's own denoised output at its lowest noise level, "
+                                       "as ComfyUI's samplers end."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Optional: negative conditioning for CFG."),
             ],
             outputs=[
@@ -158,14 +165,14 @@ class FewStepCalibrateSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent_image, preset, nfe, seeds, seed, cfg, grid_points, substeps, search_nfe,
-                use_cache=True, save_as="", negative=None) -> io.NodeOutput:
+                use_cache=True, save_as="", target="ode", negative=None) -> io.NodeOutput:
         spec = _spec(preset)
         parameterization = parameterization_for_model(model)
         shape = list(latent_image["samples"].shape[1:])
         settings = {"preset": preset, "options": dict(spec.options), "nfe": int(nfe), "seeds": int(seeds),
                     "seed": int(seed), "cfg": float(cfg) if negative is not None else 1.0,
                     "grid_points": int(grid_points), "substeps": int(substeps), "search_nfe": int(search_nfe),
-                    "latent_shape": shape, "parameterization": [parameterization.kind, parameterization.sigma_min,
+                    "target": str(target), "latent_shape": shape, "parameterization": [parameterization.kind, parameterization.sigma_min,
                                                                 parameterization.sigma_max]}
         store = schedule_store()
         mhash = model_hash(model)
@@ -175,7 +182,8 @@ class FewStepCalibrateSchedule(io.ComfyNode):
         if record is None:
             try:
                 result, _ = _calibrate_in_comfy(model, positive, negative, latent_image, spec, int(nfe), int(seeds),
-                                                int(seed), float(cfg), int(grid_points), int(substeps), int(search_nfe))
+                                                int(seed), float(cfg), int(grid_points), int(substeps), int(search_nfe),
+                                                str(target))
             except CalibrationError as exc:
                 raise ValueError(f"FewStep Calibrate Steps: {exc}") from exc
             if not (math.isfinite(result.error) and all(math.isfinite(s) for s in result.sigmas)):

@@ -8,8 +8,11 @@ NFE from a handful of accurate trajectories of that model, in three stages:
    uniform in the half log-SNR ``lambda`` from ``sigma_max`` to ``sigma_min`` (a flow model's
    ``sigma = 1`` is the first point, the uniform part starting at :data:`FLOW_TEACHER_LAMBDA_MIN`),
    each interval split into ``substeps`` solver steps. The states ``x_i`` and data predictions
-   ``D_i`` at the ``G`` grid points are kept; the teacher's end point is ``D`` at ``sigma_min``.
-   Cost: ``(G - 1) * substeps + 1`` model calls on the batch.
+   ``D_i`` at the ``G`` grid points are kept. The teacher's end point is the ODE's solution at
+   ``sigma = 0``, extrapolated from ``D`` at ``sigma_min`` and two larger grid points
+   (:func:`ode_limit`), or, with ``end="sigma_min"``, ``D`` at ``sigma_min`` itself (what a
+   sampler that stops calling the model there returns). Cost: ``(G - 1) * substeps + 1`` model
+   calls on the batch.
 2. **Dynamic programming** over the grid (GITS, Chen et al. 2024, arXiv 2405.11326): the coarse
    points minimising the summed local error of the solver's steps measured from teacher states,
    no model calls (see :mod:`._calibration_dp` for the step models and the error weighting).
@@ -60,18 +63,24 @@ FLOW_TEACHER_LAMBDA_MIN = -6.0
 BASELINE_SCHEDULES: tuple[str, ...] = ("logsnr_uniform", "time_uniform", "karras", "exponential")
 MIN_GRID_POINTS = 16
 DEFAULTS: dict[str, int] = {"grid_points": 100, "substeps": 3, "search_nfe": 320}
+TeacherEnd = Literal["ode", "sigma_min"]
+TEACHER_ENDS: tuple[str, ...] = get_args(TeacherEnd)
+#: the extrapolation of :func:`ode_limit` uses D at about sigma_min times these factors
+ODE_LIMIT_FACTORS: tuple[float, ...] = (1.0, math.sqrt(2.0), 2.0)
 
 __all__ = [
     "BASELINE_SCHEDULES",
     "DEFAULTS",
     "FLOW_TEACHER_LAMBDA_MIN",
     "SOLVER_KINDS",
+    "TEACHER_ENDS",
     "CalibrationError",
     "CalibrationResult",
     "SolverSpec",
     "Teacher",
     "calibrate",
     "end_error",
+    "ode_limit",
     "run_teacher",
     "teacher_grid",
 ]
@@ -162,6 +171,7 @@ class Teacher:
     end: torch.Tensor  # [B, ...]
     nfe: int
     seconds: float
+    end_rule: str = "sigma_min"
 
     def state_at(self, sigma: float, parameterization: Parameterization) -> torch.Tensor:
         """The teacher's state at ``sigma`` (float64), its end point at 0; no model calls.
@@ -273,10 +283,49 @@ def _fine_grid(grid: list[float], p: Parameterization, substeps: int) -> list[fl
     return fine + [grid[-1], 0.0]
 
 
+def ode_limit(sigmas: Sequence[float], ds: torch.Tensor, parameterization: Parameterization,
+              factors: Sequence[float] = ODE_LIMIT_FACTORS) -> torch.Tensor:
+    """The ODE's solution at ``sigma = 0`` from the data predictions along an accurate trajectory.
+
+    In VE coordinates (``sigma = e^-lambda``) a smooth trajectory is ``x(sigma) = x_0 + a sigma +
+    b sigma^2 + c sigma^3 + O(sigma^4)``, and the probability-flow ODE ``dx/dsigma = (x - D) / sigma``
+    (Karras et al. 2022, eq. 4) gives ``D(x(sigma), sigma) = x - sigma dx/dsigma = x_0 - b sigma^2 -
+    2 c sigma^3 + O(sigma^4)``: no linear term, and the data prediction at the last model call is
+    off by about ``b sigma_min^2``, which every sampler ending at a discrete model's ``sigma_min``
+    (0.029 on SD1.5) keeps. This fits ``D = x_0 + beta sigma^2 + gamma sigma^3`` through ``D`` at
+    the grid points nearest to ``sigma_min * factors`` and returns ``x_0``: the error is
+    ``O(sigma_min^4)``, and with ``sigma`` spread over a factor of 2 the weights stay small (about
+    3.09, -2.64, 0.55), so the model's own noise is not amplified.
+    """
+    p = parameterization
+    lam = [p.lambda_(s) for s in sigmas]
+    idx: list[int] = []
+    for f in factors:
+        target = lam[-1] - math.log(f)
+        i = min(range(len(lam)), key=lambda k: abs(lam[k] - target) if math.isfinite(lam[k]) else math.inf)
+        if i not in idx:
+            idx.append(i)
+    if len(idx) < 3:
+        return ds[-1].to(torch.float64)  # a grid too coarse near sigma_min to extrapolate
+    sig = [math.exp(-lam[i]) for i in idx]  # VE sigma
+    basis = torch.tensor([[1.0, v**2, v**3] for v in sig], dtype=torch.float64)
+    weights = torch.linalg.inv(basis)[0].tolist()  # the x_0 row of the interpolation
+    out = torch.zeros_like(ds[-1], dtype=torch.float64)
+    for w, i in zip(weights, idx):
+        out = out + w * ds[i].to(torch.float64)
+    return out
+
+
 def run_teacher(model: Denoiser, x: torch.Tensor, parameterization: Parameterization, grid_points: int = 100,
                 substeps: int = 3, extra_args: dict[str, Any] | None = None,
-                sigma_min: float | None = None) -> Teacher:
-    """Integrate from ``x`` at ``sigma_max`` with DPM-Solver++(3M) on the refined grid; cache the grid points."""
+                sigma_min: float | None = None, end: TeacherEnd = "ode") -> Teacher:
+    """Integrate from ``x`` at ``sigma_max`` with DPM-Solver++(3M) on the refined grid; cache the grid points.
+
+    ``end``: ``"ode"`` (the solution at sigma = 0, :func:`ode_limit`) or ``"sigma_min"`` (the data
+    prediction at the last grid point) is the target every calibrated schedule is fitted to.
+    """
+    if end not in TEACHER_ENDS:
+        raise CalibrationError(f"teacher end must be one of {TEACHER_ENDS}, got {end!r}")
     t0 = time.perf_counter()
     grid = teacher_grid(parameterization, grid_points, sigma_min)
     fine = _fine_grid(grid, parameterization, substeps)
@@ -291,13 +340,15 @@ def run_teacher(model: Denoiser, x: torch.Tensor, parameterization: Parameteriza
 
     counter = _Counter(model)
     try:
-        end = sample_dpmpp_multistep(counter, x, torch.tensor(fine, dtype=torch.float64), extra_args, record, True,
-                                     parameterization=parameterization, order=3, resume_history=False)
+        last = sample_dpmpp_multistep(counter, x, torch.tensor(fine, dtype=torch.float64), extra_args, record, True,
+                                      parameterization=parameterization, order=3, resume_history=False)
     except NonFiniteModelOutputError as exc:
         raise CalibrationError(f"teacher run failed, nothing was calibrated: {exc}") from exc
-    if any(v is None for v in xs) or not bool(torch.isfinite(end).all()):
+    if any(v is None for v in xs) or not bool(torch.isfinite(last).all()):
         raise CalibrationError("teacher run produced no finite trajectory; nothing was calibrated")
-    return Teacher(grid, torch.stack(xs), torch.stack(ds), end, counter.nfe, time.perf_counter() - t0)
+    ds_all = torch.stack(ds)  # type: ignore[arg-type]
+    target = ode_limit(grid, ds_all, parameterization).to(last.dtype) if end == "ode" else last
+    return Teacher(grid, torch.stack(xs), ds_all, target, counter.nfe, time.perf_counter() - t0, end)  # type: ignore[arg-type]
 
 
 def _schedule(points: Sequence[float]) -> torch.Tensor:
@@ -317,6 +368,7 @@ def calibrate(
     search_nfe: int = DEFAULTS["search_nfe"],
     baselines: Sequence[str] = BASELINE_SCHEDULES,
     teacher: Teacher | None = None,
+    teacher_end: TeacherEnd = "ode",
 ) -> CalibrationResult:
     """Calibrate a schedule for ``solver`` at ``nfe`` model calls on ``model`` (see the module docstring).
 
@@ -330,6 +382,8 @@ def calibrate(
         search_nfe: budget of model calls for the local search (0: DP and fixed schedules only).
         baselines: fixed schedules tried as starting points.
         teacher: a precomputed :class:`Teacher` for the same ``x`` (its cost is not counted again).
+        teacher_end: the target at sigma = 0 (:func:`run_teacher`'s ``end``); a given ``teacher``
+            must have been run with it.
 
     Raises:
         CalibrationError: unusable settings, or the model returned NaN/inf in the teacher run.
@@ -352,9 +406,11 @@ def calibrate(
     if search_nfe < 0:
         raise CalibrationError(f"search_nfe must be >= 0, got {search_nfe!r}")
     if teacher is None:
-        teacher = run_teacher(model, x, p, grid_points, substeps, extra_args)
+        teacher = run_teacher(model, x, p, grid_points, substeps, extra_args, end=teacher_end)
         teacher_nfe = teacher.nfe
     else:
+        if teacher.end_rule != teacher_end:
+            raise CalibrationError(f"the given teacher ends at {teacher.end_rule!r}, not {teacher_end!r}")
         teacher_nfe = 0
     grid = teacher.sigmas
     costs = GridCosts(grid, teacher.xs, teacher.ds, teacher.end, p)

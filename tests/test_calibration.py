@@ -58,10 +58,37 @@ def test_teacher_matches_exact_ode_and_counts_calls(range_name):
     exact = mixture.ode_solution(x, rng.sigma_max, teacher.sigmas[30], rng.form)
     err = analytic.per_sample_rms(teacher.xs[30], exact)
     assert float(err.median()) < 1e-4 and float(err.max()) < 2e-3  # solvers at 4-8 NFE: errors > 1e-2
+    # the default end point is the ODE's solution at sigma = 0 (extrapolated below sigma_min) ...
+    err = analytic.per_sample_rms(teacher.end, mixture.ode_solution(x, rng.sigma_max, 0.0, rng.form))
+    assert teacher.end_rule == "ode" and float(err.median()) < 3e-4 and float(err.max()) < 2e-3
+    # ... and with end="sigma_min" the data prediction at the last grid point, as samplers end
+    at_min = cal.run_teacher(model, x, p, grid_points=60, substeps=3, end="sigma_min")
     end = mixture.denoise(mixture.ode_solution(x, rng.sigma_max, teacher.sigmas[-1], rng.form),
                           teacher.sigmas[-1], rng.form)
-    err = analytic.per_sample_rms(teacher.end, end)
+    err = analytic.per_sample_rms(at_min.end, end)
     assert float(err.median()) < 1e-4 and float(err.max()) < 2e-3
+
+
+def test_ode_limit_removes_the_sigma_min_floor():
+    """On SD1.5's range (sigma_min 0.029) D at sigma_min is far from the ODE's solution at 0 for data
+    with structure at that scale; the extrapolation recovers it."""
+    rng = analytic.RANGE_PRESETS["sd15"]
+    mixture = analytic.MIXTURE_PRESETS["gmm16"].build()
+    p = rng.parameterization()
+    x = mixture.sample(64, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(4))
+    s_min = p.sigma_min
+    sigmas = [4 * s_min, 2 * s_min, 2**0.5 * s_min, s_min]
+    states = [mixture.ode_solution(x, rng.sigma_max, s, "ve") for s in sigmas]
+    ds = torch.stack([mixture.denoise(xs, s, "ve") for xs, s in zip(states, sigmas)])
+    exact = mixture.ode_solution(x, rng.sigma_max, 0.0, "ve")
+    limit = cal.ode_limit(sigmas, ds, p)
+    # exact for D = x_0 + beta sigma^2 + gamma sigma^3 along the grid
+    x0, beta, gamma = torch.randn(3, 5, dtype=torch.float64)
+    poly = torch.stack([x0 + beta * s**2 + gamma * s**3 for s in sigmas])
+    torch.testing.assert_close(cal.ode_limit(sigmas, poly, p), x0, rtol=0, atol=1e-9)
+    floor = float(analytic.per_sample_rms(ds[-1], exact).median())
+    assert floor > 2e-3  # the floor every sampler stopping at sigma_min keeps
+    assert float(analytic.per_sample_rms(limit, exact).median()) < floor / 10
 
 
 def test_grid_costs_equal_direct_linear_combinations():

@@ -139,3 +139,14 @@ def test_bad_settings_are_refused(nodes, tiny_comfy_model, tiny_comfy_conds):
         _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset="dpmpp_2m_sde")
     with pytest.raises(ValueError, match="no saved schedules yet"):
         nodes.FewStepLoadSchedule.execute("")
+
+
+def test_target_is_part_of_the_settings_and_the_cache_key(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path):
+    with torch.inference_mode():
+        ode = _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds).result  # default: the ODE's solution at 0
+        at_min = _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, target="sigma_min").result
+    assert ode[2].startswith("calibrated") and at_min[2].startswith("calibrated")  # no cache hit across targets
+    records = [json.loads(f.read_text()) for f in (tmp_path / nodes.STORE_FOLDER / "cache").glob("*.json")]
+    assert sorted(r["settings"]["target"] for r in records) == ["ode", "sigma_min"]
+    with pytest.raises(ValueError, match="teacher end must be one of"), torch.inference_mode():
+        _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, target="zero")
