@@ -346,9 +346,9 @@ def run_teacher(model: Denoiser, x: torch.Tensor, parameterization: Parameteriza
         raise CalibrationError(f"teacher run failed, nothing was calibrated: {exc}") from exc
     if any(v is None for v in xs) or not bool(torch.isfinite(last).all()):
         raise CalibrationError("teacher run produced no finite trajectory; nothing was calibrated")
-    ds_all = torch.stack(ds)  # type: ignore[arg-type]
+    xs_all, ds_all = torch.stack(xs), torch.stack(ds)  # type: ignore[arg-type]
     target = ode_limit(grid, ds_all, parameterization).to(last.dtype) if end == "ode" else last
-    return Teacher(grid, torch.stack(xs), ds_all, target, counter.nfe, time.perf_counter() - t0, end)  # type: ignore[arg-type]
+    return Teacher(grid, xs_all, ds_all, target, counter.nfe, time.perf_counter() - t0, end)
 
 
 def _schedule(points: Sequence[float]) -> torch.Tensor:
