@@ -62,6 +62,8 @@ FLOW_TEACHER_LAMBDA_MIN = -6.0
 #: fixed schedules tried as starting points of the local search (and reported)
 BASELINE_SCHEDULES: tuple[str, ...] = ("logsnr_uniform", "time_uniform", "karras", "exponential")
 MIN_GRID_POINTS = 16
+#: relocation trials of the local search after a sweep without improvement
+RELOCATIONS = 1
 DEFAULTS: dict[str, int] = {"grid_points": 100, "substeps": 3, "search_nfe": 320}
 TeacherEnd = Literal["ode", "sigma_min"]
 TEACHER_ENDS: tuple[str, ...] = get_args(TeacherEnd)
@@ -495,28 +497,49 @@ def _refine(objective: Callable[[Sequence[float]], float], box: _Box, start: Seq
             delta: float, min_delta: float, max_runs: int) -> tuple[list[float], float]:
     """Coordinate descent on the interior half log-SNRs (first point fixed at sigma_max), step halving.
 
-    Each trial moves one point by ``+-delta`` in lambda and is kept when the true end error drops;
-    ``delta`` halves after a sweep without improvement. At most ``max_runs`` solver runs.
+    Each trial moves one point by ``+-delta`` in lambda and is kept when the true end error drops.
+    After a sweep without improvement one relocation is tried (:func:`_relocations`), then
+    ``delta`` halves. At most ``max_runs`` solver runs.
     """
     lams, best = box.lambdas(start), start_error
     runs = 0
+
+    def first_better(trials: Sequence[list[float]]) -> bool:
+        nonlocal lams, best, runs
+        for trial in trials:
+            if runs >= max_runs:
+                return False
+            value = objective(box.points(trial))
+            runs += 1
+            if value < best:
+                best, lams = value, trial
+                return True
+        return False
+
     while runs < max_runs and delta >= min_delta and lams:
         improved = False
         for k in range(len(lams)):
+            moves = []
             for sign in (1.0, -1.0):
                 trial = list(lams)
                 trial[k] = min(trial[k] + sign * delta, box.top)
-                if trial[k] == lams[k] or not box.feasible(trial):
-                    continue
-                value = objective(box.points(trial))
-                runs += 1
-                if value < best:
-                    best, lams, improved = value, trial, True
-                    break
-                if runs >= max_runs:
-                    break
-            if runs >= max_runs:
-                break
+                if trial[k] != lams[k] and box.feasible(trial):
+                    moves.append(trial)
+            improved = first_better(moves) or improved
+        if not improved:
+            improved = first_better(_relocations(lams, box)[:RELOCATIONS])
         if not improved:
             delta /= 2.0
     return box.points(lams) if lams else list(start), best
+
+
+def _relocations(lams: Sequence[float], box: _Box) -> list[list[float]]:
+    """Moves that single-point steps cannot make: the later point of the narrowest gap in lambda
+    moved to the middle of another gap, widest first, so a step crowded next to its neighbour
+    (a wasted model call) is not stuck there."""
+    seq = [box.floor, *lams]
+    k = min(range(len(lams)), key=lambda i: seq[i + 1] - seq[i])
+    rest = [v for i, v in enumerate(lams) if i != k]
+    gaps = sorted(itertools.pairwise([box.floor, *rest]), key=lambda ab: ab[1] - ab[0], reverse=True)
+    trials = [sorted([*rest, 0.5 * (a + b)]) for a, b in gaps]
+    return [t for t in trials if box.feasible(t) and t != list(lams)]

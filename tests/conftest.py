@@ -99,6 +99,27 @@ def unet_counter() -> UnetCallCounter:
     return UnetCallCounter()
 
 
+#: a 16x16 RGB, 10-class EDM generator small enough for any test
+TINY_EDM = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, model_channels=32,
+                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+
+
+@pytest.fixture()
+def tiny_edm():
+    """``tiny_edm(arch="SongUNet", seed=0, **changes)``: our EDM network (:data:`TINY_EDM` config)
+    with seeded N(0, 0.05^2) weights."""
+    from comfyui_fewstep.distill_loaders.edm_networks import build_edm_network
+
+    def make(arch: str = "SongUNet", seed: int = 0, **changes) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        net = build_edm_network(arch, **{**TINY_EDM, **changes})
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        return net
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """Import ComfyUI from ``COMFYUI_PATH`` in CPU mode and return its root path."""

@@ -173,3 +173,29 @@ def test_bad_inputs_have_clear_messages():
 
     with pytest.raises(cal.CalibrationError, match="NaN/inf.*nothing was calibrated|nothing was calibrated.*NaN/inf"):
         cal.calibrate(nan_model, x, EDM, 4, grid_points=20)
+
+
+def test_relocation_moves_a_crowded_point_into_the_widest_gap(monkeypatch):
+    from comfyui_fewstep.samplers.calibration import _Box, _refine, _relocations
+
+    p = analytic.RANGE_PRESETS["edm"].parameterization()  # lambda from -ln 80 to -ln 0.002
+    box = _Box([80.0, 1.0, 0.002], p)
+    lams = [-2.0, 0.0, 0.01, 5.0]  # 0.0 and 0.01 crowd each other; the widest gap is 0.0 .. 5.0 once 0.01 is out
+    trials = _relocations(lams, box)
+    assert trials[0] == [-2.0, 0.0, 2.5, 5.0]
+    assert all(box.feasible(t) and len(t) == 4 for t in trials)
+    # a local optimum: separating the crowded pair step by step costs a penalty on the way
+    # (gaps between 0.015 and 0.5), so coordinate moves stay put; one relocation gets out
+    target = [-2.0, 0.0, 2.5, 5.0]
+
+    def objective(points):
+        lam = box.lambdas(points)
+        barrier = sum(10.0 for a, b in zip(lam, lam[1:]) if 0.015 < b - a < 0.5)
+        return sum((a - b) ** 2 for a, b in zip(lam, target)) + barrier
+
+    start = box.points(lams)
+    found, error = _refine(objective, box, start, objective(start), 0.1, 0.01, 200)
+    assert error < 1e-3 and box.lambdas(found) == pytest.approx(target, abs=0.02)
+    monkeypatch.setattr(cal, "RELOCATIONS", 0)
+    _, stuck = _refine(objective, box, start, objective(start), 0.1, 0.01, 200)
+    assert stuck == objective(start)  # no single-point move helps

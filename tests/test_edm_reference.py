@@ -254,21 +254,10 @@ def test_sid_snapshot_pickle_converts_and_generates_the_same_images(tmp_path, mo
     assert modules["<root>"]["class"].endswith("EDMPrecond")
 
 
-def test_sid_imagenet_pickle_is_told_from_dmd2_by_its_provenance(tmp_path, monkeypatch):
+def test_sid_imagenet_pickle_is_told_from_dmd2_by_its_provenance(tmp_path, monkeypatch, tiny_edm):
     """SiD's ImageNet-64 generator and DMD2's share the DhariwalUNet layout; a converted EDM
     persistence pickle (SiD's format) gets SiD's recipe whatever the file is called."""
-    torch.manual_seed(0)
-    net = build_edm_network(
-        "DhariwalUNet",
-        img_resolution=16,
-        in_channels=3,
-        out_channels=3,
-        label_dim=10,
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[8],
-    )
+    net = tiny_edm("DhariwalUNet")
     src = tmp_path / "network-snapshot-1.200000-939176.pkl"
     src.write_bytes(_persistence_pickle({"ema": EDMPrecond(net, 10)}, monkeypatch))
     dst, _ = convert(src, tmp_path / "generator.safetensors")

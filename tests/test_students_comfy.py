@@ -200,26 +200,12 @@ def test_student_sampling_objects(api):
     assert torch.equal(x0_ms.calculate_denoised(torch.tensor([14.6]), out, torch.zeros_like(out)), out)
 
 
-def test_edm_generator_node(api, tmp_path):
+def test_edm_generator_node(api, tmp_path, tiny_edm):
     import pickle
 
     from comfyui_fewstep.distill_loaders.convert_pickle import convert
-    from comfyui_fewstep.distill_loaders.edm_networks import build_edm_network
 
-    torch.manual_seed(0)
-    net = build_edm_network(
-        "SongUNet",
-        img_resolution=16,
-        in_channels=3,
-        out_channels=3,
-        label_dim=10,
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[8],
-    )
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    net = tiny_edm("SongUNet")
     src = tmp_path / "sid-network-snapshot.pkl"
     src.write_bytes(pickle.dumps({"ema": {f"model.{k}": v for k, v in net.state_dict().items()}}))
     convert(src, tmp_path / "sid_cifar10_cond.safetensors")
@@ -237,25 +223,12 @@ def test_edm_generator_node(api, tmp_path):
         api.nodes.generate_edm_images(_latent_file(tmp_path))
 
 
-def test_edm_generator_node_reads_dmd2s_plain_state_dict(api, tmp_path):
+def test_edm_generator_node_reads_dmd2s_plain_state_dict(api, tmp_path, tiny_edm):
     """DMD2's ImageNet generator ships as ``pytorch_model.bin``: an EDMPrecond state dict with the
     network under ``model.``; it runs unconverted, at DMD2's sigma 80."""
-    from comfyui_fewstep.distill_loaders.edm_networks import build_edm_network, generate_one_step
+    from comfyui_fewstep.distill_loaders.edm_networks import generate_one_step
 
-    torch.manual_seed(0)
-    net = build_edm_network(
-        "DhariwalUNet",
-        img_resolution=16,
-        in_channels=3,
-        out_channels=3,
-        label_dim=10,
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[8],
-    )
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    net = tiny_edm("DhariwalUNet")
     folder = tmp_path / "in64"
     folder.mkdir()
     torch.save({f"model.{k}": v for k, v in net.state_dict().items()}, folder / "pytorch_model.bin")

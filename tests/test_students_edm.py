@@ -65,21 +65,8 @@ def test_preconditioning_closed_form():
     torch.testing.assert_close(c_noise, torch.full((4,), math.log(2.5) / 4))
 
 
-def test_one_step_generation_shapes_and_range():
-    torch.manual_seed(0)
-    net = build_edm_network(
-        "SongUNet",
-        img_resolution=16,
-        in_channels=3,
-        out_channels=3,
-        label_dim=10,
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[8],
-    )
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+def test_one_step_generation_shapes_and_range(tiny_edm):
+    net = tiny_edm("SongUNet")
     sigma_init = float(recipe_sigmas("sid_edm_1step")[0])
     assert sigma_init == 2.5
     x = generate_one_step(net, torch.randn(2, 3, 16, 16), sigma_init, torch.eye(10)[:2])
@@ -90,26 +77,14 @@ def test_one_step_generation_shapes_and_range():
     assert not torch.allclose(y, z)
 
 
-def test_converted_pickle_loads_strictly(tmp_path):
-    torch.manual_seed(1)
-    kwargs = dict(
-        img_resolution=16,
-        in_channels=3,
-        out_channels=3,
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[8],
-    )
-    net = build_edm_network("DhariwalUNet", label_dim=10, **kwargs)
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+def test_converted_pickle_loads_strictly(tmp_path, tiny_edm):
+    net = tiny_edm("DhariwalUNet", seed=1)
     # DMD2's ImageNet pytorch_model.bin layout: an EDMPrecond state dict, network under "model."
     src = tmp_path / "dmd2-imagenet-network-snapshot.pkl"
     src.write_bytes(pickle.dumps({"ema": {f"model.{k}": v for k, v in net.state_dict().items()}}))
     dst, _ = convert(src, tmp_path / "dmd2_imagenet.safetensors")
     sd = load_file(str(dst))
-    fresh = build_edm_network("DhariwalUNet", label_dim=10, **kwargs)
+    fresh = tiny_edm("DhariwalUNet", seed=2)
     fresh.load_state_dict(sd, strict=True)
     z = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(
@@ -134,24 +109,6 @@ def test_config_is_recovered_from_shapes(arch, kwargs):
     assert found["attn_resolutions"] == list(kwargs["attn_resolutions"])
 
 
-def _tiny_edm(arch: str) -> torch.nn.Module:
-    torch.manual_seed(2)
-    net = build_edm_network(
-        arch,
-        img_resolution=16,
-        in_channels=3,
-        out_channels=3,
-        label_dim=10,
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[8],
-    )
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return net
-
-
 def _write(path, sd):
     if path.suffix == ".safetensors":
         save_file(sd, str(path))
@@ -174,11 +131,11 @@ def _write(path, sd):
         ("SongUNet", "dmd2_cifar.safetensors", True, "sid_edm_1step", "certain"),
     ],
 )
-def test_edm_recipe_from_provenance_not_only_the_name(tmp_path, arch, name, wrapped, recipe, confidence):
+def test_edm_recipe_from_provenance_not_only_the_name(tmp_path, tiny_edm, arch, name, wrapped, recipe, confidence):
     from comfyui_fewstep.distill_loaders.edm_networks import edm_config_from_state_dict, strip_precond_prefix
     from comfyui_fewstep.distill_loaders.load import load_weights
 
-    net = _tiny_edm(arch)
+    net = tiny_edm(arch, seed=2)
     sd = {(f"model.{k}" if wrapped else k): v for k, v in net.state_dict().items()}
     path = _write(tmp_path / name, sd)
     det = detect(path)
@@ -198,10 +155,10 @@ def test_edm_recipe_from_provenance_not_only_the_name(tmp_path, arch, name, wrap
     )
 
 
-def test_converted_plain_state_dict_is_dmd2_and_recipe_flag_wins(tmp_path):
+def test_converted_plain_state_dict_is_dmd2_and_recipe_flag_wins(tmp_path, tiny_edm):
     from comfyui_fewstep.distill_loaders.convert_pickle import main
 
-    net = _tiny_edm("DhariwalUNet")
+    net = tiny_edm("DhariwalUNet", seed=2)
     src = tmp_path / "snapshot.pkl"
     src.write_bytes(pickle.dumps({"ema": {f"model.{k}": v for k, v in net.state_dict().items()}}))
     dst, _ = convert(src, tmp_path / "g.safetensors")
@@ -215,11 +172,11 @@ def test_converted_plain_state_dict_is_dmd2_and_recipe_flag_wins(tmp_path):
     assert "fewstep_recipe" in det.reasons[-1]
 
 
-def test_converter_refuses_an_unknown_recipe(tmp_path, capsys):
+def test_converter_refuses_an_unknown_recipe(tmp_path, capsys, tiny_edm):
     from comfyui_fewstep.distill_loaders.convert_pickle import main
 
     src = tmp_path / "snapshot.pkl"
-    src.write_bytes(pickle.dumps({"ema": {k: v for k, v in _tiny_edm("SongUNet").state_dict().items()}}))
+    src.write_bytes(pickle.dumps({"ema": dict(tiny_edm("SongUNet").state_dict())}))
     assert main([str(src), "--recipe", "sid_edm"]) == 1
     err = capsys.readouterr().err
     assert "unknown recipe 'sid_edm'" in err and "sid_edm_1step" in err
