@@ -18,8 +18,9 @@ NFE from a handful of accurate trajectories of that model, in three stages:
    no model calls (see :mod:`._calibration_dp` for the step models and the error weighting).
 3. **Local search.** The DP schedule and a few fixed schedules (``logsnr_uniform``,
    ``time_uniform``, ``karras``, ``exponential``) are run with the true solver on the calibration
-   noise; from the best, coordinate descent on the interior ``lambda`` values (step halving)
-   minimises the true end-point error against the teacher, within a budget of model calls.
+   noise; from the best, coordinate descent on the interior ``lambda`` values (step halving, with
+   a relocation of the most crowded step when a sweep finds nothing) minimises the true end-point
+   error against the teacher, within a budget of model calls.
 4. **Fitted coefficients** (solver ``"fitted"``, :mod:`.fitted`): every run of the search fits
    the solver's per-step coefficients to the teacher's trajectory (weighted least squares, no
    extra model calls), so schedule and coefficients are calibrated together, and the result
