@@ -144,7 +144,9 @@ def model_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], extra: 
         flat = t.reshape(-1)
         n = flat.numel()
         if n:
-            idx = torch.linspace(0, n - 1, min(n, samples_per_tensor), device=flat.device).long()
+            k = min(n, samples_per_tensor)
+            # integer strides: a float32 linspace rounds n - 1 up to n past 2^24 elements
+            idx = torch.arange(k, dtype=torch.int64, device=flat.device) * (n - 1) // max(k - 1, 1)
             digest.update(flat[idx].to("cpu", torch.float32).numpy().tobytes())
     digest.update(extra.encode())
     return digest.hexdigest()

@@ -88,6 +88,17 @@ def test_model_fingerprint_sees_weights_shapes_and_extra():
     assert model_fingerprint(a.items(), extra="patch-uuid") != h
 
 
+def test_model_fingerprint_of_a_tensor_past_float32_integers():
+    """SD1.5's largest UNet weight has 1280 x 2560 x 3 x 3 = 29,491,200 elements, past 2^24 where
+    float32 no longer holds every integer: the sampled indices stay in range and the last element
+    is among them."""
+    n = 1280 * 2560 * 9
+    w = torch.zeros(n, dtype=torch.uint8)
+    h = model_fingerprint([("w", w)])
+    w[-1] = 1
+    assert model_fingerprint([("w", w)]) != h
+
+
 def test_record_from_a_calibration_result(tmp_path):
     data = analytic.GaussianData(c=1.0, dim=4)
     p = analytic.RANGE_PRESETS["edm"].parameterization()
