@@ -157,9 +157,9 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True, tooltip="Optional: negative conditioning for CFG."),
             ],
             outputs=[
-                io.Sampler.Output("sampler", tooltip="The solver the schedule was fitted for."),
-                io.Sigmas.Output("sigmas", tooltip="The calibrated schedule."),
-                io.String.Output("report", tooltip="Schedule, error and calibration cost."),
+                io.Sampler.Output("sampler", display_name="sampler", tooltip="The solver the schedule was fitted for."),
+                io.Sigmas.Output("sigmas", display_name="sigmas", tooltip="The calibrated schedule."),
+                io.String.Output("report", display_name="report", tooltip="Schedule, error and calibration cost."),
             ],
         )
 
@@ -211,9 +211,9 @@ class FewStepLoadSchedule(io.ComfyNode):
             description=f"Loads a schedule saved by FewStep Calibrate Steps (JSON files in the user folder "
                         f"'{STORE_FOLDER}'; copy a shared .json there).",
             inputs=[io.Combo.Input("name", options=names or [""], tooltip="Saved schedule (file name without .json).")],
-            outputs=[io.Sigmas.Output("sigmas", tooltip="The saved schedule."),
-                     io.String.Output("info", tooltip="Solver, NFE and steps the schedule was made for."),
-                     io.Sampler.Output("sampler", tooltip="The solver the schedule was calibrated for "
+            outputs=[io.Sigmas.Output("sigmas", display_name="sigmas", tooltip="The saved schedule."),
+                     io.String.Output("info", display_name="info", tooltip="Solver, NFE and steps the schedule was made for."),
+                     io.Sampler.Output("sampler", display_name="sampler", tooltip="The solver the schedule was calibrated for "
                                                           "(DPM-Solver++(2M) for a file with sigmas only).")],
         )
 

@@ -134,6 +134,8 @@ def patched_prompt(prompt: dict, checkpoint_name: str) -> dict:
             inputs["steps"] = min(inputs["steps"], MAX_STEPS)
         elif kind == "FewStepNFEPlan":
             inputs["nfe"] = min(inputs["nfe"], MAX_STEPS)
+        elif kind == "FewStepCalibrateSchedule":  # the smallest teacher and search the node accepts
+            inputs.update(nfe=min(inputs["nfe"], MAX_STEPS), seeds=1, grid_points=16, substeps=1, search_nfe=8)
     assert loaders, "the example loads no model"
     return prompt
 

@@ -153,6 +153,29 @@ NODES: dict[str, NodeSpec] = {
         ),
         size=(360, 230),
     ),
+    "FewStepCalibrateSchedule": NodeSpec(
+        sockets=(
+            ("model", "MODEL"),
+            ("positive", "CONDITIONING"),
+            ("latent_image", "LATENT"),
+            ("negative", "CONDITIONING"),
+        ),
+        widgets=(
+            "preset",
+            "nfe",
+            "seeds",
+            "seed",
+            "cfg",
+            "grid_points",
+            "substeps",
+            "search_nfe",
+            "use_cache",
+            "save_as",
+            "target",
+        ),
+        outputs=(("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("report", "STRING")),
+        size=(340, 370),
+    ),
     "FewStepCUDAGraph": NodeSpec(
         sockets=(("model", "MODEL"),),
         widgets=("enable", "max_graphs", "warmup", "verify", "attention", "tolerance"),
@@ -575,7 +598,58 @@ def cuda_graph() -> Workflow:
     return wf
 
 
-EXAMPLES = (dpm_solver_custom_sampler, ksampler_presets, nfe_plan, student_steps, cuda_graph)
+def calibrated_steps() -> Workflow:
+    wf = Workflow(
+        "fewstep_calibrated_steps",
+        "FewStep: steps calibrated to your model",
+        "FewStep Calibrate Steps fits a 6-call schedule and the solver's coefficients to this checkpoint "
+        "(a few hundred model calls once, then cached) and drives SamplerCustomAdvanced with them.",
+        SD15_MODELS,
+    )
+    loader = _checkpoint(wf)
+    positive, negative = _text_nodes(wf, loader)
+    latent = _latent(wf, (0, 200))
+    calibrate = wf.add(
+        "FewStepCalibrateSchedule",
+        (420, 420),
+        links={
+            "model": loader.out("MODEL"),
+            "positive": positive.out(),
+            "latent_image": latent.out(),
+            "negative": negative.out(),
+        },
+        preset="dpmpp_2m_fitted",
+        nfe=6,
+        seeds=8,
+        seed=0,
+        cfg=CFG,
+        grid_points=100,
+        substeps=3,
+        search_nfe=320,
+        use_cache=True,
+        save_as="",
+        target="ode",
+    )
+    guider = _cfg_guider(wf, loader.out("MODEL"), positive, negative)
+    noise = _noise(wf, (880, 150))
+    sample = _sample_custom(
+        wf, (1200, 0), noise, guider, calibrate.out("sampler"), calibrate.out("sigmas"), latent
+    )
+    wf.add("PreviewAny", (880, 420), "Calibration report", {"source": calibrate.out("report")})
+    _output(wf, sample.out(), loader.out("VAE"), 1200, 200, "FewStep/calibrated_steps")
+    wf.note(
+        (0, 420),
+        "Calibrated steps",
+        "The first run integrates a few accurate trajectories of *your* model (8 seeds, about 650 "
+        "batched model calls: minutes on a GPU) and fits where the 6 steps go and how the solver "
+        "combines them. The result is cached by the model's weights and the settings, so later runs "
+        "start sampling at once. Use the **sampler** and **sigmas** of the same node together; set "
+        "`save_as` to keep the schedule as a shareable JSON file (FewStep Load Schedule reads it).",
+    )
+    return wf
+
+
+EXAMPLES = (dpm_solver_custom_sampler, ksampler_presets, nfe_plan, student_steps, cuda_graph, calibrated_steps)
 
 
 def render(out_dir: Path = OUT_DIR) -> dict[Path, str]:
