@@ -108,7 +108,8 @@ def _report(record: ScheduleRecord, cached: bool) -> str:
     head = "cached" if cached else "calibrated"
     sig = ", ".join(f"{s:.4g}" for s in record.sigmas)
     return (f"{head}: {record.solver.get('label') or record.solver.get('solver')} at NFE {record.nfe}; "
-            f"sigmas [{sig}]; calibration error {record.error:.4g} vs teacher; cost {cost.get('total_nfe')} model calls "
+            f"sigmas [{sig}]; calibration error {record.error:.4g} vs teacher "
+            f"(target {record.settings.get('target', 'sigma_min')}); cost {cost.get('total_nfe')} model calls "
             f"on {cost.get('samples')} seeds ({cost.get('teacher_nfe')} teacher + {cost.get('search_nfe')} search), "
             f"{cost.get('seconds')} s")
 

@@ -146,6 +146,7 @@ def test_target_is_part_of_the_settings_and_the_cache_key(nodes, tiny_comfy_mode
         ode = _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds).result  # default: the ODE's solution at 0
         at_min = _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, target="sigma_min").result
     assert ode[2].startswith("calibrated") and at_min[2].startswith("calibrated")  # no cache hit across targets
+    assert "(target ode)" in ode[2] and "(target sigma_min)" in at_min[2]
     records = [json.loads(f.read_text()) for f in (tmp_path / nodes.STORE_FOLDER / "cache").glob("*.json")]
     assert sorted(r["settings"]["target"] for r in records) == ["ode", "sigma_min"]
     with pytest.raises(ValueError, match="teacher end must be one of"), torch.inference_mode():

@@ -428,6 +428,16 @@ def _ksampler(wf: Workflow, model: Link, positive: Node, negative: Node, sampler
     )
 
 
+def _guided_sample(
+    wf: Workflow, loader: Node, positive: Node, negative: Node, sampler: Link, sigmas: Link, latent: Node, name: str
+) -> None:
+    """CFGGuider + RandomNoise into SamplerCustomAdvanced, decoded and saved as ``FewStep/<name>``."""
+    guider = _cfg_guider(wf, loader.out("MODEL"), positive, negative)
+    noise = _noise(wf, (880, 150))
+    sample = _sample_custom(wf, (1200, 0), noise, guider, sampler, sigmas, latent)
+    _output(wf, sample.out(), loader.out("VAE"), 1200, 200, f"FewStep/{name}")
+
+
 def _output(wf: Workflow, latent: Link, vae: Link, x: int, y: int, prefix: str) -> Node:
     decode = wf.add("VAEDecode", (x, y), links={"samples": latent, "vae": vae})
     return wf.add("SaveImage", (x + 250, y), links={"images": decode.out()}, filename_prefix=prefix)
@@ -507,12 +517,9 @@ def nfe_plan() -> Workflow:
         cfg=CFG,
         denoise=1.0,
     )
-    guider = _cfg_guider(wf, loader.out("MODEL"), positive, negative)
-    noise = _noise(wf, (880, 150))
     latent = _latent(wf, (880, 280))
-    sample = _sample_custom(wf, (1200, 0), noise, guider, plan.out("SAMPLER"), plan.out("SIGMAS"), latent)
+    _guided_sample(wf, loader, positive, negative, plan.out("SAMPLER"), plan.out("SIGMAS"), latent, "nfe_plan")
     wf.add("PreviewAny", (420, 450), "Plan", {"source": plan.out("plan")})
-    _output(wf, sample.out(), loader.out("VAE"), 1200, 200, "FewStep/nfe_plan")
     wf.note(
         (0, 660),
         "Budget first",
@@ -630,13 +637,9 @@ def calibrated_steps() -> Workflow:
         save_as="",
         target="ode",
     )
-    guider = _cfg_guider(wf, loader.out("MODEL"), positive, negative)
-    noise = _noise(wf, (880, 150))
-    sample = _sample_custom(
-        wf, (1200, 0), noise, guider, calibrate.out("sampler"), calibrate.out("sigmas"), latent
-    )
+    sampler, sigmas = calibrate.out("sampler"), calibrate.out("sigmas")
+    _guided_sample(wf, loader, positive, negative, sampler, sigmas, latent, "calibrated_steps")
     wf.add("PreviewAny", (880, 420), "Calibration report", {"source": calibrate.out("report")})
-    _output(wf, sample.out(), loader.out("VAE"), 1200, 200, "FewStep/calibrated_steps")
     wf.note(
         (0, 420),
         "Calibrated steps",
