@@ -303,13 +303,12 @@ def ode_limit(sigmas: Sequence[float], ds: torch.Tensor, parameterization: Param
     p = parameterization
     lam = [p.lambda_(s) for s in sigmas]
     idx: list[int] = []
-    for f in factors:
+    for f in factors:  # the nearest grid point not taken yet (distinct even on a coarse grid)
         target = lam[-1] - math.log(f)
-        i = min(range(len(lam)), key=lambda k: abs(lam[k] - target) if math.isfinite(lam[k]) else math.inf)
-        if i not in idx:
-            idx.append(i)
-    if len(idx) < 3:
-        return ds[-1].to(torch.float64)  # a grid too coarse near sigma_min to extrapolate
+        free = [k for k in range(len(lam)) if k not in idx and math.isfinite(lam[k])]
+        if not free:
+            raise ValueError(f"ode_limit needs {len(factors)} grid points with finite lambda, got {len(idx)}")
+        idx.append(min(free, key=lambda k: abs(lam[k] - target)))
     sig = [math.exp(-lam[i]) for i in idx]  # VE sigma
     basis = torch.tensor([[1.0, v**2, v**3] for v in sig], dtype=torch.float64)
     weights = torch.linalg.inv(basis)[0].tolist()  # the x_0 row of the interpolation

@@ -86,6 +86,10 @@ def test_ode_limit_removes_the_sigma_min_floor():
     x0, beta, gamma = torch.randn(3, 5, dtype=torch.float64)
     poly = torch.stack([x0 + beta * s**2 + gamma * s**3 for s in sigmas])
     torch.testing.assert_close(cal.ode_limit(sigmas, poly, p), x0, rtol=0, atol=1e-9)
+    # a coarse grid (one point per unit of lambda) still gets three distinct points
+    coarse = [s_min * math.e**k for k in (3, 2, 1, 0)]
+    poly = torch.stack([x0 + beta * s**2 + gamma * s**3 for s in coarse])
+    torch.testing.assert_close(cal.ode_limit(coarse, poly, p), x0, rtol=0, atol=1e-9)
     floor = float(analytic.per_sample_rms(ds[-1], exact).median())
     assert floor > 2e-3  # the floor every sampler stopping at sigma_min keeps
     assert float(analytic.per_sample_rms(limit, exact).median()) < floor / 10
