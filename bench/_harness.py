@@ -88,3 +88,20 @@ def ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, form: str) -> t
         ratio = s[i + 1] / s[i]
         x = ratio * x + (a_t - a_s * ratio) * denoised
     return x
+
+
+def write_section(path: Path, section: str, begin: str, end: str, after: str | None = None) -> None:
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) into the markdown file
+    ``path``: in place of the previous one, else right after the marker ``after`` when the file
+    has it, else at the end."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    section = section.rstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    elif after is not None and after in text:
+        head, rest = text.split(after, 1)
+        text = head + after + "\n\n" + section + rest
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _comfy
 import solver_benchmark as sb
-from _harness import import_package, measure
+from _harness import import_package, measure, write_section
 from _tier2 import make_teacher_problem
 
 NFES = (4, 5, 6, 8)
@@ -176,13 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(lines) + "\n"
     print(section)
     if args.out is not None:
-        text = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        args.out.write_text(text)
+        write_section(args.out, section, BEGIN, END)
     return 0
 
 

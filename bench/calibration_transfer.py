@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import import_package, measure
+from _harness import import_package, measure, write_section
 
 RANGES = ("sd15", "edm", "flow_shift3")
 NFES = (5, 8)
@@ -122,18 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(lines) + "\n"
     print(section)
     if args.out is not None:
-        text = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-        else:
-            anchor = "<!-- calibration-benchmark:end -->"
-            if anchor in text:
-                head, rest = text.split(anchor, 1)
-                text = head + anchor + "\n\n" + section.rstrip("\n") + rest
-            else:
-                text = text.rstrip("\n") + "\n\n" + section
-        args.out.write_text(text)
+        write_section(args.out, section, BEGIN, END, after="<!-- calibration-benchmark:end -->")
     return 0
 
 

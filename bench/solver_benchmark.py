@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _comfy  # noqa: E402
-from _harness import ROOT, Result, ddim, euler_ode, import_package, measure  # noqa: E402
+from _harness import ROOT, Result, ddim, euler_ode, import_package, measure, write_section  # noqa: E402
 from _tier2 import make_teacher_problem  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
@@ -404,17 +404,6 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def plot(results: list[Result], problems, nfes, path: Path, with_comfy: bool) -> bool:
     try:
         import matplotlib
@@ -521,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                      n_samples, plot_name)
     print(section)
     if args.out is not None:
-        write_markdown(args.out, section)
+        write_section(args.out, section, BEGIN, END)
     return 0
 
 
