@@ -64,21 +64,49 @@ def regressor_count(step: int, n_steps: int, history: int = HISTORY) -> int:
     return k if step == n_steps - 1 else k + 2
 
 
-def _step_terms(x: torch.Tensor, outputs: list[torch.Tensor], s: float, t: float, s_prev: float | None,
-                p: Parameterization, history: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The base update and the regressors of one step (module docstring), in float64."""
-    d = outputs[0]
-    diffs = [d - outputs[k] for k in range(1, min(history, len(outputs) - 1) + 1)]
+def _step_weights(s: float, t: float, s_prev: float | None, p: Parameterization,
+                  k: int) -> tuple[list[float], list[float | None]]:
+    """One step as scalars on the atoms ``[D_n, x_n, D_n - D_(n-1), ..., D_n - D_(n-k)]``: the base
+    update's coefficients and each regressor's scale (None: not a regressor), in the regressors'
+    order of the module docstring. Float64 host values."""
     if t == 0.0:
-        return d, diffs
+        return [1.0, 0.0] + [0.0] * k, [None, None] + [1.0] * k
     h = p.lambda_(t) - p.lambda_(s)
     ratio, alpha_t = p.sigma_t(t) / p.sigma_t(s), p.alpha(t)
     c1 = -math.expm1(-h)
-    base = ratio * x + (alpha_t * c1) * d
-    if s_prev is not None and math.isfinite(p.lambda_(s_prev)):
+    base = [alpha_t * c1, ratio] + [0.0] * k
+    if k and s_prev is not None and math.isfinite(p.lambda_(s_prev)):
         r = (p.lambda_(s) - p.lambda_(s_prev)) / h
-        base = base + (alpha_t * c1 / (2.0 * r)) * diffs[0]
-    return base, [alpha_t * d, ratio * x, *(alpha_t * v for v in diffs)]
+        base[2] = alpha_t * c1 / (2.0 * r)
+    return base, [alpha_t, ratio] + [alpha_t] * k
+
+
+def _step_terms(x: torch.Tensor, outputs: list[torch.Tensor], weights: tuple[list[float], list[float | None]]
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The base update and the regressor tensors of one step (for fitting)."""
+    d = outputs[0]
+    atoms = [d, x, *(d - outputs[j] for j in range(1, len(outputs)))]
+    base_coef, scales = weights
+    base = sum((c * v for c, v in zip(base_coef, atoms) if c != 0.0), torch.zeros_like(d))
+    return base, [c * v for c, v in zip(scales, atoms) if c is not None]
+
+
+def _apply_step(x: torch.Tensor, outputs: list[torch.Tensor], weights: tuple[list[float], list[float | None]],
+                w: Sequence[float]) -> torch.Tensor:
+    """``x_base + sum_k w_k R_k`` folded into one combination of ``x_n`` and the stored ``D``'s
+    (sampling: no regressor tensors, ``k + 2`` scaled adds)."""
+    base_coef, scales = weights
+    it = iter(w)
+    coef = [b + next(it) * c if c is not None else b for b, c in zip(base_coef, scales)]
+    # D_n - D_(n-j) atoms: their coefficients move onto D_n and (negated) onto D_(n-j)
+    c_d = coef[0] + sum(coef[2:])
+    state = c_d * outputs[0]
+    if coef[1] != 0.0:
+        state = state + coef[1] * x
+    for j, c in enumerate(coef[2:], start=1):
+        if c != 0.0:
+            state = state - c * outputs[j]
+    return state
 
 
 def _fit_step(base: torch.Tensor, regressors: list[torch.Tensor], target: torch.Tensor,
@@ -119,16 +147,13 @@ def _run(model: Denoiser, x: torch.Tensor, values: list[float], p: Parameterizat
         denoised = evaluate(x_n, s, n)
         emit_callback(callback, n, x_n, s, denoised, sigmas)
         outputs = [denoised.to(work), *outputs][: history + 1]
-        base, regressors = _step_terms(state, outputs, s, t, values[n - 1] if n else None, p, history)
+        weights = _step_weights(s, t, values[n - 1] if n else None, p, len(outputs) - 1)
         if targets is not None:
-            w = _fit_step(base, regressors, targets(n, t), irls_iterations)
+            w = _fit_step(*_step_terms(state, outputs, weights), targets(n, t), irls_iterations)
             fitted.append(w)
         else:
-            w = list(coefficients[n])  # type: ignore[index]
-        state = base
-        for wk, r in zip(w, regressors):
-            if wk != 0.0:
-                state = state + wk * r
+            w = coefficients[n]  # type: ignore[index]
+        state = _apply_step(state, outputs, weights, w)
     return state.to(x.dtype), fitted
 
 
