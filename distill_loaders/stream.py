@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +223,6 @@ def stream_into(
                 ]
                 reads.append((name, chunks))
                 if not direct:  # the staging buffer is reused: finish this tensor first
-                    wait(chunks)
                     for chunk in chunks:
                         chunk.result()
                     view = staging[: buffer.size].view(file_dtype).view(contents.tensors[name].shape)
