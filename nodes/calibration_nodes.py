@@ -21,7 +21,8 @@ import torch
 
 from ..samplers.calibration import DEFAULTS, TEACHER_ENDS, CalibrationError, SolverSpec, calibrate
 from ..samplers.fitted import HISTORY
-from ..samplers.schedule_store import ScheduleRecord, ScheduleStore, cache_key, model_fingerprint
+from ..samplers.schedule_store import (ScheduleRecord, ScheduleStore, cache_key, model_fingerprint,
+                                      object_fingerprint)
 from ._api import CATEGORY_SCHEDULERS, io, ui
 from ._comfy_sampler import PRESETS, make_fitted_sampler, make_sampler
 from ._comfy_sampling import parameterization_for_model
@@ -45,13 +46,23 @@ def schedule_store() -> ScheduleStore:
 
 
 def model_hash(model: Any) -> str:
-    """Fingerprint of a ComfyUI ``MODEL``: strided samples of the diffusion model's weights and shapes.
+    """Fingerprint of a ComfyUI ``MODEL``: of its denoiser, not of a patcher object.
 
-    Weight patches (LoRA) are not applied to the stored weights until sampling; when a model has
-    any, their patch id is included, so a patched model is recalibrated once per patch set.
+    The base weights are sampled as they are on disk: ComfyUI patches the weights of the loaded
+    clone in place and keeps the originals in ``backup`` (shared by all clones), so those are
+    read where present. Everything else that changes the denoiser is hashed by content: the
+    weight patches (LoRA), object patches (e.g. a replaced ``model_sampling``), the model options
+    (wrappers, attention and CFG patches) and the model sampling object. The same graph hashes
+    the same in every session, before and after it ran.
     """
-    extra = f"patches={model.patches_uuid}" if getattr(model, "patches", None) else ""
-    return model_fingerprint(model.model.named_parameters(), extra=extra)
+    backup = getattr(model, "backup", None) or {}
+    weights = ((name, backup[name].weight if name in backup else param)
+               for name, param in model.model.named_parameters())
+    denoiser = {"patches": getattr(model, "patches", {}), "object_patches": getattr(model, "object_patches", {}),
+                "weight_wrapper_patches": getattr(model, "weight_wrapper_patches", {}),
+                "model_options": getattr(model, "model_options", {}),
+                "model_sampling": model.get_model_object("model_sampling")}
+    return model_fingerprint(weights, extra=object_fingerprint(denoiser))
 
 
 def _spec(preset: str) -> SolverSpec:
@@ -173,8 +184,8 @@ class FewStepCalibrateSchedule(io.ComfyNode):
         settings = {"preset": preset, "options": dict(spec.options), "nfe": int(nfe), "seeds": int(seeds),
                     "seed": int(seed), "cfg": float(cfg) if negative is not None else 1.0,
                     "grid_points": int(grid_points), "substeps": int(substeps), "search_nfe": int(search_nfe),
-                    "target": str(target), "latent_shape": shape, "parameterization": [parameterization.kind, parameterization.sigma_min,
-                                                                parameterization.sigma_max]}
+                    "target": str(target), "latent_shape": shape, "parameterization": [parameterization.kind, parameterization.family,
+                                                                parameterization.sigma_min, parameterization.sigma_max]}
         store = schedule_store()
         mhash = model_hash(model)
         key = cache_key(mhash, settings)

@@ -17,8 +17,8 @@ file + rename), and only successful calibrations reach the store (the node write
 :func:`.calibration.calibrate` returns).
 
 :func:`model_fingerprint` hashes a model's parameters cheaply: names, shapes, dtypes and a strided
-sample of each tensor's values (not the whole tensor), plus any extra identity string (e.g. the
-patch id of a patched model).
+sample of each tensor's values (not the whole tensor), plus any extra identity string;
+:func:`object_fingerprint` hashes the rest of a model by content (patches, options, wrappers).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import tempfile
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -44,7 +46,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "comfyui_fewstep.calibrated_schedule/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,99}$")
 
-__all__ = ["FORMAT", "ScheduleRecord", "ScheduleStore", "cache_key", "model_fingerprint", "validate_sigmas"]
+__all__ = ["FORMAT", "ScheduleRecord", "ScheduleStore", "cache_key", "model_fingerprint", "object_fingerprint",
+           "validate_sigmas"]
 
 
 def validate_sigmas(sigmas: Iterable[Any], where: str = "schedule") -> list[float]:
@@ -134,22 +137,120 @@ class ScheduleRecord:
             raise ValueError(f"{where}: {exc}") from exc
 
 
+def _feed_tensor(digest: Any, tensor: torch.Tensor, samples: int) -> None:
+    """Shape, dtype and ``samples`` values at even integer strides of ``tensor`` into ``digest``."""
+    t = tensor.detach()
+    digest.update(f"{tuple(t.shape)}|{t.dtype}".encode())
+    flat = t.reshape(-1)
+    n = flat.numel()
+    if n:
+        k = min(n, samples)
+        # integer strides: a float32 linspace rounds n - 1 up to n past 2^24 elements
+        idx = torch.arange(k, dtype=torch.int64, device=flat.device) * (n - 1) // max(k - 1, 1)
+        digest.update(flat[idx].to("cpu", torch.float32).numpy().tobytes())
+
+
 def model_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], extra: str = "",
                       samples_per_tensor: int = 64) -> str:
     """SHA-256 of parameter names, shapes, dtypes and ``samples_per_tensor`` strided values per tensor."""
     digest = hashlib.sha256()
     for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
-        t = tensor.detach()
-        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        flat = t.reshape(-1)
-        n = flat.numel()
-        if n:
-            k = min(n, samples_per_tensor)
-            # integer strides: a float32 linspace rounds n - 1 up to n past 2^24 elements
-            idx = torch.arange(k, dtype=torch.int64, device=flat.device) * (n - 1) // max(k - 1, 1)
-            digest.update(flat[idx].to("cpu", torch.float32).numpy().tobytes())
+        digest.update(f"{name}|".encode())
+        _feed_tensor(digest, tensor, samples_per_tensor)
     digest.update(extra.encode())
     return digest.hexdigest()
+
+
+#: how deep :func:`object_fingerprint` follows containers, attributes and closures
+FINGERPRINT_DEPTH = 8
+
+
+def object_fingerprint(value: Any, samples_per_tensor: int = 64) -> str:
+    """SHA-256 of what ``value`` computes with, stable across processes.
+
+    For the parts of a model that are not its weights: patch lists, option dictionaries, wrapper
+    functions. Numbers, strings and tensors (as in :func:`model_fingerprint`) by value; containers
+    by their items; functions by module, qualified name, byte code, bound ``self`` and closure
+    values; modules by their parameters and buffers; other objects by class and attributes. Object
+    addresses and ids never enter (they change with every run); cycles and nesting deeper than
+    :data:`FINGERPRINT_DEPTH` are cut off.
+    """
+    digest = hashlib.sha256()
+    _feed_object(digest, value, samples_per_tensor, set(), 0)
+    return digest.hexdigest()
+
+
+def _class_name(kind: type) -> str:
+    """A class by the names of its bases too: classes made at run time share one qualified name."""
+    return "<" + ",".join(f"{c.__module__}.{c.__qualname__}" for c in kind.__mro__) + ">"
+
+
+def _key_name(key: Any) -> str:
+    """A mapping key as text without object addresses (plain values by repr, others by class)."""
+    if key is None or isinstance(key, (numbers.Number, str, bytes)):
+        return repr(key)
+    if isinstance(key, tuple):
+        return "(" + ",".join(_key_name(k) for k in key) + ")"
+    return _class_name(type(key))
+
+
+def _feed_object(digest: Any, value: Any, samples: int, active: set[int], depth: int) -> None:
+    put = digest.update
+    if value is None or isinstance(value, (numbers.Number, str, bytes)):
+        put(f"{type(value).__name__}:{value!r};".encode())
+        return
+    if isinstance(value, (torch.dtype, torch.device)):
+        put(f"{value};".encode())
+        return
+    if isinstance(value, torch.Tensor):
+        put(b"tensor:")
+        _feed_tensor(digest, value, samples)
+        return
+    put(_class_name(type(value)).encode())
+    if depth >= FINGERPRINT_DEPTH or id(value) in active:
+        return
+    active.add(id(value))
+    try:
+        if isinstance(value, Mapping):
+            for k, v in sorted(value.items(), key=lambda item: _key_name(item[0])):
+                put(f"{_key_name(k)}=".encode())
+                _feed_object(digest, v, samples, active, depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                _feed_object(digest, v, samples, active, depth + 1)
+        elif isinstance(value, (set, frozenset)):
+            for v in sorted(value, key=_key_name):
+                _feed_object(digest, v, samples, active, depth + 1)
+        elif isinstance(value, torch.nn.Module):
+            tensors = itertools.chain(value.named_parameters(), value.named_buffers())
+            for name, t in sorted(tensors, key=lambda item: item[0]):
+                put(f"{name}=".encode())
+                _feed_tensor(digest, t, samples)
+        elif isinstance(value, type):
+            put(_class_name(value).encode())
+        elif isinstance(value, types.CodeType):  # byte code, names and constants (nested code too)
+            put(value.co_code + repr(value.co_names).encode())
+            _feed_object(digest, value.co_consts, samples, active, depth + 1)
+        elif callable(value) and hasattr(value, "__code__"):  # functions, lambdas, bound methods
+            put(f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}".encode())
+            _feed_object(digest, value.__code__, samples, active, depth + 1)
+            _feed_object(digest, getattr(value, "__self__", None), samples, active, depth + 1)
+            for cell in getattr(value, "__closure__", None) or ():
+                try:
+                    contents = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                _feed_object(digest, contents, samples, active, depth + 1)
+            _feed_object(digest, getattr(value, "__defaults__", None), samples, active, depth + 1)
+        elif hasattr(value, "func") and hasattr(value, "args"):  # functools.partial
+            for v in (value.func, value.args, getattr(value, "keywords", None)):
+                _feed_object(digest, v, samples, active, depth + 1)
+        elif hasattr(value, "__dict__"):
+            _feed_object(digest, vars(value), samples, active, depth + 1)
+        elif hasattr(value, "__qualname__"):  # builtins
+            put(f"{getattr(value, '__module__', '')}.{value.__qualname__};".encode())
+    finally:
+        active.discard(id(value))
 
 
 def cache_key(model_hash: str, settings: Mapping[str, Any]) -> str:

@@ -31,13 +31,32 @@ def _calibrate(nodes, model, conds, **kw):
     return nodes.FewStepCalibrateSchedule.execute(**args)
 
 
-def test_calibrate_caches_and_drives_sampler_custom_advanced(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path, unet_counter):
+class _ForwardCounter:
+    """Counts UNet forward calls with a module hook: a counting model wrapper would itself be part
+    of the model's fingerprint, and its changing count another model."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.model.diffusion_model.register_forward_hook(self)
+
+    def __call__(self, *args):
+        self.calls += 1
+
+
+@pytest.fixture()
+def forward_counter(tiny_comfy_model):
+    counter = _ForwardCounter(tiny_comfy_model)
+    yield counter
+    counter.handle.remove()
+
+
+def test_calibrate_caches_and_drives_sampler_custom_advanced(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path,
+                                                             forward_counter):
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as custom
 
-    counter = unet_counter
+    counter = forward_counter
     model = tiny_comfy_model.clone()
-    model.set_model_unet_function_wrapper(counter)
     with torch.inference_mode():
         out = _calibrate(nodes, model, tiny_comfy_conds, save_as="tiny sd15 2m")
     sampler, sigmas, report = out.result
@@ -151,3 +170,61 @@ def test_target_is_part_of_the_settings_and_the_cache_key(nodes, tiny_comfy_mode
     assert sorted(r["settings"]["target"] for r in records) == ["ode", "sigma_min"]
     with pytest.raises(ValueError, match="teacher end must be one of"), torch.inference_mode():
         _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, target="zero")
+
+
+def _lora(model, strength, seed=0):
+    """A real kohya-style LoRA on one attention projection, applied with ComfyUI's own loader."""
+    import comfy.lora
+    import comfy.sd
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    name, target = next((k, v) for k, v in sorted(key_map.items()) if k.startswith("lora_unet_") and "attn1_to_q" in k)
+    rows, cols = model.model.state_dict()[target].shape
+    g = torch.Generator().manual_seed(seed)
+    lora = {f"{name}.lora_up.weight": torch.randn(rows, 4, generator=g), f"{name}.lora_down.weight":
+            torch.randn(4, cols, generator=g), f"{name}.alpha": torch.tensor(4.0)}
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+    return patched
+
+
+def test_lora_model_hits_its_cache_after_running_and_leaves_the_base_hash_alone(
+        nodes, tiny_comfy_model, tiny_comfy_conds):
+    """ComfyUI patches the loaded clone's weights in place (a random patch id per add_patches): the
+    fingerprint reads the unpatched weights and the patches by content, so it is the same before
+    and after a run, for a rebuilt identical LoRA (another session), and for the base model."""
+    base = nodes.model_hash(tiny_comfy_model)
+    lora = _lora(tiny_comfy_model, 0.8)
+    before = nodes.model_hash(lora)
+    assert before != base
+    with torch.inference_mode():
+        first = _calibrate(nodes, lora, tiny_comfy_conds).result[2]
+        again = _calibrate(nodes, lora, tiny_comfy_conds).result[2]
+    assert first.startswith("calibrated") and again.startswith("cached")
+    assert nodes.model_hash(lora) == before == nodes.model_hash(_lora(tiny_comfy_model, 0.8))
+    assert nodes.model_hash(tiny_comfy_model) == base  # its weights are patched in place right now
+    assert nodes.model_hash(_lora(tiny_comfy_model, 0.7)) != before
+    assert nodes.model_hash(_lora(tiny_comfy_model, 0.8, seed=1)) != before
+
+
+def test_model_patches_and_prediction_type_change_the_cache_key(nodes, tiny_comfy_model, tiny_comfy_conds):
+    """A wrapper, an attention or CFG patch, or another prediction type is another denoiser."""
+    import comfy_extras.nodes_model_advanced as advanced
+
+    base = nodes.model_hash(tiny_comfy_model)
+    hashes = {base}
+    for patch in ("set_model_sampler_cfg_function", "set_model_unet_function_wrapper"):
+        m = tiny_comfy_model.clone()
+        getattr(m, patch)(lambda args: args["cond"] if isinstance(args, dict) else args)
+        hashes.add(nodes.model_hash(m))
+    scaled = tiny_comfy_model.clone()
+    scaled.set_model_attn2_patch(lambda q, k, v, extra_options: (q, k * 0.5, v))
+    hashes.add(nodes.model_hash(scaled))
+    halved = tiny_comfy_model.clone()
+    halved.set_model_attn2_patch(lambda q, k, v, extra_options: (q, k * 0.25, v))
+    hashes.add(nodes.model_hash(halved))
+    v_pred = advanced.ModelSamplingDiscrete().patch(tiny_comfy_model, "v_prediction", False)[0]
+    eps = advanced.ModelSamplingDiscrete().patch(tiny_comfy_model, "eps", False)[0]
+    hashes |= {nodes.model_hash(v_pred), nodes.model_hash(eps)}
+    assert len(hashes) == 7
+    assert nodes.model_hash(advanced.ModelSamplingDiscrete().patch(tiny_comfy_model, "v_prediction", False)[0]) \
+        == nodes.model_hash(v_pred)

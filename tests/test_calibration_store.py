@@ -14,6 +14,7 @@ from comfyui_fewstep.samplers.schedule_store import (
     ScheduleStore,
     cache_key,
     model_fingerprint,
+    object_fingerprint,
 )
 
 
@@ -109,3 +110,56 @@ def test_record_from_a_calibration_result(tmp_path):
     store = ScheduleStore(tmp_path)
     store.put(cache_key("hash", {"nfe": 4}), rec)
     assert store.get(cache_key("hash", {"nfe": 4})) == rec
+
+
+def _scale(factor):
+    def wrapper(apply, args):
+        return apply(args["input"]) * factor
+    return wrapper
+
+
+class _Patch:
+    def __init__(self, weights, strength):
+        self.weights, self.strength = weights, strength
+
+
+def test_object_fingerprint_sees_values_code_and_closures_not_identity():
+    """What a patch computes with changes the hash; rebuilding the same patch (new objects, new
+    addresses, as in another session) does not."""
+    torch.manual_seed(0)
+    up = torch.randn(8, 4)
+
+    def options(factor=0.5, strength=1.0, tensor=up):
+        return {"patches": {"proj.weight": [(strength, _Patch((tensor.clone(), None), 1.0), 1.0, None, None)]},
+                "model_options": {"transformer_options": {}, "wrapper": _scale(factor)}, "shift": 3.0}
+
+    h = object_fingerprint(options())
+    assert object_fingerprint(options()) == h  # fresh objects with the same content
+    assert object_fingerprint(options(factor=0.6)) != h  # a closure value
+    assert object_fingerprint(options(strength=0.9)) != h  # a patch strength
+    other = up.clone()
+    other[0, 0] += 1.0
+    assert object_fingerprint(options(tensor=other)) != h  # a patch tensor
+    changed = options()
+    changed["model_options"]["wrapper"] = lambda apply, args: apply(args["input"]) * 0.5
+    assert object_fingerprint(changed) != h  # other code
+    cyclic = options()
+    cyclic["self"] = cyclic
+    assert object_fingerprint(cyclic) == object_fingerprint(cyclic)
+
+
+def test_object_fingerprint_tells_classes_made_at_run_time_apart():
+    """ComfyUI's ModelSamplingDiscrete node builds eps and v classes with one qualified name."""
+    def make(base):
+        class Sampling(base, torch.nn.Module):
+            pass
+        return Sampling()
+
+    class Eps:
+        pass
+
+    class V:
+        pass
+
+    assert object_fingerprint(make(Eps)) != object_fingerprint(make(V))
+    assert object_fingerprint(make(Eps)) == object_fingerprint(make(Eps))
