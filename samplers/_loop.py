@@ -89,8 +89,9 @@ class ModelEvaluator:
         return denoised
 
 
-def sigma_list(sigmas: torch.Tensor) -> list[float]:
-    """The schedule as host float64 values, validated: 1-D, non-negative, strictly decreasing.
+def sigma_list(sigmas: torch.Tensor, parameterization: Any = None) -> list[float]:
+    """The schedule as host float64 values, validated: 1-D, non-negative, strictly decreasing,
+    and within [0, 1] for a flow model (``parameterization.kind == "flow"``).
 
     One device-to-host copy per run; the loops then branch on Python floats only.
     """
@@ -105,6 +106,11 @@ def sigma_list(sigmas: torch.Tensor) -> list[float]:
                 "sigmas must be strictly decreasing (a SIGMAS schedule from high noise to low); "
                 f"got {a:.6g} followed by {b:.6g}. Check the schedule node, or use a FlipSigmas node."
             )
+    if getattr(parameterization, "kind", None) == "flow" and values and values[0] > 1.0:
+        raise ValueError(
+            f"a flow model's sigmas lie in [0, 1], got sigmas[0]={values[0]!r}: this schedule was made for "
+            "another model family. Build the SIGMAS from this model (e.g. a scheduler node fed with the same MODEL)."
+        )
     return values
 
 

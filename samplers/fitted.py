@@ -198,7 +198,7 @@ def sample_fitted_multistep(
             do not fit the schedule.
     """
     p = _VE_DEFAULT if parameterization is None else parameterization
-    values = sigma_list(sigmas)
+    values = sigma_list(sigmas, p)
     if fitted_sigmas is not None:
         fitted = [float(v) for v in fitted_sigmas]
         if len(fitted) != len(values) or any(abs(a - b) > SIGMA_RTOL * max(abs(b), 1e-12) for a, b in zip(values, fitted)):

@@ -194,9 +194,7 @@ def sample_dpmpp_multistep(
     p = _VE_DEFAULT if parameterization is None else parameterization
     if not isinstance(p, Parameterization):
         raise TypeError(f"parameterization must be a Parameterization or None, got {type(p).__name__}")
-    values = sigma_list(sigmas)
-    if p.kind == "flow" and values and values[0] > 1.0:
-        raise ValueError(f"a flow model's sigmas lie in [0, 1], got sigmas[0]={values[0]!r}")
+    values = sigma_list(sigmas, p)
     points = values[:-1] if final_step == "sigma_min" and values and values[-1] == 0.0 else values
     if len(points) < 2:
         return x

@@ -335,7 +335,7 @@ def sample_dpmpp_singlestep(
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     p = VE_DEFAULT if parameterization is None else parameterization
-    values = sigma_list(sigmas)
+    values = sigma_list(sigmas, p)
     n_intervals = max(len(values) - 1, 0)
     ends_at_zero = n_intervals > 0 and values[-1] == 0.0
     n_steps = n_intervals - 1 if (ends_at_zero and final_step == "sigma_min") else n_intervals

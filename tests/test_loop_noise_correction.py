@@ -51,6 +51,26 @@ def test_sigma_list_validation():
         sigma_list(torch.tensor([1.0, float("nan")]))
 
 
+@pytest.mark.parametrize("solver", ["multistep", "singlestep", "adaptive", "fitted"])
+def test_every_solver_refuses_a_ve_schedule_on_a_flow_model(solver):
+    """lambda(sigma >= 1) is -inf on a flow model: a VE schedule would run as steps from sigma = 1
+    and give a finite but wrong sample, so every solver stops with the same message."""
+    from comfyui_fewstep.samplers import (for_family, sample_dpmpp_adaptive, sample_dpmpp_multistep,
+                                          sample_dpmpp_singlestep)
+    from comfyui_fewstep.samplers.fitted import sample_fitted_multistep
+
+    run = {"multistep": sample_dpmpp_multistep, "singlestep": sample_dpmpp_singlestep,
+           "adaptive": sample_dpmpp_adaptive,
+           "fitted": lambda *a, **k: sample_fitted_multistep(*a, coefficients=[[0.0, 0.0], [0.0]], **k)}[solver]
+    flow = for_family("flow")
+    with pytest.raises(ValueError, match="flow model's sigmas lie in"):
+        run(lambda x, s, **k: 0.5 * x, torch.randn(1, 3), torch.tensor([14.6, 0.5, 0.0]), parameterization=flow,
+            disable=True)
+    out = run(lambda x, s, **k: 0.5 * x, torch.randn(1, 3), torch.tensor([1.0, 0.5, 0.0]), parameterization=flow,
+              disable=True)
+    assert torch.isfinite(out).all()
+
+
 def test_dynamic_threshold_matches_definition():
     torch.manual_seed(0)
     x0 = torch.randn(3, 1000) * torch.tensor([[0.5], [2.0], [5.0]])
