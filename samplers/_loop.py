@@ -23,6 +23,7 @@ __all__ = [
     "X0Correction",
     "emit_callback",
     "progress",
+    "log_lowered_order",
     "sigma_list",
 ]
 
@@ -112,6 +113,14 @@ def sigma_list(sigmas: torch.Tensor, parameterization: Any = None) -> list[float
             "another model family. Build the SIGMAS from this model (e.g. a scheduler node fed with the same MODEL)."
         )
     return values
+
+
+def log_lowered_order(solver: str, order: int, reached: int, n_steps: int) -> None:
+    """Log (INFO) that a run's schedule is too short for the requested order: the documented
+    automatic lowering (first steps and the final step to 0 are lower order)."""
+    if reached < order:
+        logger.info("%s: %d step(s) reach order %d at most, not %d; use more steps for the full order",
+                    solver, n_steps, reached, order)
 
 
 def emit_callback(

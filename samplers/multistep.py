@@ -48,7 +48,7 @@ from ._coefficients import (
     ThirdOrder,
     plan_multistep,
 )
-from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, progress, sigma_list
+from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, log_lowered_order, progress, sigma_list
 from .noise import PerSampleNoiseSampler
 from .parameterization import Parameterization
 from .unipc import CORRECTOR_VARIANTS, CorrectorVariant
@@ -215,6 +215,7 @@ def sample_dpmpp_multistep(
     if eta > 0.0 and s_noise > 0.0 and noise_sampler is None:
         noise_sampler = PerSampleNoiseSampler(x, (extra_args or {}).get("seed"))
 
+    log_lowered_order(f"DPM-Solver++({order}M)", order, max(c.order for c in plan), n_steps)
     evaluate = ModelEvaluator(model, extra_args, x0_correction, n_steps, check_finite)
     outputs: list[torch.Tensor] = list(carried.outputs[: order - 1]) if carried is not None else []
     lambdas: list[float] = list(history_lambdas)

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 
 from ._coefficients import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES, Algorithm, FinalStep, SolverType
-from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, progress, sigma_list
+from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, log_lowered_order, progress, sigma_list
 from .budget import singlestep_orders
 from .parameterization import Parameterization
 from .phi import h_phi, phi
@@ -340,6 +340,8 @@ def sample_dpmpp_singlestep(
     ends_at_zero = n_intervals > 0 and values[-1] == 0.0
     n_steps = n_intervals - 1 if (ends_at_zero and final_step == "sigma_min") else n_intervals
     step_orders = _step_orders(n_steps, n_intervals, order, orders, ends_at_zero)
+    if orders is None and step_orders:
+        log_lowered_order(f"DPM-Solver++({order}S)", order, max(step_orders), n_steps)
     tableaus = [
         build_tableau(
             k, values[i], values[i + 1], p, algorithm, solver_type,

@@ -90,3 +90,24 @@ def test_make_x0_correction():
     assert torch.equal(clamp(torch.tensor([-3.0, 1.0, 5.0]), 1.0), torch.tensor([-2.0, 1.0, 2.0]))
     with pytest.raises(ValueError):
         make_x0_correction("bogus")
+
+
+@pytest.mark.parametrize("solver", ["multistep", "singlestep"])
+def test_a_schedule_too_short_for_the_order_is_lowered_and_logged(solver, caplog):
+    """Order 3 with one step runs at first order (the documented lowering) and says so; a long
+    enough schedule logs nothing."""
+    import logging
+
+    from comfyui_fewstep.samplers import sample_dpmpp_multistep, sample_dpmpp_singlestep
+
+    run = sample_dpmpp_multistep if solver == "multistep" else sample_dpmpp_singlestep
+    model = lambda x, s, **k: 0.5 * x  # noqa: E731
+    with caplog.at_level(logging.INFO, logger="comfyui_fewstep.samplers._loop"):
+        one = run(model, torch.ones(1, 3), torch.tensor([2.0, 0.0]), order=3, disable=True)
+    assert "1 step(s) reach order 1 at most, not 3" in caplog.text
+    # one first-order step to 0 returns the data prediction
+    torch.testing.assert_close(one, torch.full((1, 3), 0.5))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="comfyui_fewstep.samplers._loop"):
+        run(model, torch.ones(1, 3), torch.tensor([2.0, 1.0, 0.5, 0.25, 0.12, 0.06, 0.0]), order=3, disable=True)
+    assert "reach order" not in caplog.text
