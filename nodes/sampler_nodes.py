@@ -6,6 +6,8 @@ import logging
 from typing import Any
 
 from ..samplers._coefficients import THIRD_ORDER_WEIGHTS
+from ..samplers.adaptive import ATOL as ADAPTIVE_ATOL
+from ..samplers.adaptive import RTOL as ADAPTIVE_RTOL
 from ..samplers.correction import CORRECTION_KINDS, make_x0_correction
 from ..samplers.singlestep import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES
 from ..samplers.unipc import CORRECTOR_VARIANTS
@@ -58,9 +60,13 @@ def sampler_options(
     threshold_percentile: float,
     threshold_max: float,
     third_order: str = "taylor",
+    atol: float = ADAPTIVE_ATOL,
+    rtol: float = ADAPTIVE_RTOL,
 ) -> dict[str, Any]:
-    """Core sampler keyword options from the node's widgets."""
+    """Core sampler keyword options from the node's widgets (each solver keeps those it takes)."""
     return {
+        "atol": float(atol),
+        "rtol": float(rtol),
         "third_order": third_order,
         "order": int(order),
         "solver_type": solver_type,
@@ -199,6 +205,15 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     tooltip="Third-order multistep weight. taylor: true third order (measured). "
                     "official: the published code's weight (ComfyUI's dpmpp_3m_sde, diffusers), "
                     "which is only second order; choose it to reproduce those exactly.",
+                ),
+                io.Float.Input(
+                    "atol", default=ADAPTIVE_ATOL, min=1e-6, max=1.0, step=0.0001, round=1e-6, optional=True,
+                    tooltip="Adaptive solver only: absolute error tolerance per step, in the latent's units "
+                    "(lower: more model calls, more accurate; the NFE used is logged).",
+                ),
+                io.Float.Input(
+                    "rtol", default=ADAPTIVE_RTOL, min=1e-5, max=1.0, step=0.001, round=1e-5, optional=True,
+                    tooltip="Adaptive solver only: relative error tolerance per step.",
                 ),
             ],
             outputs=[io.Sampler.Output(tooltip="The configured solver, for SamplerCustom(Advanced).")],

@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AdaptiveBudgetError", "error_norm", "sample_dpmpp_adaptive", "vp_scale"]
 
+#: default tolerances of DPM-Solver++12/23 for image data (module docstring)
+ATOL = 0.0078
+RTOL = 0.05
+
 
 class AdaptiveBudgetError(RuntimeError):
     """The adaptive solver reached ``max_nfe`` before the end of the schedule."""
@@ -111,8 +115,8 @@ def sample_dpmpp_adaptive(
     *,
     parameterization: Parameterization | None = None,
     order: int = 3,
-    atol: float = 0.0078,
-    rtol: float = 0.05,
+    atol: float = ATOL,
+    rtol: float = RTOL,
     h_init: float = 0.05,
     t_err: float = 1e-5,
     theta: float = 0.9,

@@ -302,3 +302,45 @@ def test_sampler_custom_node(api, tiny_comfy_model, tiny_comfy_conds):
         )
     assert torch.isfinite(out["samples"]).all()
     torch.testing.assert_close(out["samples"], denoised["samples"])
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_split_sigmas_resumes_with_the_history_of_the_first_half(api, tiny_comfy_model, tiny_comfy_conds, order):
+    """SamplerCustomAdvanced -> SplitSigmas -> SamplerCustomAdvanced gives the one-run result: the
+    second half picks up the first half's model outputs and keeps its order. Without them (history
+    cleared) it restarts at first order and lands elsewhere."""
+    from comfyui_fewstep.samplers import history
+
+    custom = api["custom"]
+    sampler = _sampler(api, order=order, lower_order_final=False)
+    sigmas = _sigmas(api, tiny_comfy_model, steps=6)
+    guider = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0)
+    latent = {"samples": torch.zeros(LATENT)}
+    run = custom.SamplerCustomAdvanced().sample
+    high, low = custom.SplitSigmas().get_sigmas(sigmas, 3)
+    with torch.inference_mode():
+        full = run(custom.Noise_RandomNoise(7), guider, sampler, sigmas, latent)[0]["samples"]
+        first = run(custom.Noise_RandomNoise(7), guider, sampler, high, latent)[0]
+        resumed = run(custom.Noise_EmptyNoise(), guider, sampler, low, first)[0]["samples"]
+        history.clear()
+        restarted = run(custom.Noise_EmptyNoise(), guider, sampler, low, first)[0]["samples"]
+    scale = float(full.abs().max())
+    assert float((resumed - full).abs().max()) < 1e-4 * scale
+    assert float((restarted - full).abs().max()) > 1e-3 * scale
+
+
+def test_adaptive_tolerances_reach_the_solver(api, tiny_comfy_model, tiny_comfy_conds, unet_counter):
+    """The node's atol / rtol drive DPM-Solver++23's step control: tighter tolerances, more calls."""
+    model = tiny_comfy_model.clone()
+    model.set_model_unet_function_wrapper(unet_counter)
+    sigmas = _sigmas(api, model, steps=2)
+    calls = {}
+    for tol in (0.05, 0.002):
+        sampler = _sampler(api, solver="adaptive", order=3, atol=tol, rtol=tol)
+        before = unet_counter.calls
+        with torch.inference_mode():
+            x = _guider(api, model, tiny_comfy_conds, 1.0).sample(_noise(), torch.zeros(LATENT), sampler, sigmas,
+                                                                  disable_pbar=True, seed=0)
+        assert torch.isfinite(x).all()
+        calls[tol] = unet_counter.calls - before
+    assert calls[0.002] > calls[0.05] >= 3

@@ -28,6 +28,8 @@ FROZEN_INPUTS = {
         "threshold_percentile",
         "threshold_max",
         "third_order",
+        "atol",
+        "rtol",
     ],
     "FewStepSchedule": [
         "model",
