@@ -296,7 +296,8 @@ def plan_multistep(
             )
         )
     if corrector != "none":
-        plan = _with_corrector(plan, parameterization, corrector, eval_lambdas, offset)
+        plan = _with_corrector(plan, parameterization, corrector, eval_lambdas, offset,
+                               data_prediction=algorithm == "dpmsolver++")
     return plan
 
 
@@ -306,6 +307,7 @@ def _with_corrector(
     variant: CorrectorVariant,
     eval_lambdas: list[float],
     offset: int,
+    data_prediction: bool = True,
 ) -> list[MultistepCoefficients]:
     """Attach UniC weights (Zhao et al. 2023, arXiv 2302.04867, Alg. 1) to steps ``1..n-1``.
 
@@ -324,14 +326,18 @@ def _with_corrector(
         lam_s = eval_lambdas[k]
         earlier = [eval_lambdas[k - j] for j in range(1, prev.order)]
         rks = tuple((lam - lam_s) / prev.h for lam in earlier) + (1.0,)
-        weights = unic_weights(prev.h, rks, variant)
-        alpha_t = p.alpha(prev.sigma_next)
-        # x_i = (sigma_t/sigma_s) x_s + alpha_t [h phi_1(-h) m_s + sum_k w_k (m_k - m_s) / r_k]
-        w_new = alpha_t * weights[-1]  # r = 1 for the new point
-        w_old = [alpha_t * w / rk for w, rk in zip(weights[:-1], rks[:-1])]
-        w_s = alpha_t * h_phi(1, prev.h) - w_new - sum(w_old)
+        weights = unic_weights(prev.h, rks, variant, data_prediction)
+        if data_prediction:
+            # x_i = (sigma_t/sigma_s) x_s + alpha_t [h phi_1(-h) m_s + sum_k w_k (m_k - m_s) / r_k]
+            scale, base = p.alpha(prev.sigma_next), h_phi(1, prev.h)
+            corrector_x = prev.sigma_next / prev.sigma
+        else:
+            # x_i = (alpha_t/alpha_s) x_s - sigma_t [(e^h - 1) m_s + sum_k w_k (m_k - m_s) / r_k]
+            scale, base = -p.sigma_t(prev.sigma_next), math.expm1(prev.h)
+            corrector_x = p.alpha(prev.sigma_next) / p.alpha(prev.sigma)
+        w_new = scale * weights[-1]  # r = 1 for the new point
+        w_old = [scale * w / rk for w, rk in zip(weights[:-1], rks[:-1])]
+        w_s = scale * base - w_new - sum(w_old)
         corrector_m = (w_new, w_s, *w_old)
-        out[i] = MultistepCoefficients(
-            **{**cur.__dict__, "corrector_x": prev.sigma_next / prev.sigma, "corrector_m": corrector_m}
-        )
+        out[i] = MultistepCoefficients(**{**cur.__dict__, "corrector_x": corrector_x, "corrector_m": corrector_m})
     return out

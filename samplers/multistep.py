@@ -117,11 +117,10 @@ def _validate(
             f"data-prediction solver only; got algorithm={algorithm!r}, eta={eta!r}. Use order <= 3 for "
             "'dpmsolver' or SDE sampling."
         )
-    if corrector != "none" and (algorithm != "dpmsolver++" or eta != 0.0):
+    if corrector != "none" and eta != 0.0:
         raise ValueError(
-            "the UniC corrector works on the deterministic data-prediction solver; got "
-            f"corrector={corrector!r} with algorithm={algorithm!r}, eta={eta!r}. "
-            "Use algorithm='dpmsolver++' and eta=0, or corrector='none'."
+            f"the UniC corrector works on the deterministic (ODE) solvers; got corrector={corrector!r} with "
+            f"eta={eta!r}. Use eta=0, or corrector='none' for SDE sampling."
         )
 
 

@@ -1,4 +1,4 @@
-"""UniC, the corrector of UniPC (Zhao et al. 2023, arXiv 2302.04867), in data prediction.
+"""UniC, the corrector of UniPC (Zhao et al. 2023, arXiv 2302.04867), in data and noise prediction.
 
 After a multistep predictor has produced ``x_t`` from ``x_s`` and the model has been evaluated at
 ``x_t`` (an evaluation the next step needs anyway), UniC-p recomputes ``x_t`` from ``x_s`` with the
@@ -14,6 +14,10 @@ exponential integral, Theorem 3.1). ``B(h) = h`` (``bh1``) or ``B(h) = 1 - e^(-h
 system is solved exactly and ``B(h) a`` does not depend on ``B``). UniC-p raises the order of an
 order-p predictor by one without an extra model evaluation (Theorem 3.2); the model output kept
 for later steps is the one at the uncorrected point.
+
+In noise prediction (the original DPM-Solver's variable) the same construction runs with ``h`` in
+place of ``-h``: ``x_t^c = (alpha_t / alpha_s) x_s - sigma_t [(e^h - 1) eps_s + B(h) sum_k a_k D_k / r_k]``,
+``g_p[j] = (j+1)! h phi_(j+2)(h)`` and ``B(h) = h`` or ``e^h - 1``.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ CORRECTOR_VARIANTS: tuple[str, ...] = get_args(CorrectorVariant)
 __all__ = ["CORRECTOR_VARIANTS", "CorrectorVariant", "b_of_h", "solve_linear", "unic_weights"]
 
 
-def b_of_h(h: float, variant: CorrectorVariant) -> float:
-    """``B(h)`` of UniPC's ``bh1`` (``h``) and ``bh2`` (``1 - e^(-h)``) variants (arXiv 2302.04867, §3.3)."""
+def b_of_h(h: float, variant: CorrectorVariant, data_prediction: bool = True) -> float:
+    """``B(h)`` of UniPC's ``bh1`` and ``bh2`` variants (arXiv 2302.04867, §3.3), as a positive number:
+    ``h`` and ``1 - e^(-h)`` in data prediction, ``h`` and ``e^h - 1`` in noise prediction."""
     if variant == "bh1":
         return h
     if variant == "bh2":
-        return -math.expm1(-h)
+        return -math.expm1(-h) if data_prediction else math.expm1(h)
     raise ValueError(f"UniC variant must be 'bh1' or 'bh2', got {variant!r}")
 
 
@@ -57,19 +62,24 @@ def solve_linear(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     return x
 
 
-def unic_weights(h: float, rks: tuple[float, ...], variant: CorrectorVariant) -> tuple[float, ...]:
+def unic_weights(h: float, rks: tuple[float, ...], variant: CorrectorVariant,
+                 data_prediction: bool = True) -> tuple[float, ...]:
     """``B(h) a_k`` for the UniC-p update with points ``rks`` (earlier ones, then ``1.0``).
 
-    Returns the weights ``w_k`` of ``D_k / r_k`` in ``x_t^c`` (to be multiplied by ``alpha_t``).
+    Returns the weights ``w_k`` of ``D_k / r_k`` in ``x_t^c``: to be multiplied by ``alpha_t`` in
+    data prediction, by ``-sigma_t`` in noise prediction, where the update is
+    ``x_t^c = (alpha_t / alpha_s) x_s - sigma_t [(e^h - 1) eps_s + sum_k w_k D_k / r_k]`` and
+    ``g_p[j] = (j+1)! h phi_(j+2)(h)`` (Alg. 1 with ``h`` in place of ``-h``).
     """
     p = len(rks)
     if p == 0 or rks[-1] != 1.0:
         raise ValueError(f"UniC needs the new point last with r = 1, got rks={rks!r}")
     if not (h > 0.0 and math.isfinite(h)):
         raise ValueError(f"UniC needs a finite positive step h, got {h!r}")
-    bh = b_of_h(h, variant)
+    bh = b_of_h(h, variant, data_prediction)
     if p == 1:
         return (0.5 * bh,)
-    g = [math.factorial(j + 1) * h * phi(j + 2, -h) for j in range(p)]
+    z = -h if data_prediction else h
+    g = [math.factorial(j + 1) * h * phi(j + 2, z) for j in range(p)]
     matrix = [[rk**j for rk in rks] for j in range(p)]
     return tuple(solve_linear(matrix, g))

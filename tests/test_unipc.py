@@ -160,3 +160,64 @@ def test_corrector_weights_are_consistent():
         if c.corrector_m:
             assert sum(c.corrector_m) == pytest.approx(1 - math.exp(-prev.h), rel=1e-12)
             assert c.corrector_x == pytest.approx(prev.sigma_next / prev.sigma)
+
+
+def _reference_unipc_noise_2m(model, x, sigmas):
+    """DPM-Solver(2M, noise prediction, midpoint) + UniC-bh2 written out in the VE form (alpha = 1,
+    sigma_t = sigma, eps = (x - D) / sigma), corrector skipped on the last step (UniPC, Alg. 1 with
+    h in place of -h: B(h) = e^h - 1, g = (j+1)! h phi_(j+2)(h))."""
+    lam = [-math.log(s) for s in sigmas[:-1]] + [math.inf]
+
+    def phi2(h):
+        return (math.expm1(h) - h) / h**2
+
+    def phi3(h):
+        return (math.expm1(h) - h - h * h / 2) / h**3
+
+    es, x_prev = [], None
+    for i in range(len(sigmas) - 1):
+        D = model(x, torch.full((x.shape[0],), sigmas[i], dtype=torch.float64))
+        es.insert(0, (x - D) / sigmas[i])
+        if i >= 1 and sigmas[i + 1] > 0:
+            h = lam[i] - lam[i - 1]
+            base = x_prev - sigmas[i] * math.expm1(h) * es[1]
+            if i == 1:
+                x = base - sigmas[i] * 0.5 * math.expm1(h) * (es[0] - es[1])
+            else:
+                r = (lam[i - 2] - lam[i - 1]) / h
+                g0, g1 = 1 * h * phi2(h), 2 * h * phi3(h)
+                w1 = (g0 - g1) / (1 - r)
+                w2 = g0 - w1
+                x = base - sigmas[i] * (w1 * (es[2] - es[1]) / r + w2 * (es[0] - es[1]))
+        x_prev = x
+        if sigmas[i + 1] == 0:
+            x = D
+            continue
+        h = lam[i + 1] - lam[i]
+        x = x - sigmas[i + 1] * math.expm1(h) * es[0]
+        if i >= 1:
+            r = (lam[i] - lam[i - 1]) / h
+            x = x - sigmas[i + 1] * 0.5 * math.expm1(h) * (es[0] - es[1]) / r
+    return x
+
+
+def test_unipc_noise_prediction_2m_matches_transcription():
+    model = tier0.gaussian_model(VE)
+
+    def nonlinear(x, sigma, **extra):
+        return model(x, sigma) + 0.2 * torch.sin(x) * float(sigma[0]) / (1 + float(sigma[0]))
+
+    sigmas = [14.61, 7.0, 3.0, 1.4, 0.6, 0.25, 0.1, 0.0292, 0.0]
+    x = torch.linspace(-20, 20, 7, dtype=torch.float64).reshape(7, 1)
+    ref = _reference_unipc_noise_2m(nonlinear, x, sigmas)
+    out = sample_dpmpp_multistep(nonlinear, x, torch.tensor(sigmas, dtype=torch.float64), order=2,
+                                 algorithm="dpmsolver", corrector="bh2", lower_order_final=False,
+                                 resume_history=False, disable=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(tier0.RANGES))
+@pytest.mark.parametrize("options,nominal", [({"order": 1}, 2), ({"order": 2}, 3)])
+def test_corrector_raises_the_order_of_the_noise_prediction_solver(name, options, nominal):
+    slope = tier0.measured_order(tier0.RANGES[name], algorithm="dpmsolver", corrector="bh2", **options)
+    assert abs(slope - nominal) <= 0.2, f"measured order {slope:.3f}, nominal {nominal}"
