@@ -57,6 +57,8 @@ _DPM_WIDGETS = (
     "threshold_percentile",
     "threshold_max",
     "third_order",
+    "atol",
+    "rtol",
 )
 _SCHEDULE_WIDGETS = (
     "schedule",
@@ -348,6 +350,8 @@ def _dpm_widgets(**overrides: Any) -> dict[str, Any]:
         "threshold_percentile": 0.995,
         "threshold_max": 1.0,
         "third_order": "taylor",
+        "atol": 0.0078,
+        "rtol": 0.05,
     }
     widgets.update(overrides)
     return widgets
