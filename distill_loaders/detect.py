@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from .errors import StudentLoadError
-from .keys import diffusers_unet_shapes, ldm_unet_shapes
+from .keys import LCM_EMBEDDING_NAMES, LDM_PREFIX, diffusers_unet_shapes, lcm_embedding_name, ldm_unet_shapes
 from .safetensors_header import FileContents, read_contents
 from .specs import EDM_ARCHS, RECIPES, Recipe, get_recipe
 
@@ -22,7 +22,6 @@ __all__ = ["LAYOUTS", "Detection", "Layout", "detect", "detect_contents", "lora_
 
 Layout = Literal["ldm_checkpoint", "ldm_unet", "diffusers_unet", "lora_kohya", "lora_diffusers", "edm"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
-LDM_PREFIX = "model.diffusion_model."
 _LORA_SUFFIX = re.compile(
     r"\.(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
     r"(\.[^.]+)?\.weight$|\.alpha$|\.dora_scale$"
@@ -114,16 +113,17 @@ def _unet_arch(c: FileContents, reasons: list[str]) -> str:
     return arch
 
 
-def lora_module_names(names) -> tuple[dict[str, list[str]], list[str]]:
-    """Group LoRA tensor names by target module: ``({module: [tensor names]}, text_encoder_keys)``."""
+def lora_module_names(names) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Group LoRA tensor names by target module: ``({unet module: [tensor names]}, {text-encoder
+    module: [tensor names]})``."""
     modules: dict[str, list[str]] = {}
-    text: list[str] = []
+    text: dict[str, list[str]] = {}
     for k in names:
-        if k.startswith(_TE_PREFIXES):
-            text.append(k)
-            continue
         m = _LORA_SUFFIX.search(k)
         module = k[: m.start()] if m else k
+        if k.startswith(_TE_PREFIXES):
+            text.setdefault(module, []).append(k)
+            continue
         for prefix in ("base_model.model.", "unet.", "lora_unet_", "diffusion_model."):
             module = module.removeprefix(prefix)
         modules.setdefault(module, []).append(k)
@@ -257,8 +257,9 @@ def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str]) 
         if recipe and recipe in RECIPES and arch in RECIPES[recipe].archs:
             reasons.append(f"recipe {recipe}: {why} ({text!r})")
             return recipe, "certain"
-    if "time_embedding.cond_proj.weight" in c.tensors or c.config.get("time_cond_proj_dim"):
-        reasons.append("recipe lcm: the UNet has LCM's guidance embedding (time_embedding.cond_proj)")
+    embedding = lcm_embedding_name(c.tensors)
+    if embedding or c.config.get("time_cond_proj_dim"):
+        reasons.append(f"recipe lcm: the UNet has LCM's guidance embedding ({embedding or 'time_cond_proj_dim'})")
         return "lcm", "likely"
     reasons.append("recipe: nothing in the file name, metadata or keys identifies the student")
     return None, "none"
@@ -273,7 +274,7 @@ def _compare(c: FileContents, layout: str, arch: str, det: Detection) -> None:
     else:
         return
     have = {k[len(prefix) :]: v for k, v in c.tensors.items() if k.startswith(prefix)}
-    extras = {"time_embedding.cond_proj.weight"}
+    extras = {n for n in LCM_EMBEDDING_NAMES if not n.startswith(LDM_PREFIX)}
     det.missing = sorted(k for k in expected if k not in have)
     det.unexpected = sorted(k for k in have if k not in expected and k not in extras)
     det.mismatched = sorted(

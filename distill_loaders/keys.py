@@ -15,6 +15,7 @@ down/up-sampling conv between levels.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -251,9 +252,22 @@ def ldm_unet_shapes(arch: str | UnetConfig) -> dict[str, Shape]:
     return {mapping[k]: v for k, v in diffusers_unet_shapes(arch).items()}
 
 
+#: the UNet's prefix in single-file (LDM) checkpoints
+LDM_PREFIX = "model.diffusion_model."
+
 # Extra diffusers parameters some students carry that the LDM UNet has no slot for.
 LCM_GUIDANCE_EMBEDDING = "time_embedding.cond_proj.weight"
 LDM_LCM_GUIDANCE_EMBEDDING = "time_embed.cond_proj.weight"
+#: every name the LCM guidance embedding is stored under: diffusers, LDM (as our converter writes
+#: it), and both inside a single-file checkpoint
+LCM_EMBEDDING_NAMES = (LCM_GUIDANCE_EMBEDDING, LDM_LCM_GUIDANCE_EMBEDDING,
+                       LDM_PREFIX + LDM_LCM_GUIDANCE_EMBEDDING, LDM_PREFIX + LCM_GUIDANCE_EMBEDDING)
+
+
+def lcm_embedding_name(names: Iterable[str]) -> str | None:
+    """The name the LCM guidance embedding has in ``names`` (a state dict or key set), or None."""
+    present = set(names)
+    return next((n for n in LCM_EMBEDDING_NAMES if n in present), None)
 
 
 def convert_diffusers_to_ldm(

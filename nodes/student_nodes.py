@@ -16,11 +16,12 @@ import comfy.model_sampling
 import comfy.samplers
 import comfy.sd
 import folder_paths
+import torch
 
 from ..distill_loaders.detect import Detection, detect, detect_contents, lora_module_names
 from ..distill_loaders.errors import StudentLoadError
 from ..distill_loaders.inspect import format_report
-from ..distill_loaders.keys import LCM_GUIDANCE_EMBEDDING, LDM_LCM_GUIDANCE_EMBEDDING, lora_to_kohya
+from ..distill_loaders.keys import LCM_EMBEDDING_NAMES, lcm_embedding_name, lora_to_kohya
 from ..distill_loaders.lcm_guidance import GuidedTimeEmbedding
 from ..distill_loaders.load import check_finite, check_lora_base, load_weights, to_ldm_unet
 from ..distill_loaders.recipes import recipe_sigmas
@@ -84,9 +85,14 @@ def student_model_sampling(recipe: Recipe, model_config):
 
     class StudentSampling(base, pred):
         def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
-            # unit: the UNet sees unit-variance noise at any first sigma (DMD2 @399, Hyper @800);
+            # unit: from an empty latent the UNet sees unit-variance noise at any first sigma (DMD2
+            # @399, Hyper @800); an image latent (img2img, denoise < 1) is noised as ComfyUI does.
             # ddpm: add_noise(0, z, t), i.e. sigma * z (SiD-LSG @625).
-            return super().noise_scaling(sigma, noise, latent_image, max_denoise=unit)
+            if unit and not bool(torch.count_nonzero(latent_image)):
+                max_denoise = True
+            elif not unit:
+                max_denoise = False
+            return super().noise_scaling(sigma, noise, latent_image, max_denoise=max_denoise)
 
     return StudentSampling(model_config)
 
@@ -122,7 +128,7 @@ def apply_student_lora(model, det: Detection, lora_sd: dict, strength: float):
     loaded = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
     patched = model.clone()
     applied = set(patched.add_patches(loaded, strength))
-    modules, _text = lora_module_names(lora_sd)
+    modules, text = lora_module_names(lora_sd)
     missing = len(modules) - len(applied)
     if not applied:
         raise StudentLoadError(
@@ -136,11 +142,33 @@ def apply_student_lora(model, det: Detection, lora_sd: dict, strength: float):
             f"{missing} of {len(modules)} LoRA modules found no weight in the model.",
             "the LoRA is for a different base or layout; pick a matching LoRA.",
         )
-    return patched, len(applied)
+    if text:
+        logger.warning("FewStep student: %s also has %d text-encoder LoRA modules, which this loader does not "
+                       "apply (it patches the UNet); load the file with LoraLoader as well for the text encoder",
+                       Path(det.path).name, len(text))
+    return patched, len(applied), len(text)
+
+
+def _check_unet_keys(det: Detection) -> None:
+    """Refuse a UNet file with missing or wrongly shaped weights before ComfyUI builds anything:
+    ComfyUI would leave a missing weight uninitialised (finite garbage) or build the wrong model."""
+    problems = []
+    if det.missing:
+        problems.append(f"{len(det.missing)} weights are missing (e.g. {', '.join(det.missing[:3])})")
+    if det.mismatched:
+        problems.append(f"{len(det.mismatched)} have the wrong shape (e.g. {'; '.join(det.mismatched[:2])})")
+    if problems:
+        raise StudentLoadError(
+            det.path,
+            f"this is not a complete {det.arch} UNet: " + " and ".join(problems) + ".",
+            "the file is truncated, damaged or for another architecture: download or convert it again "
+            "(python -m comfyui_fewstep inspect FILE lists every key).",
+        )
 
 
 def _unet_from_state_dict(det: Detection, ldm_sd: dict, model_options: dict):
-    ldm_sd.pop(LDM_LCM_GUIDANCE_EMBEDDING, None)  # no slot in ComfyUI's UNet; patched in afterwards
+    for name in LCM_EMBEDDING_NAMES:  # no slot in ComfyUI's UNet; patched in afterwards
+        ldm_sd.pop(name, None)
     model = comfy.sd.load_diffusion_model_state_dict(ldm_sd, model_options=model_options)
     if model is None:
         raise StudentLoadError(
@@ -161,9 +189,16 @@ def _stream_unet(contents: FileContents, det: Detection, model_options: dict, ch
     params = model.model.diffusion_model.state_dict(keep_vars=True)
     ldm_to_file = to_ldm_unet(det, {name: name for name in contents.tensors})
     targets = {name: params[ldm] for ldm, name in ldm_to_file.items() if ldm in params}
-    unused = sorted(ldm for ldm in ldm_to_file if ldm not in params and ldm != LDM_LCM_GUIDANCE_EMBEDDING)
+    unused = sorted(ldm for ldm in ldm_to_file if ldm not in params and ldm not in LCM_EMBEDDING_NAMES)
     if unused:
         logger.warning("FewStep student: %d tensors have no slot in the model: %s", len(unused), unused[:5])
+    unfilled = sorted(set(params) - set(ldm_to_file))
+    if unfilled:  # a parameter the file does not fill would keep uninitialised memory
+        raise StudentLoadError(
+            det.path,
+            f"{len(unfilled)} UNet weights are not in the file (e.g. {', '.join(unfilled[:3])}).",
+            "the file is incomplete: download or convert it again.",
+        )
     stream_into(contents, targets, check_finite=check_weights)
     return model
 
@@ -198,12 +233,15 @@ def load_student_model(
             "this is an EDM pixel-space generator.",
             "it is not a latent UNet; this loader node does not run it.",
         )
+    if det.layout in ("ldm_unet", "diffusers_unet", "ldm_checkpoint"):
+        _check_unet_keys(det)
     clip = vae = cond_proj = None
     extra = ""
+    embedding = lcm_embedding_name(contents.tensors)
     if det.layout in ("ldm_unet", "diffusers_unet") and contents.container == "safetensors":
         model = _stream_unet(contents, det, model_options, check_weights)
-        if LCM_GUIDANCE_EMBEDDING in contents.tensors:
-            cond_proj = read_tensor(contents, LCM_GUIDANCE_EMBEDDING)
+        if embedding:
+            cond_proj = read_tensor(contents, embedding)
     else:
         sd = load_weights(path)
         if check_weights:
@@ -213,9 +251,13 @@ def load_student_model(
                 raise StudentLoadError(
                     det.path, "this file is a LoRA.", "connect the base MODEL to the loader's 'model' input."
                 )
-            model, n = apply_student_lora(model, det, sd, lora_strength)
+            model, n, n_text = apply_student_lora(model, det, sd, lora_strength)
             extra = f"\nLoRA: {n} modules patched at strength {lora_strength:g}"
+            if n_text:
+                extra += (f"; {n_text} text-encoder modules not applied (load the file with LoraLoader too "
+                          "for the CLIP part)")
         elif det.layout == "ldm_checkpoint":
+            cond_proj = sd.pop(embedding) if embedding else None
             model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
                 sd,
                 output_vae=True,
@@ -224,8 +266,8 @@ def load_student_model(
                 model_options=model_options,
             )
         else:
+            cond_proj = sd.get(embedding) if embedding else None
             model = _unet_from_state_dict(det, to_ldm_unet(det, sd), model_options)
-            cond_proj = sd.get(LCM_GUIDANCE_EMBEDDING)
     model = model.clone()
     model.add_object_patch("model_sampling", student_model_sampling(recipe, model.model.model_config))
     if cond_proj is not None:  # full LCM: put back the w-embedding ComfyUI's UNet has no slot for

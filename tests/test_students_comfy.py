@@ -295,3 +295,83 @@ def test_one_step_sample_node_calls_the_unet_once_and_decodes(api, files):
     image = vae.decode(samples).detach()
     assert image.shape == (1, 64, 64, 3) and bool(torch.isfinite(image).all())
     assert float(image.std()) > 1e-3 and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+
+
+def test_unit_noise_only_from_an_empty_latent(api):
+    """DMD2-SDXL-style recipes: from an empty latent the UNet input is unit-variance noise at the
+    first sigma; an image latent (img2img, denoise < 1) is noised as ComfyUI does: latent + sigma z."""
+    import comfy.supported_models
+    from comfyui_fewstep.distill_loaders.specs import get_recipe
+
+    cfg = comfy.supported_models.SD15({"context_dim": 768, "model_channels": 320, "use_linear_in_transformer": False,
+                                       "adm_in_channels": None, "use_temporal_attention": False})
+    ms = api.nodes.student_model_sampling(get_recipe("dmd2_sdxl_1step"), cfg)
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(4))
+    image = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(5))
+    sigma = torch.tensor([ddpm_sigma(499)])
+    empty = ms.noise_scaling(sigma, z, torch.zeros_like(z), False)
+    torch.testing.assert_close(empty, z * math.sqrt(1.0 + float(sigma) ** 2), rtol=1e-5, atol=1e-5)
+    img2img = ms.noise_scaling(sigma, z, image, False)
+    torch.testing.assert_close(img2img, image + float(sigma) * z, rtol=1e-5, atol=1e-5)
+    # a recipe without unit noise keeps sigma * z even where ComfyUI would pass max_denoise
+    ddpm = api.nodes.student_model_sampling(get_recipe("sid_lsg_sd15_1step"), cfg)
+    torch.testing.assert_close(ddpm.noise_scaling(sigma, z, torch.zeros_like(z), True), float(sigma) * z,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["missing_bias", "missing_attention_key", "wrong_shape"])
+def test_incomplete_or_wrong_unet_files_are_refused(api, sd15_diffusers, tmp_path, damage):
+    """Missing weights would stay uninitialised in ComfyUI's UNet (finite garbage), a wrong shape
+    would build another model: both stop with the file named and what to do."""
+    sd = dict(sd15_diffusers)
+    if damage == "missing_bias":
+        del sd["conv_out.bias"]
+    elif damage == "missing_attention_key":
+        del sd["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+    else:
+        sd["conv_out.weight"] = torch.zeros(8, 320, 3, 3, dtype=torch.float16)
+        sd["conv_out.bias"] = torch.zeros(8, dtype=torch.float16)
+    path = tmp_path / "dmd2_sd15_unet.safetensors"
+    save_file(sd, str(path))
+    match = "wrong shape" if damage == "wrong_shape" else "weights are missing"
+    with pytest.raises(StudentLoadError, match=f"dmd2_sd15_unet.safetensors: this is not a complete sd15 UNet.*{match}"):
+        api.nodes.load_student_model(path)
+
+
+def test_stream_refuses_a_parameter_the_file_does_not_fill(api, sd15_diffusers, tmp_path, monkeypatch):
+    """Second line of defence: even past detection, no parameter keeps uninitialised memory."""
+    sd = dict(sd15_diffusers)
+    del sd["conv_out.bias"]
+    path = tmp_path / "dmd2_sd15_unet.safetensors"
+    save_file(sd, str(path))
+    monkeypatch.setattr(api.nodes, "_check_unet_keys", lambda det: None)
+    with pytest.raises(StudentLoadError, match="1 UNet weights are not in the file.*out.2.bias"):
+        api.nodes.load_student_model(path)
+
+
+def test_lcm_guidance_embedding_is_kept_under_its_ldm_name(api, sd15_diffusers, tmp_path):
+    """Our converter writes the embedding as time_embed.cond_proj.weight: the file is detected as
+    LCM from that key and the embedding is patched in (the other namings: test_students_detect)."""
+    ldm, _ = K.convert_diffusers_to_ldm(sd15_diffusers, "sd15", prefix="model.diffusion_model.")
+    w = torch.randn(1280, 256, generator=torch.Generator().manual_seed(6)).half() * 0.02
+    ldm["model.diffusion_model.time_embed.cond_proj.weight"] = w
+    path = tmp_path / "student_unet.safetensors"  # the name says nothing: the keys must
+    save_file(ldm, str(path))
+    model, *_, info = api.nodes.load_student_model(path)
+    assert "recipe:      lcm" in info and "LCM guidance embedding" in info
+    embed = model.get_model_object("diffusion_model.time_embed")
+    assert type(embed).__name__ == "GuidedTimeEmbedding"
+    torch.testing.assert_close(embed.cond_proj.weight.to(w.dtype), w)
+
+
+def test_lora_text_encoder_modules_are_reported(api, files, tmp_path):
+    base, *_ = api.nodes.load_student_model(files / "dmd2_sd15_unet.safetensors")
+    g = torch.Generator().manual_seed(3)
+    shapes = kohya_lora_shapes("sd15", 4)
+    tensors = {k: (torch.randn(s, generator=g) * 0.01 if s else torch.tensor(4.0)) for k, s in shapes.items()}
+    tensors["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(768, 4)
+    tensors["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(4, 768)
+    tensors["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(tmp_path / "lcm-lora-sdv1-5.safetensors"))
+    *_, info = api.nodes.load_student_model(tmp_path / "lcm-lora-sdv1-5.safetensors", model=base)
+    assert "1 text-encoder modules not applied" in info

@@ -207,10 +207,19 @@ def test_metadata_names_the_recipe(tmp_path):
     assert det.recipe == "dmd2_sdxl_1step" and "metadata" in det.reasons[-1]
 
 
-def test_lcm_guidance_embedding_is_recognised(tmp_path):
-    shapes = unet_shapes("sd15", "diffusers") | {"time_embedding.cond_proj.weight": (320, 256)}
-    det = detect(write_safetensors(tmp_path / "unet.safetensors", shapes))
-    assert det.recipe == "lcm" and det.unexpected == []
+@pytest.mark.parametrize("layout,name", [
+    ("diffusers", "time_embedding.cond_proj.weight"),
+    ("ldm_unet", "time_embed.cond_proj.weight"),  # as our converter writes it
+    ("ldm_unet", "model.diffusion_model.time_embed.cond_proj.weight"),
+    ("ldm_checkpoint", "model.diffusion_model.time_embed.cond_proj.weight"),
+    ("ldm_checkpoint", "model.diffusion_model.time_embedding.cond_proj.weight"),
+])
+def test_lcm_guidance_embedding_is_recognised_under_every_name(tmp_path, layout, name):
+    shapes = unet_shapes("sd15", layout)
+    if name.startswith("model.") and not any(k.startswith("model.diffusion_model.") for k in shapes):
+        shapes = {"model.diffusion_model." + k: v for k, v in shapes.items()}
+    det = detect(write_safetensors(tmp_path / "unet.safetensors", shapes | {name: (1280, 256)}))
+    assert det.recipe == "lcm" and det.unexpected == [] and det.missing == []
 
 
 def test_diffusers_folder_and_bin(tmp_path):
