@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .detect import detect
 from .errors import StudentLoadError
-from .recipes import recipe_sigmas, recipe_timesteps
+from .recipes import recipe_sigma_values, recipe_timesteps
 from .specs import RECIPES, recipe_names
 
 __all__ = ["format_report", "main"]
@@ -32,7 +32,7 @@ def format_report(det, limit: int = 8) -> str:
         f"dtypes:      {', '.join(f'{k} x{v}' for k, v in sorted(det.dtypes.items()))}",
     ]
     if recipe:
-        sig = ", ".join(f"{s:.4f}" for s in recipe_sigmas(recipe).tolist())
+        sig = ", ".join(f"{s:.4f}" for s in recipe_sigma_values(recipe))
         ts = ", ".join(f"{t:g}" for t in recipe_timesteps(recipe))
         lines += [
             f"student:     {recipe.student} ({det.confidence})",

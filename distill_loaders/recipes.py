@@ -6,18 +6,20 @@ All latent students share Stable Diffusion's DDPM schedule (``scaled_linear`` be
 DDPM sample ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z`` is ``x = x_t / sqrt(abar_t) = x0 + sigma_t z``
 and an eps network sees ``x / sqrt(1 + sigma_t^2) = x_t``.
 
-Everything here is float64 host arithmetic (Python floats / float64 tensors).
+Everything here is float64 host arithmetic (Python floats / float64 tensors). torch is imported
+only where a tensor is returned, so ``python -m comfyui_fewstep inspect`` never loads it.
 """
 
 from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..samplers.parameterization import discrete_vp_sigmas
 from .specs import Recipe, get_recipe
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DDPM_TIMESTEPS",
@@ -26,6 +28,7 @@ __all__ = [
     "first_step_noise_scale",
     "lcm_boundary_scalings",
     "network_input_std",
+    "recipe_sigma_values",
     "recipe_sigmas",
     "recipe_timesteps",
     "renoise",
@@ -37,9 +40,22 @@ LCM_ORIGINAL_STEPS = 50
 TURBO_TIMESTEPS = (999, 899, 799, 699)
 
 
+#: SD's ``scaled_linear`` betas: linear in sqrt(beta) from 0.00085 to 0.012
+BETA_START, BETA_END = 0.00085, 0.012
+
+
 @lru_cache(maxsize=1)
 def _sigmas() -> tuple[float, ...]:
-    return tuple(discrete_vp_sigmas(DDPM_TIMESTEPS).tolist())
+    """``sigma_t`` for t = 0..999 in float64 Python arithmetic, the same numbers as
+    ``samplers.parameterization.discrete_vp_sigmas`` (torch's linspace: each half from its end)."""
+    n, a, b = DDPM_TIMESTEPS, BETA_START**0.5, BETA_END**0.5
+    step = (b - a) / (n - 1)
+    abar, out = 1.0, []
+    for i in range(n):
+        root = a + i * step if i < n // 2 else b - (n - 1 - i) * step
+        abar *= 1.0 - root * root
+        out.append(math.sqrt((1.0 - abar) / abar))
+    return tuple(out)
 
 
 def alphas_cumprod(t: int) -> float:
@@ -121,7 +137,14 @@ def recipe_timesteps(recipe: Recipe | str, steps: int | None = None) -> list[flo
 
 
 def recipe_sigmas(recipe: Recipe | str, steps: int | None = None) -> torch.Tensor:
-    """ComfyUI SIGMAS for the recipe: one noise level per step plus the final 0 (float64).
+    """ComfyUI SIGMAS for the recipe: :func:`recipe_sigma_values` as a float64 tensor."""
+    import torch
+
+    return torch.tensor(recipe_sigma_values(recipe, steps), dtype=torch.float64)
+
+
+def recipe_sigma_values(recipe: Recipe | str, steps: int | None = None) -> list[float]:
+    """The recipe's noise levels, one per step plus the final 0 (Python floats).
 
     DDPM students: ``sigma_t`` of each timestep. Rectified flows: ``sigma = t / 1000`` (so
     ``sigma = 1 - i/N``). EDM generators: ``[sigma_init, 0]``.
@@ -134,7 +157,7 @@ def recipe_sigmas(recipe: Recipe | str, steps: int | None = None) -> torch.Tenso
         values = [t / DDPM_TIMESTEPS for t in timesteps]
     else:
         values = [ddpm_sigma(t) for t in timesteps]
-    return torch.tensor([*values, 0.0], dtype=torch.float64)
+    return [*values, 0.0]
 
 
 def network_input_std(recipe: Recipe | str, sigma0: float) -> float:

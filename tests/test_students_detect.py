@@ -341,3 +341,35 @@ def test_lora_keys_to_kohya_zero_copy():
             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
         ]
     )
+
+
+def test_inspect_never_imports_torch(tmp_path):
+    """``inspect`` reads the header only: in a fresh interpreter it answers without importing torch
+    (which alone takes seconds to import)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = write_safetensors(tmp_path / "dmd2_sdxl_1step_unet_fp16.safetensors", unet_shapes("sdxl", "diffusers"))
+    code = (
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('comfyui_fewstep', {str(root / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(root)!r}])\n"
+        "pkg = importlib.util.module_from_spec(spec); sys.modules['comfyui_fewstep'] = pkg; spec.loader.exec_module(pkg)\n"
+        "from comfyui_fewstep.cli import main\n"
+        f"rc = main(['inspect', {str(path)!r}, '--json'])\n"
+        "print('TORCH', 'torch' in sys.modules, rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    data = json.loads(out[: out.rindex("TORCH")])
+    assert data["recipe"] == "dmd2_sdxl_1step" and data["arch"] == "sdxl"
+    assert out.strip().endswith("TORCH False 0")
+
+
+def test_recipe_sigma_table_equals_the_torch_schedule():
+    from comfyui_fewstep.distill_loaders.recipes import _sigmas
+    from comfyui_fewstep.samplers.parameterization import discrete_vp_sigmas
+
+    torch.testing.assert_close(torch.tensor(_sigmas(), dtype=torch.float64), discrete_vp_sigmas(1000),
+                               rtol=1e-14, atol=0.0)
