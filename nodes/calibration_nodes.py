@@ -29,8 +29,8 @@ from ._comfy_sampling import parameterization_for_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CALIBRATION_PRESETS", "FITTED_PRESET", "FewStepCalibrateSchedule", "FewStepLoadSchedule", "model_hash",
-           "sampler_for_record", "schedule_store"]
+__all__ = ["CALIBRATION_PRESETS", "FITTED_PRESET", "FewStepCalibrateSchedule", "FewStepLoadSchedule",
+           "check_record_fits_model", "model_hash", "sampler_for_record", "schedule_store"]
 
 #: 2M with per-step coefficients fitted together with the schedule (``samplers/fitted.py``)
 FITTED_PRESET = "dpmpp_2m_fitted"
@@ -222,7 +222,11 @@ class FewStepLoadSchedule(io.ComfyNode):
             category=CATEGORY_SCHEDULERS,
             description=f"Loads a schedule saved by FewStep Calibrate Steps (JSON files in the user folder "
                         f"'{STORE_FOLDER}'; copy a shared .json there).",
-            inputs=[io.Combo.Input("name", options=names or [""], tooltip="Saved schedule (file name without .json).")],
+            inputs=[io.Combo.Input("name", options=names or [""], tooltip="Saved schedule (file name without .json)."),
+                    io.Model.Input("model", optional=True,
+                                   tooltip="Optional: the model you will sample. Connected, the schedule is "
+                                   "checked against it (model family and sigma range must match; a schedule "
+                                   "calibrated on other weights is noted in info).")],
             outputs=[io.Sigmas.Output("sigmas", display_name="sigmas", tooltip="The saved schedule."),
                      io.String.Output("info", display_name="info", tooltip="Solver, NFE and steps the schedule was made for."),
                      io.Sampler.Output("sampler", display_name="sampler", tooltip="The solver the schedule was calibrated for "
@@ -238,11 +242,43 @@ class FewStepLoadSchedule(io.ComfyNode):
             return ""
 
     @classmethod
-    def execute(cls, name) -> io.NodeOutput:
+    def execute(cls, name, model=None) -> io.NodeOutput:
         if not name:
             raise ValueError(f"no saved schedules yet: run FewStep Calibrate Steps with save_as set, or copy a "
                              f"schedule .json into the user folder '{STORE_FOLDER}'")
         record = schedule_store().load(name)
         label = record.solver.get("label") or record.solver.get("solver") or "unknown solver"
         text = f"{name}: {label}, NFE {record.nfe}, {len(record.sigmas) - 1} steps"
+        if model is not None:
+            text += check_record_fits_model(record, name, model)
         return io.NodeOutput(record.sigmas_tensor(), text, sampler_for_record(record))
+
+
+#: relative tolerance when comparing a saved schedule's sigma range with a model's
+RANGE_RTOL = 1e-3
+
+
+def check_record_fits_model(record: ScheduleRecord, name: str, model: Any) -> str:
+    """Raise if ``record`` was calibrated for another model family or sigma range than ``model``;
+    return a note for ``info`` when only the weights differ (another checkpoint, LoRA or patch)."""
+    p = parameterization_for_model(model)
+    saved = list(record.settings.get("parameterization") or [])
+    if saved:  # [kind, family, sigma_min, sigma_max]; files before the family was stored: [kind, min, max]
+        kind, lo, hi = saved[0], float(saved[-2]), float(saved[-1])
+        family = saved[1] if len(saved) == 4 else None
+        same_range = math.isclose(lo, p.sigma_min, rel_tol=RANGE_RTOL) and math.isclose(hi, p.sigma_max,
+                                                                                       rel_tol=RANGE_RTOL)
+        if kind != p.kind or not same_range or (family is not None and family != p.family):
+            raise ValueError(
+                f"schedule {name!r} was calibrated for a {family or kind} model with sigmas {lo:.4g}..{hi:.4g}, "
+                f"but the connected model is {p.family} with sigmas {p.sigma_min:.4g}..{p.sigma_max:.4g}. "
+                "Calibrate this model with FewStep Calibrate Steps (or load a schedule made for it)."
+            )
+    elif record.sigmas[0] > p.sigma_max * (1.0 + RANGE_RTOL):
+        raise ValueError(f"schedule {name!r} starts at sigma {record.sigmas[0]:.4g}, above the connected model's "
+                         f"sigma_max {p.sigma_max:.4g}: it was made for another model family")
+    if record.model_hash and record.model_hash != model_hash(model):
+        what = "its fitted coefficients and schedule" if record.coefficients is not None else "the schedule"
+        return (f"\ncalibrated on another model (other weights, LoRA or patches): {what} may not fit this one; "
+                "calibrate it for best results")
+    return ""

@@ -228,3 +228,23 @@ def test_model_patches_and_prediction_type_change_the_cache_key(nodes, tiny_comf
     assert len(hashes) == 7
     assert nodes.model_hash(advanced.ModelSamplingDiscrete().patch(tiny_comfy_model, "v_prediction", False)[0]) \
         == nodes.model_hash(v_pred)
+
+
+def test_load_schedule_checks_the_connected_model(nodes, tiny_comfy_model, tiny_comfy_conds):
+    """A shared schedule on another model family or sigma range is refused; on other weights (a
+    LoRA here) it loads with a note; without a model connected nothing is checked."""
+    import comfy_extras.nodes_model_advanced as advanced
+
+    with torch.inference_mode():
+        _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset=nodes.FITTED_PRESET, save_as="shared")
+    sigmas, info, _ = nodes.FewStepLoadSchedule.execute("shared", model=tiny_comfy_model).result
+    assert "another model" not in info and sigmas[0] == pytest.approx(14.6146, rel=1e-4)
+    _, info, _ = nodes.FewStepLoadSchedule.execute("shared", model=_lora(tiny_comfy_model, 0.8)).result
+    assert "calibrated on another model" in info and "fitted coefficients" in info
+    flow = advanced.ModelSamplingSD3().patch(tiny_comfy_model, 3.0)[0]
+    with pytest.raises(ValueError, match="calibrated for a eps model with sigmas 0.0291.*14.61, but the connected model is flow.*Calibrate this model"):
+        nodes.FewStepLoadSchedule.execute("shared", model=flow)
+    v_pred = advanced.ModelSamplingDiscrete().patch(tiny_comfy_model, "v_prediction", False)[0]
+    with pytest.raises(ValueError, match="connected model is v"):
+        nodes.FewStepLoadSchedule.execute("shared", model=v_pred)
+    assert nodes.FewStepLoadSchedule.execute("shared").result[0].shape == sigmas.shape
