@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -136,6 +137,9 @@ def comfy_sampler_function(
     """
     if len(sigmas) <= 1:
         return x
+    calibrated = options.pop("calibrated_sigmas", None)
+    if calibrated is not None:
+        options["orders"] = orders_for_part(sigmas, calibrated, options["orders"])
     if options.get("parameterization") is None:
         options["parameterization"] = parameterization_for_denoiser(model)
     function = _SAMPLERS.get(solver) or _CALIBRATED_SAMPLERS[solver]
@@ -146,6 +150,37 @@ def make_sampler(solver: SolverFamily, options: Mapping[str, Any]) -> comfy.samp
     """A ComfyUI ``SAMPLER`` running ``solver`` with ``options`` (after :func:`normalize_options`)."""
     solver, options = normalize_options(solver, options)
     return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={"solver": solver, **options})
+
+
+def orders_for_part(sigmas: Any, calibrated: list[float], orders: list[int]) -> list[int]:
+    """The per-interval orders of a calibrated singlestep schedule for ``sigmas``: the whole schedule,
+    or its first or last part (SplitSigmas); anything else raises with what to connect."""
+    values = [float(s) for s in sigmas]
+    n = len(values) - 1  # intervals
+
+    def same(part: list[float]) -> bool:
+        return len(part) == len(values) and all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-8)
+                                                for a, b in zip(values, part))
+
+    if same(calibrated[-len(values):]):
+        return list(orders[len(orders) - n:])
+    if same(calibrated[:len(values)]):
+        return list(orders[:n])
+    raise ValueError(
+        "this singlestep sampler was calibrated for the sigmas "
+        f"[{', '.join(f'{v:.5g}' for v in calibrated)}] but got [{', '.join(f'{v:.5g}' for v in values)}]. "
+        "Connect the SIGMAS of the same FewStep Calibrate Steps / Load Schedule node (whole, or split with "
+        "SplitSigmas), or calibrate a multistep preset, which runs on any sigmas."
+    )
+
+
+def make_calibrated_singlestep_sampler(options: Mapping[str, Any], orders: list[int],
+                                       sigmas: list[float]) -> comfy.samplers.KSAMPLER:
+    """A ComfyUI ``SAMPLER`` for a calibrated singlestep schedule: its per-interval orders, bound to
+    the calibrated sigmas (or a part of them, :func:`orders_for_part`)."""
+    solver, options = normalize_options("singlestep", options)
+    return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={
+        "solver": solver, **options, "orders": list(orders), "calibrated_sigmas": [float(v) for v in sigmas]})
 
 
 def make_fitted_sampler(coefficients: list[list[float]], sigmas: list[float], history: int) -> comfy.samplers.KSAMPLER:

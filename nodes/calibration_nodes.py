@@ -24,7 +24,7 @@ from ..samplers.fitted import HISTORY
 from ..samplers.schedule_store import (ScheduleRecord, ScheduleStore, cache_key, model_fingerprint,
                                       object_fingerprint)
 from ._api import CATEGORY_SCHEDULERS, io, ui
-from ._comfy_sampler import PRESETS, make_fitted_sampler, make_sampler
+from ._comfy_sampler import PRESETS, make_calibrated_singlestep_sampler, make_fitted_sampler, make_sampler
 from ._comfy_sampling import parameterization_for_model
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def sampler_for_record(record: ScheduleRecord) -> Any:
     if solver not in ("multistep", "singlestep"):
         raise ValueError(f"unknown solver {solver!r} in the schedule file; expected multistep, singlestep or fitted")
     if solver == "singlestep":
-        options["orders"] = list(record.orders)
+        return make_calibrated_singlestep_sampler(options, list(record.orders), list(record.sigmas))
     return make_sampler(solver, options or {"order": 2})
 
 

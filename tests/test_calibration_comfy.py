@@ -248,3 +248,28 @@ def test_load_schedule_checks_the_connected_model(nodes, tiny_comfy_model, tiny_
     with pytest.raises(ValueError, match="connected model is v"):
         nodes.FewStepLoadSchedule.execute("shared", model=v_pred)
     assert nodes.FewStepLoadSchedule.execute("shared").result[0].shape == sigmas.shape
+
+
+def test_calibrated_singlestep_runs_on_split_sigmas_and_refuses_others(nodes, tiny_comfy_model, tiny_comfy_conds):
+    """A calibrated 3S schedule has one order per interval: each SplitSigmas part runs with its own
+    orders (the two parts use the same model calls as the whole); other sigmas get a clear error."""
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as custom
+
+    with torch.inference_mode():
+        sampler, sigmas, _ = _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset="dpmpp_3s", nfe=5).result
+    guider = comfy.samplers.CFGGuider(tiny_comfy_model)
+    guider.set_conds(*tiny_comfy_conds)
+    guider.set_cfg(2.0)
+    run = custom.SamplerCustomAdvanced().sample
+    latent = {"samples": torch.zeros(LATENT)}
+    high, low = custom.SplitSigmas().get_sigmas(sigmas, 1)
+    with torch.inference_mode():
+        whole = run(custom.Noise_RandomNoise(3), guider, sampler, sigmas, latent)[0]["samples"]
+        first = run(custom.Noise_RandomNoise(3), guider, sampler, high, latent)[0]
+        second = run(custom.Noise_EmptyNoise(), guider, sampler, low, first)[0]["samples"]
+    torch.testing.assert_close(second, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
+    other = sigmas.clone()
+    other[1] *= 0.9
+    with pytest.raises(ValueError, match="singlestep sampler was calibrated for the sigmas"), torch.inference_mode():
+        run(custom.Noise_RandomNoise(3), guider, sampler, other, latent)
