@@ -6,8 +6,8 @@ numbers it implies (sigmas, first-step noise scale) are computed in :mod:`.recip
 
 Vocabulary (one source of truth each, as ``Literal`` option sets):
 
-* ``prediction`` — what the network outputs: ``eps`` (noise), ``x0`` (the clean sample,
-  SDXL-Lightning 1-step), ``lcm`` (eps plus the LCM consistency boundary condition,
+* ``prediction`` — what the network outputs: ``eps`` (noise), ``v`` (velocity, Salimans & Ho
+  2022), ``x0`` (the clean sample, SDXL-Lightning 1-step), ``lcm`` (eps plus the LCM consistency boundary condition,
   Luo et al. 2023 eq. 9, ``c_skip``/``c_out`` with timestep scaling 10 and sigma_data 0.5),
   ``flow_reversed`` (rectified-flow velocity pointing noise -> data, InstaFlow/2-RF/SCFlow;
   opposite sign to ComfyUI's CONST), ``edm`` (EDM-preconditioned pixel denoiser, Karras et
@@ -29,7 +29,7 @@ Vocabulary (one source of truth each, as ``Literal`` option sets):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 __all__ = [
@@ -46,11 +46,15 @@ __all__ = [
     "Schedule",
     "StepRule",
     "get_recipe",
+    "parse_timesteps",
     "recipe_names",
+    "register_recipe",
+    "with_tcd_eta",
+    "with_timesteps",
 ]
 
 Arch = Literal["sd15", "sd21", "sdxl", "edm_songunet", "edm_dhariwal"]
-Prediction = Literal["eps", "x0", "lcm", "flow_reversed", "edm"]
+Prediction = Literal["eps", "v", "x0", "lcm", "flow_reversed", "edm"]
 Schedule = Literal["trailing", "lcm50", "turbo", "fixed", "flow_linear", "linear_from", "edm_sigma"]
 StepRule = Literal["euler", "renoise", "ancestral", "tcd", "edm_onestep"]
 FirstNoise = Literal["unit", "ddpm", "edm"]
@@ -453,6 +457,26 @@ _R: list[Recipe] = [
         (999,),
         source="VinAIResearch/SwiftBrush: infer.py (predict_original, abar 0.0047)",
     ),
+    # Step-distilled students with their own timesteps (SnapFusion, Li et al. 2023: an 8-step
+    # SD1.5 student; progressive distillation, Salimans & Ho 2022). Deterministic DDIM steps between
+    # the student's timesteps, given in the loader's 'timesteps' input (trailing spacing otherwise).
+    *[
+        Recipe(
+            f"step_distilled_{prediction}",
+            "step-distilled (e.g. SnapFusion)",
+            ("sd15", "sd21", "sdxl"),
+            prediction,  # type: ignore[arg-type]
+            "trailing",
+            "euler",
+            "ddpm",
+            8,
+            source="Li et al. 2023 (SnapFusion, arXiv 2306.00980), sec. 4: 8-step student, DDIM sampling; "
+            "the timesteps are the student's own",
+            note="give the student's own timesteps in the loader's 'timesteps' input and its cfg as its "
+            "authors use it",
+        )
+        for prediction in ("eps", "v")
+    ],
 ]
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in _R}
@@ -471,3 +495,51 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ValueError(f"unknown student recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
+
+
+def register_recipe(recipe: Recipe, replace: bool = False) -> Recipe:
+    """Add ``recipe`` to the table (the loader's recipe list and ``get_recipe``), for a student the
+    table does not know yet. An existing name is refused unless ``replace``."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"register_recipe needs a Recipe, got {type(recipe).__name__}")
+    if recipe.name in RECIPES and not replace:
+        raise ValueError(f"a recipe named {recipe.name!r} exists already; pass replace=True to overwrite it")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def parse_timesteps(text: str) -> tuple[int, ...]:
+    """``"999, 759, 499, 259"`` -> ``(999, 759, 499, 259)``: integer DDPM timesteps in [0, 999],
+    strictly decreasing, at least one (commas or spaces between them)."""
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"timesteps must be integers separated by commas, e.g. '999, 759, 499, 259'; got {text!r}") \
+            from None
+    if not values:
+        raise ValueError("timesteps is empty; give the student's timesteps, e.g. '999, 759, 499, 259'")
+    if not all(0 <= t <= 999 for t in values):
+        raise ValueError(f"timesteps must lie in [0, 999] (DDPM training timesteps), got {list(values)}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"timesteps must be strictly decreasing (first step at the highest noise), got {list(values)}")
+    return values
+
+
+def with_timesteps(recipe: Recipe, timesteps: tuple[int, ...]) -> Recipe:
+    """``recipe`` evaluated at the given DDPM timesteps (one model call each, same step rule)."""
+    if recipe.prediction in ("flow_reversed", "edm"):
+        raise ValueError(f"recipe {recipe.name!r} ({recipe.student}) has no DDPM timesteps; custom timesteps apply to "
+                         "eps / v / x0 / LCM students")
+    return replace(recipe, schedule="fixed", timesteps=tuple(float(t) for t in timesteps), steps=len(timesteps),
+                   allowed_steps=())
+
+
+def with_tcd_eta(recipe: Recipe, eta: float) -> Recipe:
+    """``recipe`` with TCD's gamma set to ``eta`` in [0, 1] (0: deterministic, PCM; 1: a fresh-noise
+    jump, LCM-like). Only for the TCD step rule."""
+    if recipe.step_rule != "tcd":
+        raise ValueError(f"recipe {recipe.name!r} uses the {recipe.step_rule!r} step rule; eta applies to TCD recipes")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"TCD eta (gamma) must lie in [0, 1], got {eta!r}")
+    return replace(recipe, eta=float(eta))

@@ -8,7 +8,9 @@ schedule and the first-step noise scale), a ``KSAMPLER`` for the recipe's step r
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import comfy.lora
 import comfy.lora_convert
@@ -26,7 +28,7 @@ from ..distill_loaders.lcm_guidance import GuidedTimeEmbedding
 from ..distill_loaders.load import check_finite, check_lora_base, load_weights, to_ldm_unet
 from ..distill_loaders.recipes import recipe_sigmas
 from ..distill_loaders.safetensors_header import FileContents, read_contents
-from ..distill_loaders.specs import Recipe, get_recipe, recipe_names
+from ..distill_loaders.specs import Recipe, get_recipe, parse_timesteps, recipe_names, with_tcd_eta, with_timesteps
 from ..distill_loaders.stream import placeholder_state_dict, read_tensor, stream_into
 from ..distill_loaders.student_samplers import sample_renoise, sample_tcd
 from ._api import io
@@ -38,7 +40,9 @@ __all__ = [
     "FewStepStudentLoader",
     "FewStepStudentSample",
     "apply_student_lora",
+    "LoadedStudent",
     "generate_edm_images",
+    "load_student",
     "load_student_model",
     "sample_student",
     "student_model_sampling",
@@ -75,6 +79,8 @@ def student_model_sampling(recipe: Recipe, model_config):
         base, pred = ms.ModelSamplingDiscrete, ms.X0
     elif recipe.prediction == "eps":
         base, pred = ms.ModelSamplingDiscrete, ms.EPS
+    elif recipe.prediction == "v":
+        base, pred = ms.ModelSamplingDiscrete, ms.V_PREDICTION
     else:
         raise StudentLoadError(
             None,
@@ -203,7 +209,26 @@ def _stream_unet(contents: FileContents, det: Detection, model_options: dict, ch
     return model
 
 
-def load_student_model(
+@dataclass
+class LoadedStudent:
+    """What the loader node outputs, plus the recipe it used (after the timesteps / eta inputs)."""
+
+    model: Any
+    clip: Any
+    vae: Any
+    sampler: Any
+    sigmas: torch.Tensor
+    info: str
+    recipe: Recipe
+
+
+def load_student_model(*args: Any, **kwargs: Any):
+    """:func:`load_student` as the tuple ``(model, clip, vae, sampler, sigmas, info)``."""
+    s = load_student(*args, **kwargs)
+    return s.model, s.clip, s.vae, s.sampler, s.sigmas, s.info
+
+
+def load_student(
     path: str | Path,
     recipe_name: str = "auto",
     steps: int = 0,
@@ -212,10 +237,15 @@ def load_student_model(
     check_weights: bool = True,
     lcm_guidance: float = 8.5,
     model_options: dict | None = None,
+    timesteps: str = "",
+    tcd_eta: float = -1.0,
 ):
-    """Load ``path`` as a student; returns ``(model, clip, vae, sampler, sigmas, info)``.
+    """Load ``path`` as a student (see :class:`LoadedStudent`).
 
-    ``model_options`` goes to ComfyUI's model construction as in ``UNETLoader`` (``dtype``, ...)."""
+    ``model_options`` goes to ComfyUI's model construction as in ``UNETLoader`` (``dtype``, ...).
+    ``timesteps`` (e.g. ``"999, 759, 499, 259"``) replaces the recipe's timesteps, for step-distilled
+    students with their own; ``tcd_eta`` in [0, 1] replaces a TCD recipe's gamma (negative: the
+    recipe's own)."""
     model_options = dict(model_options or {})
     override = None if recipe_name in ("auto", "", None) else recipe_name
     contents = read_contents(path)
@@ -227,6 +257,19 @@ def load_student_model(
             "choose the recipe in the node's 'recipe' input (" + ", ".join(recipe_names()[:6]) + ", ...).",
         )
     recipe = get_recipe(det.recipe)
+    custom = ""
+    try:
+        if timesteps and timesteps.strip():
+            recipe = with_timesteps(recipe, parse_timesteps(timesteps))
+            custom += f"\ncustom timesteps: {[int(t) for t in recipe.timesteps]}"
+        if tcd_eta is not None and tcd_eta >= 0.0:
+            if recipe.step_rule == "tcd":
+                recipe = with_tcd_eta(recipe, tcd_eta)
+                custom += f"\nTCD eta (gamma): {recipe.eta:g}"
+            else:
+                custom += f"\ntcd_eta ignored: the {recipe.name} recipe uses the {recipe.step_rule} step rule"
+    except ValueError as exc:
+        raise StudentLoadError(det.path, str(exc), "fix the loader's timesteps / tcd_eta input") from exc
     if det.layout == "edm":
         raise StudentLoadError(
             det.path,
@@ -277,9 +320,9 @@ def load_student_model(
         )
         extra += f"\nLCM guidance embedding: w = {lcm_guidance:g} (time_embedding.cond_proj kept)"
     sigmas = recipe_sigmas(recipe, steps or None).float()
-    info = format_report(det) + extra
+    info = format_report(det) + extra + custom
     logger.info("FewStep student: %s -> %s (%s)", Path(det.path).name, recipe.name, "; ".join(det.reasons))
-    return model, clip, vae, student_sampler(recipe), sigmas, info
+    return LoadedStudent(model, clip, vae, student_sampler(recipe), sigmas, info, recipe)
 
 
 def _file_options() -> list[str]:
@@ -350,6 +393,23 @@ class FewStepStudentLoader(io.ComfyNode):
                     step=0.1,
                     tooltip="guidance w of full LCM models' built-in w-embedding (not CFG; LCM uses 3-13)",
                 ),
+                io.String.Input(
+                    "timesteps",
+                    default="",
+                    optional=True,
+                    tooltip="optional: the student's own DDPM timesteps, e.g. '999, 759, 499, 259' (step-distilled "
+                    "students such as SnapFusion: recipe step_distilled_eps / _v); empty = the recipe's",
+                ),
+                io.Float.Input(
+                    "tcd_eta",
+                    default=-1.0,
+                    min=-1.0,
+                    max=1.0,
+                    step=0.05,
+                    optional=True,
+                    tooltip="TCD recipes: gamma in [0, 1] (0 deterministic, higher adds fresh noise; lower it for "
+                    "more steps); -1 = the recipe's own",
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -369,6 +429,7 @@ class FewStepStudentLoader(io.ComfyNode):
                     display_name="recipe_info",
                     tooltip="which recipe was used and why (file name, metadata, keys, shapes)",
                 ),
+                io.Float.Output(display_name="cfg", tooltip="the recipe's CFG scale (1 = off), for SamplerCustom"),
             ],
         )
 
@@ -382,11 +443,12 @@ class FewStepStudentLoader(io.ComfyNode):
         lora_strength=1.0,
         check_weights=True,
         lcm_guidance=8.5,
+        timesteps="",
+        tcd_eta=-1.0,
     ):
-        model, clip, vae, sampler, sigmas, info = load_student_model(
-            _resolve(model_file), recipe, steps, model, lora_strength, check_weights, lcm_guidance
-        )
-        return io.NodeOutput(model, sampler, sigmas, clip, vae, info)
+        s = load_student(_resolve(model_file), recipe, steps, model, lora_strength, check_weights, lcm_guidance,
+                         timesteps=timesteps, tcd_eta=tcd_eta)
+        return io.NodeOutput(s.model, s.sampler, s.sigmas, s.clip, s.vae, s.info, float(s.recipe.cfg))
 
 
 def sample_student(

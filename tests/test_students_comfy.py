@@ -375,3 +375,34 @@ def test_lora_text_encoder_modules_are_reported(api, files, tmp_path):
     save_file(tensors, str(tmp_path / "lcm-lora-sdv1-5.safetensors"))
     *_, info = api.nodes.load_student_model(tmp_path / "lcm-lora-sdv1-5.safetensors", model=base)
     assert "1 text-encoder modules not applied" in info
+
+
+def test_loader_takes_a_students_own_timesteps_eta_and_reports_cfg(api, files, tmp_path):
+    """Step-distilled students with their own timesteps (SnapFusion-style, eps or v), a TCD gamma
+    other than the recipe's, and the recipe's cfg as an output."""
+    import comfy.model_sampling as ms
+
+    (tmp_path / "student_unet.safetensors").symlink_to(files / "dmd2_sd15_unet.safetensors")  # a name that says nothing
+    api.folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
+    node = api.nodes.FewStepStudentLoader
+    out = node.execute("diffusion_models/student_unet.safetensors", "step_distilled_v", 0,
+                       timesteps="999, 874, 749, 624, 499, 374, 249, 124").result
+    model, sampler, sigmas, info, cfg = out[0], out[1], out[2], out[5], out[6]
+    assert sigmas.tolist()[:-1] == pytest.approx([ddpm_sigma(t) for t in (999, 874, 749, 624, 499, 374, 249, 124)],
+                                                 rel=1e-6)
+    assert isinstance(model.get_model_object("model_sampling"), ms.V_PREDICTION) and cfg == 1.0
+    assert "custom timesteps: [999, 874, 749, 624, 499, 374, 249, 124]" in info
+    x = _sample(api, model, sampler, sigmas)
+    assert torch.isfinite(x).all()
+    with pytest.raises(StudentLoadError, match="strictly decreasing.*What to do: fix the loader's timesteps"):
+        node.execute("diffusion_models/student_unet.safetensors", "step_distilled_eps", 0, timesteps="100, 500")
+    base = api.nodes.load_student(files / "dmd2_sd15_unet.safetensors").model
+    g = torch.Generator().manual_seed(2)
+    shapes = kohya_lora_shapes("sd15", 4)
+    save_file({k: (torch.randn(s, generator=g) * 0.01 if s else torch.tensor(4.0)) for k, s in shapes.items()},
+              str(tmp_path / "pcm_sd15_normalcfg_8step_lora.safetensors"))
+    pcm = api.nodes.load_student(tmp_path / "pcm_sd15_normalcfg_8step_lora.safetensors", "pcm_normalcfg_8step",
+                                 model=base, tcd_eta=0.2)
+    assert pcm.recipe.cfg == 7.5 and pcm.sampler.extra_options["eta"] == 0.2 and "TCD eta (gamma): 0.2" in pcm.info
+    plain = api.nodes.load_student(files / "dmd2_sd15_unet.safetensors", tcd_eta=0.2)
+    assert "tcd_eta ignored" in plain.info

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from comfyui_fewstep.distill_loaders import recipes as R
+from comfyui_fewstep.distill_loaders.recipes import ddpm_sigma, recipe_sigmas
 from comfyui_fewstep.distill_loaders.specs import RECIPES, Recipe, get_recipe
 
 
@@ -175,3 +176,48 @@ def test_recipe_validation():
         Recipe("x", "x", ("sd15",), "v_pred", "trailing", "euler", "unit", 1)
     with pytest.raises(ValueError, match="needs timesteps"):
         Recipe("x", "x", ("sd15",), "eps", "fixed", "euler", "unit", 1)
+
+
+def test_custom_timesteps_parse_validate_and_give_the_ddpm_sigmas():
+    """A step-distilled student's own timesteps: sigma_t = sqrt((1 - abar_t) / abar_t) of SD's
+    scaled-linear schedule, written out here from the betas."""
+    from comfyui_fewstep.distill_loaders.specs import get_recipe, parse_timesteps, with_timesteps
+
+    assert parse_timesteps("999, 759,499 259") == (999, 759, 499, 259)
+    for bad, match in (("", "empty"), ("999, 1000", r"\[0, 999\]"), ("500, 700", "strictly decreasing"),
+                       ("999, x", "integers")):
+        with pytest.raises(ValueError, match=match):
+            parse_timesteps(bad)
+    recipe = with_timesteps(get_recipe("step_distilled_v"), (999, 874, 749, 624, 499, 374, 249, 124))
+    assert recipe.prediction == "v" and recipe.steps == 8
+    betas = [(0.00085**0.5 + i * (0.012**0.5 - 0.00085**0.5) / 999) ** 2 for i in range(1000)]
+    abar, table = 1.0, []
+    for b in betas:
+        abar *= 1.0 - b
+        table.append(math.sqrt((1.0 - abar) / abar))
+    sigmas = recipe_sigmas(recipe).tolist()
+    assert sigmas[-1] == 0.0 and sigmas[:-1] == pytest.approx([table[int(t)] for t in recipe.timesteps], rel=1e-12)
+    with pytest.raises(ValueError, match="no DDPM timesteps"):
+        with_timesteps(get_recipe("instaflow_sd15_1step"), (999,))
+
+
+def test_tcd_eta_and_registered_recipes():
+    from dataclasses import replace
+
+    from comfyui_fewstep.distill_loaders import specs
+
+    assert specs.with_tcd_eta(specs.get_recipe("tcd_lora"), 0.1).eta == 0.1
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        specs.with_tcd_eta(specs.get_recipe("tcd_lora"), 1.5)
+    with pytest.raises(ValueError, match="eta applies to TCD recipes"):
+        specs.with_tcd_eta(specs.get_recipe("dmd2_sd15_1step"), 0.3)
+    mine = replace(specs.get_recipe("step_distilled_eps"), name="my_student_sd15", timesteps=(999, 499), schedule="fixed",
+                   steps=2)
+    try:
+        specs.register_recipe(mine)
+        assert specs.get_recipe("my_student_sd15") is mine and "my_student_sd15" in specs.recipe_names()
+        with pytest.raises(ValueError, match="exists already"):
+            specs.register_recipe(mine)
+        assert recipe_sigmas("my_student_sd15").tolist()[:-1] == pytest.approx([ddpm_sigma(999), ddpm_sigma(499)])
+    finally:
+        specs.RECIPES.pop("my_student_sd15", None)

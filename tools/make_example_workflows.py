@@ -144,7 +144,8 @@ NODES: dict[str, NodeSpec] = {
     ),
     "FewStepStudentLoader": NodeSpec(
         sockets=(("model", "MODEL"),),
-        widgets=("model_file", "recipe", "steps", "lora_strength", "check_weights", "lcm_guidance"),
+        widgets=("model_file", "recipe", "steps", "lora_strength", "check_weights", "lcm_guidance", "timesteps",
+                 "tcd_eta"),
         outputs=(
             ("MODEL", "MODEL"),
             ("SAMPLER", "SAMPLER"),
@@ -152,6 +153,7 @@ NODES: dict[str, NodeSpec] = {
             ("CLIP", "CLIP"),
             ("VAE", "VAE"),
             ("recipe_info", "STRING"),
+            ("cfg", "FLOAT"),
         ),
         size=(360, 230),
     ),
@@ -554,6 +556,8 @@ def student_steps() -> Workflow:
             lora_strength=1.0,
             check_weights=True,
             lcm_guidance=8.5,
+            timesteps="",
+            tcd_eta=-1.0,
         )
         text = wf.add("CLIPTextEncode", (420, y), "Prompt", {"clip": loader.out("CLIP")}, text=POSITIVE)
         links = {"model": loader.out("MODEL"), "conditioning": text.out()}
