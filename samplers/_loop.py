@@ -22,8 +22,8 @@ __all__ = [
     "NonFiniteModelOutputError",
     "X0Correction",
     "emit_callback",
-    "progress",
     "log_lowered_order",
+    "progress",
     "sigma_list",
 ]
 
