@@ -9,12 +9,13 @@ or, when the destination has another dtype or layout, into one reused staging bu
 cast with ``copy_``. Peak RAM is the destination tensors plus at most the largest tensor.
 
 Reads go in :data:`CHUNK_BYTES` pieces on a few threads (as many as torch's intra-op threads,
-which is what ComfyUI's own ``copy_`` from a memory map uses), and the NaN/Inf check looks at each
-piece in the thread that read it, right after the read, while it is still in the CPU cache. The
-check works on the raw bits (a float is NaN or +-Inf iff its exponent bits are all ones), with
-integer numpy ops: exact, no overflow, and no wake-up of torch's intra-op thread pool per call
-(on a busy machine that wake-up, not the arithmetic, was most of the cost of a ``torch.aminmax``
-per tensor).
+which is what ComfyUI's own ``copy_`` from a memory map uses). Each thread takes one consecutive
+run of pieces of about equal size, so the calling thread only waits. The NaN/Inf check looks at
+each piece in the thread that read it, right after the read, while it is still in the CPU cache.
+It works on the raw bits (a float is NaN or +-Inf iff its exponent bits are all ones), with two
+read-only integer numpy maxima: exact, no overflow, and no wake-up of torch's intra-op thread pool
+per call (on a busy machine that wake-up, not the arithmetic, was most of the cost of a
+``torch.aminmax`` per tensor).
 
 The model is built first from shapes alone: :func:`placeholder_state_dict` gives every tensor as a
 zero-stride view of a single zero (no memory), which is all a model constructor that only reads
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -117,12 +118,16 @@ def _byte_view(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 
-def _all_finite(chunk: np.ndarray, dtype: torch.dtype, scratch: np.ndarray) -> bool:
-    """Whether the float values whose bytes are ``chunk`` are all finite (exact, bitwise)."""
+def _all_finite(chunk: np.ndarray, dtype: torch.dtype) -> bool:
+    """Whether the float values whose bytes are ``chunk`` are all finite (exact, bitwise).
+
+    With ``B`` the bits of +Inf, a value is +Inf/NaN iff its bits as a signed integer are >= B and
+    -Inf/NaN iff its bits as an unsigned integer are >= sign bit | B: two read-only integer
+    maxima, no scratch writes."""
     uint, inf_bits = _NONFINITE_BITS[dtype]
-    sign_cleared = scratch[: chunk.size].view(uint)
-    np.bitwise_and(chunk.view(uint), np.iinfo(uint).max >> 1, out=sign_cleared)
-    return int(sign_cleared.max()) < inf_bits
+    sign_bit = 1 << (8 * np.dtype(uint).itemsize - 1)
+    signed = np.dtype(uint).str.replace("u", "i")
+    return int(chunk.view(signed).max()) < inf_bits and int(chunk.view(uint).max()) < (sign_bit | inf_bits)
 
 
 def default_workers() -> int:
@@ -133,8 +138,8 @@ def default_workers() -> int:
 
 class _ChunkReader:
     """Reads one chunk at a file offset into memory and checks it, from any thread: every thread
-    has its own unbuffered file handle and check scratch buffer (file reads and numpy release the
-    GIL, so threads read and fault in pages in parallel)."""
+    has its own unbuffered file handle (file reads and numpy release the GIL, so threads read and
+    fault in pages in parallel)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -147,7 +152,6 @@ class _ChunkReader:
         f = getattr(self.local, "file", None)
         if f is None:
             f = self.local.file = open(self.path, "rb", buffering=0)
-            self.local.scratch = np.empty(CHUNK_BYTES, dtype=np.uint8)
             with self.lock:
                 self.files.append(f)
         f.seek(offset)
@@ -159,11 +163,44 @@ class _ChunkReader:
                     self.path, f"the file ends inside tensor {name!r}.", "download it again."
                 )
             done += n
-        return dtype is None or _all_finite(chunk, dtype, self.local.scratch)
+        return dtype is None or _all_finite(chunk, dtype)
 
     def close(self) -> None:
         for f in self.files:
             f.close()
+
+
+_Piece = tuple[int, np.ndarray, str, "torch.dtype | None"]  # file offset, bytes to fill, tensor, check dtype
+
+
+def _split(pieces: list[_Piece], parts: int) -> list[list[_Piece]]:
+    """``pieces`` (in file order) as ``parts`` consecutive runs of about equal byte counts."""
+    total = sum(piece[1].nbytes for piece in pieces)
+    runs: list[list[_Piece]] = [[] for _ in range(parts)]
+    done = 0
+    for piece in pieces:
+        runs[min(parts - 1, done * parts // max(total, 1))].append(piece)
+        done += piece[1].nbytes
+    return [run for run in runs if run]
+
+
+def _read_pieces(
+    reader: _ChunkReader, pieces: list[_Piece], pool: ThreadPoolExecutor, workers: int
+) -> set[str]:
+    """Read and check ``pieces`` on ``workers`` threads; the names of tensors that failed the check.
+
+    Each thread gets one consecutive run of the pieces (one task per thread, not per piece): with a
+    task per 1 MiB piece, submitting and collecting 2000 futures kept the calling thread contending
+    for the GIL with the readers for about a quarter of the load."""
+
+    def run(part: list[_Piece]) -> set[str]:
+        return {name for offset, buf, name, dtype in part if not reader.read(offset, buf, name, dtype)}
+
+    futures = [pool.submit(run, part) for part in _split(pieces, workers)]
+    bad: set[str] = set()
+    for future in futures:
+        bad |= future.result()
+    return bad
 
 
 def stream_into(
@@ -178,8 +215,10 @@ def stream_into(
     copy). Raises :class:`StudentLoadError` for unknown names, shape mismatches, a truncated file
     and, with ``check_finite``, for tensors holding NaN or Inf (named in the message).
 
-    The file is read in :data:`CHUNK_BYTES` chunks, in file order, by ``workers`` threads
-    (:func:`default_workers` when None); each chunk is checked by the thread that read it."""
+    The file is read in :data:`CHUNK_BYTES` pieces, in file order, by ``workers`` threads
+    (:func:`default_workers` when None), each taking a consecutive run of about equal size; each
+    piece is checked by the thread that read it. Tensors read in place go first, in one pass;
+    each one that needs a cast is then read into the staging buffer (all threads) and cast."""
     if contents.container != "safetensors":
         raise ValueError(f"stream_into reads safetensors files, got a {contents.container} file")
     order = []
@@ -199,43 +238,44 @@ def stream_into(
             )
         order.append((info.data_offsets[0], name, dest))
     order.sort(key=lambda item: item[0])
-    staging = torch.empty(0, dtype=torch.uint8)
+    workers = workers or default_workers()
+
+    def pieces(begin: int, buffer: np.ndarray, name: str, checked: torch.dtype | None) -> list[_Piece]:
+        offset = contents.data_start + begin
+        starts = range(0, buffer.size, CHUNK_BYTES)
+        return [(offset + k, buffer[k : k + CHUNK_BYTES], name, checked) for k in starts]
+
+    direct: list[_Piece] = []
+    cast: list[tuple[int, str, torch.Tensor, torch.dtype | None]] = []
+    for begin, name, dest in order:
+        file_dtype = _dtype(contents, name)
+        checked = file_dtype if check_finite and file_dtype in _NONFINITE_BITS else None
+        if dest.device.type == "cpu" and dest.dtype == file_dtype and dest.is_contiguous():
+            direct += pieces(begin, _byte_view(dest), name, checked)  # page cache -> parameter
+        else:
+            cast.append((begin, name, dest, checked))
     reader = _ChunkReader(contents.path)
-    pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="fewstep-read")
-    reads: list[tuple[str, list[Future]]] = []
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fewstep-read")
     try:
         with torch.no_grad():
-            for begin, name, dest in order:
-                file_dtype = _dtype(contents, name)
-                checked = file_dtype if check_finite and file_dtype in _NONFINITE_BITS else None
-                direct = dest.device.type == "cpu" and dest.dtype == file_dtype and dest.is_contiguous()
-                if direct:
-                    buffer = _byte_view(dest)  # page cache -> parameter
-                else:
-                    nbytes = contents.tensors[name].data_offsets[1] - begin
-                    if staging.numel() < nbytes:
-                        staging = torch.empty(nbytes, dtype=torch.uint8)
-                    buffer = staging[:nbytes].numpy()
-                offset = contents.data_start + begin
-                chunks = [
-                    pool.submit(reader.read, offset + k, buffer[k : k + CHUNK_BYTES], name, checked)
-                    for k in range(0, buffer.size, CHUNK_BYTES)
-                ]
-                reads.append((name, chunks))
-                if not direct:  # the staging buffer is reused: finish this tensor first
-                    for chunk in chunks:
-                        chunk.result()
-                    view = staging[: buffer.size].view(file_dtype).view(contents.tensors[name].shape)
-                    dest.copy_(view)
-            bad = [name for name, chunks in reads if not all([chunk.result() for chunk in chunks])]
+            bad = _read_pieces(reader, direct, pool, workers)
+            staging = torch.empty(0, dtype=torch.uint8)
+            for begin, name, dest, checked in cast:  # one reused staging buffer: one tensor at a time
+                nbytes = contents.tensors[name].data_offsets[1] - begin
+                if staging.numel() < nbytes:
+                    staging = torch.empty(nbytes, dtype=torch.uint8)
+                staged = pieces(begin, staging[:nbytes].numpy(), name, checked)
+                bad |= _read_pieces(reader, staged, pool, workers)
+                dest.copy_(staging[:nbytes].view(_dtype(contents, name)).view(contents.tensors[name].shape))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         reader.close()
     if bad:
-        shown = ", ".join(bad[:limit]) + (f" (+{len(bad) - limit} more)" if len(bad) > limit else "")
+        names = [name for _, name, _ in order if name in bad]
+        shown = ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
         raise StudentLoadError(
             contents.path,
-            f"{len(bad)} weight tensor(s) contain NaN or Inf: {shown}.",
+            f"{len(names)} weight tensor(s) contain NaN or Inf: {shown}.",
             "the file is damaged or was saved from a diverged training run; "
             "download it again or use another checkpoint.",
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from comfyui_fewstep.distill_loaders import stream
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
 from comfyui_fewstep.distill_loaders.safetensors_header import read_contents
 from comfyui_fewstep.distill_loaders.stream import (
@@ -237,7 +239,6 @@ def test_errors_in_reader_threads_reach_the_caller(tmp_path, monkeypatch):
     no reader thread left behind)."""
     import threading
 
-    from comfyui_fewstep.distill_loaders import stream
 
     t = _multi_chunk(4.0)
     path = tmp_path / "cut.safetensors"
@@ -251,10 +252,22 @@ def test_errors_in_reader_threads_reach_the_caller(tmp_path, monkeypatch):
     with pytest.raises(StudentLoadError, match="the file ends inside tensor 'b'"):
         stream_into(contents, {"b": torch.empty(t.shape, dtype=torch.float32)}, workers=2)  # staging
 
-    def broken(chunk, dtype, scratch):
+    def broken(chunk, dtype):
         raise MemoryError("check failed")
 
     monkeypatch.setattr(stream, "_all_finite", broken)
     with pytest.raises(MemoryError, match="check failed"):
         stream_into(contents, {"a": torch.empty_like(t)}, workers=2)
     assert not [th for th in threading.enumerate() if th.name.startswith("fewstep-read")]
+
+
+def test_split_gives_each_thread_one_consecutive_run_of_about_equal_bytes():
+    sizes = [5, 1, 1, 1, 8, 2, 2, 3, 1, 4, 4] * 3
+    pieces = [(i, np.empty(n, dtype=np.uint8), f"t{i}", None) for i, n in enumerate(sizes)]
+    for parts in (1, 2, 3, 8):
+        runs = stream._split(pieces, parts)
+        assert [p[0] for run in runs for p in run] == list(range(len(pieces)))  # all, in file order
+        assert len(runs) <= parts
+        loads = [sum(p[1].nbytes for p in run) for run in runs]
+        assert max(loads) - min(loads) <= 2 * max(sizes)
+    assert stream._split([], 4) == []
