@@ -4,9 +4,11 @@ Loading through a memory map (``safetensors.safe_open`` / ``load_file``) and the
 model's parameters keeps two copies resident at the peak: the model's parameters (anonymous
 memory) and the mapped file pages, so a float16 UNet needs about twice its file size of RAM, and
 every 4 KiB page of the map costs a page fault. Here each tensor's byte range is read with
-``readinto`` directly into the destination's memory (page cache -> parameter, one copy, no map),
-or, when the destination has another dtype or layout, into one reused staging buffer and then
-cast with ``copy_``. Peak RAM is the destination tensors plus at most the largest tensor.
+``readinto`` directly into the destination's memory (page cache -> parameter, one copy, no map).
+A destination of another dtype gets each piece through its reader thread's 1 MiB scratch buffer
+(read, check, cast with ``copy_`` into the parameter's slice); only a non-contiguous one goes
+through one reused staging buffer, a tensor at a time. Peak RAM is the destination tensors plus
+at most the largest tensor.
 
 Reads go in :data:`CHUNK_BYTES` pieces on a few threads (as many as torch's intra-op threads,
 which is what ComfyUI's own ``copy_`` from a memory map uses). Each thread takes one consecutive
@@ -30,6 +32,7 @@ import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -136,6 +139,9 @@ def default_workers() -> int:
     return max(1, min(torch.get_num_threads(), 8))
 
 
+_Target = Union[np.ndarray, tuple[torch.Tensor, torch.dtype]]
+"""Where a piece goes: the destination's own bytes, or (destination elements, file dtype) to cast."""
+
 class _ChunkReader:
     """Reads one chunk at a file offset into memory and checks it, from any thread: every thread
     has its own unbuffered file handle (file reads and numpy release the GIL, so threads read and
@@ -147,13 +153,18 @@ class _ChunkReader:
         self.files: list = []
         self.lock = threading.Lock()
 
-    def read(self, offset: int, chunk: np.ndarray, name: str, dtype: torch.dtype | None) -> bool:
-        """Fill ``chunk`` (bytes) from ``offset``; with a float ``dtype``, False when it holds NaN/Inf."""
+    def read(self, offset: int, nbytes: int, name: str, dtype: torch.dtype | None, target: _Target) -> bool:
+        """Read ``nbytes`` from ``offset`` into ``target``; with a float ``dtype``, False when they
+        hold NaN/Inf. ``target`` is either the destination's bytes, or the destination elements
+        (another dtype) and the file's dtype: the piece is read into this thread's scratch buffer,
+        checked there and cast into them."""
         f = getattr(self.local, "file", None)
         if f is None:
             f = self.local.file = open(self.path, "rb", buffering=0)
+            self.local.scratch = np.empty(CHUNK_BYTES, dtype=np.uint8)
             with self.lock:
                 self.files.append(f)
+        chunk = target if isinstance(target, np.ndarray) else self.local.scratch[:nbytes]
         f.seek(offset)
         view, done = memoryview(chunk), 0
         while done < len(view):
@@ -163,24 +174,28 @@ class _ChunkReader:
                     self.path, f"the file ends inside tensor {name!r}.", "download it again."
                 )
             done += n
-        return dtype is None or _all_finite(chunk, dtype)
+        finite = dtype is None or _all_finite(chunk, dtype)
+        if isinstance(target, tuple):
+            elements, file_dtype = target
+            elements.copy_(torch.from_numpy(chunk).view(file_dtype))
+        return finite
 
     def close(self) -> None:
         for f in self.files:
             f.close()
 
 
-_Piece = tuple[int, np.ndarray, str, "torch.dtype | None"]  # file offset, bytes to fill, tensor, check dtype
+_Piece = tuple[int, int, str, Union[torch.dtype, None], _Target]  # offset, bytes, tensor, check dtype, target
 
 
 def _split(pieces: list[_Piece], parts: int) -> list[list[_Piece]]:
     """``pieces`` (in file order) as ``parts`` consecutive runs of about equal byte counts."""
-    total = sum(piece[1].nbytes for piece in pieces)
+    total = sum(piece[1] for piece in pieces)
     runs: list[list[_Piece]] = [[] for _ in range(parts)]
     done = 0
     for piece in pieces:
         runs[min(parts - 1, done * parts // max(total, 1))].append(piece)
-        done += piece[1].nbytes
+        done += piece[1]
     return [run for run in runs if run]
 
 
@@ -194,7 +209,7 @@ def _read_pieces(
     for the GIL with the readers for about a quarter of the load."""
 
     def run(part: list[_Piece]) -> set[str]:
-        return {name for offset, buf, name, dtype in part if not reader.read(offset, buf, name, dtype)}
+        return {piece[2] for piece in part if not reader.read(*piece)}
 
     futures = [pool.submit(run, part) for part in _split(pieces, workers)]
     bad: set[str] = set()
@@ -240,32 +255,46 @@ def stream_into(
     order.sort(key=lambda item: item[0])
     workers = workers or default_workers()
 
-    def pieces(begin: int, buffer: np.ndarray, name: str, checked: torch.dtype | None) -> list[_Piece]:
-        offset = contents.data_start + begin
-        starts = range(0, buffer.size, CHUNK_BYTES)
-        return [(offset + k, buffer[k : k + CHUNK_BYTES], name, checked) for k in starts]
+    def pieces(begin: int, nbytes: int, name: str, checked: torch.dtype | None, target) -> list[_Piece]:
+        """The tensor at ``begin`` as pieces: ``target`` is its bytes (read in place) or, to cast,
+        its elements (flat) with the file's dtype."""
+        out = []
+        for k in range(0, nbytes, CHUNK_BYTES):
+            n = min(CHUNK_BYTES, nbytes - k)
+            if isinstance(target, np.ndarray):
+                part = target[k : k + n]
+            else:
+                elements, file_dtype = target
+                size = torch.empty((), dtype=file_dtype).element_size()
+                part = (elements[k // size : (k + n) // size], file_dtype)
+            out.append((contents.data_start + begin + k, n, name, checked, part))
+        return out
 
     direct: list[_Piece] = []
-    cast: list[tuple[int, str, torch.Tensor, torch.dtype | None]] = []
+    staged: list[tuple[int, str, torch.Tensor, torch.dtype | None]] = []
     for begin, name, dest in order:
         file_dtype = _dtype(contents, name)
         checked = file_dtype if check_finite and file_dtype in _NONFINITE_BITS else None
-        if dest.device.type == "cpu" and dest.dtype == file_dtype and dest.is_contiguous():
-            direct += pieces(begin, _byte_view(dest), name, checked)  # page cache -> parameter
+        nbytes = contents.tensors[name].data_offsets[1] - begin
+        if dest.device.type == "cpu" and dest.is_contiguous():
+            if dest.dtype == file_dtype:  # page cache -> parameter
+                direct += pieces(begin, nbytes, name, checked, _byte_view(dest))
+            else:  # page cache -> a reader's scratch (in cache) -> cast into the parameter
+                direct += pieces(begin, nbytes, name, checked, (dest.detach().view(-1), file_dtype))
         else:
-            cast.append((begin, name, dest, checked))
+            staged.append((begin, name, dest, checked))
     reader = _ChunkReader(contents.path)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fewstep-read")
     try:
         with torch.no_grad():
             bad = _read_pieces(reader, direct, pool, workers)
             staging = torch.empty(0, dtype=torch.uint8)
-            for begin, name, dest, checked in cast:  # one reused staging buffer: one tensor at a time
+            for begin, name, dest, checked in staged:  # one reused staging buffer: one tensor at a time
                 nbytes = contents.tensors[name].data_offsets[1] - begin
                 if staging.numel() < nbytes:
                     staging = torch.empty(nbytes, dtype=torch.uint8)
-                staged = pieces(begin, staging[:nbytes].numpy(), name, checked)
-                bad |= _read_pieces(reader, staged, pool, workers)
+                buffer = staging[:nbytes].numpy()
+                bad |= _read_pieces(reader, pieces(begin, nbytes, name, checked, buffer), pool, workers)
                 dest.copy_(staging[:nbytes].view(_dtype(contents, name)).view(contents.tensors[name].shape))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

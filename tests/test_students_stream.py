@@ -121,11 +121,12 @@ def _multi_chunk(n_chunks=3.5, dtype=torch.float16, seed=0):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@pytest.mark.parametrize("cast", [False, True], ids=["direct", "staging"])
-def test_nan_inf_found_in_any_chunk_of_a_large_tensor(tmp_path, cast):
+@pytest.mark.parametrize("path", ["direct", "cast", "staging"])
+def test_nan_inf_found_in_any_chunk_of_a_large_tensor(tmp_path, path):
     """Tensors spanning several read chunks: a single NaN/Inf in the middle chunk, on a chunk
-    boundary, or in the (partial) last chunk is found, through the direct read and through the
-    staging buffer of a dtype cast; the finite tensors around them pass and arrive intact."""
+    boundary, or in the (partial) last chunk is found, through the direct read, the cast in the
+    reader threads (another dtype) and the staging buffer (a non-contiguous destination of another
+    dtype); the finite tensors around them pass and arrive intact."""
     big = _multi_chunk()
     assert big.numel() * 2 > 3 * CHUNK_BYTES
     per_chunk = CHUNK_BYTES // 2
@@ -136,8 +137,12 @@ def test_nan_inf_found_in_any_chunk_of_a_large_tensor(tmp_path, cast):
     tensors["c.neg_inf_last"][-1] = float("-inf")
     tensors["d.nan_on_boundary"][2 * per_chunk] = float("nan")
     contents = _save(tmp_path, tensors)
-    dtype = torch.float32 if cast else torch.float16
-    targets = {k: torch.empty(v.shape, dtype=dtype) for k, v in tensors.items()}
+    dtype = torch.float16 if path == "direct" else torch.float32
+    if path == "staging":
+        targets = {k: torch.empty(v.shape + (2,), dtype=dtype)[..., 0] for k, v in tensors.items()}
+        assert not targets["a.ok"].is_contiguous()
+    else:
+        targets = {k: torch.empty(v.shape, dtype=dtype) for k, v in tensors.items()}
     assert _bad_names(contents, targets) == ["b.nan_middle", "c.neg_inf_last", "d.nan_on_boundary"]
     assert torch.equal(targets["a.ok"], big.to(dtype)) and torch.equal(targets["e.ok"], big.to(dtype))
     assert torch.isnan(targets["d.nan_on_boundary"][2 * per_chunk])  # read completely all the same
@@ -171,7 +176,7 @@ def test_huge_finite_values_never_error(tmp_path):
     for k, v in tensors.items():
         assert torch.equal(targets[k].view(torch.uint8), v.view(torch.uint8)), k
     wide = {k: torch.empty(v.shape, dtype=torch.float64) for k, v in tensors.items()}
-    stream_into(contents, wide)  # through the staging buffer
+    stream_into(contents, wide)  # cast in the reader threads
     assert float(wide["f16.6e4"].min()) == 60000.0
 
 
@@ -250,7 +255,10 @@ def test_errors_in_reader_threads_reach_the_caller(tmp_path, monkeypatch):
     with pytest.raises(StudentLoadError, match="the file ends inside tensor 'b'"):
         stream_into(contents, targets, workers=2)
     with pytest.raises(StudentLoadError, match="the file ends inside tensor 'b'"):
-        stream_into(contents, {"b": torch.empty(t.shape, dtype=torch.float32)}, workers=2)  # staging
+        stream_into(contents, {"b": torch.empty(t.shape, dtype=torch.float32)}, workers=2)  # cast
+    with pytest.raises(StudentLoadError, match="the file ends inside tensor 'b'"):
+        staged = torch.empty(t.shape + (2,), dtype=torch.float32)[..., 0]  # non-contiguous: staging
+        stream_into(contents, {"b": staged}, workers=2)
 
     def broken(chunk, dtype):
         raise MemoryError("check failed")
@@ -263,11 +271,11 @@ def test_errors_in_reader_threads_reach_the_caller(tmp_path, monkeypatch):
 
 def test_split_gives_each_thread_one_consecutive_run_of_about_equal_bytes():
     sizes = [5, 1, 1, 1, 8, 2, 2, 3, 1, 4, 4] * 3
-    pieces = [(i, np.empty(n, dtype=np.uint8), f"t{i}", None) for i, n in enumerate(sizes)]
+    pieces = [(i, n, f"t{i}", None, np.empty(n, dtype=np.uint8)) for i, n in enumerate(sizes)]
     for parts in (1, 2, 3, 8):
         runs = stream._split(pieces, parts)
         assert [p[0] for run in runs for p in run] == list(range(len(pieces)))  # all, in file order
         assert len(runs) <= parts
-        loads = [sum(p[1].nbytes for p in run) for run in runs]
+        loads = [sum(p[1] for p in run) for run in runs]
         assert max(loads) - min(loads) <= 2 * max(sizes)
     assert stream._split([], 4) == []
