@@ -192,6 +192,12 @@ def _read_safetensors(path: Path) -> FileContents:
         numel = 1
         for d in shape:
             numel *= d
+        if begin < 0 or stop < begin:
+            raise StudentLoadError(
+                path,
+                f"tensor {name!r} has the byte range [{begin}, {stop}), outside the file's data.",
+                "the file is corrupt: download it again.",
+            )
         if dtype in _DTYPE_BYTES and stop - begin != numel * _DTYPE_BYTES[dtype]:
             raise StudentLoadError(
                 path,

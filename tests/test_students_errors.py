@@ -40,6 +40,10 @@ def test_corrupt_header(tmp_path):
         struct.pack("<Q", 70) + b'{"a": {"dtype": "F16", "shape": [4, 4], "data_offsets": [0, 8]}}'.ljust(70)
     )
     _raises(path, "has 8 bytes for shape \\[4, 4\\] F16")
+    path.write_bytes(
+        struct.pack("<Q", 70) + b'{"a": {"dtype": "F16", "shape": [2, 2], "data_offsets": [-8, 0]}}'.ljust(70)
+    )
+    _raises(path, "byte range \\[-8, 0\\), outside the file's data")
 
 
 def test_pickle_where_safetensors_expected(tmp_path):
