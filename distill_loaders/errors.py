@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["StudentLoadError", "UnsafePickleError"]
+__all__ = ["StudentLoadError", "UnsafePickleError", "unreadable"]
 
 
 class StudentLoadError(ValueError):
@@ -36,3 +36,13 @@ class StudentLoadError(ValueError):
 
 class UnsafePickleError(StudentLoadError):
     """A pickle asked to build an object the restricted unpickler does not allow."""
+
+
+def unreadable(path: str | Path, error: OSError) -> StudentLoadError:
+    """The error for a file the operating system would not read (missing, no permission, I/O error)."""
+    reason = error.strerror or str(error)
+    return StudentLoadError(
+        path,
+        f"the file cannot be read ({reason}).",
+        "check that it exists, is readable by the user ComfyUI runs as, and is on a working disk.",
+    )

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import StudentLoadError
+from .errors import StudentLoadError, unreadable
 
 __all__ = ["FileContents", "TensorInfo", "read_contents", "resolve_model_path"]
 
@@ -123,10 +123,11 @@ def read_contents(path: str | Path) -> FileContents:
             "this is a Python pickle, which can run arbitrary code when loaded; it is not opened here.",
             "convert it first: python -m comfyui_fewstep convert FILE (writes .safetensors + .json).",
         )
-    if suffix in _SAFETENSORS_EXT:
-        contents = _read_safetensors(weights)
-    elif suffix in _TORCH_EXT:
-        contents = _read_torch(weights)
+    if suffix in _SAFETENSORS_EXT or suffix in _TORCH_EXT:
+        try:
+            contents = _read_safetensors(weights) if suffix in _SAFETENSORS_EXT else _read_torch(weights)
+        except OSError as e:
+            raise unreadable(weights, e) from None
     else:
         raise StudentLoadError(
             weights,

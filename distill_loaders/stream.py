@@ -37,7 +37,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from .errors import StudentLoadError
+from .errors import StudentLoadError, unreadable
 from .safetensors_header import FileContents
 
 __all__ = [
@@ -296,6 +296,8 @@ def stream_into(
                 buffer = staging[:nbytes].numpy()
                 bad |= _read_pieces(reader, pieces(begin, nbytes, name, checked, buffer), pool, workers)
                 dest.copy_(staging[:nbytes].view(_dtype(contents, name)).view(contents.tensors[name].shape))
+    except OSError as e:
+        raise unreadable(contents.path, e) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         reader.close()

@@ -269,6 +269,31 @@ def test_errors_in_reader_threads_reach_the_caller(tmp_path, monkeypatch):
     assert not [th for th in threading.enumerate() if th.name.startswith("fewstep-read")]
 
 
+def test_operating_system_read_errors_name_the_file(sample, monkeypatch):
+    """An I/O error under the reader threads, or when the header is read, is a StudentLoadError
+    naming the file and the system's reason (not a bare OSError)."""
+    import builtins
+
+    contents = read_contents(sample)
+
+    def failing(self, *args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(stream._ChunkReader, "read", failing)
+    with pytest.raises(StudentLoadError, match=r"cannot be read \(Input/output error\).*sample.safetensors"):
+        stream_into(contents, {"a.weight": torch.empty(64, 32, 3, 3, dtype=torch.float16)}, workers=2)
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == str(sample):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(StudentLoadError, match=r"cannot be read \(Permission denied\)"):
+        read_contents(sample)
+
+
 def test_split_gives_each_thread_one_consecutive_run_of_about_equal_bytes():
     sizes = [5, 1, 1, 1, 8, 2, 2, 3, 1, 4, 4] * 3
     pieces = [(i, n, f"t{i}", None, np.empty(n, dtype=np.uint8)) for i, n in enumerate(sizes)]
