@@ -221,6 +221,8 @@ def _name_rules(arch: str, name: str, is_lora: bool) -> tuple[str | None, str]:
         if k in (2, 4, 8):
             return f"sdxl_lightning_{k}step", f"file name says Lightning {k}-step"
     if "hyper" in n:
+        if "cfg" in n and k in (8, 12):
+            return f"hyper_{k}step_cfg_lora", f"file name says Hyper-SD {k}-step CFG-preserved LoRA"
         if k == 1 and not is_lora:
             return "hyper_sdxl_1step_unet", "file name says Hyper-SD 1-step UNet"
         if k == 1:

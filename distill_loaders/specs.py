@@ -359,6 +359,26 @@ _R: list[Recipe] = [
         )
         for n in (2, 4, 8)
     ],
+    # CFG-preserving LoRAs: same trailing DDIM steps, but trained to keep real guidance and
+    # negative prompts ("support 5~8 guidance scales"); the card's example uses 5.0.
+    *[
+        Recipe(
+            f"hyper_{n}step_cfg_lora",
+            "Hyper-SD",
+            ("sd15", "sdxl"),
+            "eps",
+            "trailing",
+            "euler",
+            "unit",
+            n,
+            (n,),
+            cfg=5.0,
+            source="ByteDance/Hyper-SD model card (CFG-preserved LoRAs: DDIMScheduler trailing, guidance 5~8)",
+            note="guidance 5-8 with a negative prompt",
+            is_lora=True,
+        )
+        for n in (8, 12)
+    ],
     Recipe(
         "hyper_1step_lora_tcd",
         "Hyper-SD",

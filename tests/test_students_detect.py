@@ -187,6 +187,8 @@ def test_dmd2_kohya_lora(tmp_path):
         ("TCD-SDXL-LoRA.safetensors", "sdxl", "tcd_lora"),
         ("Hyper-SD15-4steps-lora.safetensors", "sd15", "hyper_4step_lora"),
         ("Hyper-SDXL-1step-lora.safetensors", "sdxl", "hyper_1step_lora_tcd"),
+        ("Hyper-SDXL-8steps-CFG-lora.safetensors", "sdxl", "hyper_8step_cfg_lora"),
+        ("Hyper-SD15-12steps-CFG-lora.safetensors", "sd15", "hyper_12step_cfg_lora"),
         ("pcm_sdxl_smallcfg_8step_converted.safetensors", "sdxl", "pcm_smallcfg_8step"),
         ("pcm_sd15_normalcfg_16step_converted.safetensors", "sd15", "pcm_normalcfg_16step"),
     ],
