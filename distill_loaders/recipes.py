@@ -13,6 +13,7 @@ only where a tensor is returned, so ``python -m comfyui_fewstep inspect`` never 
 from __future__ import annotations
 
 import math
+import struct
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -84,9 +85,27 @@ def timestep_from_sigma(sigma: float) -> int:
 
 
 def _trailing(n: int) -> list[int]:
-    """diffusers ``timestep_spacing="trailing"``: ``round(arange(1000, 0, -1000/n)) - 1``."""
-    step = DDPM_TIMESTEPS / n
-    return [round(DDPM_TIMESTEPS - i * step) - 1 for i in range(n)]
+    """diffusers ``timestep_spacing="trailing"``: ``round(arange(1000, 0, -1000/n)) - 1``.
+
+    ``numpy.arange`` computes its i-th value as ``start + i * delta`` with ``delta`` the float
+    difference of its first two values (not ``-1000/n`` itself), and ``round`` is half-to-even as
+    in ``numpy.round``; both matter where a value lands on .5 (e.g. n = 48).
+    """
+    start = float(DDPM_TIMESTEPS)
+    delta = (start - start / n) - start
+    return [round(start + i * delta) - 1 for i in range(n)]
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest IEEE single, as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _linear_from(t0: float, i: int, n: int) -> int:
+    """SiD-LSG's multi-step timestep ``(t0 * (1 - i/n)).to(torch.long)`` on an integer tensor:
+    a float32 product (exact here: two singles multiply exactly in a double, then round once)
+    truncated toward zero, e.g. t0 = 625, n = 3 gives 625, 416, 208 (not 417)."""
+    return math.trunc(_float32(_float32(t0) * _float32(1.0 - i / n)))
 
 
 def _lcm50(n: int) -> list[int]:
@@ -129,8 +148,7 @@ def recipe_timesteps(recipe: Recipe | str, steps: int | None = None) -> list[flo
     if schedule == "turbo":
         return [float(t) for t in TURBO_TIMESTEPS[:steps]]
     if schedule == "linear_from":
-        t0 = recipe.timesteps[0]
-        return [float(round(t0 * (1.0 - i / steps))) for i in range(steps)]
+        return [float(_linear_from(recipe.timesteps[0], i, steps)) for i in range(steps)]
     if schedule == "flow_linear":
         return [DDPM_TIMESTEPS * (1.0 - i / steps) for i in range(steps)]
     return []  # edm_sigma

@@ -76,6 +76,7 @@ def test_hyper_one_step_unet_at_800_unit_noise():
         ("sdxl_lightning_2step", 2, [999, 499]),
         ("sdxl_lightning_4step", 4, [999, 749, 499, 249]),
         ("sdxl_lightning_8step", 8, [999, 874, 749, 624, 499, 374, 249, 124]),
+        ("hyper_12step_cfg_lora", 12, [999, 916, 832, 749, 666, 582, 499, 416, 332, 249, 166, 82]),
         ("lcm_lora", 4, [999, 759, 499, 259]),
         ("lcm_lora", 2, [999, 499]),
         ("lcm", 8, [999, 879, 759, 639, 499, 379, 259, 139]),
@@ -98,6 +99,8 @@ def test_hyper_one_step_unet_at_800_unit_noise():
         ("rectified_flow_2_sd15", 4, [1000.0, 750.0, 500.0, 250.0]),
         ("sid_lsg_sd15_1step", 1, [625]),
         ("sid_lsg_sd15_1step", 5, [625, 500, 375, 250, 125]),
+        # upstream truncates a float32 product: (625 * (1 - i/K)).to(torch.long)
+        ("sid_lsg_sd15_1step", 3, [625, 416, 208]),
     ],
 )
 def test_timesteps(name, steps, expected):
@@ -105,8 +108,11 @@ def test_timesteps(name, steps, expected):
 
 
 def test_trailing_matches_diffusers_formula():
-    for n in (1, 2, 3, 4, 6, 8, 16):
+    # every n whose arange has n values (numpy's length rounding adds one for a few n, e.g. 61)
+    for n in range(1, 201):
         diffusers = (np.round(np.arange(1000, 0, -1000 / n)) - 1).astype(int).tolist()
+        if len(diffusers) != n:
+            continue
         recipe = Recipe("t", "t", ("sdxl",), "eps", "trailing", "euler", "unit", n)
         assert R.recipe_timesteps(recipe, n) == [float(t) for t in diffusers]
 
@@ -221,3 +227,19 @@ def test_tcd_eta_and_registered_recipes():
         assert recipe_sigmas("my_student_sd15").tolist()[:-1] == pytest.approx([ddpm_sigma(999), ddpm_sigma(499)])
     finally:
         specs.RECIPES.pop("my_student_sd15", None)
+
+
+def test_hyper_cfg_preserved_loras_keep_guidance():
+    # the card: CFG-preserved LoRAs "support 5~8 guidance scales"; the plain N-step LoRAs run cfg off
+    for n in (8, 12):
+        r = get_recipe(f"hyper_{n}step_cfg_lora")
+        assert 5.0 <= r.cfg <= 8.0 and r.steps == n and r.schedule == "trailing" and r.is_lora
+    assert get_recipe("hyper_8step_lora").cfg == 1.0
+
+
+def test_sid_lsg_multi_step_timesteps_match_torch_truncation():
+    # sid_sd_sampler: init_timesteps_i = (init_timesteps * (1 - i / K)).to(torch.long)
+    t_init = torch.tensor([625])
+    for k in range(1, 41):
+        upstream = [int((t_init * (1 - i / k)).to(torch.long)) for i in range(k)]
+        assert R.recipe_timesteps("sid_lsg_sd15_1step", k) == [float(t) for t in upstream], k
