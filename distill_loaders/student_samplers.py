@@ -56,12 +56,18 @@ def sample_renoise(model, x, sigmas, extra_args=None, callback=None, disable=Non
 
 
 def tcd_intermediate_sigma(sigma_next: float, gamma: float) -> float:
-    """TCD's jump target ``s = floor((1 - gamma) t_prev)`` as a sigma (DDPM SD schedule)."""
+    """TCD's jump target ``s = floor((1 - gamma) t_prev)`` as a sigma (DDPM SD schedule).
+
+    Where ``s = t_prev`` (gamma 0, or gamma too small to move ``t_prev`` by one timestep) the step
+    has no stochastic part and the target is ``sigma_next`` itself, not the float64 table value of
+    the same timestep: ComfyUI's float32 sigmas differ from it by ~1e-7, and that difference must
+    not turn into fresh noise.
+    """
     if sigma_next <= 0:
         return 0.0
     t_prev = timestep_from_sigma(sigma_next)
     s = math.floor((1.0 - gamma) * t_prev)
-    return ddpm_sigma(s)
+    return sigma_next if s >= t_prev else ddpm_sigma(s)
 
 
 @torch.no_grad()

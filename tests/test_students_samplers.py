@@ -166,3 +166,26 @@ def test_tcd_matches_diffusers_scheduler(recipe, gamma, monkeypatch):
         noise_sampler=lambda s, sn: next(our_noise),
     )
     torch.testing.assert_close(ours.float(), x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tcd_gamma_zero_is_ddim_without_noise(dtype):
+    # PCM samples with gamma 0: every step is a deterministic DDIM jump to sigma_next, however the
+    # float32 sigmas round, and no noise is drawn.
+    sigmas = recipe_sigmas("pcm_smallcfg_4step").to(dtype)
+    x = torch.randn(2, 3, dtype=torch.float64) * float(sigmas[0])
+
+    def no_noise(s, sn):
+        raise AssertionError("gamma 0 drew noise")
+
+    ours = sample_tcd(_model, x, sigmas, eta=0.0, disable=True, noise_sampler=no_noise)
+    ddim = x
+    for i in range(len(sigmas) - 2):
+        s, sn = float(sigmas[i]), float(sigmas[i + 1])
+        d = _model(ddim, sigmas[i] * ddim.new_ones(2))
+        ddim = d + sn * (ddim - d) / s
+    d = _model(ddim, sigmas[-2] * ddim.new_ones(2))
+    eps = (ddim - d) / float(sigmas[-2])
+    s0 = ddpm_sigma(0)
+    ddim = (d + s0 * eps) / math.sqrt(1 + s0 * s0)
+    torch.testing.assert_close(ours, ddim, rtol=1e-12, atol=1e-12)
