@@ -375,7 +375,7 @@ _R: list[Recipe] = [
             n,
             (n,),
             cfg=5.0,
-            source="ByteDance/Hyper-SD model card (CFG-preserved LoRAs: DDIMScheduler trailing, guidance 5~8)",
+            source="ByteDance/Hyper-SD model card (CFG-preserved LoRAs: DDIM trailing, guidance 5~8)",
             note="guidance 5-8 with a negative prompt",
             is_lora=True,
         )
