@@ -482,6 +482,8 @@ _R: list[Recipe] = [
     # Step-distilled students with their own timesteps (SnapFusion, Li et al. 2023: an 8-step
     # SD1.5 student; progressive distillation, Salimans & Ho 2022). Deterministic DDIM steps between
     # the student's timesteps, given in the loader's 'timesteps' input (trailing spacing otherwise).
+    # The first input is unit-variance noise whatever the first timestep, as in diffusers' text-to-
+    # image pipelines (init_noise_sigma = 1 for DDIM/DDPM schedulers).
     *[
         Recipe(
             f"step_distilled_{prediction}",
@@ -490,7 +492,7 @@ _R: list[Recipe] = [
             prediction,  # type: ignore[arg-type]
             "trailing",
             "euler",
-            "ddpm",
+            "unit",
             8,
             source="Li et al. 2023 (SnapFusion, arXiv 2306.00980), sec. 4: 8-step student, DDIM sampling; "
             "the timesteps are the student's own",

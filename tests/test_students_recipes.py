@@ -196,6 +196,10 @@ def test_custom_timesteps_parse_validate_and_give_the_ddpm_sigmas():
             parse_timesteps(bad)
     recipe = with_timesteps(get_recipe("step_distilled_v"), (999, 874, 749, 624, 499, 374, 249, 124))
     assert recipe.prediction == "v" and recipe.steps == 8
+    # diffusers' DDIM pipeline starts from randn * init_noise_sigma (1): unit variance at any first t
+    for t0 in (999, 799):
+        r = with_timesteps(get_recipe("step_distilled_eps"), (t0, 499))
+        assert R.network_input_std(r, float(recipe_sigmas(r)[0])) == 1.0
     betas = [(0.00085**0.5 + i * (0.012**0.5 - 0.00085**0.5) / 999) ** 2 for i in range(1000)]
     abar, table = 1.0, []
     for b in betas:
