@@ -478,6 +478,8 @@ _R: list[Recipe] = [
         (1,),
         (999,),
         source="VinAIResearch/SwiftBrush: infer.py (predict_original, abar 0.0047)",
+        note="x0 uses the schedule's abar_999 = 0.0046601 where SwiftBrush rounds it to 0.0047: "
+        "the latent is 0.4% smaller in scale",
     ),
     # Step-distilled students with their own timesteps (SnapFusion, Li et al. 2023: an 8-step
     # SD1.5 student; progressive distillation, Salimans & Ho 2022). Deterministic DDIM steps between
