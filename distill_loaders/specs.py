@@ -84,6 +84,9 @@ class Recipe:
         cfg: classifier-free guidance scale in ComfyUI's convention (1 = off).
         eta: TCD's gamma (``tcd`` rule only).
         sigma_init: EDM starting sigma (``edm`` prediction only).
+        x0_abar: the ``abar`` the student's own code uses to turn its first eps prediction into x0,
+            ``x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``, where it is not the schedule's value
+            (SwiftBrush trains and samples with abar_999 rounded to 0.0047); ``None``: the schedule's.
         source: repository + file (or model card) the recipe is read from.
         note: anything a user should know.
     """
@@ -101,6 +104,7 @@ class Recipe:
     cfg: float = 1.0
     eta: float = 0.0
     sigma_init: float | None = None
+    x0_abar: float | None = None
     source: str = ""
     note: str = ""
     is_lora: bool = field(default=False)
@@ -477,9 +481,9 @@ _R: list[Recipe] = [
         1,
         (1,),
         (999,),
-        source="VinAIResearch/SwiftBrush: infer.py (predict_original, abar 0.0047)",
-        note="x0 uses the schedule's abar_999 = 0.0046601 where SwiftBrush rounds it to 0.0047: "
-        "the latent is 0.4% smaller in scale",
+        x0_abar=0.0047,
+        source="VinAIResearch/SwiftBrush: infer.py and train_swiftbrush.py (predict_original, abar 0.0047)",
+        note="x0 with abar_999 = 0.0047 as SwiftBrush trains and samples (the schedule's is 0.0046601)",
     ),
     # Step-distilled students with their own timesteps (SnapFusion, Li et al. 2023: an 8-step
     # SD1.5 student; progressive distillation, Salimans & Ho 2022). Deterministic DDIM steps between

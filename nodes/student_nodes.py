@@ -8,6 +8,7 @@ schedule and the first-step noise scale), a ``KSAMPLER`` for the recipe's step r
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,24 @@ def student_model_sampling(recipe: Recipe, model_config):
                 max_denoise = False
             return super().noise_scaling(sigma, noise, latent_image, max_denoise=max_denoise)
 
-    return StudentSampling(model_config)
+    if recipe.x0_abar is None or pred is not ms.EPS:
+        return StudentSampling(model_config)
+    abar, sigma_first = recipe.x0_abar, float(recipe_sigmas(recipe)[0])
+
+    class StudentSamplingX0Abar(StudentSampling):
+        def calculate_denoised(self, sigma, model_output, model_input):
+            # At the recipe's first sigma: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) with the
+            # student's own abar; x_t = model_input / sqrt(1 + sigma^2) is the network's input.
+            denoised = super().calculate_denoised(sigma, model_output, model_input)
+            s = sigma.reshape(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+            first = torch.isclose(s, torch.full_like(s, sigma_first), rtol=1e-4)
+            if not bool(first.any()):
+                return denoised
+            x_t = model_input / torch.sqrt(s * s + 1.0)
+            own = (x_t - math.sqrt(1.0 - abar) * model_output) / math.sqrt(abar)
+            return torch.where(first, own, denoised)
+
+    return StudentSamplingX0Abar(model_config)
 
 
 def student_sampler(recipe: Recipe):

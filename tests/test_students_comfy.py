@@ -11,7 +11,7 @@ import torch
 from comfyui_fewstep.distill_loaders import keys as K
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
 from comfyui_fewstep.distill_loaders.lcm_guidance import guidance_scale_embedding
-from comfyui_fewstep.distill_loaders.recipes import ddpm_sigma, recipe_sigmas
+from comfyui_fewstep.distill_loaders.recipes import alphas_cumprod, ddpm_sigma, recipe_sigmas
 from comfyui_fewstep.distill_loaders.synthetic import kohya_lora_shapes, peft_lora_shapes
 from safetensors.torch import save_file
 
@@ -198,6 +198,18 @@ def test_student_sampling_objects(api):
     x0_ms = api.nodes.student_model_sampling(get_recipe("sdxl_lightning_1step_x0"), cfg)
     out = torch.randn(1, 4, 2, 2)
     assert torch.equal(x0_ms.calculate_denoised(torch.tensor([14.6]), out, torch.zeros_like(out)), out)
+    # SwiftBrush's predict_original: x0 = (z - sqrt(1 - 0.0047) eps) / sqrt(0.0047) from unit noise z
+    recipe = get_recipe("swiftbrush_sd21_1step")
+    ms = api.nodes.student_model_sampling(recipe, cfg)
+    sigma = recipe_sigmas(recipe)[:1].float()
+    x = ms.noise_scaling(sigma, z, torch.zeros_like(z), False)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(4))
+    own = (z - math.sqrt(1 - 0.0047) * eps) / math.sqrt(0.0047)
+    torch.testing.assert_close(ms.calculate_denoised(sigma, eps, x), own, rtol=1e-5, atol=1e-4)
+    schedule = (z - math.sqrt(1 - alphas_cumprod(999)) * eps) / math.sqrt(alphas_cumprod(999))
+    assert not torch.allclose(schedule, own, rtol=1e-3, atol=0)  # the 0.4% the recipe exists for
+    half = torch.tensor([1.0])  # any other sigma: the schedule's EPS conversion
+    torch.testing.assert_close(ms.calculate_denoised(half, eps, x), x - eps, rtol=0, atol=0)
 
 
 def test_edm_generator_node(api, tmp_path, tiny_edm):
