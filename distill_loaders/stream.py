@@ -209,7 +209,11 @@ def _read_pieces(
     for the GIL with the readers for about a quarter of the load."""
 
     def run(part: list[_Piece]) -> set[str]:
-        return {piece[2] for piece in part if not reader.read(*piece)}
+        # Grad and inference modes are per thread. ComfyUI builds models under inference_mode, so
+        # the destinations may be inference tensors, which only accept an in-place cast inside
+        # inference mode (normal tensors accept it there too).
+        with torch.inference_mode():
+            return {piece[2] for piece in part if not reader.read(*piece)}
 
     futures = [pool.submit(run, part) for part in _split(pieces, workers)]
     bad: set[str] = set()

@@ -52,6 +52,20 @@ def test_stream_matches_safetensors_load(sample):
     assert torch.equal(p.detach(), ref["b.weight"]) and p.requires_grad
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_stream_under_inference_mode_casts_into_inference_tensors(sample, workers):
+    """ComfyUI runs nodes under ``torch.inference_mode``, so the model it builds there holds
+    inference tensors. The cast path writes them from reader threads, which do not inherit the
+    caller's mode: an in-place copy there must still be allowed."""
+    ref = load_file(str(sample))
+    with torch.inference_mode():
+        cast = {k: torch.empty(v.shape, dtype=torch.float64) for k, v in ref.items()}
+        assert all(t.is_inference() for t in cast.values())
+        stream_into(read_contents(sample), cast, workers=workers)
+    for k, v in ref.items():
+        assert torch.equal(cast[k], v.double()), k
+
+
 def test_placeholders_hold_no_memory(sample):
     contents = read_contents(sample)
     ph = placeholder_state_dict(contents)
