@@ -56,11 +56,12 @@ AYS_MODELS: tuple[str, ...] = get_args(AysModel)
 
 #: Default half log-SNR where ``logsnr_uniform`` starts its uniform grid on a flow model
 #: whose ``sigma_max`` is 1 (``lambda = -inf``): flow sigma ~0.953, the signal-to-noise
-#: ratio of a VE sigma of 20 (SD 1.5 starts at 14.6, lambda -2.68). Below it the denoiser
-#: output is close to the data mean, so the single step from pure noise to there is cheap.
-#: On an exact Gaussian-mixture denoiser (16-D, 8 components, DPM-Solver++(2M), NFE 4..20)
-#: clips between -2 and -3 gave the lowest mode-flip rates, -3 the lowest at 6, 10 and 20 NFE,
-#: and any clip roughly halved the error of an unclipped grid from sigma = 0.9999.
+#: ratio of a VE sigma of 20 (SD 1.5 starts at 14.6, lambda -2.68). Above it the denoiser
+#: output is close to the data mean, so the first step, stretched from pure noise over it, is
+#: cheap. On held-out exact Gaussian-mixture denoisers (16-D, 8 components, flow shift 1 and 3,
+#: DPM-Solver++(2M) and 3M+UniC, NFE 3..15) -3 gave the lowest mode-flip rates of the clips
+#: -1.5..-4 at 4-15 NFE (-2.5 lower median errors at 5-10 NFE but more flips). At 2-4 NFE
+#: ``time_uniform`` is better on flow models than any log-SNR grid (docs/benchmarks.md).
 FLOW_LAMBDA_MIN: float = -3.0
 
 #: GITS coefficients with published tables (hundredths: 80 = 0.80 .. 150 = 1.50).
@@ -257,10 +258,11 @@ def get_sigmas_logsnr_uniform(
     grid from ``sigma = 0.9999`` spends a large share of the steps at near-pure noise where the
     denoiser hardly changes (solvers reference, Sec. 6). The grid therefore starts at
     ``lambda_min`` (default :data:`FLOW_LAMBDA_MIN` for flow, no clip for VE) whenever
-    ``lambda(sigma_max) < lambda_min``; ``sigma_max`` itself stays the first point (the
-    generation still starts from pure noise) and the first step covers the clipped part, an
-    exponential-integrator step that is exact for a constant denoiser. The remaining
-    ``steps - 1`` steps are uniform in lambda from ``lambda_min`` to ``lambda(sigma_min)``.
+    ``lambda(sigma_max) < lambda_min``: ``steps + 1`` points uniform in lambda from
+    ``lambda_min`` to ``lambda(sigma_min)``, the first of which is then moved to ``sigma_max``
+    (the generation still starts from pure noise; the first step is stretched over the clipped
+    part, an exponential-integrator step that is exact for a constant denoiser, so no model call
+    is spent between ``sigma_max`` and ``lambda_min``).
     """
     name = "logsnr_uniform"
     steps = _check_steps(steps, name)
@@ -275,15 +277,9 @@ def get_sigmas_logsnr_uniform(
             raise ValueError(
                 f"{name}: lambda_min must be finite and below lambda(sigma_min) = {lam_max:.4g}, got {clip!r}"
             )
-    if clip is not None and lam_start < clip:
-        if steps == 1:
-            return _finish(name, [hi, lo], append_zero=False)
-        lambdas = torch.linspace(clip, lam_max, steps, dtype=torch.float64)
-        sigmas = torch.cat([torch.tensor([hi], dtype=torch.float64), p.sigma_from_lambda_tensor(lambdas)])
-    else:
-        lambdas = torch.linspace(lam_start, lam_max, steps + 1, dtype=torch.float64)
-        sigmas = p.sigma_from_lambda_tensor(lambdas)
-        sigmas[0] = hi
+    lam_first = lam_start if clip is None else max(lam_start, clip)
+    sigmas = p.sigma_from_lambda_tensor(torch.linspace(lam_first, lam_max, steps + 1, dtype=torch.float64))
+    sigmas[0] = hi
     return _finish(name, sigmas, append_zero=False)
 
 

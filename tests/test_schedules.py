@@ -135,17 +135,19 @@ def test_logsnr_uniform_ve_has_equal_lambda_gaps(p, steps):
 def test_logsnr_uniform_flow_clips_the_noisy_end(steps):
     s = S.get_sigmas_logsnr_uniform(steps, FLOW).double()
     assert s[0].item() == 1.0  # still starts from pure noise
-    grid = lam(FLOW, s[1:-1])  # the uniform part: lambda_min .. lambda_max - h
-    h = (FLOW.lambda_max - S.FLOW_LAMBDA_MIN) / (steps - 1)
-    assert grid[0] == pytest.approx(S.FLOW_LAMBDA_MIN, abs=1e-5)
-    assert np.allclose(np.diff(grid), h, rtol=1e-4, atol=1e-5)
+    # the model calls after the first sit on the grid lambda_min + k h, k = 1 .. steps - 1: the first
+    # step is stretched over the clipped part, no call is spent between sigma 1 and lambda_min
+    h = (FLOW.lambda_max - S.FLOW_LAMBDA_MIN) / steps
+    grid = lam(FLOW, s[1:-1])
+    assert np.allclose(grid, S.FLOW_LAMBDA_MIN + h * np.arange(1, steps), rtol=1e-4, atol=1e-5)
+    assert s[-1].item() == 0.0  # the grid's last point, lambda(sigma_min), is replaced by 0
     # lambda of the flow form: log((1 - s) / s)
     assert np.allclose(grid, np.log((1 - s[1:-1].numpy()) / s[1:-1].numpy()))
 
 
 def test_logsnr_uniform_flow_options():
     s = S.get_sigmas_logsnr_uniform(6, FLOW, lambda_min=-1.0).double()
-    assert lam(FLOW, s[1:2])[0] == pytest.approx(-1.0, abs=1e-5)
+    assert lam(FLOW, s[1:2])[0] == pytest.approx(-1.0 + (FLOW.lambda_max + 1.0) / 6, abs=1e-5)
     # a flow model with sigma_max < 1 above the clip needs no clip: uniform from sigma_max
     p = Parameterization("flow", 0.002, 0.9, "flow")
     s = S.get_sigmas_logsnr_uniform(5, p).double()
