@@ -119,7 +119,8 @@ def steps_for_nfe(solver: SolverKind, nfe: int, order: int, final_step: FinalSte
       at lower order (Lu et al. 2022b, arXiv 2211.01095, Alg. 2).
     * ``singlestep``: the steps and orders of :func:`singlestep_orders`; with ``final_step="zero"``
       the last step (to sigma = 0) is the first-order denoise, so an allocation that does not
-      end in order 1 becomes ``singlestep_orders(nfe - 1, order) + [1]``.
+      end in order 1 becomes ``singlestep_orders(nfe - 1, order) + [1]``, with a first-order
+      step of the former moved to the start (``[1, 3, 1]`` for 3S at 5 calls).
     * ``adaptive``: one schedule step (the solver only uses its end points); the NFE it uses is
       set by atol / rtol at run time, so ``nfe`` is kept as the estimate.
 
@@ -154,8 +155,14 @@ def steps_for_nfe(solver: SolverKind, nfe: int, order: int, final_step: FinalSte
     else:
         orders = tuple(singlestep_orders(nfe, order))
         if final_step == "zero" and orders[-1] != 1:
-            # the step to sigma = 0 returns the data prediction: one call, first order
-            orders = tuple(singlestep_orders(nfe - 1, order)) + (1,)
+            # the step to sigma = 0 returns the data prediction: one call, first order. A first-
+            # order step left over in the rest goes first, where the data prediction is close to
+            # the data mean and a first-order step nearly exact (3S at 5 calls: [1, 3, 1], not
+            # [3, 1, 1]: about half the error on held-out Gaussian mixtures)
+            body = singlestep_orders(nfe - 1, order)
+            if len(body) > 1 and body[-1] == 1:
+                body = [1] + body[:-1]
+            orders = tuple(body) + (1,)
         if max(orders) < order:
             notes.append(f"{nfe} model calls reach only order {max(orders)}; order {order} needs nfe >= {order + 1 if order == 3 else order}")
     if extra:

@@ -270,7 +270,8 @@ def _step_orders(
     if ends_at_zero and n_steps == n_intervals and n_steps > 0 and orders[-1] != 1:
         raise ValueError(
             f"the last step ends at sigma=0 and must be first order, got orders[-1]={orders[-1]}; "
-            "end the orders with 1 (for a budget of nfe calls: singlestep_orders(nfe - 1, order) + [1]) "
+            "end the orders with 1 (for a budget of nfe calls: "
+            "steps_for_nfe('singlestep', nfe, order).orders) "
             "or use final_step='sigma_min'"
         )
     return orders

@@ -64,8 +64,19 @@ def test_singlestep_plan_ending_at_zero_spends_one_call_on_the_denoise_step(nfe,
     plan = steps_for_nfe("singlestep", nfe, order)
     paper = paper_orders(nfe, order)
     expected = paper if paper[-1] == 1 else paper_orders(nfe - 1, order) + [1]
+    if 1 in expected[1:-1]:  # a first-order step before the denoise step goes first
+        expected = [1] + expected[:-2] + [1]
     assert list(plan.orders) == expected and plan.orders[-1] == 1
+    assert order == 1 or 1 not in plan.orders[1:-1]
     assert plan.steps == len(plan.orders) and plan.nfe == sum(plan.orders) == nfe
+
+
+@pytest.mark.parametrize(("nfe", "order", "orders"), [
+    (4, 2, (1, 2, 1)), (5, 3, (1, 3, 1)), (8, 3, (1, 3, 3, 1)), (6, 3, (3, 2, 1)),
+    (10, 2, (1, 2, 2, 2, 2, 1)),
+])
+def test_singlestep_plan_ending_at_zero_examples(nfe, order, orders):
+    assert steps_for_nfe("singlestep", nfe, order).orders == orders
 
 
 def test_adaptive_plan():

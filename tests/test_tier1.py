@@ -20,6 +20,7 @@ from comfyui_fewstep.samplers.analytic import (
     MixturePreset,
     per_sample_rms,
 )
+from comfyui_fewstep.samplers.budget import steps_for_nfe
 
 multistep = pytest.importorskip("comfyui_fewstep.samplers.multistep", reason="samplers/multistep.py not present")
 schedules = pytest.importorskip("comfyui_fewstep.samplers.schedules", reason="samplers/schedules.py not present")
@@ -81,7 +82,7 @@ class Tier1:
 
     def singlestep(self, schedule: str, nfe: int, order: int = 3) -> tuple[float, int]:
         model = self.model()
-        orders = singlestep.singlestep_orders(nfe - 1, order) + [1]
+        orders = list(steps_for_nfe("singlestep", nfe, order).orders)
         sigmas = schedules.get_sigmas(schedule, len(orders), self.p)
         out = singlestep.sample_dpmpp_singlestep(
             model, self.x, sigmas, parameterization=self.p, orders=orders, disable=True
