@@ -15,19 +15,19 @@ import math
 
 import torch
 
+from ..samplers.noise import PerSampleNoiseSampler
 from .recipes import ddpm_sigma, timestep_from_sigma
 
 __all__ = ["sample_renoise", "sample_tcd", "tcd_intermediate_sigma"]
 
 
 def _noise_sampler(x: torch.Tensor, extra_args: dict, noise_sampler):
+    """The given noise sampler or, by default, the pack's per-sample one seeded with the run's
+    seed (the same noise for a sample in any batch size, on any device, and at a given sigma in
+    a split schedule)."""
     if noise_sampler is not None:
         return noise_sampler
-    seed = extra_args.get("seed")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=x.device).manual_seed(int(seed) + 1)
-    return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return PerSampleNoiseSampler(x, extra_args.get("seed"))
 
 
 def _trange(n: int, disable):

@@ -21,6 +21,7 @@ from comfyui_fewstep.samplers.multistep import (
     sample_dpmpp_3m_sde,
     sample_dpmpp_multistep,
 )
+from comfyui_fewstep.samplers.noise import PerSampleNoiseSampler
 from comfyui_fewstep.samplers.parameterization import Parameterization
 
 VE = Parameterization("ve", 0.0292, 14.61, family="eps")
@@ -197,6 +198,44 @@ def test_sde_default_noise_is_seeded_and_batch_independent():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a[:1], c, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(a, d)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_sde_split_run_draws_the_unsplit_runs_noise(order):
+    """A schedule split in two (SplitSigmas, a refiner hand-off) and sampled with the same seed
+    draws, in each part, the noise the unsplit run draws at the same sigmas: the second part
+    does not replay the first part's noise."""
+    p = VE
+    x = _x(p, n=2)
+    sig = torch.tensor(SIGMAS_VE, dtype=torch.float64)
+    k = len(SIGMAS_VE) // 2
+
+    def run(x_in, sigmas, seen, **options):
+        sampler = PerSampleNoiseSampler(x_in, 7)  # a new sampler per run, as the default is
+
+        def draw(sigma, sigma_next):
+            seen[float(sigma)] = sampler(sigma, sigma_next)
+            return seen[float(sigma)]
+        return sample_dpmpp_multistep(Model(p), x_in, sigmas, eta=1.0, order=order, noise_sampler=draw,
+                                      disable=True, **options)
+
+    full, part = {}, {}
+    out = run(x, sig, full)
+    end = run(run(x, sig[: k + 1], part), sig[k:], part, resume_history=False)
+    assert set(part) == set(full) and len(full) == len(SIGMAS_VE) - 2  # no noise on the step to 0
+    for sigma, noise in full.items():
+        assert torch.equal(part[sigma], noise), sigma
+    firsts = sorted(full, reverse=True)
+    assert not torch.allclose(full[firsts[0]], full[firsts[k]])
+    if order == 1:  # no history to lose at the split: the split run is the unsplit run
+        torch.testing.assert_close(end, out, rtol=1e-12, atol=1e-12)
+        options = {"extra_args": {"seed": 7}, "eta": 1.0, "order": 1, "disable": True}  # default noise
+        mid = sample_dpmpp_multistep(Model(p), x, sig[: k + 1], **options)
+        torch.testing.assert_close(
+            sample_dpmpp_multistep(Model(p), mid, sig[k:], **options),
+            sample_dpmpp_multistep(Model(p), x, sig, **options),
+            rtol=1e-12, atol=1e-12,
+        )
 
 
 def test_s_noise_zero_equals_no_noise_at_same_eta():

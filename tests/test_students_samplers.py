@@ -114,6 +114,15 @@ def test_callback_and_seeded_noise():
     )
     b = sample_tcd(_model, x, sigmas, extra_args={"seed": 5}, disable=True)
     assert seen == [0, 1, 2, 3] and torch.equal(a, b)
+    # per-sample noise: a sample gets the same noise alone as in a batch, and a schedule split in
+    # two gives the unsplit result (each part draws the noise of its sigmas)
+    batch = torch.cat([x, torch.randn(2, 3, dtype=torch.float64) * 15])
+    seeded = {"extra_args": {"seed": 5}, "disable": True}
+    for sampler in (sample_tcd, sample_renoise):
+        full = sampler(_model, batch, sigmas, **seeded)
+        torch.testing.assert_close(full[:1], sampler(_model, x, sigmas, **seeded), rtol=1e-12, atol=1e-12)
+        mid = sampler(_model, batch, sigmas[:3], **seeded)
+        torch.testing.assert_close(sampler(_model, mid, sigmas[2:], **seeded), full, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="gamma"):
         sample_tcd(_model, x, sigmas, eta=1.5)
 
