@@ -132,21 +132,25 @@ def step_orders(
     lower_order_final: bool = True,
     lower_order_final_steps: int = 10,
     euler_at_final: bool = False,
+    steps_before: int = 0,
+    partial: bool = False,
 ) -> list[int]:
     """Requested order of each of ``n_steps`` steps (before infinite-step degradation).
 
     Warm-up: step ``i`` has at most ``1 + history + i`` (the official multistep warm-up
-    1, 2, 3, ...). With ``lower_order_final`` and ``n_steps < lower_order_final_steps`` the
-    order of step ``i`` is also capped at ``n_steps - i`` (the official rule ``min(order,
-    steps + 1 - step)``: last step first order, the one before at most second order).
-    ``euler_at_final`` makes the last step first order.
+    1, 2, 3, ...). With ``lower_order_final`` and fewer than ``lower_order_final_steps`` steps in
+    the whole schedule (``steps_before`` taken by earlier runs of a split schedule plus
+    ``n_steps``) the order of step ``i`` is also capped at ``n_steps - i`` (the official rule
+    ``min(order, steps + 1 - step)``: last step first order, the one before at most second
+    order). ``euler_at_final`` makes the last step first order. A ``partial`` run (its schedule
+    ends above 0 and continues in another run) has no final steps: neither rule applies.
     """
     orders = []
     for i in range(n_steps):
         p = min(order, 1 + history + i)
-        if lower_order_final and n_steps < lower_order_final_steps:
+        if not partial and lower_order_final and steps_before + n_steps < lower_order_final_steps:
             p = min(p, n_steps - i)
-        if euler_at_final and i == n_steps - 1:
+        if not partial and euler_at_final and i == n_steps - 1:
             p = 1
         orders.append(max(p, 1))
     return orders
@@ -208,13 +212,19 @@ def plan_multistep(
     corrector: CorrectorVariant = "none",
     third_order: ThirdOrder = "official",
     history_lambdas: tuple[float, ...] = (),
+    steps_before: int = 0,
+    partial: bool = False,
+    resumed_step: tuple[float, int] | None = None,
 ) -> list[MultistepCoefficients]:
     """Coefficients of every step of a multistep run over ``sigmas`` (host floats, validated).
 
     ``sigmas`` are the points actually stepped through (the caller drops a trailing 0 for
     ``final_step="sigma_min"``). ``history_lambdas`` are the half log-SNRs of model outputs
     carried over from a previous run, newest first (for a resumed run; ``m`` values are
-    supplied to the loop in the same order).
+    supplied to the loop in the same order). ``steps_before`` and ``partial`` place the run in
+    a split schedule (see :func:`step_orders`). ``resumed_step`` is ``(sigma, order)`` of the
+    previous run's last step, which ended at ``sigmas[0]``: with a corrector, the state there
+    gets its UniC correction in this run, as in the unsplit run.
     """
     p = parameterization
     lambdas = [p.lambda_(s) for s in sigmas]
@@ -226,6 +236,8 @@ def plan_multistep(
         lower_order_final=lower_order_final,
         lower_order_final_steps=lower_order_final_steps,
         euler_at_final=euler_at_final,
+        steps_before=steps_before,
+        partial=partial,
     )
     w3 = THIRD_ORDER_WEIGHTS[third_order]
     # lambdas of all model evaluations, oldest first: carried history, then this run's points
@@ -296,9 +308,24 @@ def plan_multistep(
             )
         )
     if corrector != "none":
+        previous = None
+        if resumed_step is not None and plan:
+            sigma_prev, order_prev = resumed_step
+            h_prev = lambdas[0] - p.lambda_(sigma_prev)
+            previous = _PreviousStep(float(sigma_prev), sigmas[0], h_prev, int(order_prev))
         plan = _with_corrector(plan, parameterization, corrector, eval_lambdas, offset,
-                               data_prediction=algorithm == "dpmsolver++")
+                               data_prediction=algorithm == "dpmsolver++", previous=previous)
     return plan
+
+
+@dataclass(frozen=True)
+class _PreviousStep:
+    """The last step of the run a resumed run continues: what its first correction needs."""
+
+    sigma: float
+    sigma_next: float
+    h: float
+    order: int
 
 
 def _with_corrector(
@@ -308,17 +335,21 @@ def _with_corrector(
     eval_lambdas: list[float],
     offset: int,
     data_prediction: bool = True,
+    previous: _PreviousStep | None = None,
 ) -> list[MultistepCoefficients]:
-    """Attach UniC weights (Zhao et al. 2023, arXiv 2302.04867, Alg. 1) to steps ``1..n-1``.
+    """Attach UniC weights (Zhao et al. 2023, arXiv 2302.04867, Alg. 1) to steps ``1..n-1``, and
+    to step 0 when ``previous`` (the last step of the run this one resumes) is given.
 
     The correction of ``x_i`` reuses the model call at ``x_i`` (no extra NFE) and has the order of
     the predictor step that produced ``x_i`` (so the pair is one order higher). It is skipped
     when ``x_i`` does not influence the result (the next step returns the data prediction, as
-    the final step to ``sigma = 0`` does) and after an infinite (exact) predictor step.
+    the final step to ``sigma = 0`` does), after an infinite (exact) predictor step, and at step
+    0 when the carried history is too short for the previous step's order.
     """
     out = list(plan)
-    for i in range(1, len(plan)):
-        prev, cur = plan[i - 1], plan[i]
+    first = 0 if previous is not None and offset >= previous.order else 1
+    for i in range(first, len(plan)):
+        prev, cur = (plan[i - 1] if i > 0 else previous), plan[i]
         if not math.isfinite(prev.h) or cur.c_x == 0.0:
             continue
         # points of the predictor step: s = lambda_(i-1), earlier ones, and t = lambda_i

@@ -4,8 +4,9 @@ A multistep solver needs the model outputs of its last ``order - 1`` steps. When
 split into two sampler runs, the second run normally restarts at first order. This module keeps
 the end state of the last few runs that stopped at a non-zero sigma, in a small module-level LRU
 (tensors stay on their device; at most :data:`MAX_ENTRIES` entries, each holding at most
-``order - 1`` model outputs), so a run whose input ``x`` and first sigma match a stored end state
-resumes with that history and keeps its order.
+``order`` model outputs and the state one step earlier, for the UniC correction at the split),
+so a run whose input ``x`` and first sigma match a stored end state resumes with that history
+and keeps its order.
 
 Matching: ComfyUI round-trips the latent between the two runs (``process_latent_out`` /
 ``process_latent_in``, and for flow models ``inverse_noise_scaling`` divides by ``1 - sigma`` at the
@@ -41,6 +42,12 @@ class MultistepHistory:
         algorithm: ``"dpmsolver++"`` or ``"dpmsolver"`` (which prediction ``outputs`` hold).
         outputs: the last model outputs, newest first.
         lambdas: their half log-SNRs, newest first.
+        x_prev: the state at the start of the run's last step (for the UniC correction of ``x``,
+            which the unsplit run applies after its model call at ``x``); None if not kept.
+        sigma_prev: the sigma of ``x_prev``.
+        last_order: the order of the run's last step.
+        steps: the steps taken so far along the split schedule (this run's and the runs' it
+            resumed), for the lower-order-final rule of the last part.
     """
 
     x: torch.Tensor
@@ -48,6 +55,10 @@ class MultistepHistory:
     algorithm: str
     outputs: tuple[torch.Tensor, ...]
     lambdas: tuple[float, ...]
+    x_prev: torch.Tensor | None = None
+    sigma_prev: float = math.nan
+    last_order: int = 0
+    steps: int = 0
 
 
 _entries: OrderedDict[int, MultistepHistory] = OrderedDict()
@@ -110,6 +121,10 @@ def lookup(x: torch.Tensor, sigma: float, algorithm: str) -> MultistepHistory | 
             algorithm=entry.algorithm,
             outputs=tuple(o.to(device=x.device, dtype=x.dtype) for o in entry.outputs),
             lambdas=entry.lambdas,
+            x_prev=None if entry.x_prev is None else entry.x_prev.to(device=x.device, dtype=x.dtype),
+            sigma_prev=entry.sigma_prev,
+            last_order=entry.last_order,
+            steps=entry.steps,
         )
     return None
 

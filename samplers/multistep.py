@@ -165,8 +165,10 @@ def sample_dpmpp_multistep(
         algorithm: ``dpmsolver++`` (data prediction) or ``dpmsolver`` (noise prediction, for
             comparison; ODE only).
         lower_order_final: with fewer than ``lower_order_final_steps`` steps, cap step ``i``'s order
-            at the number of steps left (the official rule).
-        euler_at_final: make the last step first order.
+            at the number of steps left (the official rule). A run whose ``sigmas`` end above 0
+            is a part of a split schedule and has no final steps; a run that resumes one counts
+            the earlier parts' steps too.
+        euler_at_final: make the last step first order (not in a part that ends above 0).
         final_step: ``zero`` (denoise to sigma 0 when the schedule ends in 0) or ``sigma_min``
             (ignore the trailing 0 and return ``x`` at the last non-zero sigma; no extra call).
         eta: stochasticity of SDE-DPM-Solver++ (0: ODE; 1: the paper's SDE solver, whose first
@@ -182,7 +184,8 @@ def sample_dpmpp_multistep(
         x0_correction: hook applied to every data prediction (clamp, dynamic thresholding).
         check_finite: stop with :class:`._loop.NonFiniteModelOutputError` on NaN/inf output.
         resume_history: continue with the stored model outputs of a previous run that ended at
-            this ``x`` and ``sigmas[0]`` (split schedules; see :mod:`.history`).
+            this ``x`` and ``sigmas[0]`` (split schedules; see :mod:`.history`), and with its
+            state one step earlier for the UniC correction at ``x``.
 
     Returns:
         The sample at sigma 0 (``final_step="zero"`` and a schedule ending in 0) or at the last
@@ -199,28 +202,33 @@ def sample_dpmpp_multistep(
         return x
     n_steps = len(points) - 1
 
-    carried = None
-    if resume_history and order > 1:
-        carried = _history.lookup(x, points[0], algorithm)
+    # a run whose schedule ends above 0 is a part of a split schedule: another run continues it
+    partial = values[-1] > 0.0
+    uses_history = resume_history and (order > 1 or corrector != "none")
+    carried = _history.lookup(x, points[0], algorithm) if uses_history else None
     if carried is None and order > 1:
         _log_first_order_start(parameterization, points[0])
-    history_lambdas = carried.lambdas[: order - 1] if carried is not None else ()
+    history_lambdas = carried.lambdas[:order] if carried is not None else ()
+    resumed_step = None
+    if carried is not None and carried.x_prev is not None and corrector != "none":
+        resumed_step = (carried.sigma_prev, carried.last_order)
     plan = plan_multistep(
         points, p, order=order, solver_type=solver_type, algorithm=algorithm,
         lower_order_final=lower_order_final, lower_order_final_steps=lower_order_final_steps,
         euler_at_final=euler_at_final, eta=eta, s_noise=s_noise, corrector=corrector,
         third_order=third_order, history_lambdas=history_lambdas,
+        steps_before=carried.steps if carried is not None else 0, partial=partial, resumed_step=resumed_step,
     )
     if eta > 0.0 and s_noise > 0.0 and noise_sampler is None:
         noise_sampler = PerSampleNoiseSampler(x, (extra_args or {}).get("seed"))
 
     log_lowered_order(f"DPM-Solver++({order}M)", order, max(c.order for c in plan), n_steps)
     evaluate = ModelEvaluator(model, extra_args, x0_correction, n_steps, check_finite)
-    outputs: list[torch.Tensor] = list(carried.outputs[: order - 1]) if carried is not None else []
+    outputs: list[torch.Tensor] = list(carried.outputs[:order]) if carried is not None else []
     lambdas: list[float] = list(history_lambdas)
     # the UniC correction of an order-k step combines k + 1 outputs (the new one included)
     depth = order + 1 if corrector != "none" else order
-    x_prev = x
+    x_prev = carried.x_prev if resumed_step is not None else x
     for i in progress(n_steps, disable):
         c = plan[i]
         denoised = evaluate(x, c.sigma, i)
@@ -233,12 +241,14 @@ def sample_dpmpp_multistep(
         x_prev = x
         x = _step(c, x, denoised, outputs, noise_sampler)
 
-    if resume_history and order > 1 and points[-1] > 0.0:
-        keep = min(order - 1, len(outputs))
+    if uses_history and points[-1] > 0.0:
+        keep = min(order, len(outputs))
         _history.store(
             _history.MultistepHistory(
                 x=x, sigma=points[-1], algorithm=algorithm,
                 outputs=tuple(outputs[:keep]), lambdas=tuple(lambdas[:keep]),
+                x_prev=x_prev if corrector != "none" else None, sigma_prev=plan[-1].sigma,
+                last_order=plan[-1].order, steps=(carried.steps if carried is not None else 0) + n_steps,
             )
         )
     return x

@@ -305,14 +305,18 @@ def test_sampler_custom_node(api, tiny_comfy_model, tiny_comfy_conds):
 
 
 @pytest.mark.parametrize("order", [2, 3])
-def test_split_sigmas_resumes_with_the_history_of_the_first_half(api, tiny_comfy_model, tiny_comfy_conds, order):
+@pytest.mark.parametrize("corrector", ["none", "bh2"])
+def test_split_sigmas_resumes_with_the_history_of_the_first_half(
+    api, tiny_comfy_model, tiny_comfy_conds, order, corrector
+):
     """SamplerCustomAdvanced -> SplitSigmas -> SamplerCustomAdvanced gives the one-run result: the
-    second half picks up the first half's model outputs and keeps its order. Without them (history
+    second half picks up the first half's model outputs and keeps its order (and its UniC
+    correction at the split; lower-order-final applies once, at the end). Without them (history
     cleared) it restarts at first order and lands elsewhere."""
     from comfyui_fewstep.samplers import history
 
     custom = api["custom"]
-    sampler = _sampler(api, order=order, lower_order_final=False)
+    sampler = _sampler(api, order=order, corrector=corrector)
     sigmas = _sigmas(api, tiny_comfy_model, steps=6)
     guider = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0)
     latent = {"samples": torch.zeros(LATENT)}
