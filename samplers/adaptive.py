@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ._loop import Denoiser, ModelEvaluator, X0Correction, sigma_list
+from ._loop import Denoiser, ModelEvaluator, X0Correction, check_final_step, sigma_list
 from .parameterization import Parameterization
 from .singlestep import (
     VE_DEFAULT,
@@ -154,6 +154,7 @@ def sample_dpmpp_adaptive(
     _check_tolerances(order, atol, rtol, h_init, theta, t_err, max_nfe)
     p = VE_DEFAULT if parameterization is None else parameterization
     values = sigma_list(sigmas, p)
+    check_final_step(values, final_step)
     nonzero = [s for s in values if s > 0.0]
     evaluator = ModelEvaluator(model, extra_args, x0_correction, 1, check_finite)
     accepted = rejected = 0

@@ -48,7 +48,16 @@ from ._coefficients import (
     ThirdOrder,
     plan_multistep,
 )
-from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, log_lowered_order, progress, sigma_list
+from ._loop import (
+    Denoiser,
+    ModelEvaluator,
+    X0Correction,
+    check_final_step,
+    emit_callback,
+    log_lowered_order,
+    progress,
+    sigma_list,
+)
 from .noise import PerSampleNoiseSampler
 from .parameterization import Parameterization
 from .unipc import CORRECTOR_VARIANTS, CorrectorVariant
@@ -197,6 +206,7 @@ def sample_dpmpp_multistep(
     if not isinstance(p, Parameterization):
         raise TypeError(f"parameterization must be a Parameterization or None, got {type(p).__name__}")
     values = sigma_list(sigmas, p)
+    check_final_step(values, final_step)
     points = values[:-1] if final_step == "sigma_min" and values and values[-1] == 0.0 else values
     if len(points) < 2:
         return x

@@ -40,7 +40,16 @@ from typing import Any, Literal
 import torch
 
 from ._coefficients import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES, Algorithm, FinalStep, SolverType
-from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, log_lowered_order, progress, sigma_list
+from ._loop import (
+    Denoiser,
+    ModelEvaluator,
+    X0Correction,
+    check_final_step,
+    emit_callback,
+    log_lowered_order,
+    progress,
+    sigma_list,
+)
 from .budget import singlestep_orders
 from .parameterization import Parameterization
 from .phi import h_phi, phi
@@ -337,6 +346,7 @@ def sample_dpmpp_singlestep(
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     p = VE_DEFAULT if parameterization is None else parameterization
     values = sigma_list(sigmas, p)
+    check_final_step(values, final_step)
     n_intervals = max(len(values) - 1, 0)
     ends_at_zero = n_intervals > 0 and values[-1] == 0.0
     n_steps = n_intervals - 1 if (ends_at_zero and final_step == "sigma_min") else n_intervals

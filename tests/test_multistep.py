@@ -311,6 +311,29 @@ def test_final_step_sigma_min_stops_at_last_nonzero_sigma():
     torch.testing.assert_close(out, same, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("solver", ["multistep", "singlestep", "adaptive"])
+def test_final_step_sigma_min_on_a_one_step_schedule_is_refused(solver):
+    """[sigma, 0] with final_step='sigma_min' has no step to run: the output would be the input
+    noise, returned as if it were an image."""
+    from comfyui_fewstep.samplers.adaptive import sample_dpmpp_adaptive
+    from comfyui_fewstep.samplers.singlestep import sample_dpmpp_singlestep
+
+    fn = {"multistep": sample_dpmpp_multistep, "singlestep": sample_dpmpp_singlestep,
+          "adaptive": sample_dpmpp_adaptive}[solver]
+    model = Model(VE)
+    with pytest.raises(ValueError, match="final_step='zero'"):
+        fn(model, _x(VE), torch.tensor([14.61, 0.0], dtype=torch.float64), final_step="sigma_min",
+           disable=True)
+    assert model.calls == []
+    # two steps stop at the middle sigma after one model call; [sigma] alone is an empty run
+    out = fn(model, _x(VE), torch.tensor([14.61, 2.0, 0.0], dtype=torch.float64), final_step="sigma_min",
+             disable=True)
+    assert torch.isfinite(out).all() and model.calls[0] == 14.61
+    x = _x(VE)
+    assert torch.equal(fn(Model(VE), x, torch.tensor([14.61], dtype=torch.float64), final_step="sigma_min",
+                          disable=True), x)
+
+
 @pytest.mark.parametrize("p,sig", [(VE, [14.61, 0.0]), (FLOW, [1.0, 0.0]), (FLOW, [1.0, 0.5])])
 def test_one_step_runs_are_finite(p, sig):
     x = _x(p)
