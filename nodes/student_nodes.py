@@ -268,6 +268,8 @@ def load_student(
     override = None if recipe_name in ("auto", "", None) else recipe_name
     contents = read_contents(path)
     det = detect_contents(contents, override)
+    if det.is_lora and model is not None:  # a LoRA for another base says so, identified or not
+        check_lora_base(det, _model_arch(model))
     if det.recipe is None:
         raise StudentLoadError(
             det.path,

@@ -149,6 +149,10 @@ def test_lora_students_patch_every_module(api, files, tmp_path):
     save_file(sdxl, str(tmp_path / "dmd2_sdxl_4step_lora.safetensors"))
     with pytest.raises(StudentLoadError, match="LoRA is for sdxl but the model it is applied to is sd15"):
         api.nodes.load_student_model(tmp_path / "dmd2_sdxl_4step_lora.safetensors", model=base)
+    # a LoRA whose name says nothing: the base mismatch is still the message, not "not identified"
+    save_file(sdxl, str(tmp_path / "my_lora.safetensors"))
+    with pytest.raises(StudentLoadError, match="LoRA is for sdxl but the model it is applied to is sd15"):
+        api.nodes.load_student_model(tmp_path / "my_lora.safetensors", model=base)
     with pytest.raises(StudentLoadError, match="connect the base MODEL"):
         api.nodes.load_student_model(tmp_path / "lcm-lora-sdv1-5.safetensors")
 
