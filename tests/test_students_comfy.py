@@ -129,6 +129,20 @@ def test_full_size_sd15_student_loads_and_samples(
     gc.collect()
 
 
+def test_student_loads_with_a_dtype_cast_under_inference_mode(api, files, sd15_diffusers):
+    """ComfyUI runs nodes under torch.inference_mode: a float16 file loaded into a float32 model
+    there takes the loader's cast path into inference tensors."""
+    with torch.inference_mode():
+        model, *_ = api.nodes.load_student_model(
+            files / "dmd2_sd15_unet.safetensors", model_options={"dtype": torch.float32}
+        )
+    weight = model.model.diffusion_model.input_blocks[0][0].weight
+    assert weight.dtype == torch.float32 and weight.is_inference()
+    torch.testing.assert_close(weight, sd15_diffusers["conv_in.weight"].float(), rtol=0, atol=0)
+    del model
+    gc.collect()
+
+
 def test_lora_students_patch_every_module(api, files, tmp_path):
     base, *_ = api.nodes.load_student_model(files / "dmd2_sd15_unet.safetensors")
     g = torch.Generator().manual_seed(2)
