@@ -157,7 +157,8 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                 io.Int.Input("substeps", default=DEFAULTS["substeps"], min=1, max=8,
                              tooltip="Teacher solver steps per grid interval (accuracy of the teacher)."),
                 io.Int.Input("search_nfe", default=DEFAULTS["search_nfe"], min=0, max=10000,
-                             tooltip="Budget of model calls for the local search after the DP (0: none)."),
+                             tooltip="Budget of model calls for the local search after the DP, "
+                             "shared by its two best starting schedules (0: none)."),
                 io.Boolean.Input("use_cache", default=True, tooltip="Reuse a cached schedule for the same model and settings."),
                 io.String.Input("save_as", default="", tooltip="Also save the schedule under this name (loadable with FewStep Load Schedule)."),
                 io.Combo.Input("target", options=list(TEACHER_ENDS), default="ode",
