@@ -156,7 +156,8 @@ def test_a_second_start_escapes_where_the_first_search_ends(monkeypatch):
     budget, and keeps the better result."""
     problem = analytic.make_problem("flow_shift1", "gmm16", n_samples=8, seed=0)
     p = problem.range.parameterization()
-    x = problem.mixture.sample(32, problem.range.sigma_max, problem.form, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    x = problem.mixture.sample(32, problem.range.sigma_max, problem.form, generator=g)
     spec = cal.SolverSpec("fitted", {}, "2M fitted")
     teacher = cal.run_teacher(problem.denoiser(), x, p, 100, 3)
     errors = {}
