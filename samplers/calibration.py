@@ -463,11 +463,13 @@ def calibrate(
         raise CalibrationError("every candidate schedule gave a non-finite result; nothing was calibrated")
     start_error, start_name, _ = ranked[0]
     step0 = (costs.lambdas[-1] - costs.lambdas[1]).item() / max(grid_points - 2, 1)
-    starts = ranked[:SEARCH_STARTS]
+    # the search's solver runs, shared by the best starts (fewer starts when there are fewer runs)
+    runs = search_nfe // nfe
+    starts = ranked[: max(1, min(SEARCH_STARTS, runs))]
     best_error, best_points = math.inf, list(ranked[0][2])
-    for error, _, points in starts:
-        found, value = _refine(objective, box, points, error, 4.0 * step0, step0 / 32.0,
-                               search_nfe // nfe // len(starts))
+    for k, (error, _, points) in enumerate(starts):
+        share = runs // len(starts) + (k < runs % len(starts))
+        found, value = _refine(objective, box, points, error, 4.0 * step0, step0 / 32.0, share)
         if value < best_error:
             best_error, best_points = value, found
     coefficients = fit(best_points)[1] if spec.solver == "fitted" else None

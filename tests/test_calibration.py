@@ -169,6 +169,20 @@ def test_a_second_start_escapes_where_the_first_search_ends(monkeypatch):
     assert errors[2] < 0.75 * errors[1]
 
 
+@pytest.mark.parametrize("search_nfe", [5, 9, 15])
+def test_a_small_search_budget_is_spent_whole(monkeypatch, search_nfe):
+    """Runs the two starts cannot share evenly are not lost: a budget for one run searches from
+    the best start alone, an odd number of runs gives the first start the extra one."""
+    problem = analytic.make_problem("sd15", "gmm16", n_samples=8, seed=0)
+    p = problem.range.parameterization()
+    spec = cal.SolverSpec("multistep", {"order": 2})
+    teacher = cal.run_teacher(problem.denoiser(), problem.x_start, p, grid_points=40, substeps=1)
+    res = cal.calibrate(problem.denoiser(), problem.x_start, p, 5, spec, grid_points=40, substeps=1,
+                        search_nfe=search_nfe, teacher=teacher)
+    starting_runs = 5 * (1 + len(res.baselines))  # the DP schedule and the fixed schedules
+    assert res.cost["search_nfe"] - starting_runs == 5 * (search_nfe // 5)
+
+
 def test_singlestep_result_carries_its_orders_and_budget():
     problem = analytic.make_problem("sd15", "gmm16", n_samples=8, seed=0)
     p = problem.range.parameterization()
