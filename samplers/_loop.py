@@ -115,16 +115,20 @@ def sigma_list(sigmas: torch.Tensor, parameterization: Any = None) -> list[float
     return values
 
 
-def check_final_step(values: list[float], final_step: str) -> None:
-    """Refuse ``final_step="sigma_min"`` on a schedule whose only step ends at 0 (``[sigma, 0]``):
-    it stops at the last non-zero sigma, which is the first, so the sampler would return its
-    input (pure noise for a one-step schedule) as if it were a result."""
+def check_final_step(values: list[float], final_step: str, sigma_max: float) -> None:
+    """Refuse ``final_step="sigma_min"`` on a schedule from pure noise whose only step ends at 0
+    (``[sigma_max, 0]``): it stops at the last non-zero sigma, which is the first, so the sampler
+    would return its input noise as if it were a result. The last part of a split schedule
+    (``[sigma, 0]`` below ``sigma_max``) returns its input at ``sigma`` as the unsplit run does."""
     if final_step == "sigma_min" and len(values) == 2 and values[-1] == 0.0:
-        raise ValueError(
-            f"final_step='sigma_min' stops at the last non-zero sigma, and this schedule {values} has no "
-            f"other than its first: the sampler would return its input, still at sigma {values[0]:.6g}. "
-            "Use final_step='zero' for a one-step schedule, or a schedule with more steps."
-        )
+        if values[0] >= sigma_max * (1.0 - 1e-5):
+            raise ValueError(
+                f"final_step='sigma_min' stops at the last non-zero sigma, and this schedule {values} has no "
+                f"other than its first: the sampler would return its input noise at sigma {values[0]:.6g}. "
+                "Use final_step='zero' for a one-step schedule, or a schedule with more steps."
+            )
+        logger.info("final_step='sigma_min' on the schedule %s: no step to run, the input is returned",
+                    values)
 
 
 def log_lowered_order(solver: str, order: int, reached: int, n_steps: int) -> None:

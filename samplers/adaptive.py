@@ -154,7 +154,7 @@ def sample_dpmpp_adaptive(
     _check_tolerances(order, atol, rtol, h_init, theta, t_err, max_nfe)
     p = VE_DEFAULT if parameterization is None else parameterization
     values = sigma_list(sigmas, p)
-    check_final_step(values, final_step)
+    check_final_step(values, final_step, p.sigma_max)
     nonzero = [s for s in values if s > 0.0]
     evaluator = ModelEvaluator(model, extra_args, x0_correction, 1, check_finite)
     accepted = rejected = 0

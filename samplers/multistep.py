@@ -206,7 +206,7 @@ def sample_dpmpp_multistep(
     if not isinstance(p, Parameterization):
         raise TypeError(f"parameterization must be a Parameterization or None, got {type(p).__name__}")
     values = sigma_list(sigmas, p)
-    check_final_step(values, final_step)
+    check_final_step(values, final_step, p.sigma_max)
     points = values[:-1] if final_step == "sigma_min" and values and values[-1] == 0.0 else values
     if len(points) < 2:
         return x

@@ -346,7 +346,7 @@ def sample_dpmpp_singlestep(
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     p = VE_DEFAULT if parameterization is None else parameterization
     values = sigma_list(sigmas, p)
-    check_final_step(values, final_step)
+    check_final_step(values, final_step, p.sigma_max)
     n_intervals = max(len(values) - 1, 0)
     ends_at_zero = n_intervals > 0 and values[-1] == 0.0
     n_steps = n_intervals - 1 if (ends_at_zero and final_step == "sigma_min") else n_intervals

@@ -313,25 +313,25 @@ def test_final_step_sigma_min_stops_at_last_nonzero_sigma():
 
 @pytest.mark.parametrize("solver", ["multistep", "singlestep", "adaptive"])
 def test_final_step_sigma_min_on_a_one_step_schedule_is_refused(solver):
-    """[sigma, 0] with final_step='sigma_min' has no step to run: the output would be the input
-    noise, returned as if it were an image."""
+    """[sigma_max, 0] with final_step='sigma_min' has no step to run: the output would be the
+    input noise, returned as if it were an image. The last part of a split schedule, [sigma, 0]
+    below sigma_max, returns its input, as the unsplit run stops there too."""
     from comfyui_fewstep.samplers.adaptive import sample_dpmpp_adaptive
     from comfyui_fewstep.samplers.singlestep import sample_dpmpp_singlestep
 
     fn = {"multistep": sample_dpmpp_multistep, "singlestep": sample_dpmpp_singlestep,
           "adaptive": sample_dpmpp_adaptive}[solver]
     model = Model(VE)
+    kw = {"parameterization": VE, "final_step": "sigma_min", "disable": True}
     with pytest.raises(ValueError, match="final_step='zero'"):
-        fn(model, _x(VE), torch.tensor([14.61, 0.0], dtype=torch.float64), final_step="sigma_min",
-           disable=True)
+        fn(model, _x(VE), torch.tensor([14.61, 0.0], dtype=torch.float64), **kw)
+    x = _x(VE)
+    assert torch.equal(fn(model, x, torch.tensor([2.0, 0.0], dtype=torch.float64), **kw), x)
     assert model.calls == []
     # two steps stop at the middle sigma after one model call; [sigma] alone is an empty run
-    out = fn(model, _x(VE), torch.tensor([14.61, 2.0, 0.0], dtype=torch.float64), final_step="sigma_min",
-             disable=True)
+    out = fn(model, _x(VE), torch.tensor([14.61, 2.0, 0.0], dtype=torch.float64), **kw)
     assert torch.isfinite(out).all() and model.calls[0] == 14.61
-    x = _x(VE)
-    assert torch.equal(fn(Model(VE), x, torch.tensor([14.61], dtype=torch.float64), final_step="sigma_min",
-                          disable=True), x)
+    assert torch.equal(fn(Model(VE), x, torch.tensor([14.61], dtype=torch.float64), **kw), x)
 
 
 @pytest.mark.parametrize("p,sig", [(VE, [14.61, 0.0]), (FLOW, [1.0, 0.0]), (FLOW, [1.0, 0.5])])
