@@ -101,7 +101,8 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     default="multistep",
                     tooltip="multistep: one model call per step, reuses earlier calls (2M/3M). "
                     "singlestep: 'order' calls per step (2S/3S). adaptive: picks its own "
-                    "steps by error control; uses only the first and last sigma.",
+                    "steps by error control; uses only the first and last sigma (the progress "
+                    "bar follows the log-SNR covered, in as many steps as the schedule has).",
                 ),
                 io.Int.Input(
                     "order",

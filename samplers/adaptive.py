@@ -53,7 +53,7 @@ from .singlestep import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdaptiveBudgetError", "error_norm", "sample_dpmpp_adaptive", "vp_scale"]
+__all__ = ["AdaptiveBudgetError", "error_norm", "sample_dpmpp_adaptive", "schedule_position", "vp_scale"]
 
 #: default tolerances of DPM-Solver++12/23 for image data (module docstring)
 ATOL = 0.0078
@@ -81,6 +81,19 @@ def error_norm(
     delta = torch.maximum(x_low.abs() * scale, x_prev.abs() * scale_prev).mul_(rtol).clamp_(min=atol)
     scaled = ((x_high - x_low) * scale / delta).reshape(x_high.shape[0], -1)
     return float(scaled.square().mean(dim=1).sqrt().max())
+
+
+def schedule_position(done: float, total: float, segments: int) -> int:
+    """Index of the schedule interval reached after covering ``done`` of ``total`` half log-SNR.
+
+    ComfyUI sizes its progress bar from the sigmas it is given (``len(sigmas) - 1`` steps) and
+    sets it to ``i + 1`` at each callback. The adaptive solver chooses its own steps, so it
+    reports how far it has come in log-SNR as a position on those ``segments`` intervals: the
+    bar advances with the solution and reaches the end only when the solver does.
+    """
+    if total <= 0.0:
+        return segments - 1
+    return min(segments - 1, max(0, math.ceil(segments * done / total - 1e-9) - 1))
 
 
 def vp_scale(parameterization: Parameterization, sigma: float) -> float:
@@ -132,9 +145,12 @@ def sample_dpmpp_adaptive(
 
     Args:
         model, x, sigmas, extra_args, callback: k-diffusion sampler contract. ``callback`` is
-            called once per accepted step, with ``i`` counting accepted steps and ``sigma`` the
-            noise level reached. ``disable`` is accepted for the contract (no progress bar: the
-            number of steps is not known in advance).
+            called once per accepted step, with ``sigma`` the noise level reached, ``step``
+            counting accepted steps, and ``i`` the position reached on the given schedule
+            (:func:`schedule_position`), so that ComfyUI's progress bar, sized from ``sigmas``,
+            follows the solution. The final denoising evaluation reports the last position.
+            ``disable`` is accepted for the contract (no console bar: the number of steps is
+            not known in advance).
         parameterization: VE (default) or flow coordinates.
         order: 2 or 3.
         atol, rtol: absolute and relative tolerance of the local error (defaults as in the paper
@@ -162,6 +178,8 @@ def sample_dpmpp_adaptive(
         sigma_s, sigma_end = solver_sigma(p, values[0]), nonzero[-1]
         r1 = 1.0 / 3.0 if order == 3 else 0.5
         lambda_s, lambda_end = p.lambda_(sigma_s), p.lambda_(sigma_end)
+        denoise_last = values[-1] == 0.0 and final_step == "zero"
+        lambda_0, segments = lambda_s, max(1, len(values) - 1 - denoise_last)
         h = min(h_init, lambda_end - lambda_s)
         x_prev, denoised_s, scale_prev = x, None, vp_scale(p, sigma_s)
         while lambda_end - lambda_s > t_err:
@@ -187,10 +205,10 @@ def sample_dpmpp_adaptive(
                 lambda_s = lambda_end if last else p.lambda_(sigma_t)
                 accepted += 1
                 if callback is not None:
+                    position = schedule_position(lambda_s - lambda_0, lambda_end - lambda_0, segments)
                     sigma = sigmas.new_tensor(sigma_t)
-                    callback(
-                        {"x": x, "i": accepted - 1, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised}
-                    )
+                    callback({"x": x, "i": position, "sigma": sigma, "sigma_hat": sigma,
+                              "denoised": denoised, "step": accepted - 1})
             else:
                 denoised_s = denoised
                 rejected += 1
@@ -201,8 +219,12 @@ def sample_dpmpp_adaptive(
             else:
                 factor = 0.1
             h = min(h * factor, lambda_end - lambda_s)
-        if values[-1] == 0.0 and final_step == "zero":
+        if denoise_last:
             x = evaluator(x, sigma_end, accepted)
+            if callback is not None:
+                sigma = sigmas.new_tensor(sigma_end)
+                callback({"x": x, "i": len(values) - 2, "sigma": sigma, "sigma_hat": sigma,
+                          "denoised": x, "step": accepted})
     stats = {"nfe": evaluator.nfe, "steps_accepted": accepted, "steps_rejected": rejected}
     if info is not None:
         info.update(stats)

@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from comfyui_fewstep.samplers.adaptive import AdaptiveBudgetError, error_norm, sample_dpmpp_adaptive
+from comfyui_fewstep.samplers.adaptive import (
+    AdaptiveBudgetError,
+    error_norm,
+    sample_dpmpp_adaptive,
+    schedule_position,
+)
 from comfyui_fewstep.samplers.parameterization import for_family
 from comfyui_fewstep.samplers.singlestep import sample_dpmpp_singlestep
 
@@ -89,9 +94,43 @@ def test_nfe_accounting_with_rejections_and_final_step(order):
     assert rejected > 0
     # every attempt costs `order`, except that a retry reuses the prediction at its start; plus the final step
     assert info["nfe"] == problem.calls == order * accepted + (order - 1) * rejected + 1
-    assert [d["i"] for d in seen] == list(range(accepted))
-    reached = [float(d["sigma"]) for d in seen]
+    assert [d["step"] for d in seen] == list(range(accepted + 1))  # accepted steps, then the final call
+    assert [d["i"] for d in seen] == [0] * accepted + [1]  # one interval before the final denoise
+    reached = [float(d["sigma"]) for d in seen[:-1]]
     assert all(a > b for a, b in zip(reached, reached[1:])) and reached[-1] == pytest.approx(0.002, rel=1e-12)
+    assert float(seen[-1]["sigma"]) == pytest.approx(0.002, rel=1e-12)
+
+
+@pytest.mark.parametrize("final_step", ["zero", "sigma_min"])
+def test_progress_follows_log_snr_on_the_given_schedule(final_step):
+    """ComfyUI's bar has len(sigmas) - 1 steps and shows i + 1: it must not fill at the first step."""
+    p = for_family("edm")
+    sigmas = torch.cat([torch.exp(torch.linspace(math.log(80.0), math.log(0.002), 20, dtype=torch.float64)),
+                        torch.zeros(1, dtype=torch.float64)])
+    seen = []
+    x = torch.randn(1, 16, dtype=torch.float64) * 80.0
+    sample_dpmpp_adaptive(Gaussian("ve"), x, sigmas, parameterization=p, order=3, rtol=1e-3, atol=1e-3,
+                          callback=seen.append, final_step=final_step)
+    total = len(sigmas) - 1
+    positions = [d["i"] for d in seen]
+    assert len(seen) > 5 and positions[0] < total // 4
+    assert all(0 <= a <= b < total for a, b in zip(positions, positions[1:]))
+    assert positions[-1] == total - 1  # the bar is full only at the end
+    # position = the fraction of the log-SNR range covered, mapped onto the schedule's intervals
+    lambda_0, lambda_end = p.lambda_(80.0), p.lambda_(0.002)
+    segments = total - (final_step == "zero")
+    for d in seen[: len(seen) - (final_step == "zero")]:
+        done = (p.lambda_(float(d["sigma"])) - lambda_0) / (lambda_end - lambda_0)
+        assert d["i"] == min(segments - 1, max(0, math.ceil(segments * done - 1e-9) - 1))
+
+
+def test_schedule_position_edges():
+    assert schedule_position(0.0, 1.0, 10) == 0
+    assert schedule_position(0.05, 1.0, 10) == 0
+    assert schedule_position(0.1, 1.0, 10) == 0
+    assert schedule_position(0.1000001, 1.0, 10) == 1
+    assert schedule_position(1.0, 1.0, 10) == 9
+    assert schedule_position(0.0, 0.0, 3) == 2
 
 
 def test_one_step_equals_singlestep_update():

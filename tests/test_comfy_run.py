@@ -87,6 +87,26 @@ def test_guider_sample_runs_with_callbacks(api, tiny_comfy_model, tiny_comfy_con
     assert steps == [(i, 4) for i in range(4)]
 
 
+def test_adaptive_progress_follows_the_solution(api, tiny_comfy_model, tiny_comfy_conds):
+    """ComfyUI sizes the bar from the sigmas; the adaptive solver fills it only as it ends."""
+    steps = []
+    sigmas = _sigmas(api, tiny_comfy_model, "karras", 10)
+    with torch.inference_mode():
+        out = _guider(api, tiny_comfy_model, tiny_comfy_conds, 3.0).sample(
+            _noise(),
+            torch.zeros(LATENT),
+            _sampler(api, solver="adaptive", order=3, atol=1e-3, rtol=1e-3),
+            sigmas,
+            callback=lambda i, x0, x, total: steps.append((i, total)),
+            disable_pbar=True,
+            seed=0,
+        )
+    assert torch.isfinite(out).all()
+    positions = [i for i, total in steps]
+    assert {total for i, total in steps} == {10} and len(steps) > 3
+    assert positions[0] < 5 and positions == sorted(positions) and positions[-1] == 9
+
+
 def test_sampler_custom_advanced_node(api, tiny_comfy_model, tiny_comfy_conds):
     custom = api["custom"]
     guider = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0)
