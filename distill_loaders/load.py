@@ -14,6 +14,7 @@ from .detect import LDM_PREFIX, Detection, detect_contents
 from .errors import StudentLoadError
 from .keys import convert_diffusers_to_ldm
 from .safetensors_header import FileContents, load_torch_state_dict, read_contents, resolve_model_path
+from .stream import NONFINITE_BITS, all_finite
 
 __all__ = ["check_finite", "check_lora_base", "load_student", "load_weights", "to_ldm_unet"]
 
@@ -36,16 +37,23 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return load_torch_state_dict(weights)
 
 
+def _tensor_finite(t: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or Inf."""
+    if t.element_size() == 1 and t.dtype in NONFINITE_BITS:  # float8: no min/max kernels, check the bits
+        return all_finite(t.detach().cpu().contiguous().view(torch.uint8).numpy(), t.dtype)
+    try:
+        lo, hi = torch.aminmax(t)  # NaN propagates, +-Inf shows at an end; far faster than isfinite on CPU
+    except (NotImplementedError, RuntimeError):  # a dtype without kernels on this device
+        return bool(torch.isfinite(t.float()).all())
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def check_finite(state_dict: dict[str, torch.Tensor], path: str | Path | None, limit: int = 5) -> None:
     """Raise :class:`StudentLoadError` naming the tensors that hold NaN or Inf."""
     bad = []
     for k, t in state_dict.items():
-        if t.is_floating_point() and t.device.type != "meta" and t.numel():
-            lo, hi = torch.aminmax(
-                t
-            )  # NaN propagates, +-Inf shows at an end; far faster than isfinite on CPU
-            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                bad.append(k)
+        if t.is_floating_point() and t.device.type != "meta" and t.numel() and not _tensor_finite(t):
+            bad.append(k)
     if bad:
         shown = ", ".join(bad[:limit]) + (f" (+{len(bad) - limit} more)" if len(bad) > limit else "")
         raise StudentLoadError(

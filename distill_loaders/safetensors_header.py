@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
+import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -223,6 +225,44 @@ def _read_safetensors(path: Path) -> FileContents:
     )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+#: leading pickles of torch's legacy (non-zip) format: magic number, protocol, system info, the
+#: object, the storage keys; the raw storage bytes follow
+_LEGACY_PICKLES = 5
+
+
+def _plain(error: BaseException) -> str:
+    """An exception's text without terminal colour codes, on one line."""
+    return " ".join(_ANSI.sub("", str(error)).split())
+
+
+def _blocked_global(error: BaseException) -> str:
+    """The part of torch's weights-only refusal that names what the pickle wanted to load."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line]
+    text = (named or lines or [type(error).__name__])[0]
+    return text.split("WeightsUnpickler error:")[-1].strip().split(". ")[0].rstrip(".")[:200]
+
+
+def _legacy_pickles_complete(path: Path) -> bool:
+    """Whether every leading pickle of a torch file ends (with STOP) inside the file.
+
+    A legacy file cut inside its object pickle makes ``torch.load`` report a cut-off global name
+    ("Unsupported global: GLOBAL torch._uti") exactly as for a pickle that needs code; this tells
+    the two apart without unpickling anything. Zip files are checked by their own index."""
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            for _ in range(_LEGACY_PICKLES):
+                for _op in pickletools.genops(f):
+                    pass
+    except Exception:  # noqa: BLE001 - exhausted or garbled: the pickle does not end
+        return False
+    return True
+
+
 def load_torch_state_dict(path: Path, map_location: str = "cpu") -> dict:
     """``torch.load(weights_only=True)`` (memory-mapped when the file is a zip archive), unwrapped
     from a ``state_dict`` key; a clear :class:`StudentLoadError` when the pickle holds code."""
@@ -233,15 +273,21 @@ def load_torch_state_dict(path: Path, map_location: str = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        if not _legacy_pickles_complete(path):
+            raise StudentLoadError(
+                path,
+                "the file ends inside its pickled header.",
+                "the file is truncated: download it again.",
+            ) from None
         raise StudentLoadError(
             path,
-            f"the file is a pickle that needs code to load ({str(e).splitlines()[0][:200]}); it was not run.",
+            f"the file is a pickle that needs code to load ({_blocked_global(e)}); it was not run.",
             "convert it with: python -m comfyui_fewstep convert FILE (rebuilds tensors only).",
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged pickle raises IndexError, struct.error, EOFError, ...
         raise StudentLoadError(
             path,
-            f"the file cannot be read as a torch state dict ({str(e)[:200]}).",
+            f"the file cannot be read as a torch state dict ({type(e).__name__}: {_plain(e)[:200]}).",
             "the file is truncated or corrupt: download it again.",
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

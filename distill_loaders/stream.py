@@ -70,7 +70,7 @@ CHUNK_BYTES = 1 << 20
 # Float dtype -> (unsigned integer of its width, bits of +Inf). With the sign bit cleared, a value
 # is NaN or +-Inf iff its bits are >= those of +Inf (all exponent bits set). float8 e4m3fn has no
 # Inf; its only non-finite pattern is NaN, 0x7F.
-_NONFINITE_BITS: dict[torch.dtype, tuple[type, int]] = {
+NONFINITE_BITS: dict[torch.dtype, tuple[type, int]] = {
     torch.float64: (np.uint64, 0x7FF0_0000_0000_0000),
     torch.float32: (np.uint32, 0x7F80_0000),
     torch.float16: (np.uint16, 0x7C00),
@@ -121,13 +121,13 @@ def _byte_view(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 
-def _all_finite(chunk: np.ndarray, dtype: torch.dtype) -> bool:
+def all_finite(chunk: np.ndarray, dtype: torch.dtype) -> bool:
     """Whether the float values whose bytes are ``chunk`` are all finite (exact, bitwise).
 
     With ``B`` the bits of +Inf, a value is +Inf/NaN iff its bits as a signed integer are >= B and
     -Inf/NaN iff its bits as an unsigned integer are >= sign bit | B: two read-only integer
     maxima, no scratch writes."""
-    uint, inf_bits = _NONFINITE_BITS[dtype]
+    uint, inf_bits = NONFINITE_BITS[dtype]
     sign_bit = 1 << (8 * np.dtype(uint).itemsize - 1)
     signed = np.dtype(uint).str.replace("u", "i")
     return int(chunk.view(signed).max()) < inf_bits and int(chunk.view(uint).max()) < (sign_bit | inf_bits)
@@ -174,7 +174,7 @@ class _ChunkReader:
                     self.path, f"the file ends inside tensor {name!r}.", "download it again."
                 )
             done += n
-        finite = dtype is None or _all_finite(chunk, dtype)
+        finite = dtype is None or all_finite(chunk, dtype)
         if isinstance(target, tuple):
             elements, file_dtype = target
             elements.copy_(torch.from_numpy(chunk).view(file_dtype))
@@ -278,7 +278,7 @@ def stream_into(
     staged: list[tuple[int, str, torch.Tensor, torch.dtype | None]] = []
     for begin, name, dest in order:
         file_dtype = _dtype(contents, name)
-        checked = file_dtype if check_finite and file_dtype in _NONFINITE_BITS else None
+        checked = file_dtype if check_finite and file_dtype in NONFINITE_BITS else None
         nbytes = contents.tensors[name].data_offsets[1] - begin
         if dest.device.type == "cpu" and dest.is_contiguous():
             if dest.dtype == file_dtype:  # page cache -> parameter

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from comfyui_fewstep.distill_loaders.detect import detect
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
 from comfyui_fewstep.distill_loaders.load import check_finite, check_lora_base, load_student, to_ldm_unet
@@ -72,6 +73,29 @@ def test_bin_with_code_is_refused(tmp_path):
     _raises(path, "pickle that needs code")
 
 
+def test_bin_with_code_is_refused_in_the_legacy_format_too(tmp_path):
+    path = tmp_path / "unet.bin"
+    torch.save({"conv_in.weight": torch.zeros(1), "x": _Evil()}, path, _use_new_zipfile_serialization=False)
+    err = _raises(path, "needs code to load \\(Trying to load unsupported GLOBAL (posix|nt).system "
+                        "whose module (posix|nt) is blocked\\); it was not run")
+    assert "\x1b" not in str(err)  # torch's terminal colour codes are not passed on
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_truncated_torch_file_at_every_length(tmp_path, legacy):
+    """A torch file cut anywhere is a truncated or corrupt file, never a raw exception, and never
+    a pickle "that needs code" (a legacy file cut inside a global's name looks like one to torch)."""
+    full = tmp_path / "full.bin"
+    torch.save({"conv_in.weight": torch.zeros(320, 4, 3, 3), "conv_in.bias": torch.zeros(320)}, full,
+               _use_new_zipfile_serialization=not legacy)
+    data = full.read_bytes()
+    path = tmp_path / "unet.bin"
+    for cut in [*range(1, 400, 3), *range(400, len(data), 401)]:
+        path.write_bytes(data[:cut])
+        err = _raises(path, "truncat|corrupt|not a torch|not safetensors|zip")
+        assert "needs code" not in str(err), cut
+
+
 def test_unknown_architecture(tmp_path):
     _raises(
         write_safetensors(tmp_path / "vae.safetensors", {"encoder.conv_in.weight": (128, 3, 3, 3)}),
@@ -104,6 +128,23 @@ def test_nan_weights(tmp_path):
         StudentLoadError, match="2 weight tensor\\(s\\) contain NaN or Inf: conv_in.bias, conv_out.weight"
     ):
         check_finite(sd, "x.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_nan_check_of_float8_weights(tmp_path, dtype):
+    """float8 files (LoRAs, full checkpoints) are checked bit by bit: torch has no min/max for them."""
+    sd = {"lora.down.weight": torch.linspace(-2, 2, 64).to(dtype), "lora.up.weight": torch.zeros(8).to(dtype)}
+    check_finite(sd, "x.safetensors")
+    for value in ("nan", "-nan") + (("inf", "-inf") if dtype == torch.float8_e5m2 else ()):
+        bad = dict(sd, **{"lora.up.weight": sd["lora.up.weight"].clone()})
+        bad["lora.up.weight"][5] = float(value.replace("-nan", "nan")) * (-1 if value == "-nan" else 1)
+        match = "1 weight tensor\\(s\\) contain NaN or Inf: lora.up.weight"
+        with pytest.raises(StudentLoadError, match=match):
+            check_finite(bad, "x.safetensors")
+    path = tmp_path / "Hyper-SD15-8steps-lora.safetensors"
+    save_file({k: torch.zeros(v).to(dtype) for k, v in kohya_lora_shapes("sd15", rank=4).items()}, str(path))
+    det, lora = load_student(path)  # the whole LoRA path: read, detect, check
+    assert det.recipe is not None and all(t.dtype == dtype for t in lora.values())
 
 
 def test_load_student_checks_and_converts_zero_copy(tmp_path):

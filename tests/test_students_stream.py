@@ -277,7 +277,7 @@ def test_errors_in_reader_threads_reach_the_caller(tmp_path, monkeypatch):
     def broken(chunk, dtype):
         raise MemoryError("check failed")
 
-    monkeypatch.setattr(stream, "_all_finite", broken)
+    monkeypatch.setattr(stream, "all_finite", broken)
     with pytest.raises(MemoryError, match="check failed"):
         stream_into(contents, {"a": torch.empty_like(t)}, workers=2)
     assert not [th for th in threading.enumerate() if th.name.startswith("fewstep-read")]
