@@ -357,6 +357,14 @@ def convert(
             tensors[k] = v.clone()
         seen.add(ptr)
     save_file(tensors, str(dst), metadata=metadata)
+    if recipe is not None:  # the recipe must fit the network the file holds
+        from .detect import detect
+
+        try:
+            detect(dst)
+        except StudentLoadError:
+            dst.unlink()
+            raise
     cfg_path = dst.with_suffix(".json")
     cfg_path.write_text(json.dumps({"source": src.name, "modules": config}, indent=1))
     logger.info("wrote %s (%d tensors) and %s", dst, len(tensors), cfg_path)

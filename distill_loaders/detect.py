@@ -244,12 +244,24 @@ def _name_rules(arch: str, name: str, is_lora: bool) -> tuple[str | None, str]:
     return None, ""
 
 
-def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str]) -> tuple[str | None, str]:
+def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str],
+                   override: str | None = None) -> tuple[str | None, str]:
     is_lora = layout.startswith("lora")
     meta = c.metadata.get("fewstep_recipe")
-    if meta in RECIPES:
+    if meta in RECIPES and arch in RECIPES[meta].archs:
         reasons.append(f"recipe {meta}: from the file's metadata (fewstep_recipe)")
         return meta, "certain"
+    if meta in RECIPES and not override:
+        raise StudentLoadError(
+            c.path,
+            f"the file's metadata names recipe {meta!r} (fewstep_recipe), which is for "
+            f"{'/'.join(RECIPES[meta].archs)}, but the file is a {arch} model.",
+            f"set the recipe override to a recipe for {arch}, or convert the file again with the "
+            "right --recipe (or none).",
+        )
+    if meta:
+        known = f"is not for a {arch} model" if meta in RECIPES else "is not known to this version"
+        reasons.append(f"note: the file's metadata names recipe {meta!r}, which {known}; ignored")
     if layout == "edm":
         return _edm_recipe(c, arch, reasons)
     texts = [c.path.name, c.path.parent.name, c.path.parent.parent.name, c.config.get("_name_or_path", "")]
@@ -298,7 +310,7 @@ def detect_contents(c: FileContents, override: str | None = None) -> Detection:
         arch, rank = _lora_arch(c, reasons)
     else:
         arch = _unet_arch(c, reasons)
-    recipe, confidence = _choose_recipe(c, layout, arch, reasons)
+    recipe, confidence = _choose_recipe(c, layout, arch, reasons, override)
     det = Detection(
         str(c.path),
         c.container,

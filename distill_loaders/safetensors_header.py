@@ -179,6 +179,12 @@ def _read_safetensors(path: Path) -> FileContents:
             path, "the safetensors header is not a JSON object.", "the file is corrupt: download it again."
         )
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise StudentLoadError(
+            path,
+            f"the safetensors header's __metadata__ is a JSON {type(metadata).__name__}, not an object.",
+            "the file is corrupt or was written by a broken tool: download it again.",
+        )
     tensors: dict[str, TensorInfo] = {}
     end = 0
     for name, entry in header.items():

@@ -209,6 +209,22 @@ def test_metadata_names_the_recipe(tmp_path):
     assert det.recipe == "dmd2_sdxl_1step" and "metadata" in det.reasons[-1]
 
 
+def test_metadata_recipe_for_another_architecture_is_refused(tmp_path):
+    path = write_safetensors(
+        tmp_path / "model.safetensors",
+        unet_shapes("sd15", "diffusers"),
+        metadata={"fewstep_recipe": "sdxl_lightning_4step"},
+    )
+    with pytest.raises(StudentLoadError, match="names recipe 'sdxl_lightning_4step'.*but the file is a sd15 model"):
+        detect(path)
+    det = detect(path, override="dmd2_sd15_1step")  # the override is the way out the message names
+    assert det.recipe == "dmd2_sd15_1step" and any("is not for a sd15 model; ignored" in r for r in det.reasons)
+    unknown = write_safetensors(tmp_path / "m2.safetensors", unet_shapes("sd15", "diffusers"),
+                                metadata={"fewstep_recipe": "some_future_recipe"})
+    det = detect(unknown)
+    assert det.recipe is None and any("not known to this version" in r for r in det.reasons)
+
+
 @pytest.mark.parametrize("layout,name", [
     ("diffusers", "time_embedding.cond_proj.weight"),
     ("ldm_unet", "time_embed.cond_proj.weight"),  # as our converter writes it

@@ -172,6 +172,18 @@ def test_converted_plain_state_dict_is_dmd2_and_recipe_flag_wins(tmp_path, tiny_
     assert "fewstep_recipe" in det.reasons[-1]
 
 
+def test_converter_refuses_a_recipe_for_another_network(tmp_path, capsys, tiny_edm):
+    from comfyui_fewstep.distill_loaders.convert_pickle import main
+
+    src = tmp_path / "snapshot.pkl"
+    src.write_bytes(pickle.dumps({"ema": dict(tiny_edm("SongUNet").state_dict())}))
+    dst = tmp_path / "g.safetensors"
+    assert main([str(src), "-o", str(dst), "--recipe", "dmd2_imagenet_1step"]) == 1
+    assert "is for edm_dhariwal, but the file is a edm_songunet model" in capsys.readouterr().err
+    assert not dst.exists()  # no mislabelled file is left behind
+    assert main([str(src), "-o", str(dst), "--recipe", "sid_edm_1step"]) == 0 and dst.exists()
+
+
 def test_converter_refuses_an_unknown_recipe(tmp_path, capsys, tiny_edm):
     from comfyui_fewstep.distill_loaders.convert_pickle import main
 

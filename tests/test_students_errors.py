@@ -45,6 +45,10 @@ def test_corrupt_header(tmp_path):
         struct.pack("<Q", 70) + b'{"a": {"dtype": "F16", "shape": [2, 2], "data_offsets": [-8, 0]}}'.ljust(70)
     )
     _raises(path, "byte range \\[-8, 0\\), outside the file's data")
+    for metadata in (b'"a string"', b'["a", "list"]', b"42"):
+        header = b'{"__metadata__": ' + metadata + b', "a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}}'
+        path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+        _raises(path, "__metadata__ is a JSON (str|list|int), not an object")
 
 
 def test_pickle_where_safetensors_expected(tmp_path):
