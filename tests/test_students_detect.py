@@ -215,10 +215,12 @@ def test_metadata_recipe_for_another_architecture_is_refused(tmp_path):
         unet_shapes("sd15", "diffusers"),
         metadata={"fewstep_recipe": "sdxl_lightning_4step"},
     )
-    with pytest.raises(StudentLoadError, match="names recipe 'sdxl_lightning_4step'.*but the file is a sd15 model"):
+    match = "names recipe 'sdxl_lightning_4step'.*but the file is a sd15 model"
+    with pytest.raises(StudentLoadError, match=match):
         detect(path)
     det = detect(path, override="dmd2_sd15_1step")  # the override is the way out the message names
-    assert det.recipe == "dmd2_sd15_1step" and any("is not for a sd15 model; ignored" in r for r in det.reasons)
+    assert det.recipe == "dmd2_sd15_1step"
+    assert any("is not for a sd15 model; ignored" in r for r in det.reasons)
     unknown = write_safetensors(tmp_path / "m2.safetensors", unet_shapes("sd15", "diffusers"),
                                 metadata={"fewstep_recipe": "some_future_recipe"})
     det = detect(unknown)

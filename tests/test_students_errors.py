@@ -46,7 +46,8 @@ def test_corrupt_header(tmp_path):
     )
     _raises(path, "byte range \\[-8, 0\\), outside the file's data")
     for metadata in (b'"a string"', b'["a", "list"]', b"42"):
-        header = b'{"__metadata__": ' + metadata + b', "a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}}'
+        entry = b'"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}'
+        header = b'{"__metadata__": ' + metadata + b", " + entry + b"}"
         path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
         _raises(path, "__metadata__ is a JSON (str|list|int), not an object")
 
