@@ -25,6 +25,7 @@ LAYOUTS: tuple[str, ...] = get_args(Layout)
 _LORA_SUFFIX = re.compile(
     r"\.(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
     r"(\.[^.]+)?\.weight$|\.alpha$|\.dora_scale$"
+    r"|_lora\.(down|up)\.weight$"  # diffusers attention-processor LoRA: attn2.processor.to_k_lora.down.weight
 )
 _TE_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "lora_te1_", "lora_te2_")
 
@@ -137,7 +138,8 @@ def _lora_arch(c: FileContents, reasons: list[str]) -> tuple[str, int | None]:
         down = any(s in k for s in ("lora_down", "lora_A", "lora.down", "lora_linear_layer.down"))
         if down and rank is None and len(info.shape) >= 2:
             rank = info.shape[0]
-        if down and "attn2_to_k" in flat and not k.startswith(_TE_PREFIXES):
+        to_k = "attn2_to_k" in flat or "attn2_processor_to_k" in flat
+        if down and to_k and not k.startswith(_TE_PREFIXES):
             ctx = info.shape[1]
             break
     arch = {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(ctx)

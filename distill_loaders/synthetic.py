@@ -13,7 +13,13 @@ from pathlib import Path
 
 from .keys import diffusers_unet_shapes, ldm_unet_shapes
 
-__all__ = ["kohya_lora_shapes", "peft_lora_shapes", "unet_shapes", "write_safetensors"]
+__all__ = [
+    "kohya_lora_shapes",
+    "peft_lora_shapes",
+    "processor_lora_shapes",
+    "unet_shapes",
+    "write_safetensors",
+]
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 _LORA_TARGETS = (
@@ -76,6 +82,19 @@ def peft_lora_shapes(arch: str, rank: int = 64) -> dict[str, tuple[int, ...]]:
             module = "unet." + name[: -len(".weight")]
             out[module + ".lora_A.weight"] = (rank, shape[1])
             out[module + ".lora_B.weight"] = (shape[0], rank)
+    return out
+
+
+def processor_lora_shapes(arch: str, rank: int = 64) -> dict[str, tuple[int, ...]]:
+    """diffusers attention-processor LoRA (``unet.<attention>.processor.to_q_lora.down.weight``),
+    the layout of early diffusers LoRA training scripts."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in diffusers_unet_shapes(arch).items():
+        for proj, short in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out.0", "to_out")):
+            if name.endswith(f".{proj}.weight"):
+                head = "unet." + name[: -len(f".{proj}.weight")]
+                out[f"{head}.processor.{short}_lora.down.weight"] = (rank, shape[1])
+                out[f"{head}.processor.{short}_lora.up.weight"] = (shape[0], rank)
     return out
 
 

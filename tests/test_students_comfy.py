@@ -12,7 +12,11 @@ from comfyui_fewstep.distill_loaders import keys as K
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
 from comfyui_fewstep.distill_loaders.lcm_guidance import guidance_scale_embedding
 from comfyui_fewstep.distill_loaders.recipes import alphas_cumprod, ddpm_sigma, recipe_sigmas
-from comfyui_fewstep.distill_loaders.synthetic import kohya_lora_shapes, peft_lora_shapes
+from comfyui_fewstep.distill_loaders.synthetic import (
+    kohya_lora_shapes,
+    peft_lora_shapes,
+    processor_lora_shapes,
+)
 from safetensors.torch import save_file
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -148,6 +152,7 @@ def test_lora_students_patch_every_module(api, files, tmp_path):
     g = torch.Generator().manual_seed(2)
     for name, shapes in (
         ("lcm-lora-sdv1-5.safetensors", kohya_lora_shapes("sd15", 4)),
+        ("lcm_processor_lora.safetensors", processor_lora_shapes("sd15", 4)),
         ("Hyper-SD15-4steps-lora.safetensors", peft_lora_shapes("sd15", 4)),
     ):
         tensors = {

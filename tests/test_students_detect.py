@@ -14,6 +14,7 @@ from comfyui_fewstep.distill_loaders.inspect import main as inspect_main
 from comfyui_fewstep.distill_loaders.synthetic import (
     kohya_lora_shapes,
     peft_lora_shapes,
+    processor_lora_shapes,
     unet_shapes,
     write_safetensors,
 )
@@ -197,6 +198,12 @@ def test_diffusers_loras(tmp_path, name, arch, recipe):
     det = detect(write_safetensors(tmp_path / name, peft_lora_shapes(arch, 16)))
     assert (det.layout, det.arch, det.recipe, det.lora_rank) == ("lora_diffusers", arch, recipe, 16)
     assert det.confidence == ("none" if recipe is None else "certain")
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_attention_processor_loras(tmp_path, arch):
+    det = detect(write_safetensors(tmp_path / "lcm_lora.safetensors", processor_lora_shapes(arch, 8)))
+    assert (det.layout, det.arch, det.recipe, det.lora_rank) == ("lora_diffusers", arch, "lcm_lora", 8)
 
 
 def test_metadata_names_the_recipe(tmp_path):
