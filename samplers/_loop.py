@@ -9,6 +9,7 @@ the step and the sigma, instead of letting a black or noise image through.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -99,7 +100,7 @@ def sigma_list(sigmas: torch.Tensor, parameterization: Any = None) -> list[float
     if sigmas.ndim != 1:
         raise ValueError(f"sigmas must be a 1-D tensor, got shape {tuple(sigmas.shape)}")
     values = [float(s) for s in sigmas.detach().to("cpu", torch.float64)]
-    if any(not (s >= 0.0) for s in values):
+    if any(not 0.0 <= s < math.inf for s in values):
         raise ValueError(f"sigmas must be non-negative and finite, got {values}")
     for a, b in zip(values, values[1:]):
         if not b < a:

@@ -250,6 +250,8 @@ def sample_dpmpp_multistep(
         emit_callback(callback, i, x, c.sigma, denoised, sigmas)
         x_prev = x
         x = _step(c, x, denoised, outputs, noise_sampler)
+    if len(points) < len(values):  # stopped at sigma_min: the skipped step to 0 completes the bar
+        emit_callback(callback, n_steps, x, points[-1], denoised, sigmas)
 
     if uses_history and points[-1] > 0.0:
         keep = min(order, len(outputs))

@@ -86,10 +86,13 @@ VE_DEFAULT = Parameterization("ve", 0.002, 80.0, family="edm")
 """The coordinates used when a sampler gets ``parameterization=None`` (VE: ``alpha_t = 1``)."""
 
 
-def solver_sigma(parameterization: Parameterization, sigma: float) -> float:
-    """``sigma`` moved off a flow model's ``lambda = -inf`` end point (see :data:`FLOW_START_OFFSET`)."""
+def solver_sigma(parameterization: Parameterization, sigma: float, sigma_next: float | None = None) -> float:
+    """``sigma`` moved off a flow model's ``lambda = -inf`` end point (see :data:`FLOW_START_OFFSET`),
+    to at most half-way to ``sigma_next``, so that a schedule whose next sigma lies within the offset
+    of 1 (a large shift at many steps: 0.99992 for shift 12 at 1000 steps) still has a forward step."""
     if parameterization.kind == "flow" and sigma >= 1.0:
-        return 1.0 - FLOW_START_OFFSET
+        offset = FLOW_START_OFFSET if sigma_next is None else min(FLOW_START_OFFSET, 0.5 * (1.0 - sigma_next))
+        return 1.0 - offset
     return sigma
 
 
@@ -140,7 +143,7 @@ def build_tableau(
     A step to ``sigma_t = 0`` must be first order; it returns the data prediction exactly.
     """
     p = parameterization
-    sigma_s = solver_sigma(p, sigma_s)
+    sigma_s = solver_sigma(p, sigma_s, sigma_t)
     if not 0.0 <= sigma_t < sigma_s:
         raise ValueError(f"a step needs 0 <= sigma_t < sigma_s, got sigma_s={sigma_s!r}, sigma_t={sigma_t!r}")
     if order not in (1, 2, 3):
@@ -364,4 +367,6 @@ def sample_dpmpp_singlestep(
     for i in progress(n_steps, disable):
         x, _, denoised = run_step(tableaus[i], x, lambda xs, s, i=i: evaluator(xs, s, i))
         emit_callback(callback, i, x, values[i], denoised, sigmas)
+    if 0 < n_steps < n_intervals:  # stopped at sigma_min: the skipped step to 0 completes the bar
+        emit_callback(callback, n_steps, x, values[n_steps], denoised, sigmas)
     return x

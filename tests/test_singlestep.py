@@ -272,6 +272,26 @@ def test_callback_once_per_outer_step():
     assert all(d["denoised"].shape == (1, 2) for d in seen)
 
 
+@pytest.mark.parametrize("solver", ["singlestep", "multistep"])
+def test_progress_reaches_the_end_when_stopping_at_sigma_min(solver):
+    """ComfyUI's bar has len(sigmas) - 1 steps: stopping at sigma_min skips the step to 0, and
+    one closing callback (the last prediction, at the last sigma) fills the bar."""
+    from comfyui_fewstep.samplers.multistep import sample_dpmpp_multistep
+
+    run = sample_dpmpp_singlestep if solver == "singlestep" else sample_dpmpp_multistep
+    sigmas = lambda_uniform(for_family("eps"), 14.6, 0.03, 4)
+    seen = []
+    out = run(Gaussian("ve"), torch.ones(1, 2, dtype=torch.float64), sigmas, callback=seen.append,
+              disable=True, order=2, final_step="sigma_min")
+    total = len(sigmas) - 1
+    assert [d["i"] for d in seen] == list(range(total))
+    assert float(seen[-1]["sigma"]) == float(sigmas[-2])
+    # no model call: SamplerCustom's x0 output is unchanged
+    assert seen[-1]["denoised"] is seen[-2]["denoised"]
+    if solver == "multistep":
+        assert torch.equal(seen[-1]["x"], out)
+
+
 def test_option_validation():
     problem, x = Gaussian("ve"), torch.ones(1, 2)
     sigmas = torch.tensor([10.0, 1.0, 0.1, 0.0])
@@ -333,6 +353,24 @@ def test_flow_from_sigma_one(order, algorithm):
                                    algorithm=algorithm)
     expected0 = problem(out, torch.tensor([p.sigma_min]))
     assert torch.allclose(out0, expected0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_flow_from_sigma_one_with_the_next_sigma_within_the_offset(order):
+    """A large shift at many steps puts the second sigma within 1e-4 of 1 (shift 12 at 1000 steps:
+    0.99992): the start moves half-way to it instead, and the result stays near the exact solution."""
+    p = for_family("flow")
+    problem = Gaussian("flow")
+    x = torch.tensor([[1.0, -0.3, 2.2]], dtype=torch.float64)
+    n = 40 if order == 3 else 160
+    lam = torch.linspace(p.lambda_(0.99), p.lambda_(p.sigma_min), n, dtype=torch.float64)
+    start = torch.tensor([1.0, 1.0 - 8.3e-5], dtype=torch.float64)
+    sigmas = torch.cat([start, p.sigma_from_lambda_tensor(lam)])
+    sigmas[-1] = p.sigma_min
+    out = sample_dpmpp_singlestep(problem, x, sigmas, disable=True, parameterization=p, order=order,
+                                  final_step="sigma_min")
+    exact = problem.exact(x, 1.0, p.sigma_min)
+    assert float((out - exact).abs().max() / exact.abs().max()) < (3e-2 if order == 1 else 1e-3)
 
 
 def test_no_steps_and_float32():
