@@ -85,7 +85,7 @@ def _schedule_inputs() -> list:
             options=list(AYS_MODELS),
             default="auto",
             tooltip="ays: which published table to use. auto picks sd15 for SD-style discrete "
-            "models and svd for EDM models. Ignored by other schedules.",
+            "models and svd for continuous-time (EDM, SVD) models. Ignored by other schedules.",
         ),
         io.Float.Input(
             "gits_coeff",

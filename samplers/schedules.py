@@ -435,19 +435,37 @@ def get_sigmas_polyexponential(
 # -- table schedules ---------------------------------------------------------------------------
 
 _DISCRETE_VP_FAMILIES = ("eps", "v", "x0")
-_AYS_FAMILIES = {"sd15": _DISCRETE_VP_FAMILIES, "sdxl": _DISCRETE_VP_FAMILIES, "svd": ("edm",)}
+TableModels = Literal["discrete", "continuous"]
+#: which models a published table is for: discrete-time VP models (SD1.5, SDXL: a sigma per
+#: integer timestep) or continuous-time VE models (SVD, EDM; its prediction may be eps, v or EDM)
+_AYS_MODELS_FOR: dict[str, TableModels] = {"sd15": "discrete", "sdxl": "discrete", "svd": "continuous"}
+_TABLE_MODELS_TEXT = {
+    "discrete": "discrete-time eps/v/x0 (SD-style)",
+    "continuous": "continuous-time (EDM/SVD-style)",
+}
 _TABLE_RTOL = 1e-3
 
 
+def _table_models(p: Parameterization) -> TableModels | None:
+    """The kind of model ``p`` is, as the published tables are keyed (None: neither, e.g. flow)."""
+    if p.kind != "ve":
+        return None
+    if p.timestep_sigmas is None:
+        return "continuous"
+    return "discrete" if p.family in _DISCRETE_VP_FAMILIES else None
+
+
 def _check_table_fits(
-    name: str, table: Sequence[float], p: Parameterization, families: tuple[str, ...], label: str,
+    name: str, table: Sequence[float], p: Parameterization, models: TableModels, label: str,
     sigma_min: float | None, sigma_max: float | None,
 ) -> None:
-    """Refuse a table made for another model family or sigma range."""
-    if p.kind != "ve" or p.family not in families:
+    """Refuse a table made for another kind of model or sigma range."""
+    if _table_models(p) != models:
+        time = "discrete-time" if p.timestep_sigmas is not None else "continuous-time"
         raise ValueError(
-            f"{name}: the {label} table is for {'/'.join(families)} models, but this model is "
-            f"{p.family!r} ({p.kind}); pick a schedule made for it (e.g. logsnr_uniform) or the matching table"
+            f"{name}: the {label} table is for {_TABLE_MODELS_TEXT[models]} models, but this model is a "
+            f"{time} {p.family!r} ({p.kind}) model; pick a schedule made for it (e.g. logsnr_uniform) or the "
+            "matching table"
         )
     lo, hi = _range(name, p, sigma_min, sigma_max)
     if table[0] > hi * (1.0 + _TABLE_RTOL) or table[-1] < lo * (1.0 - _TABLE_RTOL):
@@ -467,7 +485,8 @@ def get_sigmas_ays(
     """Align Your Steps (Sabour, Fidler, Kreis, ICML 2024, arXiv 2404.14507, Table 3).
 
     The published 10-step table of ``model`` (``"sd15"``, ``"sdxl"``, ``"svd"``; ``"auto"``
-    picks ``svd`` for EDM models and ``sd15`` for discrete eps/v/x0 models), resampled to
+    picks ``svd`` for continuous-time models (EDM, and SVD's continuous v-prediction) and
+    ``sd15`` for discrete eps/v/x0 models), resampled to
     ``steps + 1`` points log-linearly as in the paper's appendix, last point replaced by 0.
     A table for another model family, or outside the model's sigma range (``sigma_min`` /
     ``sigma_max`` override it), raises ``ValueError``.
@@ -478,9 +497,10 @@ def get_sigmas_ays(
     if model not in AYS_MODELS:
         raise ValueError(f"{name}: model must be one of {AYS_MODELS}, got {model!r}")
     if model == "auto":
-        if p.family == "edm":
+        kind = _table_models(p)
+        if kind == "continuous":
             model = "svd"
-        elif p.family in _DISCRETE_VP_FAMILIES and p.kind == "ve":
+        elif kind == "discrete":
             model = "sd15"
         else:
             raise ValueError(
@@ -488,7 +508,7 @@ def get_sigmas_ays(
                 f"are sd15/sdxl (discrete eps/v) and svd (EDM). Use logsnr_uniform or time_uniform instead"
             )
     table = AYS_TABLES[model]
-    _check_table_fits(name, table, p, _AYS_FAMILIES[model], f"AYS {model}", sigma_min, sigma_max)
+    _check_table_fits(name, table, p, _AYS_MODELS_FOR[model], f"AYS {model}", sigma_min, sigma_max)
     grid = torch.tensor(table, dtype=torch.float64) if steps + 1 == len(table) else loglinear_interp(table, steps + 1)
     return _finish(name, grid, append_zero=False)
 
@@ -516,7 +536,7 @@ def get_sigmas_gits(
     tables = GITS_SD15_TABLES[key]
     nearest = min(max(steps, min(tables)), max(tables))
     table = tables[nearest]
-    _check_table_fits(name, table, p, _DISCRETE_VP_FAMILIES, "GITS SD 1.5", sigma_min, sigma_max)
+    _check_table_fits(name, table, p, "discrete", "GITS SD 1.5", sigma_min, sigma_max)
     grid = torch.tensor(table, dtype=torch.float64) if nearest == steps else loglinear_interp(table, steps + 1)
     return _finish(name, grid, append_zero=False)
 

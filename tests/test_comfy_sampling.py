@@ -132,6 +132,26 @@ def test_discrete_tables_are_passed_on_and_match_our_closed_forms(cms, adapter):
         assert adapter.parameterization_from_model_sampling(cases[name][0]).timestep_sigmas is None, name
 
 
+def test_table_schedules_follow_discrete_or_continuous_time(cms, adapter):
+    """SVD is ModelSamplingContinuousEDM with v-prediction: AYS 'auto' gives it the SVD table and
+    refuses SD tables, although its prediction is 'v' like SD2's discrete model."""
+    from comfyui_fewstep.samplers import schedules
+    from comfyui_fewstep.samplers.schedule_tables import AYS_TABLES
+
+    svd = adapter.parameterization_from_model_sampling(
+        _make(cms, cms.ModelSamplingContinuousEDM, cms.V_PREDICTION, sigma_min=0.002, sigma_max=700.0,
+              sigma_data=1.0)
+    )
+    got = schedules.get_sigmas("ays", 10, svd)
+    torch.testing.assert_close(got[:-1], torch.tensor(AYS_TABLES["svd"][:-1], dtype=got.dtype))
+    with pytest.raises(ValueError, match="discrete-time"):
+        schedules.get_sigmas("gits", 10, svd)
+    sd2_sampling = _make(cms, cms.ModelSamplingDiscrete, cms.V_PREDICTION)
+    sd2 = adapter.parameterization_from_model_sampling(sd2_sampling)
+    got = schedules.get_sigmas("ays", 10, sd2)
+    torch.testing.assert_close(got[:-1], torch.tensor(AYS_TABLES["sd15"][:-1], dtype=got.dtype))
+
+
 def test_object_patched_model_sampling_is_respected(cms, adapter):
     class Patcher:  # the two ModelPatcher methods the adapter uses
         def __init__(self, ms):

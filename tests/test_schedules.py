@@ -272,9 +272,19 @@ def test_ays_10_steps_is_the_published_table(model, table):
 
 
 def test_ays_svd_and_auto():
+    svd_table = torch.tensor(AYS_SVD[:-1] + [0.0], dtype=torch.float32)
     svd = Parameterization("ve", 0.002, 700.0, "edm")
-    assert torch.equal(S.get_sigmas_ays(10, svd), torch.tensor(AYS_SVD[:-1] + [0.0], dtype=torch.float32))
+    assert torch.equal(S.get_sigmas_ays(10, svd), svd_table)
     assert torch.equal(S.get_sigmas_ays(10, for_family("v")), torch.tensor(AYS_SD15[:-1] + [0.0], dtype=torch.float32))
+    # SVD itself: continuous-time v-prediction (no timestep table), not a discrete v model like SD2
+    svd_v = Parameterization("ve", 0.002, 700.0, "v")
+    assert torch.equal(S.get_sigmas_ays(10, svd_v), svd_table)
+    assert torch.equal(S.get_sigmas_ays(10, svd_v, model="svd"), svd_table)
+    match = "sd15 table is for discrete-time .* but this model is a continuous-time 'v'"
+    with pytest.raises(ValueError, match=match):
+        S.get_sigmas_ays(10, svd_v, model="sd15")
+    with pytest.raises(ValueError, match="GITS SD 1.5 table is for discrete-time"):
+        S.get_sigmas_gits(10, svd_v)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 7, 20, 33])
@@ -296,13 +306,13 @@ def test_table_schedules_refuse_the_wrong_family():
             S.get_sigmas("ays", 10, p)
         with pytest.raises(ValueError, match="GITS"):
             S.get_sigmas("gits", 10, p)
-    with pytest.raises(ValueError, match="AYS sd15 table is for eps/v/x0"):
+    with pytest.raises(ValueError, match="AYS sd15 table is for discrete-time eps/v/x0"):
         S.get_sigmas_ays(10, EDM, model="sd15")
-    with pytest.raises(ValueError, match="AYS svd table is for edm"):
+    with pytest.raises(ValueError, match="AYS svd table is for continuous-time"):
         S.get_sigmas_ays(10, EPS, model="svd")
     with pytest.raises(ValueError, match="outside this model's range"):
         S.get_sigmas_ays(10, EDM)  # EDM's 0.002..80 cannot hold the SVD table (700)
-    zsnr_narrow = Parameterization("ve", 0.05, 14.6146412293, "eps")
+    zsnr_narrow = for_family("eps", sigma_min=0.05)
     with pytest.raises(ValueError, match="outside this model's range"):
         S.get_sigmas_gits(10, zsnr_narrow)
     with pytest.raises(ValueError, match="model must be one of"):
