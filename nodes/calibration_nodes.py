@@ -235,7 +235,9 @@ class FewStepLoadSchedule(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, name) -> Any:
+    def fingerprint_inputs(cls, name, **_linked) -> Any:
+        """The file's modification time: the node reruns when the schedule file changes. ComfyUI
+        passes every input here, a connected ``model`` too; only ``name`` matters."""
         try:
             path = schedule_store().path_for(name)
             return path.stat().st_mtime if path.is_file() else ""

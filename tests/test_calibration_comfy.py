@@ -248,6 +248,10 @@ def test_load_schedule_checks_the_connected_model(nodes, tiny_comfy_model, tiny_
     with pytest.raises(ValueError, match="connected model is v"):
         nodes.FewStepLoadSchedule.execute("shared", model=v_pred)
     assert nodes.FewStepLoadSchedule.execute("shared").result[0].shape == sigmas.shape
+    # ComfyUI asks for the fingerprint with every input; with a model connected it must still
+    # answer (an exception there makes the node rerun, and everything after it, on every queue)
+    fingerprint = nodes.FewStepLoadSchedule.fingerprint_inputs(name="shared", model=tiny_comfy_model)
+    assert fingerprint and fingerprint == nodes.FewStepLoadSchedule.fingerprint_inputs(name="shared")
 
 
 def test_calibrated_singlestep_runs_on_split_sigmas_and_refuses_others(nodes, tiny_comfy_model, tiny_comfy_conds):
