@@ -102,8 +102,8 @@ def _schedule_inputs() -> list:
             default="",
             multiline=True,
             placeholder="14.61, 4.0, 1.2, 0.3, 0",
-            tooltip="custom: a decreasing list of sigmas, comma or space separated; a final 0 "
-            "is added if missing. Ignored by other schedules.",
+            tooltip="custom: a decreasing list of sigmas, comma or space separated, used as given "
+            "(its length sets the steps); a final 0 is added if missing. Ignored by other schedules.",
         ),
         io.Float.Input(
             "sigma_min",
@@ -164,7 +164,7 @@ class FewStepSchedule(io.ComfyNode):
                     min=0,
                     max=10000,
                     tooltip="Number of steps. With a multistep solver each step is one model call. "
-                    "0 is allowed for custom only (the list's own count).",
+                    "Ignored by custom: the list sets the steps.",
                 ),
                 io.Float.Input(
                     "denoise",
@@ -201,7 +201,7 @@ class FewStepSchedule(io.ComfyNode):
         sigmas = sigmas_for_model(
             model,
             schedule,
-            None if steps == 0 else steps,
+            None if steps == 0 or schedule == "custom" else steps,  # a custom list sets its own steps
             denoise,
             rho=rho,
             table_model=table_model,

@@ -87,6 +87,15 @@ def test_guider_sample_runs_with_callbacks(api, tiny_comfy_model, tiny_comfy_con
     assert steps == [(i, 4) for i in range(4)]
 
 
+def test_custom_schedule_is_used_as_given(api, tiny_comfy_model):
+    """The steps widget (default 8) does not resample a typed list: its length sets the steps."""
+    node = api["schedule_nodes"].FewStepSchedule
+    for steps in (8, 0, 4):
+        out = node.execute(tiny_comfy_model, "custom", steps, 1.0, custom_sigmas="14.6, 4.0, 1.2, 0.3")
+        sigmas = out.result[0]
+        torch.testing.assert_close(sigmas, torch.tensor([14.6, 4.0, 1.2, 0.3, 0.0]))
+
+
 def test_adaptive_progress_follows_the_solution(api, tiny_comfy_model, tiny_comfy_conds):
     """ComfyUI sizes the bar from the sigmas; the adaptive solver fills it only as it ends."""
     steps = []
