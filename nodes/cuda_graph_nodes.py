@@ -216,6 +216,8 @@ class FewStepCUDAGraph(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, enable, max_graphs, warmup, verify, attention, tolerance=1e-3) -> io.NodeOutput:
+        if attention not in ATTENTION_POLICIES:  # a wrong setting is the user's to fix, not a fallback
+            raise ValueError(f"attention must be one of {list(ATTENTION_POLICIES)}, got {attention!r}")
         try:
             patched = apply_cuda_graph(model, enable=enable, max_graphs=max_graphs, warmup=warmup, verify=verify,
                                        tolerance=tolerance, attention=attention)

@@ -89,10 +89,18 @@ def test_node_installs_keyed_wrapper_on_a_clone(node_module):
     assert off.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL) == []
 
 
-def test_bad_input_passes_the_model_through(node_module, caplog):
+def test_bad_setting_is_an_error_and_a_failed_install_passes_the_model_through(node_module, caplog,
+                                                                                monkeypatch):
     base = tiny_patcher()
+    with pytest.raises(ValueError, match="attention must be one of .*got 'no_such_policy'"):
+        node_module.FewStepCUDAGraph.execute(base, True, 4, 2, True, "no_such_policy")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("this ComfyUI has no DIFFUSION_MODEL wrappers")
+
+    monkeypatch.setattr(node_module, "apply_cuda_graph", broken)
     with caplog.at_level(logging.ERROR):
-        (out,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 2, True, "no_such_policy").result
+        (out,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 2, True, "auto").result
     assert out is base and "passes through unchanged" in caplog.text
 
 
