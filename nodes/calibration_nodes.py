@@ -21,10 +21,17 @@ import torch
 
 from ..samplers.calibration import DEFAULTS, TEACHER_ENDS, CalibrationError, SolverSpec, calibrate
 from ..samplers.fitted import HISTORY
+from ..samplers.parameterization import Parameterization
 from ..samplers.schedule_store import (ScheduleRecord, ScheduleStore, cache_key, model_fingerprint,
                                       object_fingerprint)
 from ._api import CATEGORY_SCHEDULERS, io, ui
-from ._comfy_sampler import PRESETS, make_calibrated_singlestep_sampler, make_fitted_sampler, make_sampler
+from ._comfy_sampler import (
+    PRESETS,
+    comfy_sampler_function,
+    make_calibrated_singlestep_sampler,
+    make_fitted_sampler,
+    make_sampler,
+)
 from ._comfy_sampling import parameterization_for_model
 
 logger = logging.getLogger(__name__)
@@ -135,8 +142,9 @@ class FewStepCalibrateSchedule(io.ComfyNode):
             display_name="FewStep Calibrate Steps",
             category=CATEGORY_SCHEDULERS,
             description="Fits the noise levels (SIGMAS) of a few-step solver to this model from a few accurate "
-                        "teacher trajectories (a few hundred model calls once; cached by model weights and "
-                        "settings, so the next run is free). Outputs the matching SAMPLER and SIGMAS.",
+                        "teacher trajectories (about a thousand model calls once with the defaults; cached "
+                        "by model weights and settings, so the next run is free). Outputs the matching "
+                        "SAMPLER and SIGMAS.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to calibrate for; its weights key the cache."),
                 io.Conditioning.Input("positive", tooltip="Conditioning for the calibration trajectories."),
@@ -188,6 +196,8 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                     "target": str(target), "latent_shape": shape, "parameterization": [parameterization.kind, parameterization.family,
                                                                 parameterization.sigma_min, parameterization.sigma_max]}
         store = schedule_store()
+        if save_as.strip():
+            store.path_for(save_as.strip())  # a bad name is refused before the model calls, not after
         mhash = model_hash(model)
         key = cache_key(mhash, settings)
         record = store.get(key) if use_cache else None
@@ -250,11 +260,30 @@ class FewStepLoadSchedule(io.ComfyNode):
             raise ValueError(f"no saved schedules yet: run FewStep Calibrate Steps with save_as set, or copy a "
                              f"schedule .json into the user folder '{STORE_FOLDER}'")
         record = schedule_store().load(name)
-        label = record.solver.get("label") or record.solver.get("solver") or "unknown solver"
+        label = (record.solver.get("label") or record.solver.get("solver")
+                 or "DPM-Solver++(2M) (the file names no solver)")
         text = f"{name}: {label}, NFE {record.nfe}, {len(record.sigmas) - 1} steps"
         if model is not None:
             text += check_record_fits_model(record, name, model)
-        return io.NodeOutput(record.sigmas_tensor(), text, sampler_for_record(record))
+        try:
+            sampler = sampler_for_record(record)
+            dry_run(sampler, record.sigmas)
+        except ValueError as exc:
+            raise ValueError(f"schedule {name!r} ({schedule_store().path_for(name).name}) cannot run: {exc}. "
+                             "Calibrate it again, or fix the file's 'solver' / 'orders' fields.") from exc
+        return io.NodeOutput(record.sigmas_tensor(), text, sampler)
+
+
+def dry_run(sampler: Any, sigmas: list[float]) -> None:
+    """Run a SAMPLER's solver once on a zero model over ``sigmas`` (no model, a 1-element state):
+    a schedule file whose solver fields cannot run (order 7, no orders for a singlestep schedule)
+    fails here, naming the file, instead of later inside the sampler node."""
+    options = dict(sampler.extra_options)
+    options["parameterization"] = Parameterization("ve", 1e-9, 1e9, family="edm")
+    if options.get("solver", "multistep") == "multistep":
+        options["resume_history"] = False  # nothing to carry, nothing left behind
+    comfy_sampler_function(lambda x, sigma, **_: torch.zeros_like(x), torch.zeros(1, 1, dtype=torch.float64),
+                           torch.tensor(sigmas, dtype=torch.float64), disable=True, **options)
 
 
 #: relative tolerance when comparing a saved schedule's sigma range with a model's

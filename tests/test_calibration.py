@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -190,6 +191,23 @@ def test_singlestep_result_carries_its_orders_and_budget():
     res = cal.calibrate(problem.denoiser(), problem.x_start, p, 6, spec, grid_points=40, search_nfe=60)
     assert res.orders == [3, 2, 1] and len(res.sigmas) == 4
     assert res.error <= min(res.baselines.values())
+
+
+def test_reported_seconds_count_the_teacher_once():
+    """The reported time is the wall time of the call, the teacher run included once."""
+    problem = analytic.make_problem("sd15", "gmm16", n_samples=8, seed=0)
+    p = problem.range.parameterization()
+    slow = problem.denoiser()
+
+    def model(x, sigma, **kw):  # every call takes >= 2 ms, so the teacher's 118 calls dominate
+        time.sleep(0.002)
+        return slow(x, sigma, **kw)
+
+    t0 = time.perf_counter()
+    res = cal.calibrate(model, problem.x_start, p, 4, grid_points=40, search_nfe=8)
+    wall = time.perf_counter() - t0
+    assert res.cost["teacher_nfe"] == 118 and res.cost["seconds"] <= wall
+    assert res.cost["seconds"] >= 0.9 * wall
 
 
 def test_bad_inputs_have_clear_messages():

@@ -158,6 +158,32 @@ def test_bad_settings_are_refused(nodes, tiny_comfy_model, tiny_comfy_conds):
         _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset="dpmpp_2m_sde")
     with pytest.raises(ValueError, match="no saved schedules yet"):
         nodes.FewStepLoadSchedule.execute("")
+    counter = _ForwardCounter(tiny_comfy_model)
+    with pytest.raises(ValueError, match="name '../evil' is not allowed"), torch.inference_mode():
+        _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, save_as="../evil")
+    counter.handle.remove()
+    assert counter.calls == 0  # refused before any model call
+
+
+def test_load_schedule_refuses_solver_fields_that_cannot_run(nodes, tmp_path):
+    """A hand-edited or damaged file is refused when it is loaded, naming the file, not later
+    inside the sampler node; a file with sigmas only runs as 2M and says so."""
+    folder = tmp_path / nodes.STORE_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    sigmas = [14.6, 2.0, 0.3, 0.0]
+    bad = {
+        "order7": {"sigmas": sigmas, "solver": {"solver": "multistep", "options": {"order": 7}}},
+        "no orders": {"sigmas": sigmas, "solver": {"solver": "singlestep", "options": {"order": 2}},
+                      "orders": []},
+    }
+    for name, record in bad.items():
+        (folder / f"{name}.json").write_text(json.dumps(record))
+        match = f"schedule '{name}' \\({name}.json\\) cannot run: .*Calibrate it again"
+        with pytest.raises(ValueError, match=match):
+            nodes.FewStepLoadSchedule.execute(name)
+    (folder / "plain.json").write_text(json.dumps({"sigmas": sigmas}))
+    loaded, info, _sampler = nodes.FewStepLoadSchedule.execute("plain").result
+    assert loaded.tolist() == pytest.approx(sigmas) and "DPM-Solver++(2M)" in info
 
 
 def test_target_is_part_of_the_settings_and_the_cache_key(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path):
