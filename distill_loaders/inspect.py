@@ -20,9 +20,10 @@ from .specs import RECIPES, recipe_names
 __all__ = ["format_report", "main"]
 
 
-def format_report(det, limit: int = 8) -> str:
-    """Human-readable multi-line report for a :class:`~.detect.Detection`."""
-    recipe = RECIPES.get(det.recipe) if det.recipe else None
+def format_report(det, limit: int = 8, recipe=None, steps: int | None = None) -> str:
+    """Human-readable multi-line report for a :class:`~.detect.Detection`: its recipe, or the
+    ``recipe`` it is sampled with (custom timesteps, TCD eta) at ``steps`` steps."""
+    recipe = recipe or (RECIPES.get(det.recipe) if det.recipe else None)
     lines = [
         f"file:        {det.path}",
         f"container:   {det.container}",
@@ -32,11 +33,12 @@ def format_report(det, limit: int = 8) -> str:
         f"dtypes:      {', '.join(f'{k} x{v}' for k, v in sorted(det.dtypes.items()))}",
     ]
     if recipe:
-        sig = ", ".join(f"{s:.4f}" for s in recipe_sigma_values(recipe))
-        ts = ", ".join(f"{t:g}" for t in recipe_timesteps(recipe))
+        sigma_values = recipe_sigma_values(recipe, steps)
+        sig = ", ".join(f"{s:.4f}" for s in sigma_values)
+        ts = ", ".join(f"{t:g}" for t in recipe_timesteps(recipe, steps))
         lines += [
             f"student:     {recipe.student} ({det.confidence})",
-            f"recipe:      {recipe.name}: {recipe.prediction} prediction, {recipe.steps} step(s), "
+            f"recipe:      {recipe.name}: {recipe.prediction} prediction, {len(sigma_values) - 1} step(s), "
             f"{recipe.step_rule} steps, cfg {recipe.cfg:g}"
             + (f", eta {recipe.eta:g}" if recipe.step_rule == "tcd" else ""),
             f"timesteps:   [{ts}]" if ts else f"sigma_init:  {recipe.sigma_init}",

@@ -556,13 +556,29 @@ def parse_timesteps(text: str) -> tuple[int, ...]:
     return values
 
 
+#: LCM's distillation grid (diffusers ``LCMScheduler``, 50 original steps of 1000): 19, 39, ..., 999.
+#: ComfyUI's LCM model sampling only has these noise levels.
+LCM_TIMESTEP_GRID: tuple[int, ...] = tuple(range(19, 1000, 20))
+
+
 def with_timesteps(recipe: Recipe, timesteps: tuple[int, ...]) -> Recipe:
-    """``recipe`` evaluated at the given DDPM timesteps (one model call each, same step rule)."""
+    """``recipe`` evaluated at the given DDPM timesteps (one model call each, same step rule).
+    LCM students take timesteps of their distillation grid only (:data:`LCM_TIMESTEP_GRID`)."""
     if recipe.prediction in ("flow_reversed", "edm"):
         raise ValueError(f"recipe {recipe.name!r} ({recipe.student}) has no DDPM timesteps; custom timesteps apply to "
                          "eps / v / x0 / LCM students")
+    off_grid = [int(t) for t in timesteps if int(t) not in LCM_TIMESTEP_GRID]
+    if recipe.prediction == "lcm" and off_grid:
+        nearest = [min(LCM_TIMESTEP_GRID, key=lambda g, t=t: abs(g - t)) for t in off_grid]
+        raise ValueError(
+            f"recipe {recipe.name!r} (LCM) runs on its distillation grid 19, 39, ..., 999 (every 20th "
+            f"timestep); {off_grid} {'is' if len(off_grid) == 1 else 'are'} not on it. Use "
+            f"{', '.join(map(str, nearest))} instead."
+        )
+    # the student's own abar belongs to its own first timestep (SwiftBrush: 999), not to another one
+    same_start = bool(recipe.timesteps) and int(timesteps[0]) == int(recipe.timesteps[0])
     return replace(recipe, schedule="fixed", timesteps=tuple(float(t) for t in timesteps), steps=len(timesteps),
-                   allowed_steps=())
+                   allowed_steps=(), x0_abar=recipe.x0_abar if same_start else None)
 
 
 def with_tcd_eta(recipe: Recipe, eta: float) -> Recipe:

@@ -340,7 +340,7 @@ def load_student(
         )
         extra += f"\nLCM guidance embedding: w = {lcm_guidance:g} (time_embedding.cond_proj kept)"
     sigmas = recipe_sigmas(recipe, steps or None).float()
-    info = format_report(det) + extra + custom
+    info = format_report(det, recipe=recipe, steps=steps or None) + extra + custom
     logger.info("FewStep student: %s -> %s (%s)", Path(det.path).name, recipe.name, "; ".join(det.reasons))
     return LoadedStudent(model, clip, vae, student_sampler(recipe), sigmas, info, recipe)
 

@@ -164,6 +164,12 @@ def test_lora_students_patch_every_module(api, files, tmp_path):
         assert f"LoRA: {n_modules} modules patched" in info
         assert len(model.patches) == n_modules
     assert "recipe:      hyper_4step_lora" in info and len(sigmas) == 5
+    # the info describes the run the outputs make: 8 steps asked, 8 steps reported
+    lcm = tmp_path / "lcm-lora-sdv1-5.safetensors"
+    _, _, _, _, sigmas, info = api.nodes.load_student_model(lcm, model=base, steps=8)
+    assert len(sigmas) == 9 and "lcm_lora: lcm prediction, 8 step(s)" in info
+    timesteps = next(line for line in info.splitlines() if line.startswith("timesteps:"))
+    assert timesteps.count(",") == 7
     sdxl = {k: torch.zeros(s) for k, s in kohya_lora_shapes("sdxl", 1).items()}
     save_file(sdxl, str(tmp_path / "dmd2_sdxl_4step_lora.safetensors"))
     with pytest.raises(StudentLoadError, match="LoRA is for sdxl but the model it is applied to is sd15"):

@@ -209,6 +209,15 @@ def test_custom_timesteps_parse_validate_and_give_the_ddpm_sigmas():
     assert sigmas[-1] == 0.0 and sigmas[:-1] == pytest.approx([table[int(t)] for t in recipe.timesteps], rel=1e-12)
     with pytest.raises(ValueError, match="no DDPM timesteps"):
         with_timesteps(get_recipe("instaflow_sd15_1step"), (999,))
+    # LCM: ComfyUI's LCM sampling knows only the 50-step grid; off-grid steps would be moved silently
+    on_grid = with_timesteps(get_recipe("lcm_lora"), (999, 759, 499, 259))
+    assert on_grid.timesteps == (999.0, 759.0, 499.0, 259.0)
+    with pytest.raises(ValueError, match=r"\[749, 249\] are not on it. Use 739, 239 instead"):
+        with_timesteps(get_recipe("lcm_lora"), (999, 749, 499, 249))
+    assert with_timesteps(get_recipe("tcd_lora"), (999, 749)).timesteps == (999.0, 749.0)  # eps: any timestep
+    # SwiftBrush's own abar (0.0047) is that of t = 999: kept from 999, dropped from another start
+    assert with_timesteps(get_recipe("swiftbrush_sd21_1step"), (999, 499)).x0_abar == 0.0047
+    assert with_timesteps(get_recipe("swiftbrush_sd21_1step"), (899,)).x0_abar is None
 
 
 def test_tcd_eta_and_registered_recipes():
