@@ -206,7 +206,7 @@ def test_reported_seconds_count_the_teacher_once():
     t0 = time.perf_counter()
     res = cal.calibrate(model, problem.x_start, p, 4, grid_points=40, search_nfe=8)
     wall = time.perf_counter() - t0
-    assert res.cost["teacher_nfe"] == 118 and res.cost["seconds"] <= wall
+    assert res.cost["teacher_nfe"] == 118 and res.cost["seconds"] <= wall + 0.001  # rounded to ms
     assert res.cost["seconds"] >= 0.9 * wall
 
 
