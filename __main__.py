@@ -1,4 +1,4 @@
-"""Command line: ``python -m comfyui_fewstep {bench,demo,inspect} ...``."""
+"""Command line: ``python -m comfyui_fewstep {bench,demo,inspect,convert} ...``."""
 
 from __future__ import annotations
 

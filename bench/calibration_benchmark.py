@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t0:6.1f} s] {problem.name} done", file=sys.stderr)
     elapsed = time.time() - t0
     command = "python bench/calibration_benchmark.py" + (" --quick" if args.quick else "")
+    command += (f" --samples {args.samples}" if args.samples else "") + (" --no-teacher" if args.no_teacher else "")
+    if args.out is not None:
+        command += f" --out {args.out.as_posix()}"
     if comfy is not None:
         command = "COMFYUI_PATH=<ComfyUI 0.3.64 checkout> " + command
     solver_cells = [c for c in cells if c[1] in SOLVER_TARGET_NFES]

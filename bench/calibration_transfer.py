@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     def cell(m):
         return f"{m[0]:.4f} / {m[2]:.3f}"
 
+    out = f" --out {args.out.as_posix()}" if args.out is not None else ""
     lines = [BEGIN, "## Calibration carried to another distribution", "",
-             (f"Produced by `python bench/calibration_transfer.py` ({platform.python_implementation()} "
+             (f"Produced by `python bench/calibration_transfer.py{out}` ({platform.python_implementation()} "
               f"{platform.python_version()}, torch {torch.__version__}, CPU, {time.time() - t0:.0f} s). "
               f"Calibrated on `gmm16` ({CALIBRATION_SEEDS} seeds), sampled on a distribution never "
               f"calibrated on ({SAMPLES} trajectories, exact ODE reference); see the script's docstring. "

@@ -1,7 +1,7 @@
 """A self-contained demo: a tiny pixel-space EDM teacher and a sampler comparison on it.
 
-``python -m comfyui_fewstep demo`` samples the bundled teacher (a 16x16 digits model,
-about 0.4 M parameters, trained by ``tools/train_tiny_teacher.py``) from fixed noise with
+``python -m comfyui_fewstep demo`` samples the bundled teacher (an 8x8 digits model,
+about 0.38 M parameters, trained by ``tools/train_tiny_teacher.py``) from fixed noise with
 the pack's DPM-Solver++ samplers and with Euler/Heun baselines at several NFE budgets,
 and writes a sample grid, an error-vs-NFE plot and a table. No ComfyUI, no downloads.
 

@@ -55,7 +55,7 @@ def load_teacher(
     """The bundled (or given) tiny EDM teacher, in eval mode with gradients off.
 
     The result follows the sampler model contract: ``denoiser(x, sigma_batch) -> denoised``
-    in the VE form ``x = x0 + sigma * eps``, for ``x`` of shape ``(B, 1, 16, 16)`` (see
+    in the VE form ``x = x0 + sigma * eps``, for ``x`` of shape ``(B, 1, 8, 8)`` (see
     ``denoiser.config``), ``sigma`` in ``[denoiser.sigma_min, denoiser.sigma_max]``
     (0.002 .. 80) and images in ``[-1, 1]``.
     """

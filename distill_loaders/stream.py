@@ -236,8 +236,10 @@ def stream_into(
 
     The file is read in :data:`CHUNK_BYTES` pieces, in file order, by ``workers`` threads
     (:func:`default_workers` when None), each taking a consecutive run of about equal size; each
-    piece is checked by the thread that read it. Tensors read in place go first, in one pass;
-    each one that needs a cast is then read into the staging buffer (all threads) and cast."""
+    piece is checked by the thread that read it. A contiguous CPU destination of the file's dtype
+    is read into in place; one of another dtype gets each piece through the reading thread's
+    scratch buffer, cast into its slice. Other destinations (non-contiguous, or not on the CPU)
+    are then read one at a time into a reused staging buffer (all threads) and copied."""
     if contents.container != "safetensors":
         raise ValueError(f"stream_into reads safetensors files, got a {contents.container} file")
     order = []
