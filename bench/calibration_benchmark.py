@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t0:6.1f} s] {problem.name} done", file=sys.stderr)
     elapsed = time.time() - t0
     command = "python bench/calibration_benchmark.py" + (" --quick" if args.quick else "")
-    command += (f" --samples {args.samples}" if args.samples else "") + (" --no-teacher" if args.no_teacher else "")
+    command += f" --samples {args.samples}" if args.samples else ""
+    command += " --no-teacher" if args.no_teacher else ""
     if args.out is not None:
         command += f" --out {args.out.as_posix()}"
     if comfy is not None:
