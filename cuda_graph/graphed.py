@@ -168,12 +168,14 @@ class GraphedForward:
             for static, new in zip(entry.static_leaves, leaves):
                 static.copy_(new)
             entry.graph.replay()
+        outputs = [t.clone() for t in entry.static_outputs]
+        # only once nothing can fail: an eager fallback after a failed replay needs the lists whole
         entry.replays += 1
         self.stats.replays += 1
         for lst, consumed in zip(lists_in(inputs), entry.list_consumption):
             if consumed > 0:
                 del lst[max(0, len(lst) - consumed):]
-        return unflatten(entry.output_spec, [t.clone() for t in entry.static_outputs])
+        return unflatten(entry.output_spec, outputs)
 
     def _capture(
         self,

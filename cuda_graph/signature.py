@@ -24,6 +24,7 @@ __all__ = [
     "flatten",
     "list_lengths",
     "lists_in",
+    "options_key",
     "parameter_fingerprint",
     "unflatten",
 ]
@@ -63,6 +64,10 @@ def flatten(tree: Any, path: str = "input") -> tuple[Hashable, list[torch.Tensor
 
 def _flatten(node: Any, leaves: list[torch.Tensor], path: str) -> Hashable:
     if isinstance(node, torch.Tensor):
+        if node.dim() == 0 and node.device.type == "cpu":
+            # a CUDA kernel reads a 0-dim CPU tensor's value on the host at launch: a graph bakes
+            # it in, so it is part of the key by value and rebuilt, not copied into a buffer
+            return ("S", str(node.dtype), node.item())
         leaves.append(node)
         return ("T", TensorMeta.of(node))
     if isinstance(node, dict):
@@ -104,6 +109,8 @@ def _unflatten(spec: Any, it: Iterator[torch.Tensor]) -> Any:
         return [_unflatten(v, it) for v in spec[1]]
     if tag == "U":
         return tuple(_unflatten(v, it) for v in spec[1])
+    if tag == "S":
+        return torch.tensor(spec[2], dtype=getattr(torch, spec[1].removeprefix("torch.")))
     if tag == "V":
         if spec[1] == "dtype":
             return getattr(torch, spec[2].removeprefix("torch."))
@@ -111,6 +118,42 @@ def _unflatten(spec: Any, it: Iterator[torch.Tensor]) -> Any:
             return torch.device(spec[2])
         return spec[2]
     raise ValueError(f"not a signature node: {spec!r}")
+
+
+#: ``transformer_options`` entries left out of :func:`options_key`: set anew for every call
+#: without changing the recorded work (``sigmas``, ``uuids``), keyed separately
+#: (``cond_or_uncond``), or sending the call down the eager path anyway (patches, wrappers,
+#: callbacks, an attention override)
+VOLATILE_OPTIONS = frozenset({
+    "cond_or_uncond", "uuids", "sigmas", "sample_sigmas", "wrappers", "callbacks", "patches",
+    "patches_replace", "optimized_attention_override",
+})
+
+
+def options_key(options: Any, skip: frozenset[str] = VOLATILE_OPTIONS) -> Hashable:
+    """A hashable description of the host-side options a forward reads (ComfyUI's
+    ``transformer_options``): a captured graph bakes in whatever the forward decided from them
+    (``rope_options``, ``chroma_radiance_options``), so they join the key. Scalars count by
+    value, containers by their items, other objects by identity. Raises :class:`UnsupportedInput`
+    for a tensor among them: a graph would keep reading the captured one."""
+    if not isinstance(options, dict):
+        return ("O", type(options).__qualname__, id(options))
+    return tuple((str(k), _option_value(v, f"transformer_options.{k}"))
+                 for k, v in options.items() if k not in skip)
+
+
+def _option_value(value: Any, path: str) -> Hashable:
+    if isinstance(value, torch.Tensor):
+        raise UnsupportedInput(f"{path} is a tensor, which a captured graph would not refresh")
+    if isinstance(value, _SCALARS):
+        return ("V", type(value).__name__, value)
+    if isinstance(value, dict):
+        return ("D", tuple((str(k), _option_value(v, f"{path}.{k}")) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return ("L", tuple(_option_value(v, f"{path}[{i}]") for i, v in enumerate(value)))
+    if isinstance(value, (torch.dtype, torch.device)):
+        return ("V", type(value).__name__, str(value))
+    return ("O", type(value).__qualname__, id(value))
 
 
 def list_lengths(tree: Any) -> list[int]:

@@ -11,6 +11,7 @@ run eagerly with one logged reason, and never raises on its own account.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import weakref
@@ -28,6 +29,7 @@ from ..cuda_graph import (
     pin_sdpa_backends,
 )
 from ..cuda_graph.attention import sdpa_without_cudnn
+from ..cuda_graph.signature import UnsupportedInput, options_key
 from ._api import NODE_ID_PREFIX, io
 
 __all__ = ["FORCE_EAGER_ENV", "WRAPPER_KEY", "ComfyGraphState", "FewStepCUDAGraph", "apply_cuda_graph"]
@@ -113,39 +115,88 @@ class ComfyGraphState:
             backend_reason=self.runner.backend.unavailable_reason(x.device),
         )
 
-    def wrapper(self, executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None,
-                **kwargs):
-        """``WrappersMP.DIFFUSION_MODEL`` wrapper: the UNet/DiT forward, from a graph when possible."""
-        if transformer_options is None:
-            transformer_options = {}
-        tree = {"x": x, "timesteps": timesteps, "context": context, "y": y, "control": control, "kwargs": kwargs}
+    def wrapper(self, executor, *args, **kwargs):
+        """``WrappersMP.DIFFUSION_MODEL`` wrapper: the UNet/DiT forward, from a graph when possible.
+
+        Every model family calls it with its own positional layout (the UNet passes ``x,
+        timesteps, context, y, control, transformer_options``, Flux eight arguments, ...): the
+        arguments pass through unchanged, and ``transformer_options`` is found by the wrapped
+        forward's parameter name."""
+        where = "transformer_options" if "transformer_options" in kwargs else _options_position(executor)
+        if where == "transformer_options":
+            options = kwargs["transformer_options"]
+        elif where is not None and where < len(args):
+            options = args[where]
+        else:
+            options, where = {}, None  # not passed: the forward uses its default
+        tree = {
+            "args": [a for i, a in enumerate(args) if i != where],
+            "kwargs": {k: v for k, v in kwargs.items() if k != "transformer_options"},
+        }
+
+        def call(t: dict, opts: Any) -> Any:
+            positional, named = list(t["args"]), dict(t["kwargs"])
+            if where == "transformer_options":
+                named["transformer_options"] = opts
+            elif where is not None:
+                positional.insert(where, opts)
+            return executor(*positional, **named)
 
         def forward(t: dict) -> Any:
-            return executor(t["x"], t["timesteps"], t["context"], t["y"], t["control"], transformer_options,
-                            **t["kwargs"])
+            return call(t, options)
 
+        x = args[0] if args else kwargs.get("x")
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        facts_options = options if isinstance(options, dict) else {}
         capture_forward, key_extra, weights = forward, (), None
         try:
-            blocked = "the environment variable FEWSTEP_CUDA_GRAPH_DISABLE is set" if os.environ.get(
-                FORCE_EAGER_ENV, "") not in ("", "0") else ineligible_reason(self.facts(executor, x, transformer_options))
+            if os.environ.get(FORCE_EAGER_ENV, "") not in ("", "0"):
+                blocked = "the environment variable FEWSTEP_CUDA_GRAPH_DISABLE is set"
+            elif not isinstance(x, torch.Tensor):
+                blocked = "the model's first input is not a tensor"
+            else:
+                blocked = ineligible_reason(self.facts(executor, x, facts_options))
             if blocked is None:
                 weights = self.weights_key(executor.class_obj)
                 cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
                 pin = pin_sdpa_backends(self.attention, cudnn)
-                key_extra = (tuple(transformer_options.get("cond_or_uncond", ()) or ()), pin,
-                             torch.is_autocast_enabled())
-                capture_options = dict(transformer_options)
+                key_extra = (tuple(facts_options.get("cond_or_uncond", ()) or ()), pin,
+                             torch.is_autocast_enabled(), options_key(options))
+                capture_options = dict(facts_options)
                 if pin:
                     capture_options["optimized_attention_override"] = sdpa_without_cudnn
 
                 def capture_forward(t: dict) -> Any:
-                    return executor(t["x"], t["timesteps"], t["context"], t["y"], t["control"], capture_options,
-                                    **t["kwargs"])
+                    return call(t, capture_options)
+        except UnsupportedInput as e:
+            blocked = str(e)
         except Exception as e:  # never let the gate itself break sampling
             logger.debug("CUDA graph: eligibility check failed", exc_info=True)
             blocked = f"internal error while checking eligibility ({type(e).__name__}: {e})"
-        return self.runner(forward, tree, device=x.device, key_extra=key_extra, weights=weights, blocked=blocked,
-                           capture_forward=capture_forward)
+        return self.runner(forward, tree, device=device, key_extra=key_extra, weights=weights,
+                           blocked=blocked, capture_forward=capture_forward)
+
+
+_OPTIONS_POSITION: dict[tuple[type, str], int | None] = {}
+
+
+def _options_position(executor: Any) -> int | None:
+    """Where ``transformer_options`` sits among the positional parameters of the forward the
+    executor wraps (the UNet's ``_forward``: 5; Flux's: 7), or None when it has no such parameter."""
+    function = getattr(executor, "original", None) or getattr(executor.class_obj, "_forward", None)
+    if function is None:
+        return None
+    key = (type(executor.class_obj), getattr(function, "__qualname__", repr(function)))
+    if key not in _OPTIONS_POSITION:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            _OPTIONS_POSITION[key] = None
+        else:
+            names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            found = "transformer_options" in names
+            _OPTIONS_POSITION[key] = names.index("transformer_options") if found else None
+    return _OPTIONS_POSITION[key]
 
 
 def apply_cuda_graph(model: Any, *, enable: bool = True, max_graphs: int = 4, warmup: int = 2, verify: bool = True,

@@ -133,6 +133,89 @@ def test_graph_path_through_real_sampling_is_bit_identical(node_module):
     assert state.runner.stats.replays == 4
 
 
+TINY_FLUX = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 16,
+    "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+    "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+    "guidance_embed": True,
+}
+
+
+def tiny_flux_patcher():
+    """A ModelPatcher around a one-block Flux DiT with random weights: its forward takes eight
+    positional arguments (guidance and ref_latents before control), not the UNet's six."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux(dict(TINY_FLUX))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def sample_flux(patcher, seed=0):
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": torch.randn(1, 16, generator=g), "guidance": 3.5}
+    cond = [[torch.randn(1, 8, 32, generator=g), extra]]
+    noise = torch.randn(1, 16, 8, 8, generator=g)
+    return comfy.sample.sample(patcher, noise, 2, 1.0, "euler", "simple", cond, cond, torch.zeros_like(noise),
+                               seed=seed, disable_pbar=True)
+
+
+def test_flux_argument_layout_passes_through_eager_and_graph_paths(node_module):
+    from comfyui_fewstep.cuda_graph.emulate import EmulatedGraphBackend
+
+    base = tiny_flux_patcher()
+    references = [sample_flux(base, seed=s) for s in (0, 1)]
+    (eager,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 1, True, "auto").result
+    assert torch.equal(sample_flux(eager), references[0])  # CPU: the logged eager path
+    (wrapped,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 1, True, "unchecked").result
+    state = _state(node_module, wrapped)
+    backend = state.runner.backend = EmulatedGraphBackend()
+    for seed, reference in zip((0, 1), references):
+        assert torch.equal(sample_flux(wrapped, seed=seed), reference)
+    stats = state.runner.stats
+    assert backend.captures == 1 and stats.replays == 4 and stats.verify_failures == 0
+
+
+def test_host_side_options_are_part_of_the_key(node_module):
+    """An option the forward reads on the host (rope_options, chroma_radiance_options) changes the
+    recorded work: another value captures another graph instead of replaying the old one."""
+    from comfyui_fewstep.cuda_graph import GraphedForward
+    from comfyui_fewstep.cuda_graph.emulate import EmulatedGraphBackend
+
+    def forward(x, timesteps, context, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
+        return x * transformer_options.get("rope_options", {}).get("scale_y", 1.0) + timesteps.view(-1, 1)
+
+    class Executor:  # what ComfyUI hands a DIFFUSION_MODEL wrapper with no inner wrappers
+        original, class_obj, wrappers, idx = staticmethod(forward), torch.nn.Linear(1, 1), [None], 0
+
+        def __call__(self, *args, **kwargs):
+            return forward(*args, **kwargs)
+
+    class Base:
+        pass
+
+    base = Base()
+    runner = GraphedForward(EmulatedGraphBackend(), warmup=1)
+    state = node_module.ComfyGraphState(base, runner, "unchecked")
+    x, t = torch.randn(2, 3), torch.ones(2)
+    with torch.inference_mode():
+        for scale in (1.0, 2.0, 1.0):
+            options = {"cond_or_uncond": [0, 1], "sigmas": t, "rope_options": {"scale_y": scale}}
+            out = state.wrapper(Executor(), x, t, None, None, None, options)
+            assert torch.equal(out, x * scale + 1.0)
+    assert runner.stats.captures == 2 and runner.stats.replays == 3
+
+
 def test_weight_patch_changes_the_weight_key(node_module):
     import comfy.model_management as mm
 

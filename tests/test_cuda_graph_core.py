@@ -24,6 +24,7 @@ from comfyui_fewstep.cuda_graph import (
     unflatten,
 )
 from comfyui_fewstep.cuda_graph.attention import sdpa_without_cudnn
+from comfyui_fewstep.cuda_graph.signature import options_key
 from comfyui_fewstep.cuda_graph.cache import GraphCache
 from comfyui_fewstep.cuda_graph.emulate import EmulatedGraphBackend
 from comfyui_fewstep.cuda_graph.verify import compare_outputs
@@ -109,6 +110,29 @@ def test_unflatten_round_trips_with_new_containers():
 def test_unsupported_leaf_names_its_path():
     with pytest.raises(UnsupportedInput, match=r"input\.kwargs\.hook is a function"):
         flatten({"kwargs": {"hook": lambda: None}})
+
+
+def test_zero_dim_cpu_tensors_are_keyed_by_value():
+    """A CUDA kernel reads a 0-dim CPU tensor's value on the host when it is launched, so a
+    graph bakes it in: it joins the key by value (and is rebuilt), it is not a buffer."""
+    spec_a, leaves_a = flatten({"x": torch.ones(2), "scale": torch.tensor(2.0)})
+    spec_b, _ = flatten({"x": torch.ones(2), "scale": torch.tensor(3.0)})
+    assert spec_a != spec_b and len(leaves_a) == 1
+    rebuilt = unflatten(spec_a, leaves_a)
+    assert rebuilt["scale"].dtype == torch.float32 and float(rebuilt["scale"]) == 2.0
+
+
+def test_options_key_by_value_and_identity_without_per_call_entries():
+    base = {"cond_or_uncond": [0, 1], "uuids": ["a"], "sigmas": torch.ones(1),
+            "rope_options": {"scale_y": 1.0}}
+    key = options_key(base)
+    assert key == options_key(dict(base, cond_or_uncond=[1], uuids=["b"], sigmas=torch.zeros(1)))
+    assert key != options_key(dict(base, rope_options={"scale_y": 2.0}))
+    marker = object()
+    assert options_key(dict(base, obj=marker)) == options_key(dict(base, obj=marker))
+    assert options_key(dict(base, obj=marker)) != options_key(dict(base, obj=object()))
+    with pytest.raises(UnsupportedInput, match="transformer_options.mask is a tensor"):
+        options_key(dict(base, mask=torch.ones(2)))
 
 
 def test_parameter_fingerprint_tracks_replaced_weights_not_inplace_updates():
@@ -272,6 +296,31 @@ def test_control_lists_are_consumed_as_eager_would(verify):
         assert torch.equal(out, fwd(inputs(seed=seed, control=control(seed))))
         assert caller["control"]["output"] == []
     assert backend.captures == 1
+
+
+def test_failed_replay_leaves_the_control_lists_to_the_eager_fallback(caplog):
+    """A replay that fails after the graph ran (out of memory cloning its outputs) falls back to
+    eager with the ControlNet residuals still there, as the caller passed them."""
+    backend = RecordingBackend()
+    gf = GraphedForward(backend, verify=False)
+    fwd = unet_like(torch.tensor(1.0))
+
+    def control():
+        return {"output": [torch.full((2, 4, 4, 4), 10.0)]}
+
+    gf(fwd, inputs(control=control()), device=CPU)  # capture
+    entry = next(iter(gf.cache._entries.values()))
+
+    class FailingClone(torch.Tensor):
+        def clone(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    entry.static_outputs = [t.as_subclass(FailingClone) for t in entry.static_outputs]
+    caller = inputs(seed=1, control=control())
+    with caplog.at_level(logging.WARNING):
+        out = gf(fwd, caller, device=CPU)
+    assert torch.equal(out, fwd(inputs(seed=1, control=control())))  # the residual is in
+    assert caller["control"]["output"] == [] and "replay failed" in caplog.text
 
 
 # ---------------------------------------------------------------- eligibility, parity, attention
