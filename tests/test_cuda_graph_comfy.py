@@ -31,21 +31,26 @@ def node_module(comfy):
     return cuda_graph_nodes
 
 
-def tiny_patcher():
-    """A ModelPatcher around an SD1.5-architecture UNet (32 channels, 2 levels), random weights."""
+def random_patcher(config_class: str, unet_config: dict, seed: int):
+    """A ModelPatcher around ``comfy.supported_models.<config_class>`` with random weights."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(TINY_SD15))
+    config = getattr(comfy.supported_models, config_class)(dict(unet_config))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.diffusion_model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def tiny_patcher():
+    """A ModelPatcher around an SD1.5-architecture UNet (32 channels, 2 levels), random weights."""
+    return random_patcher("SD15", TINY_SD15, 1)
 
 
 def sample(patcher, seed=0, tokens=77, batch=1):
@@ -144,19 +149,7 @@ TINY_FLUX = {
 def tiny_flux_patcher():
     """A ModelPatcher around a one-block Flux DiT with random weights: its forward takes eight
     positional arguments (guidance and ref_latents before control), not the UNet's six."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.Flux(dict(TINY_FLUX))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return random_patcher("Flux", TINY_FLUX, 2)
 
 
 def sample_flux(patcher, seed=0):
