@@ -116,8 +116,8 @@ def _timestep_table(model_sampling: Any) -> tuple[float, ...] | None:
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
         return None
     table = sigmas.detach().to("cpu", torch.float64)
-    if not bool((table[1:] >= table[:-1]).all()) or not bool(table[0] > 0):
-        return None
+    if not bool((table[1:] > table[:-1]).all()) or not bool(table[0] > 0):
+        return None  # not a one-to-one timestep table (Stable Cascade's has flat stretches): continuous time
     return tuple(table.tolist())
 
 

@@ -9,6 +9,7 @@ from ..samplers._coefficients import THIRD_ORDER_WEIGHTS
 from ..samplers.adaptive import ATOL as ADAPTIVE_ATOL
 from ..samplers.adaptive import RTOL as ADAPTIVE_RTOL
 from ..samplers.correction import CORRECTION_KINDS, make_x0_correction
+from ..samplers.multistep import combination_problem
 from ..samplers.singlestep import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES
 from ..samplers.unipc import CORRECTOR_VARIANTS
 from ._api import CATEGORY_SAMPLERS, io
@@ -20,7 +21,7 @@ __all__ = ["FewStepDPMSolverSampler", "check_sampler_options", "sampler_options"
 
 
 def check_sampler_options(
-    solver: Any = None, order: Any = None, eta: Any = None, corrector: Any = None
+    solver: Any = None, order: Any = None, eta: Any = None, corrector: Any = None, prediction: Any = None
 ) -> str | None:
     """Why a combination of widgets cannot run, or None. ``None`` values (linked inputs) pass."""
     if solver is not None and solver not in SOLVER_FAMILIES:
@@ -41,6 +42,8 @@ def check_sampler_options(
             return f"eta > 0 (SDE-DPM-Solver++) needs the multistep solver, not {solver}; set eta to 0"
         if corrector not in (None, "none") and "corrector" not in accepted:
             return f"the UniC corrector needs the multistep solver, not {solver}; set corrector to none"
+    if solver == "multistep" and None not in (order, eta, corrector, prediction):
+        return combination_problem(order, prediction, eta, corrector)
     return None
 
 
@@ -221,12 +224,13 @@ class FewStepDPMSolverSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, solver=None, order=None, eta=None, corrector=None) -> bool | str:
-        return check_sampler_options(solver, order, eta, corrector) or True
+    def validate_inputs(cls, solver=None, order=None, eta=None, corrector=None,
+                        prediction=None) -> bool | str:
+        return check_sampler_options(solver, order, eta, corrector, prediction) or True
 
     @classmethod
     def execute(cls, solver: str, order: int, eta: float, corrector: str, **widgets: Any) -> io.NodeOutput:
-        problem = check_sampler_options(solver, order, eta, corrector)
+        problem = check_sampler_options(solver, order, eta, corrector, widgets.get("prediction"))
         if problem:
             raise ValueError(problem)
         options = sampler_options(order=order, eta=eta, corrector=corrector, **widgets)

@@ -103,6 +103,11 @@ def sigma_list(sigmas: torch.Tensor, parameterization: Any = None) -> list[float
     if any(not 0.0 <= s < math.inf for s in values):
         raise ValueError(f"sigmas must be non-negative and finite, got {values}")
     for a, b in zip(values, values[1:]):
+        if b == a and b > 0.0:
+            raise ValueError(
+                f"sigma {a:.6g} appears twice in a row: the scheduler made more steps than the model has "
+                "distinct noise levels (an LCM model has 50). Use fewer steps or another scheduler."
+            )
         if not b < a:
             raise ValueError(
                 "sigmas must be strictly decreasing (a SIGMAS schedule from high noise to low); "

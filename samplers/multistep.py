@@ -118,19 +118,28 @@ def _validate(
         raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
     if lower_order_final_steps < 0:
         raise ValueError(f"lower_order_final_steps must be >= 0, got {lower_order_final_steps!r}")
+    problem = combination_problem(order, algorithm, eta, corrector)
+    if problem:
+        raise ValueError(problem)
+
+
+def combination_problem(order: int, algorithm: str, eta: float, corrector: str) -> str | None:
+    """Why these multistep options cannot run together, or None (checked before sampling, and by
+    the sampler node when the workflow is queued)."""
     if algorithm == "dpmsolver" and eta != 0.0:
-        raise ValueError("eta > 0 (SDE sampling) needs algorithm='dpmsolver++'; set eta=0 for 'dpmsolver'")
+        return "eta > 0 (SDE sampling) needs algorithm='dpmsolver++'; set eta=0 for 'dpmsolver'"
     if order == MAX_ORDER and (algorithm != "dpmsolver++" or eta != 0.0):
-        raise ValueError(
+        return (
             f"order {MAX_ORDER} (exponential Adams-Bashforth) is implemented for the deterministic "
             f"data-prediction solver only; got algorithm={algorithm!r}, eta={eta!r}. Use order <= 3 for "
             "'dpmsolver' or SDE sampling."
         )
     if corrector != "none" and eta != 0.0:
-        raise ValueError(
+        return (
             f"the UniC corrector works on the deterministic (ODE) solvers; got corrector={corrector!r} with "
             f"eta={eta!r}. Use eta=0, or corrector='none' for SDE sampling."
         )
+    return None
 
 
 @torch.no_grad()

@@ -132,6 +132,21 @@ def test_discrete_tables_are_passed_on_and_match_our_closed_forms(cms, adapter):
         assert adapter.parameterization_from_model_sampling(cases[name][0]).timestep_sigmas is None, name
 
 
+def test_a_timestep_table_with_flat_stretches_counts_as_continuous_time(cms, adapter):
+    """Stable Cascade's sigma table repeats values: it is no one-to-one timestep table, and the
+    time-based schedules use continuous time instead of failing."""
+    from comfyui_fewstep.samplers import schedules
+
+    cascade = _make(cms, cms.StableCascadeSampling, cms.EPS, shift=2.0)  # ModelSamplingStableCascade node
+    table = cascade.sigmas.detach().double()
+    assert bool((table[1:] >= table[:-1]).all()) and not bool((table[1:] > table[:-1]).all())
+    p = adapter.parameterization_from_model_sampling(cascade)
+    assert p.timestep_sigmas is None
+    for name in ("time_uniform", "time_quadratic"):
+        sigmas = schedules.get_sigmas(name, 8, p)
+        assert len(sigmas) == 9 and bool((sigmas[:-1] > sigmas[1:]).all()) and sigmas[-1] == 0
+
+
 def test_table_schedules_follow_discrete_or_continuous_time(cms, adapter):
     """SVD is ModelSamplingContinuousEDM with v-prediction: AYS 'auto' gives it the SVD table and
     refuses SD tables, although its prediction is 'v' like SD2's discrete model."""

@@ -49,6 +49,8 @@ def test_sigma_list_validation():
         sigma_list(torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="non-negative"):
         sigma_list(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="14.6146 appears twice in a row.*Use fewer steps"):
+        sigma_list(torch.tensor([14.6146, 14.6146, 1.0, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="non-negative and finite"):  # not a model call at sigma = nan later
         sigma_list(torch.tensor([float("inf"), 10.0, 1.0, 0.0]))
 

@@ -151,6 +151,17 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
         ({"solver": "singlestep", "order": 4, "eta": 0.0, "corrector": "none"}, "singlestep solver has orders 1-3"),
         ({"solver": "bogus", "order": 2, "eta": 0.0, "corrector": "none"}, "not one of"),
         ({"solver": None, "order": None, "eta": None, "corrector": None}, None),  # linked inputs
+        # combinations the multistep solver refuses are refused when the workflow is queued
+        ({"solver": "multistep", "order": 3, "eta": 1.0, "corrector": "bh2", "prediction": "dpmsolver++"},
+         "UniC corrector works on the deterministic"),
+        ({"solver": "multistep", "order": 4, "eta": 0.5, "corrector": "none", "prediction": "dpmsolver++"},
+         "order 4 (exponential Adams-Bashforth)"),
+        ({"solver": "multistep", "order": 4, "eta": 0.0, "corrector": "none", "prediction": "dpmsolver"},
+         "order 4 (exponential Adams-Bashforth)"),
+        ({"solver": "multistep", "order": 2, "eta": 0.5, "corrector": "none", "prediction": "dpmsolver"},
+         "needs algorithm='dpmsolver++'"),
+        ({"solver": "multistep", "order": 4, "eta": 0.0, "corrector": "bh2", "prediction": "dpmsolver++"},
+         None),
     ],
 )
 def test_sampler_validation_messages(schemas, inputs, message):
