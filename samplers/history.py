@@ -2,11 +2,13 @@
 
 A multistep solver needs the model outputs of its last ``order - 1`` steps. When a schedule is
 split into two sampler runs, the second run normally restarts at first order. This module keeps
-the end state of the last few runs that stopped at a non-zero sigma, in a small module-level LRU
-(tensors stay on their device; at most :data:`MAX_ENTRIES` entries, each holding at most
-``order`` model outputs and the state one step earlier, for the UniC correction at the split),
-so a run whose input ``x`` and first sigma match a stored end state resumes with that history
-and keeps its order.
+the end state of the last runs that stopped at a non-zero sigma, in a module-level LRU (in CPU
+memory, at most :data:`MAX_ENTRIES` entries and :data:`MAX_BYTES` bytes; each entry holds the
+output, at most ``order`` model outputs and the state one step earlier, for the UniC correction
+at the split), so a run whose input ``x`` and first sigma match a stored end state resumes with
+that history and keeps its order. A run whose input is not among them (the first part ran in
+another process, the latent was saved and loaded, or many other split runs came in between)
+starts at first order, as ComfyUI's samplers always do, and logs it.
 
 Matching: ComfyUI round-trips the latent between the two runs (``process_latent_out`` /
 ``process_latent_in``, and for flow models ``inverse_noise_scaling`` divides by ``1 - sigma`` at the
@@ -21,13 +23,15 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["MAX_ENTRIES", "MultistepHistory", "clear", "lookup", "store"]
+__all__ = ["MAX_BYTES", "MAX_ENTRIES", "MultistepHistory", "clear", "lookup", "store"]
 
-MAX_ENTRIES = 4
+MAX_ENTRIES = 32
+#: CPU memory the stored end states may take together (a 1024x1024 SDXL latent is 256 KiB)
+MAX_BYTES = 256 * 2**20
 _PROBES = 16
 _RTOL = 1e-5
 
@@ -78,16 +82,30 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=_RTOL, atol=_RTOL * max(scale, 1e-12)))
 
 
+def _on_cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to("cpu")
+
+
+def _nbytes(entry: MultistepHistory) -> int:
+    tensors = [entry.x, *entry.outputs] + ([entry.x_prev] if entry.x_prev is not None else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def store(entry: MultistepHistory) -> None:
-    """Remember ``entry``; the least recently used entry is dropped beyond :data:`MAX_ENTRIES`."""
+    """Remember ``entry`` (copied to CPU memory); the least recently used entries are dropped
+    beyond :data:`MAX_ENTRIES` entries or :data:`MAX_BYTES` bytes."""
     global _next_key
     if not (entry.sigma > 0.0 and math.isfinite(entry.sigma)) or not entry.outputs:
         return
+    entry = replace(entry, x=_on_cpu(entry.x), outputs=tuple(_on_cpu(o) for o in entry.outputs),
+                    x_prev=_on_cpu(entry.x_prev))
     with _lock:
         _entries[_next_key] = entry
         _next_key += 1
-        while len(_entries) > MAX_ENTRIES:
-            _entries.popitem(last=False)
+        total = sum(_nbytes(e) for e in _entries.values())
+        while _entries and (len(_entries) > MAX_ENTRIES or total > MAX_BYTES):
+            _, dropped = _entries.popitem(last=False)
+            total -= _nbytes(dropped)
 
 
 def lookup(x: torch.Tensor, sigma: float, algorithm: str) -> MultistepHistory | None:
@@ -109,8 +127,7 @@ def lookup(x: torch.Tensor, sigma: float, algorithm: str) -> MultistepHistory | 
     for key, entry in reversed(candidates):
         if not _close(probe, _probe(entry.x)):
             continue
-        stored = entry.x.to(device=x.device, dtype=torch.float32)
-        if not _close(x.detach().to(torch.float32), stored):
+        if not _close(x.detach().to("cpu", torch.float32), entry.x.to(torch.float32)):
             continue
         with _lock:
             if key in _entries:

@@ -437,6 +437,21 @@ def test_history_is_bounded():
     assert history.lookup(outs[-1], SIGMAS_VE[3], "dpmsolver++") is not None
 
 
+def test_history_is_kept_in_cpu_memory_within_its_byte_budget(monkeypatch):
+    """End states live in CPU memory (no VRAM held between runs); a budget in bytes bounds them
+    as well as the entry count, the oldest going first."""
+    sig = torch.tensor(SIGMAS_VE[:4], dtype=torch.float64)
+    first = sample_dpmpp_2m(Model(VE), _x(VE), sig, disable=True)
+    (entry,) = history._entries.values()
+    assert entry.x.device.type == "cpu" and all(o.device.type == "cpu" for o in entry.outputs)
+    per_entry = history._nbytes(entry)
+    monkeypatch.setattr(history, "MAX_BYTES", 3 * per_entry)
+    outs = [first] + [sample_dpmpp_2m(Model(VE), _x(VE) + k, sig, disable=True) for k in range(1, 5)]
+    assert len(history._entries) == 3
+    assert history.lookup(outs[1], SIGMAS_VE[3], "dpmsolver++") is None
+    assert history.lookup(outs[-1], SIGMAS_VE[3], "dpmsolver++") is not None
+
+
 def test_runs_ending_at_zero_store_nothing():
     sample_dpmpp_2m(Model(VE), _x(VE), torch.tensor(SIGMAS_VE, dtype=torch.float64), disable=True)
     assert len(history._entries) == 0
