@@ -102,7 +102,8 @@ def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe
     """Run :func:`calibrate` as the sampler function of ComfyUI's guider; returns the result."""
     parameterization = parameterization_for_model(model)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1])
-    noise = torch.cat([comfy.sample.prepare_noise(samples, seed + k) for k in range(seeds)])
+    # seeds past the top of ComfyUI's seed range wrap around, as an unsigned 64-bit seed does
+    noise = torch.cat([comfy.sample.prepare_noise(samples, (seed + k) % 2**64) for k in range(seeds)])
     latent_image = torch.zeros_like(noise)
     box: dict[str, Any] = {}
 
@@ -306,9 +307,10 @@ def check_record_fits_model(record: ScheduleRecord, name: str, model: Any) -> st
                 f"but the connected model is {p.family} with sigmas {p.sigma_min:.4g}..{p.sigma_max:.4g}. "
                 "Calibrate this model with FewStep Calibrate Steps (or load a schedule made for it)."
             )
-    elif record.sigmas[0] > p.sigma_max * (1.0 + RANGE_RTOL):
+    if record.sigmas[0] > p.sigma_max * (1.0 + RANGE_RTOL):
         raise ValueError(f"schedule {name!r} starts at sigma {record.sigmas[0]:.4g}, above the connected model's "
-                         f"sigma_max {p.sigma_max:.4g}: it was made for another model family")
+                         f"sigma_max {p.sigma_max:.4g}: it was made for another model family, or its sigmas "
+                         "were edited past the model's range")
     if record.model_hash and record.model_hash != model_hash(model):
         what = "its fitted coefficients and schedule" if record.coefficients is not None else "the schedule"
         return (f"\ncalibrated on another model (other weights, LoRA or patches): {what} may not fit this one; "

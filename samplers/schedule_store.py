@@ -8,9 +8,11 @@ A record is one JSON object (:class:`ScheduleRecord`)::
      "error": 0.0123, "created": "2025-01-01T12:00:00+00:00"}
 
 A schedule calibrated for the fitted solver (:mod:`.fitted`) also has ``"coefficients"``: one
-list of weights per step, valid only with its own ``sigmas``.
+list of weights per step, valid only with its own ``sigmas``, and ``"fitted_digest"``, which binds
+the two: a file whose sigmas or coefficients were edited is refused when it is loaded.
 
-so a user can share it next to a workflow, edit it, or paste its ``sigmas`` anywhere. The cache
+A user can share a record next to a workflow, edit its ``sigmas`` (without coefficients), or
+paste them anywhere. The cache
 stores files named by :func:`cache_key` (a hash of the model fingerprint and the settings) in
 ``<root>/cache/``; named schedules live in ``<root>/<name>.json``. Writes are atomic (temporary
 file + rename), and only successful calibrations reach the store (the node writes after
@@ -63,6 +65,16 @@ def validate_sigmas(sigmas: Iterable[Any], where: str = "schedule") -> list[floa
     return values
 
 
+#: fitted weights are corrections of order 1 (0.5-5 on the benchmark problems); far larger
+#: ones come from a damaged or hand-edited file and would overflow in sampling
+MAX_COEFFICIENT = 1e4
+
+
+def fitted_digest(sigmas: list[float], coefficients: list[list[float]]) -> str:
+    """A digest binding fitted coefficients to the sigmas they were fitted on."""
+    return hashlib.sha256(json.dumps([sigmas, coefficients]).encode()).hexdigest()[:16]
+
+
 def _validate_coefficients(rows: Any, n_steps: int) -> list[list[float]]:
     """A fitted solver's per-step weights: one list of finite numbers per step of the schedule."""
     if not isinstance(rows, list) or len(rows) != n_steps:
@@ -72,6 +84,9 @@ def _validate_coefficients(rows: Any, n_steps: int) -> list[list[float]]:
         if not isinstance(row, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                 and math.isfinite(v) for v in row):
             raise ValueError(f"coefficients of step {n + 1} must be a list of finite numbers, got {row!r}")
+        if any(abs(v) > MAX_COEFFICIENT for v in row):
+            raise ValueError(f"coefficients of step {n + 1} are {row!r}; fitted coefficients are of order 1 "
+                             f"(at most {MAX_COEFFICIENT:g}), so the file is damaged or was edited")
         out.append([float(v) for v in row])
     return out
 
@@ -89,6 +104,7 @@ class ScheduleRecord:
     orders: list[int] = field(default_factory=list)
     error: float | None = None
     coefficients: list[list[float]] | None = None
+    fitted_digest: str = ""
     created: str = ""
     format: str = FORMAT
 
@@ -98,6 +114,14 @@ class ScheduleRecord:
             raise ValueError(f"schedule record: nfe must be a positive integer, got {self.nfe!r}")
         if self.coefficients is not None:
             self.coefficients = _validate_coefficients(self.coefficients, len(self.sigmas) - 1)
+            digest = fitted_digest(self.sigmas, self.coefficients)
+            if self.fitted_digest and self.fitted_digest != digest:
+                raise ValueError(
+                    "its sigmas or fitted coefficients were changed after calibration (fitted_digest does "
+                    "not match), and fitted coefficients hold only for the sigmas they were fitted on; "
+                    "calibrate again, or remove 'coefficients' to use the sigmas with plain 2M"
+                )
+            self.fitted_digest = digest
         if not self.created:
             self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -162,7 +186,7 @@ def model_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], extra: 
 
 
 #: how deep :func:`object_fingerprint` follows containers, attributes and closures
-FINGERPRINT_DEPTH = 8
+FINGERPRINT_DEPTH = 16
 
 
 def object_fingerprint(value: Any, samples_per_tensor: int = 64) -> str:
@@ -171,9 +195,10 @@ def object_fingerprint(value: Any, samples_per_tensor: int = 64) -> str:
     For the parts of a model that are not its weights: patch lists, option dictionaries, wrapper
     functions. Numbers, strings and tensors (as in :func:`model_fingerprint`) by value; containers
     by their items; functions by module, qualified name, byte code, bound ``self`` and closure
-    values; modules by their parameters and buffers; other objects by class and attributes. Object
-    addresses and ids never enter (they change with every run); cycles and nesting deeper than
-    :data:`FINGERPRINT_DEPTH` are cut off.
+    values; modules by their parameters, buffers and plain attributes; other objects by class and
+    attributes. Object addresses and ids never enter (they change with every run); cycles and
+    nesting deeper than :data:`FINGERPRINT_DEPTH` are cut off (an IPAdapter-style attention patch's
+    weight sits 9 levels below the model options).
     """
     digest = hashlib.sha256()
     _feed_object(digest, value, samples_per_tensor, set(), 0)
@@ -226,6 +251,9 @@ def _feed_object(digest: Any, value: Any, samples: int, active: set[int], depth:
             for name, t in sorted(tensors, key=lambda item: item[0]):
                 put(f"{name}=".encode())
                 _feed_tensor(digest, t, samples)
+            # plain settings too (a flow model_sampling's shift and timestep multiplier)
+            settings = {k: v for k, v in vars(value).items() if not k.startswith("_") and k != "training"}
+            _feed_object(digest, settings, samples, active, depth + 1)
         elif isinstance(value, type):
             put(_class_name(value).encode())
         elif isinstance(value, types.CodeType):  # byte code, names and constants (nested code too)

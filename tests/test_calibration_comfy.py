@@ -165,6 +165,21 @@ def test_bad_settings_are_refused(nodes, tiny_comfy_model, tiny_comfy_conds):
     assert counter.calls == 0  # refused before any model call
 
 
+def test_edited_sigmas_past_the_model_range_and_the_top_seed(nodes, tiny_comfy_model, tiny_comfy_conds,
+                                                             tmp_path):
+    """A saved schedule whose first sigma was edited past the connected model's sigma_max is
+    refused even when the file records its model; seeds at the top of ComfyUI's range wrap."""
+    with torch.inference_mode():
+        _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, save_as="plain", seed=2**64 - 1, seeds=2)
+    path = tmp_path / nodes.STORE_FOLDER / "plain.json"
+    data = json.loads(path.read_text())
+    assert data["settings"]["parameterization"]
+    data["sigmas"][0] *= 2.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="above the connected model's sigma_max.*edited"):
+        nodes.FewStepLoadSchedule.execute("plain", model=tiny_comfy_model)
+
+
 def test_load_schedule_refuses_solver_fields_that_cannot_run(nodes, tmp_path):
     """A hand-edited or damaged file is refused when it is loaded, naming the file, not later
     inside the sampler node; a file with sigmas only runs as 2M and says so."""

@@ -53,6 +53,33 @@ def test_bad_files_are_refused_with_the_reason(tmp_path, text, match):
         ScheduleStore(tmp_path).load("bad")
 
 
+def test_fitted_coefficients_stay_bound_to_their_sigmas(tmp_path):
+    """A fitted record carries a digest of its sigmas and coefficients: an edit to either is
+    refused at loading (the old coefficients would run on new sigmas); a file from before the
+    digest existed still loads; absurd coefficients are refused as damage."""
+    store = ScheduleStore(tmp_path)
+    rec = _record(coefficients=[[0.1, 0.2], [0.05, -0.3, 0.1, 0.2], [0.4, 0.0]])
+    path = store.save("fitted", rec)
+    assert store.load("fitted") == rec and rec.fitted_digest
+    data = json.loads(path.read_text())
+    for edit in ("sigmas", "coefficients"):
+        changed = json.loads(json.dumps(data))
+        if edit == "sigmas":
+            changed["sigmas"][2] = 0.4
+        else:
+            changed["coefficients"][1][0] = 0.06
+        (tmp_path / "edited.json").write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match="changed after calibration.*calibrate again"):
+            store.load("edited")
+    del data["fitted_digest"]
+    (tmp_path / "older.json").write_text(json.dumps(data))
+    assert store.load("older").coefficients == rec.coefficients
+    data["coefficients"][0][0] = 1e30
+    (tmp_path / "damaged.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="step 1 are .*of order 1"):
+        store.load("damaged")
+
+
 def test_names_cannot_escape_the_folder(tmp_path):
     store = ScheduleStore(tmp_path)
     for name in ("../x", "a/b", "", ".hidden"):
@@ -146,6 +173,31 @@ def test_object_fingerprint_sees_values_code_and_closures_not_identity():
     cyclic = options()
     cyclic["self"] = cyclic
     assert object_fingerprint(cyclic) == object_fingerprint(cyclic)
+
+
+def test_object_fingerprint_reaches_deep_patch_settings_and_module_attributes():
+    """An attention-replace patch keeps its weight 9 levels below the model options, and a flow
+    model_sampling keeps its shift and timestep multiplier as plain attributes: both change what
+    the model computes, so both change the hash."""
+    class Replace:  # like an IPAdapter attn2 replacement: callbacks plus per-call kwargs
+        def __init__(self, weight):
+            self.callback, self.kwargs = [lambda q, k, v, **kw: q], [{"weight": weight}]
+
+    def options(weight):
+        return {"model_options": {"transformer_options": {"patches_replace": {"attn2": {
+            ("input", 1): Replace(weight)}}}}}
+
+    assert object_fingerprint(options(1.0)) == object_fingerprint(options(1.0))
+    assert object_fingerprint(options(1.0)) != object_fingerprint(options(0.2))
+
+    class Sampling(torch.nn.Module):
+        def __init__(self, multiplier):
+            super().__init__()
+            self.shift, self.multiplier = 3.0, multiplier
+            self.register_buffer("sigmas", torch.linspace(0.001, 1.0, 10))
+
+    assert object_fingerprint(Sampling(1000)) == object_fingerprint(Sampling(1000))
+    assert object_fingerprint(Sampling(1000)) != object_fingerprint(Sampling(1.0))  # SD3 vs AuraFlow
 
 
 def test_object_fingerprint_tells_classes_made_at_run_time_apart():
