@@ -12,11 +12,10 @@ list of weights per step, valid only with its own ``sigmas``, and ``"fitted_dige
 the two: a file whose sigmas or coefficients were edited is refused when it is loaded.
 
 A user can share a record next to a workflow, edit its ``sigmas`` (without coefficients), or
-paste them anywhere. The cache
-stores files named by :func:`cache_key` (a hash of the model fingerprint and the settings) in
-``<root>/cache/``; named schedules live in ``<root>/<name>.json``. Writes are atomic (temporary
-file + rename), and only successful calibrations reach the store (the node writes after
-:func:`.calibration.calibrate` returns).
+paste them anywhere. The cache stores files named by :func:`cache_key` (a hash of the model
+fingerprint and the settings) in ``<root>/cache/``; named schedules live in
+``<root>/<name>.json``. Writes are atomic (temporary file + rename), and only successful
+calibrations reach the store (the node writes after :func:`.calibration.calibrate` returns).
 
 :func:`model_fingerprint` hashes a model's parameters cheaply: names, shapes, dtypes and a strided
 sample of each tensor's values (not the whole tensor), plus any extra identity string;
