@@ -11,7 +11,12 @@ executes whatever the file asks for. This converter uses a *restricted* unpickle
   ``diffusers.*``) become inert :class:`Stub` records of their class *name* and state — the class is
   never imported and none of its code runs;
 * **every other global is refused** (``os.system``, ``builtins.eval``, ``subprocess``...) with
-  :class:`~.errors.UnsafePickleError`.
+  :class:`~.errors.UnsafePickleError`;
+* a tensor view must lie inside the storage the pickle gave it (torch would otherwise grow the
+  storage with uninitialised memory), and BUILD can change neither the functions the pickle calls
+  nor the tensors it built;
+* a container shared many times over, or inside itself, is walked once; every other failure of a
+  damaged or crafted file is a :class:`~.errors.StudentLoadError` that names it.
 
 The stubs are then walked like ``nn.Module.state_dict()`` to collect named tensors, and the class
 names and constructor arguments (EDM's ``init_kwargs``, diffusers' config) go to a JSON file.
@@ -26,6 +31,8 @@ import logging
 import pickle
 import re
 import sys
+import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +46,9 @@ from .specs import RECIPES
 logger = logging.getLogger(__name__)
 
 __all__ = ["RestrictedUnpickler", "Stub", "convert", "extract_state_dict", "main", "restricted_load"]
+
+#: values written to a config's JSON at most (real configs have a few hundred)
+JSON_NODES = 100_000
 
 STUB_MODULE_PREFIXES = (
     "torch.nn.modules.",
@@ -57,7 +67,63 @@ def _load_storage_from_bytes(data: bytes):
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, *rest):
+    if not isinstance(data, torch.Tensor):
+        raise UnsafePickleError(None, "the pickle rebuilds a parameter from something that is not a tensor.",
+                                "this file cannot be converted safely.")
     return data.detach()
+
+
+def _refuse_view(problem: str):
+    return UnsafePickleError(None, f"the pickle builds a tensor view {problem}.",
+                             "the file is damaged or crafted; it cannot be converted.")
+
+
+def _checked_view(storage, storage_offset, size, stride) -> None:
+    """Refuse a tensor view that does not lie inside its storage: torch would grow the storage and
+    the output would carry whatever memory it got (or a broadcast view would expand without bound)."""
+    if not isinstance(storage, torch.storage.TypedStorage):  # what torch.save writes for a tensor
+        raise _refuse_view(f"on a {type(storage).__name__}, not a storage")
+    dims = (tuple(size), tuple(stride))
+    if len(dims[0]) != len(dims[1]) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in (storage_offset, *dims[0], *dims[1])):
+        raise _refuse_view(f"with size {list(size)}, stride {list(stride)} and offset {storage_offset!r}")
+    numel = 1
+    for n in dims[0]:
+        numel *= n
+    with warnings.catch_warnings():  # TypedStorage's getters warn that the class is deprecated
+        warnings.simplefilter("ignore")
+        available = storage.size()
+    if numel == 0:
+        return
+    last = storage_offset + sum((n - 1) * s for n, s in zip(*dims))
+    if last >= available or numel > available:
+        raise _refuse_view(f"of {numel} elements ending at element {last} of a storage of {available}")
+
+
+class _BuiltTensor(torch.Tensor):
+    """A tensor as the pickle built it, which a later BUILD cannot re-point: ``Tensor.__setstate__``
+    would ``set_`` it onto a larger view of its storage, which torch grows with uninitialised
+    memory."""
+
+    def __setstate__(self, state):
+        raise UnsafePickleError(None, "the pickle tries to change a tensor after building it (BUILD on a "
+                                "tensor).", "the file is crafted; it cannot be converted.")
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, *rest):
+    _checked_view(storage, storage_offset, size, stride)
+    built = torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, *rest)
+    return built.as_subclass(_BuiltTensor)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    _checked_view(storage, storage_offset, size, stride)
+    return torch._utils._rebuild_tensor(storage, storage_offset, size, stride).as_subclass(_BuiltTensor)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous plain tensor of ``t``'s values (the output file's copy)."""
+    return t.detach().as_subclass(torch.Tensor).contiguous()
 
 
 def _codecs_encode(text, encoding="utf-8"):
@@ -111,8 +177,8 @@ _SAFE_GLOBALS = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
@@ -155,14 +221,22 @@ class Stub:
         return f"Stub({self.qualname})"
 
 
-_STUB_CLASSES: dict[str, type] = {}
+class _Call:
+    """A function the pickle may call, behind a wrapper that BUILD cannot change. BUILD on a plain
+    function would set its ``__defaults__`` or attributes for the rest of the process (torch's own
+    rebuild functions included)."""
 
+    __slots__ = ("function",)
 
-def _stub_class(module: str, name: str) -> type:
-    qual = f"{module}.{name}"
-    if qual not in _STUB_CLASSES:
-        _STUB_CLASSES[qual] = type(f"Stub_{name}", (Stub,), {"qualname": qual})
-    return _STUB_CLASSES[qual]
+    def __init__(self, function) -> None:
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __setstate__(self, state):
+        raise UnsafePickleError(None, "the pickle tries to change a function it calls (BUILD on a global).",
+                                "the file is crafted; it cannot be converted.")
 
 
 def _reconstructor(cls, base, state):
@@ -190,17 +264,29 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.path = path
         self.refused: list[str] = []
+        # classes of this load only: a BUILD on one of them cannot reach another load
+        self._stubs: dict[str, type] = {}
+        self._numpy_dtype = type("NumpyDType", (_NumpyDType,), {})
+
+    def _stub_class(self, module: str, name: str) -> type:
+        qual = f"{module}.{name}"
+        if qual not in self._stubs:
+            self._stubs[qual] = type(f"Stub_{name}", (Stub,), {"qualname": qual})
+        return self._stubs[qual]
 
     def find_class(self, module: str, name: str):
         module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol <= 2 names
         if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
+            found = _SAFE_GLOBALS[(module, name)]
+            if found is _NumpyDType:
+                return self._numpy_dtype
+            return _Call(found) if isinstance(found, types.FunctionType) else found
         if module == "copyreg" and name == "_reconstructor":
-            return _reconstructor
+            return _Call(_reconstructor)
         if module == "copyreg" and name == "__newobj__":
-            return _newobj
+            return _Call(_newobj)
         if module.startswith(STUB_MODULE_PREFIXES) or module in ("torch_utils", "training", "dnnlib"):
-            return _stub_class(module, name)
+            return self._stub_class(module, name)
         self.refused.append(f"{module}.{name}")
         raise UnsafePickleError(
             self.path,
@@ -227,7 +313,15 @@ def restricted_load(path: str | Path):
             if e.path is None:
                 raise UnsafePickleError(path, e.problem, e.hint) from None
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        except StudentLoadError:
+            raise
+        except (MemoryError, OverflowError, RecursionError) as e:
+            raise StudentLoadError(
+                path,
+                f"the pickle asks for more than it can hold ({type(e).__name__}: {str(e)[:200]}).",
+                "the file is damaged or crafted; it cannot be converted.",
+            ) from None
+        except Exception as e:  # noqa: BLE001 - any other failure of a damaged pickle is a load error
             raise StudentLoadError(
                 path,
                 f"the pickle cannot be read ({type(e).__name__}: {str(e)[:200]}).",
@@ -246,14 +340,21 @@ def _state_of(stub: Stub) -> dict:
 
 
 def extract_state_dict(
-    obj, prefix: str = "", config: dict | None = None
+    obj, prefix: str = "", config: dict | None = None, seen: set[int] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten tensors from an unpickled tree into ``{dotted.name: tensor}`` (``nn.Module.state_dict``
-    naming for module stubs) and collect a JSON-able config of the classes met."""
+    naming for module stubs) and collect a JSON-able config of the classes met. Each container is
+    walked once (``seen``): a pickle that shares or nests a container in itself cannot make the
+    walk exponential or endless."""
     out: dict[str, torch.Tensor] = {}
     config = {} if config is None else config
+    seen = set() if seen is None else seen
+    if not isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return out, config
+        seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
-        out[prefix.rstrip(".")] = obj.detach().contiguous()
+        out[prefix.rstrip(".")] = _plain(obj)
     elif isinstance(obj, Stub):
         state = _state_of(obj)
         name = obj.qualname
@@ -271,23 +372,23 @@ def extract_state_dict(
             for group in ("_parameters", "_buffers"):
                 for k, v in _items(state.get(group)):
                     if isinstance(v, torch.Tensor):
-                        out[prefix + k] = v.detach().contiguous()
+                        out[prefix + k] = _plain(v)
             for k, v in _items(state.get("_modules")):
                 if v is not None:
-                    sub, _ = extract_state_dict(v, f"{prefix}{k}.", config)
+                    sub, _ = extract_state_dict(v, f"{prefix}{k}.", config, seen)
                     out.update(sub)
         else:
             for k, v in state.items():
                 if isinstance(v, (torch.Tensor, Stub, dict, list, tuple)) and not str(k).startswith("_"):
-                    sub, _ = extract_state_dict(v, f"{prefix}{k}.", config)
+                    sub, _ = extract_state_dict(v, f"{prefix}{k}.", config, seen)
                     out.update(sub)
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            sub, _ = extract_state_dict(v, f"{prefix}{k}.", config)
+            sub, _ = extract_state_dict(v, f"{prefix}{k}.", config, seen)
             out.update(sub)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            sub, _ = extract_state_dict(v, f"{prefix}{i}.", config)
+            sub, _ = extract_state_dict(v, f"{prefix}{i}.", config, seen)
             out.update(sub)
     return out, config
 
@@ -300,16 +401,26 @@ def _items(value):
     return []
 
 
-def _jsonable(value):
+def _jsonable(value, active: frozenset[int] = frozenset(), budget: list[int] | None = None):
+    """Plain JSON for a config value; at most :data:`JSON_NODES` values in all (a pickle can share
+    one list many times over), a container inside itself written as ``"<cycle>"``."""
+    budget = [JSON_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        return "<truncated>"
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if id(value) in active:
+        return "<cycle>"
+    inner = active | {id(value)}
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, inner, budget) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, inner, budget) for v in value]
     if isinstance(value, Stub):
-        return {"class": value.qualname, **({"items": _jsonable(value.items)} if value.items else {})}
-    return repr(value)
+        items = {"items": _jsonable(value.items, inner, budget)} if value.items else {}
+        return {"class": value.qualname, **items}
+    return repr(value)[:200]
 
 
 def convert(
@@ -338,9 +449,17 @@ def convert(
                     "pass --key with one of those entries.",
                 )
             obj = obj[pick]
-    tensors, config = extract_state_dict(obj)
+    try:
+        tensors, config = extract_state_dict(obj)
+    except (MemoryError, RecursionError, RuntimeError, TypeError, ValueError) as e:
+        raise StudentLoadError(src, f"the pickle's tensors cannot be collected ({type(e).__name__}: "
+                               f"{str(e)[:200]}).",
+                               "the file is damaged or not a model pickle; it cannot be converted.") from None
     if not tensors:
         raise StudentLoadError(src, "the pickle holds no tensors.", "check that this is a model file.")
+    if "__metadata__" in tensors:
+        raise StudentLoadError(src, "the pickle has a tensor named __metadata__, a name safetensors "
+                               "reserves.", "the file is crafted or damaged; it cannot be converted.")
     tensors = strip_precond_prefix(tensors)
     dst = Path(dst) if dst else src.with_suffix(".safetensors")
     root = config.get("<root>", {})
@@ -356,7 +475,11 @@ def convert(
         if ptr in seen:
             tensors[k] = v.clone()
         seen.add(ptr)
-    save_file(tensors, str(dst), metadata=metadata)
+    try:
+        save_file(tensors, str(dst), metadata=metadata)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise StudentLoadError(src, f"the tensors cannot be written as safetensors ({type(e).__name__}: "
+                               f"{str(e)[:200]}).", "the file is damaged or of an unusual kind.") from None
     if recipe is not None:  # the recipe must fit the network the file holds
         from .detect import detect
 

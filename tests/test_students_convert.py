@@ -7,6 +7,7 @@ import os
 import pickle
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -153,3 +154,77 @@ def test_pickled_diffusers_unet_like_sid_lsg(tmp_path):
         32,
         64,
     ]
+
+
+# ----------------------------------------------------------------------------- crafted pickles
+
+
+class _View:
+    """Pickles as torch's own tensor rebuild call with any view of a storage (and BUILD state)."""
+
+    def __init__(self, storage, offset, size, stride, state=None):
+        self.args, self.state = (storage, offset, tuple(size), tuple(stride), False, {}), state
+
+    def __reduce__(self):
+        rebuild = (torch._utils._rebuild_tensor_v2, self.args)
+        return rebuild if self.state is None else (*rebuild, self.state)
+
+
+def _storage(n=4):
+    """A TypedStorage, which pickles as ``torch.storage._load_from_bytes`` (its getter warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.arange(float(n)).storage()
+
+
+@pytest.mark.parametrize(("offset", "size", "stride", "what"), [
+    (0, [1000], [1], "of 1000 elements ending at element 999 of a storage of 4"),  # past the end
+    (10**6, [4], [1], "of 4 elements ending at element 1000003"),
+    (3, [4], [-1], "with size \\[4\\], stride \\[-1\\]"),
+    (0, [2**28], [0], "of 268435456 elements"),  # a broadcast view: 1 GiB from 16 bytes
+])
+def test_tensor_views_outside_their_storage_are_refused(tmp_path, offset, size, stride, what):
+    """torch grows a storage to fit a larger view with uninitialised memory, which would end up in
+    the output file; views must lie inside the storage the pickle gave."""
+    path = tmp_path / "view.pkl"
+    path.write_bytes(pickle.dumps({"w": _View(_storage(), offset, size, stride)}, protocol=2))
+    with pytest.raises(UnsafePickleError, match=f"builds a tensor view {what}"):
+        restricted_load(path)
+
+
+def test_build_cannot_change_functions_or_tensors(tmp_path):
+    """BUILD on a global would set attributes of torch's or our own functions for the whole process,
+    and BUILD on a tensor would re-point it past its storage: both are refused."""
+    defaults = torch._utils._rebuild_tensor_v2.__defaults__
+    on_function = (b"\x80\x02c_codecs\nencode\nN}X\x0c\x00\x00\x00__defaults__X\x06\x00\x00\x00latin1"
+                   b"\x85s\x86b.")
+    (tmp_path / "fn.pkl").write_bytes(on_function)
+    with pytest.raises(UnsafePickleError, match="BUILD on a global"):
+        restricted_load(tmp_path / "fn.pkl")
+    on_tensor = _View(_storage(), 0, [4], [1], state=(_storage(), 0, (1000,), (1,)))
+    (tmp_path / "t.pkl").write_bytes(pickle.dumps({"w": on_tensor}, protocol=2))
+    with pytest.raises(UnsafePickleError, match="BUILD on a tensor"):
+        restricted_load(tmp_path / "t.pkl")
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults
+
+
+def test_shared_and_self_containing_containers_are_walked_once(tmp_path):
+    """A list holding the previous level twice, 40 levels deep, is a few hundred bytes of pickle
+    and 2^40 paths; a container inside itself never ends. Both convert in one pass."""
+    level = [_View(_storage(), 0, [4], [1])]
+    for _ in range(40):
+        level = [level, level]
+    cyclic = {"w": _View(_storage(), 0, [4], [1])}
+    cyclic["self"] = cyclic
+    for name, tree in (("dag", {"net": level}), ("cycle", cyclic)):
+        src = tmp_path / f"{name}.pkl"
+        src.write_bytes(pickle.dumps(tree, protocol=2))
+        dst, _ = convert(src, tmp_path / f"{name}.safetensors")
+        assert len(load_file(str(dst))) == 1
+
+
+def test_a_tensor_named_like_the_safetensors_header_is_refused(tmp_path):
+    src = tmp_path / "names.pkl"
+    src.write_bytes(pickle.dumps({"__metadata__": _View(_storage(), 0, [4], [1])}, protocol=2))
+    with pytest.raises(StudentLoadError, match="tensor named __metadata__"):
+        convert(src, tmp_path / "names.safetensors")
