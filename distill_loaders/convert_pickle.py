@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import pickle
+import pickletools
 import re
 import sys
 import types
@@ -303,10 +304,32 @@ class RestrictedUnpickler(pickle.Unpickler):
         )
 
 
+#: memo slots a pickle may ask for: CPython's unpickler zero-fills the memo up to the largest
+#: index it is given (an 11-byte pickle can ask for 1.3 GB); real model pickles use thousands
+MAX_MEMO_INDEX = 10_000_000
+
+
+def _check_memo(f, path: Path) -> None:
+    """Refuse a memo index far beyond any real pickle's before the unpickler allocates for it
+    (the opcodes are read, not run; a stream pickletools cannot parse is left to the unpickler)."""
+    try:
+        for op, arg, _ in pickletools.genops(f):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and isinstance(arg, int) and arg > MAX_MEMO_INDEX:
+                raise UnsafePickleError(path, f"the pickle asks for memo slot {arg:,}.",
+                                        "the file is crafted or damaged; it cannot be converted.")
+    except UnsafePickleError:
+        raise
+    except Exception:  # noqa: BLE001, S110 - the unpickler reports a damaged stream itself
+        pass
+    finally:
+        f.seek(0)
+
+
 def restricted_load(path: str | Path):
     """Unpickle ``path`` with :class:`RestrictedUnpickler`."""
     path = Path(path)
     with open(path, "rb") as f:
+        _check_memo(f, path)
         try:
             return RestrictedUnpickler(f, str(path)).load()
         except UnsafePickleError as e:

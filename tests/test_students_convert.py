@@ -228,3 +228,10 @@ def test_a_tensor_named_like_the_safetensors_header_is_refused(tmp_path):
     src.write_bytes(pickle.dumps({"__metadata__": _View(_storage(), 0, [4], [1])}, protocol=2))
     with pytest.raises(StudentLoadError, match="tensor named __metadata__"):
         convert(src, tmp_path / "names.safetensors")
+
+
+def test_a_huge_memo_index_is_refused_before_the_unpickler_allocates_it(tmp_path):
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(b"\x80\x02N" + b"r" + (2**26).to_bytes(4, "little") + b".")  # LONG_BINPUT 67,108,864
+    with pytest.raises(UnsafePickleError, match="asks for memo slot 67,108,864"):
+        restricted_load(path)
