@@ -103,7 +103,8 @@ def _schedule_inputs() -> list:
             multiline=True,
             placeholder="14.61, 4.0, 1.2, 0.3, 0",
             tooltip="custom: a decreasing list of sigmas, comma or space separated, used as given "
-            "(its length sets the steps); a final 0 is added if missing. Ignored by other schedules.",
+            "(its length sets the steps; denoise < 1 keeps the list's last steps); a final 0 is added "
+            "if missing. Ignored by other schedules.",
         ),
         io.Float.Input(
             "sigma_min",

@@ -608,7 +608,8 @@ def get_sigmas(
     ``sigma_min`` / ``sigma_max``. ``denoise < 1`` builds ``int(steps / denoise)`` steps and keeps
     the last ``steps + 1`` sigmas (ComfyUI's BasicScheduler); ``denoise <= 0`` returns an empty
     tensor, which makes sampling return the input latent unchanged. ``steps`` may be None only
-    for ``custom`` (the list's own step count).
+    for ``custom`` (the list's own step count); the list is then never resampled for ``denoise``:
+    its last ``max(1, int(steps * denoise))`` steps are kept, values as given.
     """
     if name not in _SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULE_NAMES}")
@@ -620,7 +621,8 @@ def get_sigmas(
     if math.isnan(denoise) or denoise > 1.0:
         raise ValueError(f"denoise must be in [0, 1], got {denoise!r}")
     fn = _SCHEDULES[name]
-    if steps is None:
+    list_steps = steps is None
+    if list_steps:
         if name != "custom":
             raise ValueError(f"schedule {name!r} needs an integer steps >= 1")
         steps = len(parse_sigmas(params.get("sigmas", ""))) - 1  # type: ignore[arg-type]
@@ -629,5 +631,8 @@ def get_sigmas(
         return torch.zeros(0, dtype=torch.float32)
     if denoise >= 1.0:
         return fn(steps, parameterization, **params)
+    if list_steps:
+        kept = max(1, int(steps * denoise + 1e-9))
+        return fn(steps, parameterization, **params)[-(kept + 1):].clone()
     total = int(steps / denoise)
     return fn(total, parameterization, **params)[-(steps + 1):].clone()

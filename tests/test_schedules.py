@@ -411,3 +411,12 @@ def test_custom_resampling_and_bounds():
         S.get_sigmas("custom", None, FLOW, sigmas="1.5, 0.5, 0")
     part = S.get_sigmas("custom", 2, EPS, denoise=0.5, sigmas="8, 4, 2, 1")
     assert torch.equal(part, torch.tensor([2.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("denoise,tail", [(0.5, [1.2, 0.3, 0.0]), (0.75, [4.0, 1.2, 0.3, 0.0]),
+                                          (0.1, [0.3, 0.0]), (1.0, [14.61, 4.0, 1.2, 0.3, 0.0])])
+def test_custom_list_with_denoise_keeps_its_tail(denoise, tail):
+    # the list's own step count (steps None, as the node passes it): img2img keeps the last steps of
+    # the list with the values as typed, never a log-linear resampling of it
+    s = S.get_sigmas("custom", None, EPS, denoise=denoise, sigmas="14.61, 4.0, 1.2, 0.3, 0")
+    assert torch.equal(s, torch.tensor(tail, dtype=torch.float32))
