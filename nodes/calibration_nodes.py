@@ -22,8 +22,8 @@ import torch
 from ..samplers.calibration import DEFAULTS, TEACHER_ENDS, CalibrationError, SolverSpec, calibrate
 from ..samplers.fitted import HISTORY
 from ..samplers.parameterization import Parameterization
-from ..samplers.schedule_store import (ScheduleRecord, ScheduleStore, cache_key, model_fingerprint,
-                                      object_fingerprint)
+from ..samplers.schedule_store import (FINGERPRINT_VERSION, ScheduleRecord, ScheduleStore, cache_key,
+                                      model_fingerprint, object_fingerprint)
 from ._api import CATEGORY_SCHEDULERS, io, ui
 from ._comfy_sampler import (
     PRESETS,
@@ -81,14 +81,19 @@ def _spec(preset: str) -> SolverSpec:
     return SolverSpec(p.solver, dict(p.options), preset)  # type: ignore[arg-type]
 
 
+def runs_as_plain_2m(record: ScheduleRecord) -> bool:
+    """A fitted schedule whose coefficients were removed (e.g. to edit its sigmas) runs as 2M."""
+    return record.solver.get("solver") == "fitted" and record.coefficients is None
+
+
 def sampler_for_record(record: ScheduleRecord) -> Any:
-    """The SAMPLER a stored schedule was calibrated for (2M for a file that names no solver)."""
+    """The SAMPLER a stored schedule was calibrated for (2M for a file that names no solver, and
+    for a fitted schedule without its coefficients: the fitted update with every weight 0)."""
     solver = record.solver.get("solver") or "multistep"
     options = dict(record.solver.get("options") or {})
+    if runs_as_plain_2m(record):
+        return make_sampler("multistep", {"order": 2})
     if solver == "fitted":
-        if record.coefficients is None:
-            raise ValueError("this schedule was calibrated for the fitted solver but has no 'coefficients'; "
-                             "calibrate it again")
         return make_fitted_sampler(record.coefficients, record.sigmas, int(options.get("history", HISTORY)))
     if solver not in ("multistep", "singlestep"):
         raise ValueError(f"unknown solver {solver!r} in the schedule file; expected multistep, singlestep or fitted")
@@ -264,6 +269,8 @@ class FewStepLoadSchedule(io.ComfyNode):
         label = (record.solver.get("label") or record.solver.get("solver")
                  or "DPM-Solver++(2M) (the file names no solver)")
         text = f"{name}: {label}, NFE {record.nfe}, {len(record.sigmas) - 1} steps"
+        if runs_as_plain_2m(record):
+            text += "\nno fitted coefficients in the file: its sigmas run with plain DPM-Solver++(2M)"
         if model is not None:
             text += check_record_fits_model(record, name, model)
         try:
@@ -313,6 +320,9 @@ def check_record_fits_model(record: ScheduleRecord, name: str, model: Any) -> st
                          "were edited past the model's range")
     if record.model_hash and record.model_hash != model_hash(model):
         what = "its fitted coefficients and schedule" if record.coefficients is not None else "the schedule"
+        if record.fingerprint_version != FINGERPRINT_VERSION:
+            return ("\nsaved by an earlier FewStep version, whose model fingerprint differs from this one: "
+                    f"it may or may not be this model. Calibrate again (or save again) to be sure {what} fits")
         return (f"\ncalibrated on another model (other weights, LoRA or patches): {what} may not fit this one; "
                 "calibrate it for best results")
     return ""

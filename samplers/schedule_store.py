@@ -45,6 +45,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 FORMAT = "comfyui_fewstep.calibrated_schedule/1"
+#: version of the model fingerprint behind ``model_hash`` (:func:`model_fingerprint` with
+#: :func:`object_fingerprint` of the patches and options). Raised when the fingerprint changes, so a
+#: file saved with an older one is not taken for a schedule of another model.
+FINGERPRINT_VERSION = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,99}$")
 
 __all__ = ["FORMAT", "ScheduleRecord", "ScheduleStore", "cache_key", "model_fingerprint", "object_fingerprint",
@@ -104,11 +108,14 @@ class ScheduleRecord:
     error: float | None = None
     coefficients: list[list[float]] | None = None
     fitted_digest: str = ""
+    fingerprint_version: int = 0  # 0: a file from before the version was stored
     created: str = ""
     format: str = FORMAT
 
     def __post_init__(self) -> None:
         self.sigmas = validate_sigmas(self.sigmas)
+        if isinstance(self.fingerprint_version, bool) or not isinstance(self.fingerprint_version, int):
+            self.fingerprint_version = 0  # hand-edited: treat as unknown, it only words a note
         if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 1:
             raise ValueError(f"schedule record: nfe must be a positive integer, got {self.nfe!r}")
         if self.coefficients is not None:
@@ -118,7 +125,7 @@ class ScheduleRecord:
                 raise ValueError(
                     "its sigmas or fitted coefficients were changed after calibration (fitted_digest does "
                     "not match), and fitted coefficients hold only for the sigmas they were fitted on; "
-                    "calibrate again, or remove 'coefficients' to use the sigmas with plain 2M"
+                    "calibrate again, or remove 'coefficients' to run the sigmas with plain DPM-Solver++(2M)"
                 )
             self.fitted_digest = digest
         if not self.created:
@@ -129,7 +136,8 @@ class ScheduleRecord:
         """A record for a :class:`.calibration.CalibrationResult`."""
         return cls(sigmas=list(result.sigmas), nfe=int(result.nfe), solver=dict(result.solver), model_hash=model_hash,
                    settings=dict(settings or {}), cost=dict(result.cost), orders=list(result.orders),
-                   error=float(result.error), coefficients=getattr(result, "coefficients", None))
+                   error=float(result.error), coefficients=getattr(result, "coefficients", None),
+                   fingerprint_version=FINGERPRINT_VERSION if model_hash else 0)
 
     def sigmas_tensor(self) -> torch.Tensor:
         """ComfyUI's SIGMAS: a 1-D float32 CPU tensor."""

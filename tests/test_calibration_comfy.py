@@ -295,6 +295,35 @@ def test_load_schedule_checks_the_connected_model(nodes, tiny_comfy_model, tiny_
     assert fingerprint and fingerprint == nodes.FewStepLoadSchedule.fingerprint_inputs(name="shared")
 
 
+def test_load_schedule_older_fingerprint_and_removed_coefficients(nodes, tiny_comfy_model, tiny_comfy_conds):
+    """A file saved before the model fingerprint changed is not called another model's; a fitted file
+    whose coefficients were removed (to edit its sigmas, as the refusal of an edited file advises)
+    runs its sigmas with plain DPM-Solver++(2M) and says so."""
+    with torch.inference_mode():
+        _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset=nodes.FITTED_PRESET, save_as="versioned")
+    path = nodes.schedule_store().path_for("versioned")
+    data = json.loads(path.read_text())
+    assert data["fingerprint_version"] == nodes.FINGERPRINT_VERSION >= 2
+    old = dict(data, model_hash="0" * 64)
+    del old["fingerprint_version"]
+    nodes.schedule_store().path_for("older").write_text(json.dumps(old))
+    _, info, _ = nodes.FewStepLoadSchedule.execute("older", model=tiny_comfy_model).result
+    assert "earlier FewStep version" in info and "another model" not in info
+    _, info, _ = nodes.FewStepLoadSchedule.execute("older", model=_lora(tiny_comfy_model, 0.8)).result
+    assert "earlier FewStep version" in info
+    edited = dict(data, sigmas=[data["sigmas"][0], *(0.9 * v for v in data["sigmas"][1:])])
+    nodes.schedule_store().path_for("edited").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="remove 'coefficients' to run the sigmas with plain DPM-Solver"):
+        nodes.FewStepLoadSchedule.execute("edited")
+    del edited["coefficients"]
+    nodes.schedule_store().path_for("edited").write_text(json.dumps(edited))
+    sigmas, info, sampler = nodes.FewStepLoadSchedule.execute("edited").result
+    assert "plain DPM-Solver++(2M)" in info
+    assert sigmas.tolist() == pytest.approx(edited["sigmas"], rel=1e-6)
+    options = sampler.extra_options
+    assert options.get("solver", "multistep") == "multistep" and options["order"] == 2
+
+
 def test_calibrated_singlestep_runs_on_split_sigmas_and_refuses_others(nodes, tiny_comfy_model, tiny_comfy_conds):
     """A calibrated 3S schedule has one order per interval: each SplitSigmas part runs with its own
     orders (the two parts use the same model calls as the whole); other sigmas get a clear error."""
