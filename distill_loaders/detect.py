@@ -7,6 +7,7 @@ was drawn from, so a loader can report *why* it chose a recipe.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from .safetensors_header import FileContents, read_contents
 from .specs import EDM_ARCHS, RECIPES, Recipe, get_recipe
 
 __all__ = ["LAYOUTS", "Detection", "Layout", "detect", "detect_contents", "lora_module_names"]
+
+logger = logging.getLogger(__name__)
 
 Layout = Literal["ldm_checkpoint", "ldm_unet", "diffusers_unet", "lora_kohya", "lora_diffusers", "edm"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
@@ -48,6 +51,8 @@ class Detection:
     mismatched: list[str] = field(default_factory=list)
     lora_rank: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: what named the recipe: "file name", "folder name", "metadata", "config", "keys" or ""
+    decided_by: str = ""
 
     @property
     def is_lora(self) -> bool:
@@ -163,7 +168,7 @@ def _edm_arch(c: FileContents, reasons: list[str]) -> str:
     return arch
 
 
-def _edm_recipe(c: FileContents, arch: str, reasons: list[str]) -> tuple[str, str]:
+def _edm_recipe(c: FileContents, arch: str, reasons: list[str]) -> tuple[str, str, str]:
     """SiD or DMD2 for an EDM generator: both are EDM networks with the same key layout, so the
     evidence is where the file came from. SiD publishes EDM persistence pickles (``ema`` holding an
     ``EDMPrecond`` module; our converter records the class as ``fewstep_root_class``) and has SongUNet
@@ -192,7 +197,7 @@ def _edm_recipe(c: FileContents, arch: str, reasons: list[str]) -> tuple[str, st
         other = "dmd2_imagenet_1step" if recipe == "sid_edm_1step" else "sid_edm_1step"
         if arch in RECIPES[other].archs:
             reasons.append(f"recipe: if this is the other student, set the recipe override to {other}")
-    return recipe, confidence
+    return recipe, confidence, "file name" if why.startswith("file name") else "keys"
 
 
 # (regex on the lower-case file name, recipe, or a callable (arch, name) -> recipe)
@@ -247,12 +252,13 @@ def _name_rules(arch: str, name: str, is_lora: bool) -> tuple[str | None, str]:
 
 
 def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str],
-                   override: str | None = None) -> tuple[str | None, str]:
+                   override: str | None = None) -> tuple[str | None, str, str]:
+    """The recipe, the confidence in it, and what named it (see :attr:`Detection.decided_by`)."""
     is_lora = layout.startswith("lora")
     meta = c.metadata.get("fewstep_recipe")
     if meta in RECIPES and arch in RECIPES[meta].archs:
         reasons.append(f"recipe {meta}: from the file's metadata (fewstep_recipe)")
-        return meta, "certain"
+        return meta, "certain", "metadata"
     if meta in RECIPES and not override:
         raise StudentLoadError(
             c.path,
@@ -266,19 +272,23 @@ def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str],
         reasons.append(f"note: the file's metadata names recipe {meta!r}, which {known}; ignored")
     if layout == "edm":
         return _edm_recipe(c, arch, reasons)
-    texts = [c.path.name, c.path.parent.name, c.path.parent.parent.name, c.config.get("_name_or_path", "")]
-    texts += [v for k, v in c.metadata.items() if k in ("modelspec.title", "ss_output_name", "name", "title")]
-    for text in texts:
+    texts = [("file name", c.path.name), ("folder name", c.path.parent.name),
+             ("folder name", c.path.parent.parent.name), ("config", c.config.get("_name_or_path", ""))]
+    texts += [("metadata", v) for k, v in c.metadata.items() if k in ("modelspec.title", "ss_output_name", "name",
+                                                                      "title")]
+    for source, text in texts:
         recipe, why = _name_rules(arch, str(text), is_lora)
         if recipe and recipe in RECIPES and arch in RECIPES[recipe].archs:
+            where = {"config": "the diffusers config's _name_or_path", "metadata": "the file's metadata title"}
+            why = why.replace("file name", where.get(source, source), 1)
             reasons.append(f"recipe {recipe}: {why} ({text!r})")
-            return recipe, "certain"
+            return recipe, "certain", source
     embedding = lcm_embedding_name(c.tensors)
     if embedding or c.config.get("time_cond_proj_dim"):
         reasons.append(f"recipe lcm: the UNet has LCM's guidance embedding ({embedding or 'time_cond_proj_dim'})")
-        return "lcm", "likely"
+        return "lcm", "likely", "keys"
     reasons.append("recipe: nothing in the file name, metadata or keys identifies the student")
-    return None, "none"
+    return None, "none", ""
 
 
 def _compare(c: FileContents, layout: str, arch: str, det: Detection) -> None:
@@ -312,7 +322,7 @@ def detect_contents(c: FileContents, override: str | None = None) -> Detection:
         arch, rank = _lora_arch(c, reasons)
     else:
         arch = _unet_arch(c, reasons)
-    recipe, confidence = _choose_recipe(c, layout, arch, reasons, override)
+    recipe, confidence, decided_by = _choose_recipe(c, layout, arch, reasons, override)
     det = Detection(
         str(c.path),
         c.container,
@@ -323,6 +333,7 @@ def detect_contents(c: FileContents, override: str | None = None) -> Detection:
         reasons,
         lora_rank=rank,
         metadata=dict(c.metadata),
+        decided_by=decided_by,
     )
     det.dtypes = dict(Counter(t.dtype for t in c.tensors.values()))
     total = 0
@@ -346,13 +357,22 @@ def _apply_override(c: FileContents, det: Detection, recipe: Recipe) -> None:
             f"pick a recipe for {det.arch} or leave the override on 'auto'.",
         )
     detected = RECIPES.get(det.recipe) if det.recipe else None
-    if detected and det.confidence == "certain" and detected.prediction != recipe.prediction:
+    clash = detected is not None and det.confidence == "certain" and detected.prediction != recipe.prediction
+    if clash and det.decided_by == "file name":
+        # the file's own name is the user's label: an override against it is more likely a slip
         raise StudentLoadError(
             c.path,
             f"recipe {recipe.name!r} expects {recipe.prediction} prediction but the file was identified as "
             f"{detected.name!r} ({detected.prediction} prediction; {det.reasons[-1]}).",
             f"use {detected.name!r} (or 'auto'), or rename the file if the detection is wrong.",
         )
+    if clash:
+        # a folder, a config or metadata name can be wrong for this file, and only the override can say so
+        det.reasons.append(
+            f"note: the override {recipe.name} ({recipe.prediction} prediction) contradicts {detected.name} "
+            f"({detected.prediction} prediction), named by the {det.decided_by}; check that the override is right"
+        )
+        logger.warning("%s: %s", c.path.name, det.reasons[-1])
     if recipe.is_lora != det.is_lora:
         det.reasons.append(
             f"note: recipe {recipe.name} is written for a {'LoRA' if recipe.is_lora else 'full model'}"

@@ -301,6 +301,29 @@ def test_override(tmp_path):
     )
 
 
+def test_override_wins_over_a_folder_or_metadata_name(tmp_path):
+    """Only the file's own name refuses an override of another prediction type: a folder called
+    'lcm', or a recipe recorded by an earlier conversion, can be wrong for the file, and the
+    override is the only way to say so (renaming the file would not change them)."""
+    folder = tmp_path / "lcm"
+    folder.mkdir()
+    path = write_safetensors(folder / "juggernaut_unet.safetensors", unet_shapes("sdxl", "diffusers"))
+    det = detect(path)
+    assert det.recipe == "lcm" and det.decided_by == "folder name"
+    assert det.reasons[-1] == "recipe lcm: folder name says LCM ('lcm')"
+    det = detect(path, override="sdxl_lightning_4step")
+    assert det.recipe == "sdxl_lightning_4step" and det.confidence == "certain"
+    assert "contradicts lcm (lcm prediction), named by the folder name" in " ".join(det.reasons)
+    tagged = write_safetensors(tmp_path / "unet.safetensors", unet_shapes("sdxl", "diffusers"),
+                               metadata={"fewstep_recipe": "sdxl_lightning_4step"})
+    assert detect(tagged).decided_by == "metadata"
+    assert detect(tagged, override="sdxl_lightning_1step_x0").recipe == "sdxl_lightning_1step_x0"
+    named = write_safetensors(folder / "sdxl_lightning_4step_unet.safetensors", unet_shapes("sdxl", "diffusers"))
+    assert detect(named).decided_by == "file name"
+    with pytest.raises(StudentLoadError, match="rename the file"):
+        detect(named, override="sdxl_lightning_1step_x0")
+
+
 def test_header_only_read_is_fast_on_a_full_size_file(tmp_path):
     path = write_safetensors(
         tmp_path / "sd_xl_turbo_1.0.safetensors", unet_shapes("sdxl", "ldm_checkpoint"), dtype="F32"
