@@ -274,13 +274,14 @@ def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str],
         return _edm_recipe(c, arch, reasons)
     texts = [("file name", c.path.name), ("folder name", c.path.parent.name),
              ("folder name", c.path.parent.parent.name), ("config", c.config.get("_name_or_path", ""))]
-    texts += [("metadata", v) for k, v in c.metadata.items() if k in ("modelspec.title", "ss_output_name", "name",
-                                                                      "title")]
+    title_keys = ("modelspec.title", "ss_output_name", "name", "title")
+    texts += [("metadata", v) for k, v in c.metadata.items() if k in title_keys]
     for source, text in texts:
         recipe, why = _name_rules(arch, str(text), is_lora)
         if recipe and recipe in RECIPES and arch in RECIPES[recipe].archs:
-            where = {"config": "the diffusers config's _name_or_path", "metadata": "the file's metadata title"}
-            why = why.replace("file name", where.get(source, source), 1)
+            where = {"config": "the diffusers config's _name_or_path",
+                     "metadata": "the file's metadata title"}.get(source, source)
+            why = why.replace("file name", where, 1)
             reasons.append(f"recipe {recipe}: {why} ({text!r})")
             return recipe, "certain", source
     embedding = lcm_embedding_name(c.tensors)
@@ -369,8 +370,9 @@ def _apply_override(c: FileContents, det: Detection, recipe: Recipe) -> None:
     if clash:
         # a folder, a config or metadata name can be wrong for this file, and only the override can say so
         det.reasons.append(
-            f"note: the override {recipe.name} ({recipe.prediction} prediction) contradicts {detected.name} "
-            f"({detected.prediction} prediction), named by the {det.decided_by}; check that the override is right"
+            f"note: the override {recipe.name} ({recipe.prediction} prediction) contradicts "
+            f"{detected.name} ({detected.prediction} prediction), named by the {det.decided_by}; "
+            "check that the override is right"
         )
         logger.warning("%s: %s", c.path.name, det.reasons[-1])
     if recipe.is_lora != det.is_lora:

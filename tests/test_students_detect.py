@@ -318,7 +318,8 @@ def test_override_wins_over_a_folder_or_metadata_name(tmp_path):
                                metadata={"fewstep_recipe": "sdxl_lightning_4step"})
     assert detect(tagged).decided_by == "metadata"
     assert detect(tagged, override="sdxl_lightning_1step_x0").recipe == "sdxl_lightning_1step_x0"
-    named = write_safetensors(folder / "sdxl_lightning_4step_unet.safetensors", unet_shapes("sdxl", "diffusers"))
+    named = write_safetensors(folder / "sdxl_lightning_4step_unet.safetensors",
+                              unet_shapes("sdxl", "diffusers"))
     assert detect(named).decided_by == "file name"
     with pytest.raises(StudentLoadError, match="rename the file"):
         detect(named, override="sdxl_lightning_1step_x0")
