@@ -288,8 +288,10 @@ def load_student(
                 custom += f"\nTCD eta (gamma): {recipe.eta:g}"
             else:
                 custom += f"\ntcd_eta ignored: the {recipe.name} recipe uses the {recipe.step_rule} step rule"
+        sigmas = recipe_sigmas(recipe, steps or None).float()  # before any weights are read
     except ValueError as exc:
-        raise StudentLoadError(det.path, str(exc), "fix the loader's timesteps / tcd_eta input") from exc
+        raise StudentLoadError(det.path, str(exc), "fix the loader's steps / timesteps / tcd_eta input (steps 0 "
+                               "runs the recipe's own steps, or the custom timesteps given)") from exc
     if det.layout == "edm":
         raise StudentLoadError(
             det.path,
@@ -339,7 +341,6 @@ def load_student(
             "diffusion_model.time_embed", GuidedTimeEmbedding(time_embed, cond_proj, lcm_guidance)
         )
         extra += f"\nLCM guidance embedding: w = {lcm_guidance:g} (time_embedding.cond_proj kept)"
-    sigmas = recipe_sigmas(recipe, steps or None).float()
     info = format_report(det, recipe=recipe, steps=steps or None) + extra + custom
     logger.info("FewStep student: %s -> %s (%s)", Path(det.path).name, recipe.name, "; ".join(det.reasons))
     return LoadedStudent(model, clip, vae, student_sampler(recipe), sigmas, info, recipe)
@@ -570,8 +571,18 @@ def generate_edm_images(
     sd = strip_precond_prefix(load_weights(path))
     check_finite(sd, det.path)
     recipe = get_recipe(det.recipe)
-    arch, kwargs = edm_config_from_state_dict(sd)
-    net = build_edm_network(arch, **kwargs)
+    try:
+        arch, kwargs = edm_config_from_state_dict(sd)
+        net = build_edm_network(arch, **kwargs)
+    except (KeyError, ValueError, IndexError, TypeError) as e:  # incomplete or another EDM layout
+        missing = f"no {e}" if isinstance(e, KeyError) else str(e)[:300]
+        raise StudentLoadError(
+            det.path,
+            f"not a complete SiD/DMD2 EDM generator ({missing}); only the DDPM++ (SongUNet) and ADM "
+            "(DhariwalUNet) layouts load.",
+            "check that the download is complete, or re-convert the pickle with "
+            "python -m comfyui_fewstep convert FILE.",
+        ) from None
     try:
         net.load_state_dict(sd, strict=True)
     except RuntimeError as e:

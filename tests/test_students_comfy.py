@@ -262,6 +262,14 @@ def test_edm_generator_node(api, tmp_path, tiny_edm):
     assert torch.equal(images, again)
     with pytest.raises(StudentLoadError, match="not an EDM pixel generator"):
         api.nodes.generate_edm_images(_latent_file(tmp_path))
+    # a file that is an EDM generator by its keys but incomplete: a load error naming the file
+    from safetensors.torch import save_file
+
+    sd = net.state_dict()
+    partial = {k: v for k, v in sd.items() if not k.startswith("dec.")}
+    save_file(partial, tmp_path / "sid_partial.safetensors")
+    with pytest.raises(StudentLoadError, match=r"sid_partial\.safetensors.*not a complete SiD/DMD2 EDM generator"):
+        api.nodes.generate_edm_images(tmp_path / "sid_partial.safetensors")
 
 
 def test_edm_generator_node_reads_dmd2s_plain_state_dict(api, tmp_path, tiny_edm):
@@ -418,6 +426,23 @@ def test_lora_text_encoder_modules_are_reported(api, files, tmp_path):
     assert "1 text-encoder modules not applied" in info
 
 
+def test_loader_refuses_a_step_count_before_reading_weights(api, files, tmp_path, monkeypatch):
+    """A steps value the recipe cannot run (or that contradicts custom timesteps) is a load error
+    naming the file, raised before the weights (gigabytes for SDXL) are read."""
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights read before the steps were checked")
+
+    monkeypatch.setattr(api.nodes, "_stream_unet", no_weights)
+    monkeypatch.setattr(api.nodes, "load_weights", no_weights)
+    path = files / "dmd2_sd15_unet.safetensors"
+    with pytest.raises(StudentLoadError, match=r"dmd2_sd15_unet\.safetensors.*distilled for \[1\] steps, got 2.*"
+                                               r"What to do: fix the loader's steps"):
+        api.nodes.load_student(path, steps=2)
+    with pytest.raises(StudentLoadError, match=r"steps must be 2, got 4.*steps 0 runs the recipe's own steps, "
+                                               r"or the custom timesteps given"):
+        api.nodes.load_student(path, "step_distilled_eps", steps=4, timesteps="999, 499")
+
+
 def test_loader_takes_a_students_own_timesteps_eta_and_reports_cfg(api, files, tmp_path):
     """Step-distilled students with their own timesteps (SnapFusion-style, eps or v), a TCD gamma
     other than the recipe's, and the recipe's cfg as an output."""
@@ -435,7 +460,7 @@ def test_loader_takes_a_students_own_timesteps_eta_and_reports_cfg(api, files, t
     assert "custom timesteps: [999, 874, 749, 624, 499, 374, 249, 124]" in info
     x = _sample(api, model, sampler, sigmas)
     assert torch.isfinite(x).all()
-    with pytest.raises(StudentLoadError, match="strictly decreasing.*What to do: fix the loader's timesteps"):
+    with pytest.raises(StudentLoadError, match="strictly decreasing.*What to do: fix the loader's steps / timesteps"):
         node.execute("diffusion_models/student_unet.safetensors", "step_distilled_eps", 0, timesteps="100, 500")
     base = api.nodes.load_student(files / "dmd2_sd15_unet.safetensors").model
     g = torch.Generator().manual_seed(2)
