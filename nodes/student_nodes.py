@@ -290,8 +290,8 @@ def load_student(
                 custom += f"\ntcd_eta ignored: the {recipe.name} recipe uses the {recipe.step_rule} step rule"
         sigmas = recipe_sigmas(recipe, steps or None).float()  # before any weights are read
     except ValueError as exc:
-        raise StudentLoadError(det.path, str(exc), "fix the loader's steps / timesteps / tcd_eta input (steps 0 "
-                               "runs the recipe's own steps, or the custom timesteps given)") from exc
+        raise StudentLoadError(det.path, str(exc), "fix the loader's steps / timesteps / tcd_eta input "
+                               "(steps 0 runs the recipe's own steps, or the custom timesteps given)") from exc
     if det.layout == "edm":
         raise StudentLoadError(
             det.path,
