@@ -325,13 +325,33 @@ def _check_memo(f, path: Path) -> None:
         f.seek(0)
 
 
+#: the first object of a legacy (non-zip) torch.save file
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_ZIP_SIGNATURE = b"PK\x03\x04"
+
+
+def _torch_save_file(path: Path) -> StudentLoadError:
+    return StudentLoadError(
+        path,
+        "this is a torch.save file (a state dict), not a plain pickle: it needs no conversion.",
+        "pick it in the loader node directly; it is read there with torch.load(weights_only=True).",
+    )
+
+
 def restricted_load(path: str | Path):
-    """Unpickle ``path`` with :class:`RestrictedUnpickler`."""
+    """Unpickle ``path`` with :class:`RestrictedUnpickler` (a torch.save file is refused: the
+    loaders read it directly)."""
     path = Path(path)
     with open(path, "rb") as f:
+        if f.read(4) == _ZIP_SIGNATURE:
+            raise _torch_save_file(path)
+        f.seek(0)
         _check_memo(f, path)
         try:
-            return RestrictedUnpickler(f, str(path)).load()
+            obj = RestrictedUnpickler(f, str(path)).load()
+            if isinstance(obj, int) and not isinstance(obj, bool) and obj == _TORCH_LEGACY_MAGIC:
+                raise _torch_save_file(path)
+            return obj
         except UnsafePickleError as e:
             if e.path is None:
                 raise UnsafePickleError(path, e.problem, e.hint) from None

@@ -120,6 +120,17 @@ def test_bad_pickles(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_torch_save_files_are_named_as_such(tmp_path, zip_format):
+    """A torch.save state dict (DMD2's pytorch_model.bin, zip or legacy format) needs no conversion:
+    the converter says so instead of calling it truncated or empty."""
+    src = tmp_path / "pytorch_model.bin"
+    torch.save({"model.w": torch.ones(2)}, src, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(StudentLoadError, match="pytorch_model.bin.*torch.save file.*needs no conversion.*"
+                                               "pick it in the loader node"):
+        convert(src)
+
+
 def test_cli(tmp_path, capsys):
     from comfyui_fewstep.cli import main as cli
 
