@@ -266,8 +266,9 @@ class FewStepLoadSchedule(io.ComfyNode):
             raise ValueError(f"no saved schedules yet: run FewStep Calibrate Steps with save_as set, or copy a "
                              f"schedule .json into the user folder '{STORE_FOLDER}'")
         record = schedule_store().load(name)
+        options = record.solver.get("options") or {}
         label = (record.solver.get("label") or record.solver.get("solver")
-                 or "DPM-Solver++(2M) (the file names no solver)")
+                 or (f"multistep {options}" if options else "DPM-Solver++(2M)") + " (the file names no solver)")
         text = f"{name}: {label}, NFE {record.nfe}, {len(record.sigmas) - 1} steps"
         if runs_as_plain_2m(record):
             text += "\nno fitted coefficients in the file: its sigmas run with plain DPM-Solver++(2M)"

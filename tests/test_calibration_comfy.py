@@ -199,6 +199,10 @@ def test_load_schedule_refuses_solver_fields_that_cannot_run(nodes, tmp_path):
     (folder / "plain.json").write_text(json.dumps({"sigmas": sigmas}))
     loaded, info, _sampler = nodes.FewStepLoadSchedule.execute("plain").result
     assert loaded.tolist() == pytest.approx(sigmas) and "DPM-Solver++(2M)" in info
+    # options without a solver name run as multistep with those options, and info says which
+    (folder / "order3.json").write_text(json.dumps({"sigmas": sigmas, "solver": {"options": {"order": 3}}}))
+    _, info, sampler = nodes.FewStepLoadSchedule.execute("order3").result
+    assert sampler.extra_options["order"] == 3 and "multistep {'order': 3} (the file names no solver)" in info
 
 
 def test_target_is_part_of_the_settings_and_the_cache_key(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path):
