@@ -61,6 +61,7 @@ class Preset:
     solver: SolverFamily
     options: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    label: str = ""  # the method's short name where the solver and order alone do not give it
 
     @property
     def order(self) -> int:
@@ -70,14 +71,17 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "dpmpp_2m": Preset("multistep", {"order": 2}, "DPM-Solver++(2M), deterministic, lower order final"),
     "dpmpp_3m": Preset("multistep", {"order": 3}, "DPM-Solver++(3M), deterministic, lower order final"),
-    "dpmpp_2m_sde": Preset("multistep", {"order": 2, "eta": 1.0}, "SDE-DPM-Solver++(2M), eta 1"),
-    "dpmpp_3m_sde": Preset("multistep", {"order": 3, "eta": 1.0}, "SDE-DPM-Solver++(3M), eta 1"),
+    "dpmpp_2m_sde": Preset("multistep", {"order": 2, "eta": 1.0}, "SDE-DPM-Solver++(2M), eta 1",
+                           "SDE-DPM-Solver++(2M), eta 1"),
+    "dpmpp_3m_sde": Preset("multistep", {"order": 3, "eta": 1.0}, "SDE-DPM-Solver++(3M), eta 1",
+                           "SDE-DPM-Solver++(3M), eta 1"),
     "dpmpp_2s": Preset("singlestep", {"order": 2}, "DPM-Solver++(2S), 2 model calls per step"),
     "dpmpp_3s": Preset("singlestep", {"order": 3}, "DPM-Solver++(3S), 3 model calls per step"),
     "unipc_bh2": Preset(
         "multistep",
         {"order": 3, "corrector": "bh2"},
         "DPM-Solver++(3M) predictor with the UniC-bh2 corrector (Zhao et al. 2023, arXiv 2302.04867)",
+        "DPM-Solver++(3M) + UniC-bh2",
     ),
 }
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
@@ -140,6 +144,15 @@ def comfy_sampler_function(
     calibrated = options.pop("calibrated_sigmas", None)
     if calibrated is not None:
         options["orders"] = orders_for_part(sigmas, calibrated, options["orders"])
+    planned = options.pop("planned_sigmas", None)
+    if planned is not None:  # an NFE plan's orders: its own sigmas or a part of them
+        part = _part_orders(sigmas, planned, options["orders"])
+        if part is None:
+            logger.info("FewStep: these sigmas are not the NFE plan's (or a SplitSigmas part of them); the "
+                        "singlestep orders follow the paper's allocation for %d steps", len(sigmas) - 1)
+            options.pop("orders")
+        else:
+            options["orders"] = part
     if options.get("parameterization") is None:
         options["parameterization"] = parameterization_for_denoiser(model)
     function = _SAMPLERS.get(solver) or _CALIBRATED_SAMPLERS[solver]
@@ -152,9 +165,9 @@ def make_sampler(solver: SolverFamily, options: Mapping[str, Any]) -> comfy.samp
     return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={"solver": solver, **options})
 
 
-def orders_for_part(sigmas: Any, calibrated: list[float], orders: list[int]) -> list[int]:
-    """The per-interval orders of a calibrated singlestep schedule for ``sigmas``: the whole schedule,
-    or its first or last part (SplitSigmas); anything else raises with what to connect."""
+def _part_orders(sigmas: Any, bound: list[float], orders: list[int]) -> list[int] | None:
+    """The per-interval ``orders`` of the schedule ``bound`` for ``sigmas`` when they are the whole
+    schedule or its first or last part (SplitSigmas); None otherwise."""
     values = [float(s) for s in sigmas]
     n = len(values) - 1  # intervals
 
@@ -162,10 +175,20 @@ def orders_for_part(sigmas: Any, calibrated: list[float], orders: list[int]) -> 
         return len(part) == len(values) and all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-8)
                                                 for a, b in zip(values, part))
 
-    if same(calibrated[-len(values):]):
+    if same(bound[-len(values):]):
         return list(orders[len(orders) - n:])
-    if same(calibrated[:len(values)]):
+    if same(bound[:len(values)]):
         return list(orders[:n])
+    return None
+
+
+def orders_for_part(sigmas: Any, calibrated: list[float], orders: list[int]) -> list[int]:
+    """The per-interval orders of a calibrated singlestep schedule for ``sigmas``: the whole schedule,
+    or its first or last part (SplitSigmas); anything else raises with what to connect."""
+    part = _part_orders(sigmas, calibrated, orders)
+    if part is not None:
+        return part
+    values = [float(s) for s in sigmas]
     raise ValueError(
         "this singlestep sampler was calibrated for the sigmas "
         f"[{', '.join(f'{v:.5g}' for v in calibrated)}] but got [{', '.join(f'{v:.5g}' for v in values)}]. "
@@ -181,6 +204,15 @@ def make_calibrated_singlestep_sampler(options: Mapping[str, Any], orders: list[
     solver, options = normalize_options("singlestep", options)
     return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={
         "solver": solver, **options, "orders": list(orders), "calibrated_sigmas": [float(v) for v in sigmas]})
+
+
+def make_planned_singlestep_sampler(options: Mapping[str, Any], orders: list[int],
+                                    sigmas: list[float]) -> comfy.samplers.KSAMPLER:
+    """A ComfyUI ``SAMPLER`` for an NFE plan's singlestep schedule: the plan's per-interval orders on
+    its own sigmas or a SplitSigmas part of them; on any other sigmas the default allocation."""
+    solver, options = normalize_options("singlestep", options)
+    return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={
+        "solver": solver, **options, "orders": list(orders), "planned_sigmas": [float(v) for v in sigmas]})
 
 
 def make_fitted_sampler(coefficients: list[list[float]], sigmas: list[float], history: int) -> comfy.samplers.KSAMPLER:

@@ -10,7 +10,7 @@ import torch
 from ..samplers.budget import steps_for_nfe
 from ..samplers.schedules import AYS_MODELS, GITS_COEFFS, SCHEDULE_DEFAULTS, SCHEDULE_NAMES, get_sigmas
 from ._api import CATEGORY_PLANS, CATEGORY_SCHEDULERS, io, ui
-from ._comfy_sampler import PRESET_NAMES, PRESETS, make_sampler
+from ._comfy_sampler import PRESET_NAMES, PRESETS, make_planned_singlestep_sampler, make_sampler
 from ._comfy_sampling import parameterization_for_model
 
 logger = logging.getLogger(__name__)
@@ -282,10 +282,11 @@ class FewStepNFEPlan(io.ComfyNode):
             raise ValueError(f"unknown preset {preset!r}; expected one of {PRESET_NAMES}")
         spec = PRESETS[preset]
         plan = steps_for_nfe(spec.solver, int(nfe), spec.order)
-        options = dict(spec.options)
-        if spec.solver == "singlestep":
-            options["orders"] = list(plan.orders)
         sigmas = sigmas_for_model(model, schedule, plan.steps, denoise)
-        text = f"{preset}: {plan.summary(cfg)}"
+        if spec.solver == "singlestep" and len(sigmas) > 1:
+            sampler = make_planned_singlestep_sampler(spec.options, list(plan.orders), sigmas.tolist())
+        else:
+            sampler = make_sampler(spec.solver, spec.options)
+        text = f"{preset}: {plan.summary(cfg, spec.label)}"
         logger.info("FewStep plan: %s", text)
-        return io.NodeOutput(make_sampler(spec.solver, options), sigmas, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(sampler, sigmas, text, ui=ui.PreviewText(text))

@@ -51,13 +51,14 @@ class StepPlan:
     solver: str = "multistep"
     order: int = 2
 
-    def summary(self, cfg: float = 1.0) -> str:
+    def summary(self, cfg: float = 1.0, label: str = "") -> str:
         """One line for a node to show, e.g. ``"8 model calls = 16 network evaluations (cfg 7.0):
-        8 steps of DPM-Solver++(3M)"``."""
+        8 steps of DPM-Solver++(3M)"``; ``label`` names the method where solver and order do not
+        (a corrector, SDE noise)."""
         calls = f"{self.nfe} model call{'s' if self.nfe != 1 else ''}"
         evals = effective_nfe(self.nfe, cfg)
         head = f"{calls} = {evals} network evaluations (cfg {float(cfg)})" if evals != self.nfe else calls
-        label = solver_label(self.solver, self.order)
+        label = label or solver_label(self.solver, self.order)
         if self.solver == "adaptive":
             body = f"{label}, step sizes chosen at run time"
         else:

@@ -207,6 +207,12 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, une
     out = api["schedule_nodes"].FewStepNFEPlan.execute(model, "dpmpp_3s", 7, "logsnr_uniform", 1.0)
     sampler, sigmas, text = out.result
     assert "7 model calls" in text and out.ui is not None
+    # a preset whose method the solver and order do not name is shown by its own name
+    node = api["schedule_nodes"].FewStepNFEPlan
+    plan = node.execute(model, "unipc_bh2", 7, "logsnr_uniform", 1.0).result[2]
+    assert plan == "unipc_bh2: 7 model calls: 7 steps of DPM-Solver++(3M) + UniC-bh2"
+    plan = node.execute(model, "dpmpp_2m_sde", 7, "logsnr_uniform", 1.0).result[2]
+    assert "7 steps of SDE-DPM-Solver++(2M), eta 1" in plan
     steps = []
     with torch.inference_mode():
         x = _guider(api, model, tiny_comfy_conds, 1.0).sample(
@@ -221,6 +227,33 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, une
     assert torch.isfinite(x).all()
     assert counter.calls == 7  # cfg 1: one forward per model call
     assert steps == list(range(len(sigmas) - 1))
+
+
+def test_nfe_plan_singlestep_runs_on_split_and_other_sigmas(api, tiny_comfy_model, tiny_comfy_conds,
+                                                            unet_counter):
+    """The plan's singlestep orders go with its own sigmas: split in two (SplitSigmas, the two-pass
+    pattern) the parts spend the same calls and give the same result as the whole; other sigmas
+    run with the default order allocation instead of failing on the plan's orders."""
+    import comfy_extras.nodes_custom_sampler as custom
+
+    model = tiny_comfy_model.clone()
+    model.set_model_unet_function_wrapper(unet_counter)
+    sampler, sigmas, _ = api["schedule_nodes"].FewStepNFEPlan.execute(model, "dpmpp_3s", 7, "logsnr_uniform",
+                                                                      1.0).result
+    guider = _guider(api, model, tiny_comfy_conds, 1.0)
+    run = custom.SamplerCustomAdvanced().sample
+    latent = {"samples": torch.zeros(LATENT)}
+    high, low = custom.SplitSigmas().get_sigmas(sigmas, 1)
+    with torch.inference_mode():
+        whole = run(custom.Noise_RandomNoise(3), guider, sampler, sigmas, latent)[0]["samples"]
+        calls = unet_counter.calls
+        first = run(custom.Noise_RandomNoise(3), guider, sampler, high, latent)[0]
+        second = run(custom.Noise_EmptyNoise(), guider, sampler, low, first)[0]["samples"]
+        assert unet_counter.calls - calls == calls == 7
+        torch.testing.assert_close(second, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
+        other = _sigmas(api, model, "karras", 4)
+        out = run(custom.Noise_RandomNoise(3), guider, sampler, other, latent)[0]["samples"]
+    assert torch.isfinite(out).all()
 
 
 def test_flow_model_via_object_patch(api, tiny_comfy_model, tiny_comfy_conds):
