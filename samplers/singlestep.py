@@ -26,6 +26,11 @@ All coefficients are computed on the host in float64 before the loop, as a small
 outer step (:class:`StepTableau`): every stage is ``x_next = a * x_s + sum_j b_j * m_j`` with
 ``m_j`` the prediction (data or noise) at evaluation point ``j``.
 
+A step from a flow model's ``sigma = 1`` (``alpha_s = 0``, ``lambda_s = -inf``) starts just below
+it (:data:`FLOW_START_OFFSET`), integrates the data prediction with either algorithm (the
+noise-prediction weights grow without bound there), and places its stages in the log-SNR window
+where the denoiser changes (:func:`flow_start_ratios`), so its result does not hang on the offset.
+
 Only the ODE (``eta = 0``) is implemented: a stochastic singlestep solver needs noise that is
 consistent between the intermediate points and the full step (a Brownian bridge), which the
 papers do not specify for 2S/3S; use the multistep SDE samplers for stochastic sampling.
@@ -57,6 +62,7 @@ from .phi import h_phi, phi
 __all__ = [
     "ALGORITHMS",
     "FINAL_STEPS",
+    "FLOW_STAGE_LAMBDA",
     "FLOW_START_OFFSET",
     "SOLVER_TYPES",
     "Algorithm",
@@ -66,6 +72,7 @@ __all__ = [
     "StepTableau",
     "apply_row",
     "build_tableau",
+    "flow_start_ratios",
     "run_step",
     "default_r",
     "sample_dpmpp_singlestep",
@@ -94,6 +101,27 @@ def solver_sigma(parameterization: Parameterization, sigma: float, sigma_next: f
         offset = FLOW_START_OFFSET if sigma_next is None else min(FLOW_START_OFFSET, 0.5 * (1.0 - sigma_next))
         return 1.0 - offset
     return sigma
+
+
+#: a step from a flow model's sigma = 1 places its stages over the log-SNR window that starts here
+#: (or one unit below its end, if that is lower): below it the denoiser is close to constant, where
+#: the exponential-integrator step is exact without a stage (as ``logsnr_uniform``'s flow clip)
+FLOW_STAGE_LAMBDA = -3.0
+
+
+def flow_start_ratios(p: Parameterization, sigma_s: float, sigma_t: float, r1: float,
+                      r2: float) -> tuple[float, float]:
+    """Stage ratios for a step that starts at a flow model's sigma = 1 (moved to ``sigma_s``, see
+    :func:`solver_sigma`). The default ratios ``r1, r2`` of ``lambda_s + r h`` would put the stages
+    at log-SNR that runs to ``-inf`` with the start offset: near-pure noise, and a result that
+    depends on the offset. Instead they are applied to the window ``[lambda_w, lambda_t]`` with
+    ``lambda_w = min(FLOW_STAGE_LAMBDA, lambda_t - 1)`` (not below ``lambda_s``), and returned as
+    ratios of the whole step, so the update's weights (arXiv 2211.01095, Alg. 1; 2206.00927, Alg. 2
+    for general ``r1, r2``) stay those of the true interval."""
+    lam_s, lam_t = p.lambda_(sigma_s), p.lambda_(sigma_t)
+    lam_w = max(lam_s, min(FLOW_STAGE_LAMBDA, lam_t - 1.0))
+    h = lam_t - lam_s
+    return (lam_w + r1 * (lam_t - lam_w) - lam_s) / h, (lam_w + r2 * (lam_t - lam_w) - lam_s) / h
 
 
 def default_r(order: int) -> tuple[float, float]:
@@ -143,6 +171,7 @@ def build_tableau(
     A step to ``sigma_t = 0`` must be first order; it returns the data prediction exactly.
     """
     p = parameterization
+    from_flow_start = p.kind == "flow" and sigma_s >= 1.0
     sigma_s = solver_sigma(p, sigma_s, sigma_t)
     if not 0.0 <= sigma_t < sigma_s:
         raise ValueError(f"a step needs 0 <= sigma_t < sigma_s, got sigma_s={sigma_s!r}, sigma_t={sigma_t!r}")
@@ -154,6 +183,8 @@ def build_tableau(
             "lower the last order to 1 or use final_step='sigma_min'"
         )
     r1_default, r2_default = default_r(order)
+    if from_flow_start and r1 is None and r2 is None and order > 1:
+        r1_default, r2_default = flow_start_ratios(p, sigma_s, sigma_t, r1_default, r2_default)
     r1 = r1_default if r1 is None else float(r1)
     r2 = r2_default if r2 is None else float(r2)
     if order == 2 and not 0.0 < r1 < 1.0:
@@ -162,8 +193,11 @@ def build_tableau(
         raise ValueError(f"3S needs 0 < r1 < r2 < 1, got r1={r1!r}, r2={r2!r}")
 
     # a first-order step to sigma = 0 is x_t = alpha_0 x0 in both algorithms (the exact limit of
-    # -sigma_t expm1(h) eps); write it with the data prediction to avoid the 0 * inf form
-    data = algorithm == "dpmsolver++" or sigma_t == 0.0
+    # -sigma_t expm1(h) eps); write it with the data prediction to avoid the 0 * inf form. A step
+    # from a flow model's sigma = 1 (alpha_s = 0, lambda_s = -inf) uses the data prediction too: the
+    # noise-prediction weights grow like e^h ~ 1 / alpha_s, so its higher-order terms would scale the
+    # change of eps by 1 / FLOW_START_OFFSET (a 2S/3S run on a flow model went far off)
+    data = algorithm == "dpmsolver++" or sigma_t == 0.0 or from_flow_start
     lambda_s = p.lambda_(sigma_s)
     h = p.lambda_(sigma_t) - lambda_s
     alpha_s = p.alpha(sigma_s)

@@ -355,6 +355,32 @@ def test_flow_from_sigma_one(order, algorithm):
     assert torch.allclose(out0, expected0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_flow_from_sigma_one_does_not_hang_on_the_start_offset(order, algorithm, monkeypatch):
+    """A 2S/3S step from a flow model's sigma = 1 places its stages where the denoiser changes and
+    integrates the data prediction: the result hardly moves when the (arbitrary) start offset
+    shrinks 100x, and noise prediction stays as accurate as data prediction. Before, the stages sat
+    at near-pure noise (log-SNR -9.2 + r h), and noise prediction scaled the change of eps by
+    1 / offset: on this mixture 3S went from 0.074 to 0.100 (data) and 0.19 to 1.96 (noise), 2S
+    had 0.105 (data); now 0.059 and 0.069-0.072."""
+    import comfyui_fewstep.samplers.singlestep as singlestep
+    from comfyui_fewstep.samplers import analytic
+
+    problem = analytic.make_problem("flow_shift3", "gmm16", n_samples=128)
+    p = problem.range.parameterization()
+    sigmas = torch.tensor([1.0, 0.5, 0.2, 0.0], dtype=torch.float64)
+    errors, outs = [], []
+    for offset in (1e-4, 1e-6):
+        monkeypatch.setattr(singlestep, "FLOW_START_OFFSET", offset)
+        out = sample_dpmpp_singlestep(problem.denoiser(), problem.x_start.clone(), sigmas, disable=True,
+                                      parameterization=p, order=order, algorithm=algorithm)
+        outs.append(out)
+        errors.append(float(analytic.per_sample_rms(out, problem.reference).median()))
+    assert float((outs[0] - outs[1]).abs().median()) < 1e-3
+    assert max(errors) < (0.065 if order == 3 else 0.075)
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_flow_from_sigma_one_with_the_next_sigma_within_the_offset(order):
     """A large shift at many steps puts the second sigma within 1e-4 of 1 (shift 12 at 1000 steps:
