@@ -176,6 +176,18 @@ def test_karras_matches_eq5(rho, steps):
     assert torch.allclose(s, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("rho", [0.1, 0.001])
+def test_karras_small_rho_keeps_its_end_points(rho):
+    # the direct form cancels (rho 0.1: sigma_max^10 + 1 * (sigma_min^10 - sigma_max^10) is 0, not
+    # sigma_min^10) or overflows (rho 0.001); eq. 5 itself is a valid, if odd, schedule there
+    smin, smax = EPS.sigma_min, EPS.sigma_max
+    s = S.get_sigmas_karras(8, EPS, rho=rho).double()
+    assert s[0].item() == pytest.approx(smax, rel=1e-6) and s[-2].item() == pytest.approx(smin, rel=1e-6)
+    assert bool((s[1:] < s[:-1]).all()) and s[-1].item() == 0.0
+    # an interior point: with sigma_min^(1/rho) negligible, eq. 5 is (1 - r)^rho sigma_max
+    assert s[3].item() == pytest.approx((1 - 3 / 7) ** rho * smax, rel=1e-6)
+
+
 def test_range_schedules_take_overrides_without_a_parameterization():
     s = S.get_sigmas_karras(4, None, sigma_min=0.1, sigma_max=10.0)
     assert s[0].item() == pytest.approx(10.0) and s[-2].item() == pytest.approx(0.1)
