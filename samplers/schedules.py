@@ -397,8 +397,8 @@ def get_sigmas_karras(
     if not (math.isfinite(rho) and rho > 0.0):
         raise ValueError(f"{name}: rho must be > 0, got {rho!r}")
     ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
-    log_sigma = rho * torch.logaddexp(torch.log1p(-ramp) + math.log(hi) / rho, ramp.log() + math.log(lo) / rho)
-    return _finish(name, log_sigma.exp(), append_zero=True)
+    log_sigma = torch.logaddexp(torch.log1p(-ramp) + math.log(hi) / rho, ramp.log() + math.log(lo) / rho)
+    return _finish(name, (rho * log_sigma).exp(), append_zero=True)
 
 
 def get_sigmas_exponential(
