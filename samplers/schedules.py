@@ -476,6 +476,10 @@ def _check_table_fits(
             f"{name}: the {label} table spans sigma {table[-1]:.6g}..{table[0]:.6g}, outside this model's "
             f"range {lo:.6g}..{hi:.6g}; use a schedule computed from the model (e.g. logsnr_uniform)"
         )
+    if table[0] < 0.5 * hi:  # e.g. a zero-terminal-SNR model (sigma_max 4500 against the table's 14.6)
+        logger.warning("%s: the %s table starts at sigma %.4g, far below this model's sigma_max %.4g (zero "
+                       "terminal SNR?): sampling starts from that noise level, not from pure noise; use "
+                       "logsnr_uniform or karras to start at the model's own", name, label, table[0], hi)
 
 
 def get_sigmas_ays(

@@ -176,6 +176,22 @@ def test_karras_matches_eq5(rho, steps):
     assert torch.allclose(s, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
 
 
+def test_tables_on_a_zero_terminal_snr_model_say_they_start_lower(caplog):
+    # a zSNR model's sigma_max is about 4500; the SD tables start at 14.6: allowed, with a warning
+    zsnr = for_family("v", timestep_sigmas=discrete_vp_sigmas(zero_terminal_snr=True))
+    assert zsnr.sigma_max > 1000
+    with caplog.at_level("WARNING", logger="comfyui_fewstep.samplers.schedules"):
+        s = S.get_sigmas("ays", 10, zsnr)
+        assert s[0].item() == pytest.approx(14.615, rel=1e-3)
+        S.get_sigmas("gits", 10, zsnr)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["ays", "gits"]
+    assert "far below this model's sigma_max" in caplog.records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="comfyui_fewstep.samplers.schedules"):
+        S.get_sigmas("ays", 10, EPS)
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("rho", [0.1, 0.001])
 def test_karras_small_rho_keeps_its_end_points(rho):
     # the direct form cancels (rho 0.1: sigma_max^10 + 1 * (sigma_min^10 - sigma_max^10) is 0, not
