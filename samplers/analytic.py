@@ -389,21 +389,24 @@ class RangePreset:
     description: str = ""
 
     def parameterization(self) -> Parameterization:
-        return Parameterization(self.form, self.sigma_min, self.sigma_max, self.family)
+        """Coordinates of the range; SD1.5's discrete family carries its 1000-step timestep table
+        (time-based schedules and the AYS / GITS tables are those of a discrete-time model)."""
+        table = _SD15_TABLE if self.family in ("eps", "v", "x0") else None
+        return Parameterization(self.form, self.sigma_min, self.sigma_max, self.family, table)
 
 
-def _sd15_range() -> tuple[float, float]:
+def _sd15_table() -> tuple[float, ...]:
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=_DTYPE) ** 2
     abar = torch.cumprod(1.0 - betas, 0)
-    sigmas = ((1 - abar) / abar).sqrt()
-    return float(sigmas[0]), float(sigmas[-1])
+    return tuple(float(s) for s in ((1 - abar) / abar).sqrt())
 
 
 def _flow_sigma(t: float, shift: float) -> float:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-_SD15_MIN, _SD15_MAX = _sd15_range()
+_SD15_TABLE = _sd15_table()
+_SD15_MIN, _SD15_MAX = _SD15_TABLE[0], _SD15_TABLE[-1]
 
 #: sigma ranges of real model families (``flow_*`` use ComfyUI's 1000-step discrete flow)
 RANGE_PRESETS: dict[str, RangePreset] = {
