@@ -21,7 +21,7 @@ _SCHEDULE_TOOLTIP = (
     "How the noise levels of the steps are spaced. logsnr_uniform: equal steps in the half "
     "log-SNR (DPM-Solver's choice, good for few steps); logsnr_window: the same over the log-SNR "
     "window that matters at 4-10 steps (the few-step preset's); time_uniform / time_quadratic: "
-    "equal steps in the model's time (on flow models such as SD3 or Flux the best at 2-4 steps); "
+    "equal steps in the model's time (on flow models such as SD3 or Flux the best at 2-3 steps); "
     "karras / exponential / polyexponential: k-diffusion's range schedules; ays / gits: "
     "published tables for SD 1.5 / SDXL / SVD; custom: your own list."
 )
