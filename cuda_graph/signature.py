@@ -13,12 +13,15 @@ rebuilds the tree around other leaves (the static buffers) in the same order.
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Hashable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
+    "MAX_OPTION_DEPTH",
     "TensorMeta",
     "UnsupportedInput",
     "flatten",
@@ -27,6 +30,7 @@ __all__ = [
     "options_key",
     "parameter_fingerprint",
     "unflatten",
+    "VOLATILE_OPTIONS",
 ]
 
 _SCALARS = (bool, int, float, str, bytes, type(None))
@@ -127,33 +131,53 @@ def _unflatten(spec: Any, it: Iterator[torch.Tensor]) -> Any:
 VOLATILE_OPTIONS = frozenset({
     "cond_or_uncond", "uuids", "sigmas", "sample_sigmas", "wrappers", "callbacks", "patches",
     "patches_replace", "optimized_attention_override",
+    # EasyCache's state: read by its own diffusion-model wrapper, which runs either outside this
+    # one (the forward never sees it) or inside it (the call then runs eagerly)
+    "easycache",
 })
+
+#: how deep :func:`options_key` follows plain objects' attributes before giving up (eager)
+MAX_OPTION_DEPTH = 8
 
 
 def options_key(options: Any, skip: frozenset[str] = VOLATILE_OPTIONS) -> Hashable:
     """A hashable description of the host-side options a forward reads (ComfyUI's
     ``transformer_options``): a captured graph bakes in whatever the forward decided from them
-    (``rope_options``, ``chroma_radiance_options``), so they join the key. Scalars count by
-    value, containers by their items, other objects by identity. Raises :class:`UnsupportedInput`
-    for a tensor among them: a graph would keep reading the captured one."""
+    (``rope_options``, ``chroma_radiance_options``, a context window's frame indices), so they
+    join the key. Scalars count by value, containers by their items, plain objects by their type
+    and attributes (a new object with the same attributes is the same key; an attribute changed in
+    place is another), functions and classes by the object itself (held by the key, so its id is
+    never reused). Raises :class:`UnsupportedInput` for anything else the key cannot describe (a
+    tensor, an object without attributes, nesting deeper than :data:`MAX_OPTION_DEPTH`): a graph
+    would keep reading what it captured."""
     if not isinstance(options, dict):
-        return ("O", type(options).__qualname__, id(options))
-    return tuple((str(k), _option_value(v, f"transformer_options.{k}"))
+        return _option_value(options, "transformer_options", 0)
+    return tuple((str(k), _option_value(v, f"transformer_options.{k}", 0))
                  for k, v in options.items() if k not in skip)
 
 
-def _option_value(value: Any, path: str) -> Hashable:
+def _option_value(value: Any, path: str, depth: int) -> Hashable:
+    if depth > MAX_OPTION_DEPTH:
+        raise UnsupportedInput(f"{path} nests deeper than {MAX_OPTION_DEPTH} levels")
     if isinstance(value, torch.Tensor):
         raise UnsupportedInput(f"{path} is a tensor, which a captured graph would not refresh")
     if isinstance(value, _SCALARS):
         return ("V", type(value).__name__, value)
     if isinstance(value, dict):
-        return ("D", tuple((str(k), _option_value(v, f"{path}.{k}")) for k, v in value.items()))
+        return ("D", tuple((str(k), _option_value(v, f"{path}.{k}", depth + 1)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
-        return ("L", tuple(_option_value(v, f"{path}[{i}]") for i, v in enumerate(value)))
+        return ("L", tuple(_option_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)))
     if isinstance(value, (torch.dtype, torch.device)):
         return ("V", type(value).__name__, str(value))
-    return ("O", type(value).__qualname__, id(value))
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type,
+                          types.ModuleType, functools.partial)):
+        return ("F", value)  # held by the key: compared by identity, and alive while the graph is
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict):
+        return ("O", type(value).__qualname__,
+                _option_value(attributes, f"{path}.__dict__", depth + 1))
+    raise UnsupportedInput(f"{path} is a {type(value).__qualname__} object, which the graph key cannot "
+                           "describe")
 
 
 def list_lengths(tree: Any) -> list[int]:

@@ -122,17 +122,53 @@ def test_zero_dim_cpu_tensors_are_keyed_by_value():
     assert rebuilt["scale"].dtype == torch.float32 and float(rebuilt["scale"]) == 2.0
 
 
-def test_options_key_by_value_and_identity_without_per_call_entries():
+def test_options_key_by_value_without_per_call_entries():
     base = {"cond_or_uncond": [0, 1], "uuids": ["a"], "sigmas": torch.ones(1),
             "rope_options": {"scale_y": 1.0}}
     key = options_key(base)
     assert key == options_key(dict(base, cond_or_uncond=[1], uuids=["b"], sigmas=torch.zeros(1)))
     assert key != options_key(dict(base, rope_options={"scale_y": 2.0}))
-    marker = object()
-    assert options_key(dict(base, obj=marker)) == options_key(dict(base, obj=marker))
-    assert options_key(dict(base, obj=marker)) != options_key(dict(base, obj=object()))
     with pytest.raises(UnsupportedInput, match="transformer_options.mask is a tensor"):
         options_key(dict(base, mask=torch.ones(2)))
+
+
+class _Window:
+    """Like ComfyUI's IndexListContextWindow: a new object for every window of every step."""
+
+    def __init__(self, index_list, dim=0):
+        self.index_list, self.context_length, self.dim = index_list, len(index_list), dim
+
+
+def test_options_key_objects_by_content_functions_by_identity():
+    """Plain objects are keyed by their attributes, not by id(): a value changed in place is another
+    key (an id-keyed object replayed the old graph), a new object with the same attributes the same
+    key (context windows recaptured on every call, as a freed object's id came back); functions are
+    held by the key; what it cannot describe runs eagerly."""
+    key = options_key({"context_window": _Window([0, 1, 2])})
+    assert key == options_key({"context_window": _Window([0, 1, 2])})
+    assert key != options_key({"context_window": _Window([1, 2, 3])})
+    window = _Window([0, 1, 2])
+    before = options_key({"context_window": window})
+    window.dim = 1
+    assert options_key({"context_window": window}) != before
+
+    def patch(x):
+        return x
+
+    assert options_key({"fn": patch}) == options_key({"fn": patch})
+    assert options_key({"fn": patch}) != options_key({"fn": lambda x: x})
+    assert any(part is patch for part in options_key({"fn": patch})[0][1])  # alive with the key
+    assert options_key({"easycache": object(), "a": 1}) == options_key({"a": 1})  # its own wrapper's state
+    with pytest.raises(UnsupportedInput, match="transformer_options.marker is a object object"):
+        options_key({"marker": object()})
+    with pytest.raises(UnsupportedInput, match=r"transformer_options.holder.__dict__.cache is a tensor"):
+        holder = _Window([0])
+        holder.cache = torch.zeros(1)
+        options_key({"holder": holder})
+    loop = _Window([0])
+    loop.parent = loop
+    with pytest.raises(UnsupportedInput, match="nests deeper than"):
+        options_key({"loop": loop})
 
 
 def test_parameter_fingerprint_tracks_replaced_weights_not_inplace_updates():
