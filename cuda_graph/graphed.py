@@ -207,6 +207,8 @@ class GraphedForward:
                 with capture_context() if capture_context is not None else contextlib.nullcontext():
                     graph = self.backend.capture(body, device=device, warmup=self.warmup, pool=self.cache.pool)
                 output_spec, static_outputs = flatten(graph.output, "output")
+                for buffer, leaf in zip(static, leaves):  # the warm-ups may have written to them
+                    buffer.copy_(leaf)
                 graph.replay()
             graph_out = [t.clone() for t in static_outputs]
         except Exception as e:

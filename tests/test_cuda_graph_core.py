@@ -198,6 +198,22 @@ def test_second_call_with_same_signature_replays_fresh_data():
     assert torch.equal(gf(fwd, inputs(seed=2), device=CPU), fwd(inputs(seed=2)))
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_first_replay_reads_the_callers_inputs_after_warm_ups_wrote_to_them(verify):
+    """A forward that writes to its input (in place) runs several times on the static buffers while
+    warming up and recording; the first replay still starts from the caller's values."""
+    backend = RecordingBackend()
+    gf = GraphedForward(backend, warmup=2, verify=verify)
+
+    def halve_in_place(t):
+        return t["x"].mul_(0.5).clone()
+
+    out = gf(halve_in_place, {"x": torch.ones(2)}, device=CPU)
+    assert torch.equal(out, torch.full((2,), 0.5))
+    assert gf.stats.verify_failures == 0 and len(gf.cache) == 1
+    assert torch.equal(gf(halve_in_place, {"x": torch.full((2,), 4.0)}, device=CPU), torch.full((2,), 2.0))
+
+
 def test_new_signature_captures_again():
     backend = RecordingBackend()
     gf = GraphedForward(backend)
