@@ -123,12 +123,23 @@ class CudaGraphBackend:
                     body()
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
+            body_error: BaseException | None = None
             try:
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="global"):
-                    output = body()
-            except BaseException:
+                    try:
+                        output = body()
+                    except BaseException as e:  # noqa: BLE001 - re-raised below, after the capture ends
+                        body_error = e
+            except BaseException as end_error:
+                # ending a capture whose body failed raises its own error ("operation failed due to
+                # a previous error during capture"), which would hide the body's: report the body's
                 self._after_failure(graph, device)
+                if body_error is not None:
+                    raise body_error from end_error
                 raise
+            if body_error is not None:
+                self._after_failure(graph, device)
+                raise body_error
             torch.cuda.current_stream(device).wait_stream(stream)
             torch.cuda.synchronize(device)
             nbytes = max(0, free_before - torch.cuda.mem_get_info(device)[0])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ from .verify import compare_outputs
 __all__ = ["GraphStats", "GraphedForward"]
 
 logger = logging.getLogger(__name__)
+
+#: set while this thread warms up or records a graph: a model call made from inside that forward
+#: (a patch that runs another wrapped model) runs eagerly, and so becomes part of the outer graph,
+#: instead of waiting for the process-wide capture lock its own thread holds
+_CAPTURING = threading.local()
+NESTED_REASON = "called from inside another graph's capture (a nested model call); it is part of that graph"
 
 Forward = Callable[[Any], Any]
 
@@ -131,6 +138,8 @@ class GraphedForward:
         """
         if blocked is not None:
             return self._eager(forward, inputs, blocked)
+        if getattr(_CAPTURING, "active", False):
+            return self._eager(forward, inputs, NESTED_REASON)
         try:
             device = torch.device(device)
             reason = self.backend.unavailable_reason(device)
@@ -204,8 +213,13 @@ class GraphedForward:
                 static = [t.clone(memory_format=torch.preserve_format) for t in leaves]
                 if self.cache.pool is None:
                     self.cache.pool = self.backend.new_pool(device)
-                with capture_context() if capture_context is not None else contextlib.nullcontext():
-                    graph = self.backend.capture(body, device=device, warmup=self.warmup, pool=self.cache.pool)
+                _CAPTURING.active = True
+                try:
+                    with capture_context() if capture_context is not None else contextlib.nullcontext():
+                        graph = self.backend.capture(body, device=device, warmup=self.warmup,
+                                                     pool=self.cache.pool)
+                finally:
+                    _CAPTURING.active = False
                 output_spec, static_outputs = flatten(graph.output, "output")
                 for buffer, leaf in zip(static, leaves):  # the warm-ups may have written to them
                     buffer.copy_(leaf)

@@ -23,6 +23,7 @@ from comfyui_fewstep.cuda_graph import (
     pin_sdpa_backends,
     unflatten,
 )
+from comfyui_fewstep.cuda_graph import graphed
 from comfyui_fewstep.cuda_graph.attention import sdpa_without_cudnn
 from comfyui_fewstep.cuda_graph.signature import options_key
 from comfyui_fewstep.cuda_graph.cache import GraphCache
@@ -212,6 +213,57 @@ def test_first_replay_reads_the_callers_inputs_after_warm_ups_wrote_to_them(veri
     assert torch.equal(out, torch.full((2,), 0.5))
     assert gf.stats.verify_failures == 0 and len(gf.cache) == 1
     assert torch.equal(gf(halve_in_place, {"x": torch.full((2,), 4.0)}, device=CPU), torch.full((2,), 2.0))
+
+
+def test_a_model_call_inside_a_capture_runs_eagerly_as_part_of_it():
+    """A forward that calls another wrapped model (a patch running a second model): the inner call
+    runs eagerly while the outer one warms up and records, instead of waiting for the capture lock
+    its own thread holds (a hang on CUDA), and the outer graph replays both."""
+    backend = RecordingBackend()
+    outer, inner = GraphedForward(backend, warmup=1, verify=True), GraphedForward(backend, warmup=1)
+
+    def inner_forward(t):
+        return t["x"] * 3.0
+
+    def outer_forward(t):
+        return inner(inner_forward, {"x": t["x"] + 1.0}, device=CPU) * 2.0
+
+    for value in (1.0, 2.0):
+        out = outer(outer_forward, {"x": torch.full((2,), value)}, device=CPU)
+        assert torch.equal(out, torch.full((2,), (value + 1.0) * 6.0))
+    assert outer.stats.captures == 1 and inner.stats.eager_calls[graphed.NESTED_REASON] >= 2
+
+
+def test_cuda_capture_reports_the_bodys_error_not_the_capture_end(monkeypatch):
+    """torch.cuda.graph's exit ends the capture even after the body failed, and that raises its own
+    error, which used to replace the real cause in the log (e.g. a .item() during capture)."""
+    import contextlib
+
+    from comfyui_fewstep.cuda_graph.capture import CudaGraphBackend
+
+    class Dummy:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    @contextlib.contextmanager
+    def graph_context(*args, **kwargs):
+        yield
+        raise RuntimeError("operation failed due to a previous error during capture")
+
+    for name, value in {"device": lambda d: contextlib.nullcontext(), "stream": lambda s: contextlib.nullcontext(),
+                        "synchronize": lambda d=None: None, "mem_get_info": lambda d=None: (0, 0),
+                        "CUDAGraph": Dummy, "graph": graph_context, "current_stream": lambda d=None: Dummy(),
+                        "empty_cache": lambda: None}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    backend = CudaGraphBackend()
+    monkeypatch.setattr(backend, "_stream", lambda device: Dummy())
+
+    def body():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="operation not permitted when stream is capturing") as info:
+        backend.capture(body, device=torch.device("cuda", 0), warmup=0, pool=None)
+    assert "previous error during capture" in str(info.value.__cause__)
 
 
 def test_new_signature_captures_again():
