@@ -41,6 +41,10 @@ FORCE_EAGER_ENV = "FEWSTEP_CUDA_GRAPH_DISABLE"
 """Set to 1 to run every call eagerly (A/B comparisons) without editing the workflow."""
 
 
+#: model families already reported as having no ``DIFFUSION_MODEL`` wrapper point
+_UNHOOKED_WARNED: set[str] = set()
+
+
 def _comfy():
     from comfy import patcher_extension
     from comfy.ldm.modules import attention
@@ -57,15 +61,32 @@ class ComfyGraphState:
         self.attention = attention
         self._cheap_weights: tuple | None = None
         self._fingerprint: int | None = None
+        self.model_calls = self.forward_calls = 0  # this run: apply_model calls, calls reaching us
 
     # ------------------------------------------------------------ callbacks
     def on_pre_run(self, patcher: Any) -> None:
         self.runner.new_run()
         self._fingerprint = None  # re-read parameter addresses once per sampling run
+        self.model_calls = self.forward_calls = 0
+
+    def count_model_call(self, executor, *args, **kwargs):
+        """``WrappersMP.APPLY_MODEL`` wrapper: counts the model calls of a run, so that a model
+        family whose forward has no ``DIFFUSION_MODEL`` wrapper point is reported, not silently
+        left eager."""
+        self.model_calls += 1
+        return executor(*args, **kwargs)
 
     def on_cleanup(self, patcher: Any) -> None:
         logger.debug("CUDA graph: run finished: %s", self.runner.stats.summary())
         base = self._base_model()
+        if self.model_calls and not self.forward_calls:
+            family = type(getattr(base, "diffusion_model", None)).__name__
+            if family not in _UNHOOKED_WARNED:
+                _UNHOOKED_WARNED.add(family)
+                logger.warning(
+                    "CUDA graph: %s does not call ComfyUI's diffusion-model wrapper (%d model calls, none "
+                    "reached this node), so it ran as usual, without graphs; this ComfyUI version offers "
+                    "no hook for this model family", family, self.model_calls)
         if base is not None and getattr(base, "model_lowvram", False):
             self.runner.release_all(torch.device(patcher.load_device), "the model is now partially loaded")
 
@@ -122,6 +143,7 @@ class ComfyGraphState:
         timesteps, context, y, control, transformer_options``, Flux eight arguments, ...): the
         arguments pass through unchanged, and ``transformer_options`` is found by the wrapped
         forward's parameter name."""
+        self.forward_calls += 1
         where = "transformer_options" if "transformer_options" in kwargs else _options_position(executor)
         if where == "transformer_options":
             options = kwargs["transformer_options"]
@@ -211,6 +233,7 @@ def apply_cuda_graph(model: Any, *, enable: bool = True, max_graphs: int = 4, wa
     wrappers, callbacks = patcher_extension.WrappersMP, patcher_extension.CallbacksMP
     m = model.clone()
     m.remove_wrappers_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY)
+    m.remove_wrappers_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY)
     for kind in (callbacks.ON_PRE_RUN, callbacks.ON_CLEANUP, callbacks.ON_DETACH):
         m.remove_callbacks_with_key(kind, WRAPPER_KEY)
     if not enable:
@@ -219,6 +242,7 @@ def apply_cuda_graph(model: Any, *, enable: bool = True, max_graphs: int = 4, wa
                             tolerance=tolerance)
     state = ComfyGraphState(m.model, runner, attention)
     m.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, state.wrapper)
+    m.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, state.count_model_call)
     m.add_callback_with_key(callbacks.ON_PRE_RUN, WRAPPER_KEY, state.on_pre_run)
     m.add_callback_with_key(callbacks.ON_CLEANUP, WRAPPER_KEY, state.on_cleanup)
     m.add_callback_with_key(callbacks.ON_DETACH, WRAPPER_KEY, state.on_detach)

@@ -92,6 +92,36 @@ def test_node_installs_keyed_wrapper_on_a_clone(node_module):
     assert len(twice.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL)) == 1
     (off,) = node_module.FewStepCUDAGraph.execute(twice, False, 4, 2, True, "auto").result
     assert off.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL) == []
+    assert off.get_all_wrappers(pe.WrappersMP.APPLY_MODEL) == []
+
+
+TINY_SD3 = {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "depth": 2,
+            "num_patches": 64 * 64, "pos_embed_max_size": 64, "adm_in_channels": 32, "out_channels": 16,
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": 64, "out_features": 128}}}
+
+
+def test_a_model_family_without_the_wrapper_point_is_reported_once(node_module, caplog):
+    """SD3's MMDiT (like Stable Cascade, PixArt, HunyuanDiT) has no DIFFUSION_MODEL wrapper point in
+    this ComfyUI: the node cannot graph it, and says so once instead of silently doing nothing."""
+    import comfy.sample
+
+    base = random_patcher("SD3", TINY_SD3, 3)
+    (wrapped,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 1, True, "auto").result
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 8, 64, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
+    noise = torch.randn(1, 16, 8, 8, generator=g)
+    node_module._UNHOOKED_WARNED.discard("OpenAISignatureMMDITWrapper")
+    with caplog.at_level(logging.WARNING, logger="comfyui_fewstep"):
+        for _ in range(2):
+            comfy.sample.sample(wrapped, noise, 2, 4.0, "euler", "simple", cond, cond,
+                                torch.zeros_like(noise), seed=0, disable_pbar=True)
+    lines = [r.getMessage() for r in caplog.records if "diffusion-model wrapper" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("CUDA graph: OpenAISignatureMMDITWrapper does not call")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="comfyui_fewstep"):
+        sample(node_module.FewStepCUDAGraph.execute(tiny_patcher(), True, 4, 1, True, "auto").result[0])
+    assert "diffusion-model wrapper" not in caplog.text  # the UNet reaches it (and runs eagerly on CPU)
 
 
 def test_bad_setting_is_an_error_and_a_failed_install_passes_the_model_through(node_module, caplog,
