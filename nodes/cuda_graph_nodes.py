@@ -11,10 +11,12 @@ run eagerly with one logged reason, and never raises on its own account.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,6 +41,31 @@ logger = logging.getLogger(__name__)
 WRAPPER_KEY = "comfyui_fewstep.cuda_graph"
 FORCE_EAGER_ENV = "FEWSTEP_CUDA_GRAPH_DISABLE"
 """Set to 1 to run every call eagerly (A/B comparisons) without editing the workflow."""
+
+
+@contextlib.contextmanager
+def no_cudnn_sdpa() -> Iterator[None]:
+    """While warming up and recording: no SDPA call may pick the cuDNN attention kernel, including
+    calls that bypass the attention override (``comfy.ops.scaled_dot_product_attention`` without
+    ``transformer_options``, e.g. WAN Animate's face blocks). ComfyUI forces its backend priority
+    list on every call (``sdpa_kernel(SDPA_BACKEND_PRIORITY, set_priority=True)``), so the entry
+    is removed from that list, and PyTorch's own cuDNN SDPA switch is off; both are restored."""
+    import comfy.ops
+
+    from torch.nn.attention import SDPBackend
+
+    priority = getattr(comfy.ops, "SDPA_BACKEND_PRIORITY", None)
+    saved = list(priority) if isinstance(priority, list) else None
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        if saved is not None:
+            priority[:] = [b for b in saved if b != SDPBackend.CUDNN_ATTENTION]
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+        if saved is not None:
+            priority[:] = saved
 
 
 #: model families already reported as having no ``DIFFUSION_MODEL`` wrapper point
@@ -170,7 +197,7 @@ class ComfyGraphState:
         x = args[0] if args else kwargs.get("x")
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         facts_options = options if isinstance(options, dict) else {}
-        capture_forward, key_extra, weights = forward, (), None
+        capture_forward, key_extra, weights, capture_context = forward, (), None, None
         try:
             if os.environ.get(FORCE_EAGER_ENV, "") not in ("", "0"):
                 blocked = "the environment variable FEWSTEP_CUDA_GRAPH_DISABLE is set"
@@ -187,6 +214,7 @@ class ComfyGraphState:
                 capture_options = dict(facts_options)
                 if pin:
                     capture_options["optimized_attention_override"] = sdpa_without_cudnn
+                    capture_context = no_cudnn_sdpa
 
                 def capture_forward(t: dict) -> Any:
                     return call(t, capture_options)
@@ -196,7 +224,7 @@ class ComfyGraphState:
             logger.debug("CUDA graph: eligibility check failed", exc_info=True)
             blocked = f"internal error while checking eligibility ({type(e).__name__}: {e})"
         return self.runner(forward, tree, device=device, key_extra=key_extra, weights=weights,
-                           blocked=blocked, capture_forward=capture_forward)
+                           blocked=blocked, capture_forward=capture_forward, capture_context=capture_context)
 
 
 _OPTIONS_POSITION: dict[tuple[type, str], int | None] = {}

@@ -168,6 +168,49 @@ def test_graph_path_through_real_sampling_is_bit_identical(node_module):
     assert state.runner.stats.replays == 4
 
 
+def test_no_cudnn_sdpa_covers_calls_that_bypass_the_attention_override(node_module, monkeypatch):
+    """While capturing with the cuDNN kernel excluded, ComfyUI's own SDPA priority list (which every
+    comfy.ops SDPA call forces, with or without transformer_options) has no cuDNN entry and
+    PyTorch's cuDNN SDPA switch is off; both come back afterwards, also after an error."""
+    import comfy.ops
+    from torch.nn.attention import SDPBackend
+
+    listed = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    monkeypatch.setattr(comfy.ops, "SDPA_BACKEND_PRIORITY", listed, raising=False)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with node_module.no_cudnn_sdpa():
+        assert comfy.ops.SDPA_BACKEND_PRIORITY == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+        assert comfy.ops.SDPA_BACKEND_PRIORITY is listed and not torch.backends.cuda.cudnn_sdp_enabled()
+    assert listed[0] == SDPBackend.CUDNN_ATTENTION and len(listed) == 3
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with pytest.raises(RuntimeError), node_module.no_cudnn_sdpa():
+        raise RuntimeError("capture failed")
+    assert len(listed) == 3 and torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_the_pinned_policy_captures_inside_no_cudnn_sdpa(node_module, monkeypatch):
+    import comfy.ops
+    from comfyui_fewstep.cuda_graph.emulate import EmulatedGraphBackend
+    from torch.nn.attention import SDPBackend
+
+    listed = [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    monkeypatch.setattr(comfy.ops, "SDPA_BACKEND_PRIORITY", listed, raising=False)
+    seen = []
+
+    class Watching(EmulatedGraphBackend):
+        def capture(self, body, **kwargs):
+            seen.append(list(comfy.ops.SDPA_BACKEND_PRIORITY))
+            return super().capture(body, **kwargs)
+
+    base = tiny_patcher()
+    (wrapped,) = node_module.FewStepCUDAGraph.execute(base, True, 4, 1, True, "sdpa_no_cudnn").result
+    state = _state(node_module, wrapped)
+    state.runner.backend = Watching()
+    monkeypatch.setattr(node_module, "ineligible_reason", lambda facts: None)
+    sample(wrapped)
+    assert seen == [[SDPBackend.MATH]] and listed == [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+
+
 TINY_FLUX = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 16,
     "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
