@@ -196,7 +196,8 @@ def _edm_recipe(c: FileContents, arch: str, reasons: list[str]) -> tuple[str, st
     if confidence != "certain":
         other = "dmd2_imagenet_1step" if recipe == "sid_edm_1step" else "sid_edm_1step"
         if arch in RECIPES[other].archs:
-            reasons.append(f"recipe: if this is the other student, set the recipe override to {other}")
+            reasons.append(f"recipe: if this is the other student ({other}), set the EDM generator's "
+                           f"sigma_init to {RECIPES[other].sigma_init:g}")
     return recipe, confidence, "file name" if why.startswith("file name") else "keys"
 
 

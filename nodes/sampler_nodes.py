@@ -133,7 +133,7 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "lower_order_final",
                     default=True,
                     tooltip="Lower the order of the last steps when there are few steps "
-                    "(stabilises runs under ~15 steps).",
+                    "(runs with fewer steps than lower_order_final_steps, default 10).",
                 ),
                 io.Int.Input(
                     "lower_order_final_steps",

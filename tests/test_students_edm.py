@@ -142,7 +142,10 @@ def test_edm_recipe_from_provenance_not_only_the_name(tmp_path, tiny_edm, arch, 
     assert (det.layout, det.recipe, det.confidence) == ("edm", recipe, confidence), det.reasons
     if confidence == "likely":
         other = {"sid_edm_1step": "dmd2_imagenet_1step", "dmd2_imagenet_1step": "sid_edm_1step"}[recipe]
-        assert any(f"override to {other}" in r for r in det.reasons), det.reasons
+        sigma = {"sid_edm_1step": "2.5", "dmd2_imagenet_1step": "80"}[other]
+        # the EDM generator node has no recipe input: the advice names the input it has
+        advice = f"({other}), set the EDM generator's sigma_init to {sigma}"
+        assert any(advice in r for r in det.reasons), det.reasons
     # the file loads strictly into the network read from its shapes, EDMPrecond wrapper or not
     weights = strip_precond_prefix(load_weights(path))
     found_arch, kwargs = edm_config_from_state_dict(weights)
