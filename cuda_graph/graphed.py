@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 #: (a patch that runs another wrapped model) runs eagerly, and so becomes part of the outer graph,
 #: instead of waiting for the process-wide capture lock its own thread holds
 _CAPTURING = threading.local()
+OUT_OF_MEMORY = "capture ran out of device memory"
 NESTED_REASON = "called from inside another graph's capture (a nested model call); it is part of that graph"
 
 Forward = Callable[[Any], Any]
@@ -95,8 +96,11 @@ class GraphedForward:
 
     # ------------------------------------------------------------------ bookkeeping
     def new_run(self) -> None:
-        """Start a new sampling run: every fallback reason may be logged once again."""
+        """Start a new sampling run: every fallback reason may be logged once again, and a
+        signature whose capture ran out of memory may try again (memory may be free now)."""
         self._logged.clear()
+        for key in [k for k, reason in self.cache.failed.items() if reason.startswith(OUT_OF_MEMORY)]:
+            del self.cache.failed[key]
 
     def release_all(self, device: torch.device | None = None, why: str = "") -> int:
         """Release every graph (model unloaded, weights changed); return how many went."""
@@ -230,7 +234,10 @@ class GraphedForward:
                 graph.release()
             static = []
             self.stats.capture_failures += 1
-            reason = f"capture failed ({type(e).__name__}: {e}); this input signature stays eager"
+            if isinstance(e, torch.OutOfMemoryError):
+                reason = f"{OUT_OF_MEMORY} ({e}); this input signature runs eagerly until the next run"
+            else:
+                reason = f"capture failed ({type(e).__name__}: {e}); this input signature stays eager"
             self.cache.failed[key] = reason
             logger.debug("CUDA graph capture failure", exc_info=True)
             return self._eager(forward, inputs, reason, logging.WARNING)

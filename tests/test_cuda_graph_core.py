@@ -361,6 +361,28 @@ def test_capture_failure_runs_eager_frees_and_is_not_retried(caplog):
     assert backend.warmups == 4
 
 
+def test_a_capture_that_ran_out_of_memory_tries_again_next_run(caplog):
+    """Out of memory is a state of the device, not of the forward: the signature runs eagerly for
+    the rest of the run and captures again in the next one (other failures stay eager)."""
+    class OnceOutOfMemory(RecordingBackend):
+        def record(self, body):
+            if self.captures == 0 and not getattr(self, "failed_once", False):
+                self.failed_once = True
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().record(body)
+
+    backend = OnceOutOfMemory()
+    gf = GraphedForward(backend, warmup=0)
+    fwd = unet_like(torch.tensor(0.5))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert torch.equal(gf(fwd, inputs(), device=CPU), fwd(inputs()))
+    assert len(gf.cache) == 0 and "runs eagerly until the next run" in caplog.text
+    gf.new_run()
+    assert torch.equal(gf(fwd, inputs(), device=CPU), fwd(inputs()))
+    assert len(gf.cache) == 1 and gf.stats.captures == 1
+
+
 def test_stale_replay_is_caught_by_verification():
     backend = RecordingBackend(stale=True)
     gf = GraphedForward(backend, verify=True)
