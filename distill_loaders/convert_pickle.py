@@ -42,6 +42,7 @@ import torch
 
 from .edm_networks import strip_precond_prefix
 from .errors import StudentLoadError, UnsafePickleError
+from .safetensors_header import is_torch_save_file
 from .specs import RECIPES
 
 logger = logging.getLogger(__name__)
@@ -325,11 +326,6 @@ def _check_memo(f, path: Path) -> None:
         f.seek(0)
 
 
-#: the first object of a legacy (non-zip) torch.save file
-_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_ZIP_SIGNATURE = b"PK\x03\x04"
-
-
 def _torch_save_file(path: Path) -> StudentLoadError:
     return StudentLoadError(
         path,
@@ -342,16 +338,12 @@ def restricted_load(path: str | Path):
     """Unpickle ``path`` with :class:`RestrictedUnpickler` (a torch.save file is refused: the
     loaders read it directly)."""
     path = Path(path)
+    if path.is_file() and is_torch_save_file(path):
+        raise _torch_save_file(path)
     with open(path, "rb") as f:
-        if f.read(4) == _ZIP_SIGNATURE:
-            raise _torch_save_file(path)
-        f.seek(0)
         _check_memo(f, path)
         try:
-            obj = RestrictedUnpickler(f, str(path)).load()
-            if isinstance(obj, int) and not isinstance(obj, bool) and obj == _TORCH_LEGACY_MAGIC:
-                raise _torch_save_file(path)
-            return obj
+            return RestrictedUnpickler(f, str(path)).load()
         except UnsafePickleError as e:
             if e.path is None:
                 raise UnsafePickleError(path, e.problem, e.hint) from None

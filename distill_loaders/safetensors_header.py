@@ -104,6 +104,19 @@ def _read_config(path: Path) -> dict:
         return {}
 
 
+#: the first object of a legacy (non-zip) torch.save file, pickled with protocol 2 as LONG1
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_TORCH_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + TORCH_LEGACY_MAGIC.to_bytes(10, "little")
+
+
+def is_torch_save_file(path: str | Path) -> bool:
+    """Whether ``path`` was written by ``torch.save`` (zip archive or the legacy format), whatever
+    its extension: such a file is read with ``torch.load(weights_only=True)``, never unpickled."""
+    with open(path, "rb") as f:
+        head = f.read(len(_TORCH_LEGACY_HEAD))
+    return head[:4] == b"PK\x03\x04" or head == _TORCH_LEGACY_HEAD
+
+
 def _sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(8)
@@ -119,6 +132,8 @@ def read_contents(path: str | Path) -> FileContents:
     :class:`StudentLoadError` for truncated, corrupt or code-carrying files."""
     weights, config = resolve_model_path(path)
     suffix = weights.suffix.lower()
+    if suffix in _PICKLE_EXT and weights.is_file() and is_torch_save_file(weights):
+        suffix = ".pt"  # a torch.save state dict with a pickle's name: read as one, without unpickling
     if suffix in _PICKLE_EXT:
         raise StudentLoadError(
             weights,

@@ -120,15 +120,26 @@ def test_bad_pickles(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "student.pkl"])
 @pytest.mark.parametrize("zip_format", [True, False])
-def test_torch_save_files_are_named_as_such(tmp_path, zip_format):
+def test_torch_save_files_are_named_as_such(tmp_path, zip_format, name):
     """A torch.save state dict (DMD2's pytorch_model.bin, zip or legacy format) needs no conversion:
-    the converter says so instead of calling it truncated or empty."""
-    src = tmp_path / "pytorch_model.bin"
+    the converter says so instead of calling it truncated or empty, and the loaders read it, even
+    under a pickle's name (they refused a .pkl by its extension and sent it back to convert)."""
+    from comfyui_fewstep.distill_loaders.load import load_weights
+    from comfyui_fewstep.distill_loaders.safetensors_header import read_contents
+
+    src = tmp_path / name
     torch.save({"model.w": torch.ones(2)}, src, _use_new_zipfile_serialization=zip_format)
-    with pytest.raises(StudentLoadError, match="pytorch_model.bin.*torch.save file.*needs no conversion.*"
+    with pytest.raises(StudentLoadError, match=f"{name}.*torch.save file.*needs no conversion.*"
                                                "pick it in the loader node"):
         convert(src)
+    assert list(read_contents(src).tensors) == ["model.w"]
+    assert torch.equal(load_weights(src)["model.w"], torch.ones(2))
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"ema": {"w": torch.ones(1)}}))
+    with pytest.raises(StudentLoadError, match="this is a Python pickle.*convert it first"):
+        read_contents(plain)
 
 
 def test_cli(tmp_path, capsys):
