@@ -315,6 +315,18 @@ def test_load_schedule_older_fingerprint_and_removed_coefficients(nodes, tiny_co
     assert "earlier FewStep version" in info and "another model" not in info
     _, info, _ = nodes.FewStepLoadSchedule.execute("older", model=_lora(tiny_comfy_model, 0.8)).result
     assert "earlier FewStep version" in info
+    # a cache entry written before the version was stored is of this model (its key holds the
+    # current fingerprint): saving it from the cache records the current version
+    for entry in nodes.schedule_store().cache_dir.glob("*.json"):
+        cached = json.loads(entry.read_text())
+        del cached["fingerprint_version"]
+        entry.write_text(json.dumps(cached))
+    with torch.inference_mode():
+        report = _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset=nodes.FITTED_PRESET,
+                            save_as="resaved").result[2]
+    assert report.startswith("cached")
+    assert json.loads(nodes.schedule_store().path_for("resaved").read_text())["fingerprint_version"] == \
+        nodes.FINGERPRINT_VERSION
     edited = dict(data, sigmas=[data["sigmas"][0], *(0.9 * v for v in data["sigmas"][1:])])
     nodes.schedule_store().path_for("edited").write_text(json.dumps(edited))
     with pytest.raises(ValueError, match="remove 'coefficients' to run the sigmas with plain DPM-Solver"):
