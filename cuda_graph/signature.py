@@ -174,7 +174,7 @@ def _option_value(value: Any, path: str, depth: int) -> Hashable:
         return ("F", value)  # held by the key: compared by identity, and alive while the graph is
     attributes = getattr(value, "__dict__", None)
     if isinstance(attributes, dict):
-        return ("O", type(value).__qualname__,
+        return ("O", type(value),  # the class itself: two classes may share a name
                 _option_value(attributes, f"{path}.__dict__", depth + 1))
     raise UnsupportedInput(f"{path} is a {type(value).__qualname__} object, which the graph key cannot "
                            "describe")

@@ -149,7 +149,8 @@ def comfy_sampler_function(
         part = _part_orders(sigmas, planned, options["orders"])
         if part is None:
             logger.info("FewStep: these sigmas are not the NFE plan's (or a SplitSigmas part of them); the "
-                        "singlestep orders follow the paper's allocation for %d steps", len(sigmas) - 1)
+                        "%d steps run as the sampler node runs them: the preset's order on each, first "
+                        "order on the last", len(sigmas) - 1)
             options.pop("orders")
         else:
             options["orders"] = part
@@ -209,7 +210,8 @@ def make_calibrated_singlestep_sampler(options: Mapping[str, Any], orders: list[
 def make_planned_singlestep_sampler(options: Mapping[str, Any], orders: list[int],
                                     sigmas: list[float]) -> comfy.samplers.KSAMPLER:
     """A ComfyUI ``SAMPLER`` for an NFE plan's singlestep schedule: the plan's per-interval orders on
-    its own sigmas or a SplitSigmas part of them; on any other sigmas the default allocation."""
+    its own sigmas or a SplitSigmas part of them; on any other sigmas the sampler node's default
+    (the preset's order on every step, first order on the last)."""
     solver, options = normalize_options("singlestep", options)
     return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={
         "solver": solver, **options, "orders": list(orders), "planned_sigmas": [float(v) for v in sigmas]})

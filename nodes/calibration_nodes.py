@@ -324,8 +324,8 @@ def check_record_fits_model(record: ScheduleRecord, name: str, model: Any) -> st
     if record.model_hash and record.model_hash != model_hash(model):
         what = "its fitted coefficients and schedule" if record.coefficients is not None else "the schedule"
         if record.fingerprint_version != FINGERPRINT_VERSION:
-            return ("\nsaved by an earlier FewStep version, whose model fingerprint may differ from this one's: "
-                    f"it may or may not be this model. Calibrate again to be sure {what} fits")
+            return ("\nsaved by an earlier FewStep version, whose model fingerprint may differ from this "
+                    f"one's: it may or may not be this model. Calibrate again to be sure {what} fits")
         return (f"\ncalibrated on another model (other weights, LoRA or patches): {what} may not fit this one; "
                 "calibrate it for best results")
     return ""

@@ -276,6 +276,12 @@ def load_student(
             "the student could not be identified from its name, metadata or keys.",
             "choose the recipe in the node's 'recipe' input (" + ", ".join(recipe_names()[:6]) + ", ...).",
         )
+    if det.layout == "edm":
+        raise StudentLoadError(
+            det.path,
+            "this is an EDM pixel-space generator.",
+            "it is not a latent UNet; load it with 'EDM One-Step Generator (FewStep)'.",
+        )
     recipe = get_recipe(det.recipe)
     custom = ""
     try:
@@ -292,12 +298,6 @@ def load_student(
     except ValueError as exc:
         raise StudentLoadError(det.path, str(exc), "fix the loader's steps / timesteps / tcd_eta input "
                                "(steps 0 runs the recipe's own steps, or the custom timesteps given)") from exc
-    if det.layout == "edm":
-        raise StudentLoadError(
-            det.path,
-            "this is an EDM pixel-space generator.",
-            "it is not a latent UNet; this loader node does not run it.",
-        )
     if det.layout in ("ldm_unet", "diffusers_unet", "ldm_checkpoint"):
         _check_unet_keys(det)
     clip = vae = cond_proj = None

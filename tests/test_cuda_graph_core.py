@@ -166,6 +166,10 @@ def test_options_key_objects_by_content_functions_by_identity():
         holder = _Window([0])
         holder.cache = torch.zeros(1)
         options_key({"holder": holder})
+    # two classes of the same name (made at run time, or in two modules) are two keys
+    twins = [type("Rope", (), {"scale": scale, "__init__": lambda self: setattr(self, "theta", 1)})
+             for scale in (1.0, 2.0)]
+    assert options_key({"rope": twins[0]()}) != options_key({"rope": twins[1]()})
     loop = _Window([0])
     loop.parent = loop
     with pytest.raises(UnsupportedInput, match="nests deeper than"):

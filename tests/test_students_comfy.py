@@ -262,6 +262,10 @@ def test_edm_generator_node(api, tmp_path, tiny_edm):
     assert torch.equal(images, again)
     with pytest.raises(StudentLoadError, match="not an EDM pixel generator"):
         api.nodes.generate_edm_images(_latent_file(tmp_path))
+    # the latent loader names the node to use, whatever its steps input says
+    for steps in (0, 2):
+        with pytest.raises(StudentLoadError, match="EDM pixel-space generator.*load it with 'EDM One-Step"):
+            api.nodes.load_student(tmp_path / "sid_cifar10_cond.safetensors", steps=steps)
     # a file that is an EDM generator by its keys but incomplete: a load error naming the file
     from safetensors.torch import save_file
 
