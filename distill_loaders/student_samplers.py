@@ -82,7 +82,8 @@ def sample_tcd(
     ``x_next = x_s + sqrt(sigma_next^2 - sigma_s^2) z``. ``gamma = 0`` is DDIM (= Euler);
     ``gamma = 1`` re-noises from (almost) x0 like LCM. As in diffusers' ``TCDScheduler`` (which
     PCM and Hyper-SD also sample with), the last step ends at DDPM timestep 0, not at the clean
-    x0: the output is ``sqrt(abar_0) x0 + sqrt(1 - abar_0) eps`` with ``abar_0 = 1 - 0.00085``.
+    x0: the output is ``sqrt(abar_0) x0 + sqrt(1 - abar_0) eps`` with ``abar_0 = 1 - 0.00085``;
+    where ComfyUI's ``denoise_mask`` keeps the input (inpainting), the output is the kept latent.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"TCD gamma (eta) must lie in [0, 1], got {eta}")
@@ -101,6 +102,9 @@ def sample_tcd(
             # sqrt(1 - abar_0) eps, i.e. (x0 + sigma_0 eps) / sqrt(1 + sigma_0^2) in VE terms.
             sigma_0 = ddpm_sigma(0)
             x = (denoised + sigma_0 * eps) / math.sqrt(1.0 + sigma_0 * sigma_0)
+            mask = extra_args.get("denoise_mask")
+            if mask is not None:  # inpainting: the kept region is ComfyUI's latent exactly, unnoised
+                x = x * mask + denoised * (1.0 - mask)
             continue
         sigma_s = tcd_intermediate_sigma(sigma_next, eta)
         x = denoised + sigma_s * eps

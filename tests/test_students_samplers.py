@@ -63,6 +63,28 @@ def test_tcd_matches_ddpm_form(gamma):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_tcd_keeps_the_inpainting_latent_exactly():
+    """With ComfyUI's denoise_mask, the model wrapper returns the kept latent as the prediction
+    there; TCD's last jump to t = 0 added sigma_0 eps (about 0.03 of grain) on top of it."""
+    latent = _noises(1, (2, 6), seed=5)[0]
+    mask = torch.zeros(2, 6, dtype=torch.float64)
+    mask[:, :3] = 1.0  # regenerate the left half, keep the right
+
+    def inpaint_model(x, sigma, denoise_mask=None, **kwargs):  # as comfy.samplers.KSamplerX0Inpaint
+        return _model(x, sigma) * denoise_mask + latent * (1.0 - denoise_mask)
+
+    sigmas = recipe_sigmas("tcd_lora", 4)
+    x = _noises(1, (2, 6), seed=6)[0] * float(sigmas[0])
+    it = iter(_noises(4, (2, 6), seed=8))
+    out = sample_tcd(inpaint_model, x, sigmas, extra_args={"denoise_mask": mask}, eta=0.3, disable=True,
+                     noise_sampler=lambda s, sn: next(it))
+    assert torch.equal(out[:, 3:], latent[:, 3:])
+    it = iter(_noises(4, (2, 6), seed=8))
+    free = sample_tcd(inpaint_model, x, sigmas, extra_args={"denoise_mask": torch.ones_like(mask)}, eta=0.3,
+                      disable=True, noise_sampler=lambda s, sn: next(it))
+    torch.testing.assert_close(out[:, :3], free[:, :3], rtol=0, atol=0)  # the regenerated half: TCD's output
+
+
 def test_tcd_gamma_zero_is_euler():
     """gamma 0 is DDIM, i.e. Euler in VE coordinates, down to t = 0 (sigma_0 = 0.0292), where the
     result is read in DDPM scale: ``x / sqrt(1 + sigma_0^2)``."""
