@@ -123,6 +123,10 @@ def _check_steps(recipe: Recipe, steps: int) -> None:
             f"recipe {recipe.name!r} ({recipe.student}) is distilled for {list(recipe.allowed_steps)} steps, "
             f"got {steps}; use one of those step counts or pick another recipe"
         )
+    if recipe.schedule == "lcm50" and steps > LCM_ORIGINAL_STEPS:
+        # diffusers' LCMScheduler refuses this too: the 50-step grid would repeat timesteps
+        raise ValueError(f"recipe {recipe.name!r} samples on LCM's {LCM_ORIGINAL_STEPS}-step grid: at most "
+                         f"{LCM_ORIGINAL_STEPS} steps, got {steps} (more would repeat timesteps)")
     if recipe.schedule == "turbo" and steps > len(TURBO_TIMESTEPS):
         raise ValueError(f"recipe {recipe.name!r} supports at most {len(TURBO_TIMESTEPS)} steps, got {steps}")
     if recipe.schedule == "fixed" and steps != len(recipe.timesteps):

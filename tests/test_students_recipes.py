@@ -123,6 +123,11 @@ def test_lcm_grid_matches_diffusers_formula():
         idx = np.floor(np.linspace(0, 50, num=n, endpoint=False)).astype(np.int64)
         expected = origin[::-1][idx].tolist()
         assert R.recipe_timesteps("lcm", n) == [float(t) for t in expected]
+    # the whole grid at 50 steps; beyond it the grid would repeat timesteps (diffusers refuses too)
+    assert R.recipe_timesteps("lcm", 50) == [float(t) for t in origin[::-1]]
+    for recipe in ("lcm", "lcm_lora", "tcd_lora", "hyper_1step_lora_tcd"):
+        with pytest.raises(ValueError, match="LCM's 50-step grid: at most 50 steps, got 51"):
+            R.recipe_sigmas(recipe, 51)
 
 
 def test_flow_sigmas_are_one_minus_i_over_n():
