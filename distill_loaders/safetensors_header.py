@@ -8,6 +8,7 @@ through ``torch.load(weights_only=True, mmap=True)``; anything else that is a pi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickletools
@@ -104,17 +105,27 @@ def _read_config(path: Path) -> dict:
         return {}
 
 
-#: the first object of a legacy (non-zip) torch.save file, pickled with protocol 2 as LONG1
+#: the first object of a legacy (non-zip) torch.save file
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_TORCH_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + TORCH_LEGACY_MAGIC.to_bytes(10, "little")
 
 
 def is_torch_save_file(path: str | Path) -> bool:
-    """Whether ``path`` was written by ``torch.save`` (zip archive or the legacy format), whatever
-    its extension: such a file is read with ``torch.load(weights_only=True)``, never unpickled."""
+    """Whether ``path`` was written by ``torch.save`` (zip archive or the legacy format, whose
+    first pickle is the magic number), whatever its extension: such a file is read with
+    ``torch.load(weights_only=True)``. The opcodes are read, nothing is unpickled."""
     with open(path, "rb") as f:
-        head = f.read(len(_TORCH_LEGACY_HEAD))
-    return head[:4] == b"PK\x03\x04" or head == _TORCH_LEGACY_HEAD
+        if f.read(4) == b"PK\x03\x04":
+            return True
+        f.seek(0)
+        try:
+            for op, arg, _ in pickletools.genops(io.BytesIO(f.read(64))):
+                if op.name in ("LONG1", "LONG4", "INT", "LONG") and arg == TORCH_LEGACY_MAGIC:
+                    return True
+                if op.name not in ("PROTO", "FRAME"):
+                    return False
+        except Exception:  # noqa: BLE001 - not a pickle, or not one that starts with the magic
+            return False
+    return False
 
 
 def _sniff(path: Path) -> str:
@@ -284,6 +295,17 @@ def _legacy_pickles_complete(path: Path) -> bool:
     return True
 
 
+def _first_pickle_ends(path: Path) -> bool:
+    """Whether the file's first pickle ends (with STOP) inside it (opcodes read, nothing run)."""
+    try:
+        with open(path, "rb") as f:
+            for _op in pickletools.genops(f):
+                pass
+    except Exception:  # noqa: BLE001 - exhausted or garbled
+        return False
+    return True
+
+
 def load_torch_state_dict(path: Path, map_location: str = "cpu") -> dict:
     """``torch.load(weights_only=True)`` (memory-mapped when the file is a zip archive), unwrapped
     from a ``state_dict`` key; a clear :class:`StudentLoadError` when the pickle holds code."""
@@ -291,6 +313,12 @@ def load_torch_state_dict(path: Path, map_location: str = "cpu") -> dict:
 
     import torch
 
+    if _sniff(path) == "pickle" and not is_torch_save_file(path) and _first_pickle_ends(path):
+        raise StudentLoadError(
+            path,
+            "the file is a plain Python pickle, not a torch.save state dict; it was not run.",
+            "convert it with: python -m comfyui_fewstep convert FILE (rebuilds tensors only).",
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 from comfyui_fewstep.distill_loaders.detect import detect
 from comfyui_fewstep.distill_loaders.errors import StudentLoadError
-from comfyui_fewstep.distill_loaders.load import check_finite, check_lora_base, load_student, to_ldm_unet
+from comfyui_fewstep.distill_loaders.safetensors_header import is_torch_save_file
+from comfyui_fewstep.distill_loaders.load import (check_finite, check_lora_base, load_student, load_weights,
+                                                  to_ldm_unet)
 from comfyui_fewstep.distill_loaders.synthetic import kohya_lora_shapes, unet_shapes, write_safetensors
 
 
@@ -84,6 +86,21 @@ def test_bin_with_code_is_refused_in_the_legacy_format_too(tmp_path):
     err = _raises(path, "needs code to load \\(Trying to load unsupported GLOBAL (posix|nt).system "
                         "whose module (posix|nt) is blocked\\); it was not run")
     assert "\x1b" not in str(err)  # torch's terminal colour codes are not passed on
+
+
+def test_plain_pickle_under_a_torch_name_is_sent_to_the_converter(tmp_path):
+    """A complete plain pickle (not torch.save) named .bin/.pt, e.g. a renamed network snapshot:
+    'convert it', not 'truncated, download it again'; torch.save files of any pickle protocol load."""
+    plain = tmp_path / "snapshot.pt"
+    plain.write_bytes(pickle.dumps({"w": torch.ones(2)}))
+    err = _raises(plain, "plain Python pickle, not a torch.save state dict")
+    assert "python -m comfyui_fewstep convert" in str(err)
+    legacy = tmp_path / "legacy.bin"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_weights(legacy)["w"], torch.ones(2))
+    framed = tmp_path / "legacy4.bin"  # protocol 4 frames the magic number: still torch.save's
+    torch.save({"w": torch.ones(2)}, framed, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    assert is_torch_save_file(framed) and not is_torch_save_file(plain)
 
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
