@@ -58,11 +58,11 @@ from ._loop import (
 from .budget import singlestep_orders
 from .parameterization import Parameterization
 from .phi import h_phi, phi
+from .schedules import FLOW_LAMBDA_MIN
 
 __all__ = [
     "ALGORITHMS",
     "FINAL_STEPS",
-    "FLOW_STAGE_LAMBDA",
     "FLOW_START_OFFSET",
     "SOLVER_TYPES",
     "Algorithm",
@@ -103,23 +103,19 @@ def solver_sigma(parameterization: Parameterization, sigma: float, sigma_next: f
     return sigma
 
 
-#: a step from a flow model's sigma = 1 places its stages over the log-SNR window that starts here
-#: (or one unit below its end, if that is lower): below it the denoiser is close to constant, where
-#: the exponential-integrator step is exact without a stage (as ``logsnr_uniform``'s flow clip)
-FLOW_STAGE_LAMBDA = -3.0
-
-
 def flow_start_ratios(p: Parameterization, sigma_s: float, sigma_t: float, r1: float,
                       r2: float) -> tuple[float, float]:
     """Stage ratios for a step that starts at a flow model's sigma = 1 (moved to ``sigma_s``, see
     :func:`solver_sigma`). The default ratios ``r1, r2`` of ``lambda_s + r h`` would put the stages
     at log-SNR that runs to ``-inf`` with the start offset: near-pure noise, and a result that
     depends on the offset. Instead they are applied to the window ``[lambda_w, lambda_t]`` with
-    ``lambda_w = min(FLOW_STAGE_LAMBDA, lambda_t - 1)`` (not below ``lambda_s``), and returned as
-    ratios of the whole step, so the update's weights (arXiv 2211.01095, Alg. 1; 2206.00927, Alg. 2
-    for general ``r1, r2``) stay those of the true interval."""
+    ``lambda_w = min(FLOW_LAMBDA_MIN, lambda_t - 1)`` (not below ``lambda_s``): below
+    ``logsnr_uniform``'s flow clip the denoiser is close to constant, where the
+    exponential-integrator step is exact without a stage. They are returned as ratios of the whole
+    step, so the update's weights (arXiv 2211.01095, Alg. 1; 2206.00927, Alg. 2 for general
+    ``r1, r2``) stay those of the true interval."""
     lam_s, lam_t = p.lambda_(sigma_s), p.lambda_(sigma_t)
-    lam_w = max(lam_s, min(FLOW_STAGE_LAMBDA, lam_t - 1.0))
+    lam_w = max(lam_s, min(FLOW_LAMBDA_MIN, lam_t - 1.0))
     h = lam_t - lam_s
     return (lam_w + r1 * (lam_t - lam_w) - lam_s) / h, (lam_w + r2 * (lam_t - lam_w) - lam_s) / h
 
