@@ -283,25 +283,18 @@ def _legacy_pickles_complete(path: Path) -> bool:
     A legacy file cut inside its object pickle makes ``torch.load`` report a cut-off global name
     ("Unsupported global: GLOBAL torch._uti") exactly as for a pickle that needs code; this tells
     the two apart without unpickling anything. Zip files are checked by their own index."""
-    if zipfile.is_zipfile(path):
-        return True
+    return zipfile.is_zipfile(path) or _pickles_end(path, _LEGACY_PICKLES)
+
+
+def _pickles_end(path: Path, count: int) -> bool:
+    """Whether the file's first ``count`` pickles each end (with STOP) inside it (opcodes read,
+    nothing run)."""
     try:
         with open(path, "rb") as f:
-            for _ in range(_LEGACY_PICKLES):
+            for _ in range(count):
                 for _op in pickletools.genops(f):
                     pass
-    except Exception:  # noqa: BLE001 - exhausted or garbled: the pickle does not end
-        return False
-    return True
-
-
-def _first_pickle_ends(path: Path) -> bool:
-    """Whether the file's first pickle ends (with STOP) inside it (opcodes read, nothing run)."""
-    try:
-        with open(path, "rb") as f:
-            for _op in pickletools.genops(f):
-                pass
-    except Exception:  # noqa: BLE001 - exhausted or garbled
+    except Exception:  # noqa: BLE001 - exhausted or garbled: a pickle does not end
         return False
     return True
 
@@ -313,7 +306,7 @@ def load_torch_state_dict(path: Path, map_location: str = "cpu") -> dict:
 
     import torch
 
-    if _sniff(path) == "pickle" and not is_torch_save_file(path) and _first_pickle_ends(path):
+    if _sniff(path) == "pickle" and not is_torch_save_file(path) and _pickles_end(path, 1):
         raise StudentLoadError(
             path,
             "the file is a plain Python pickle, not a torch.save state dict; it was not run.",
