@@ -15,7 +15,12 @@ same states rescaled to VP form, ``x / sqrt(alpha_t^2 + sigma_t^2)`` (exact for 
 in VE coordinates; ``x_prev`` is scaled at its own noise level).
 
 The step is accepted when ``E <= 1`` (then ``x <- x_high``, ``x_prev <- x_low``), and the next
-step size is ``h <- min(theta * h * E^(-1/order), lambda_end - lambda_s)``. Here the updates are
+step size is ``h <- min(h * min(theta * E^(-1/order), FACTOR_MAX), lambda_end - lambda_s)``. The
+paper has no growth limit; the one here (``FACTOR_MAX = 5``, the usual ``facmax`` of embedded
+Runge-Kutta controllers, Hairer, Norsett and Wanner, *Solving ODEs I*, §II.4) matters where the
+data prediction is flat: from a flow model's sigma = 1 the first steps measure an error of about
+0, and an unlimited update would take the next step across the whole range, where the two
+embedded solutions agree only because both see the flat start. Here the updates are
 the data-prediction (DPM-Solver++) ones of :mod:`.singlestep` by default (arXiv 2211.01095);
 ``algorithm="dpmsolver"`` gives the original noise-prediction solver.
 
@@ -53,11 +58,13 @@ from .singlestep import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdaptiveBudgetError", "error_norm", "sample_dpmpp_adaptive", "schedule_position", "vp_scale"]
+__all__ = ["FACTOR_MAX", "AdaptiveBudgetError", "error_norm", "sample_dpmpp_adaptive", "schedule_position", "vp_scale"]
 
 #: default tolerances of DPM-Solver++12/23 for image data (module docstring)
 ATOL = 0.0078
 RTOL = 0.05
+#: largest growth of the step size from one step to the next (module docstring)
+FACTOR_MAX = 5.0
 
 
 class AdaptiveBudgetError(RuntimeError):
@@ -172,7 +179,8 @@ def sample_dpmpp_adaptive(
     values = sigma_list(sigmas, p)
     check_final_step(values, final_step, p.sigma_max)
     nonzero = [s for s in values if s > 0.0]
-    evaluator = ModelEvaluator(model, extra_args, x0_correction, 1, check_finite)
+    # error messages name the position on the given schedule, as the progress bar shows it
+    evaluator = ModelEvaluator(model, extra_args, x0_correction, max(1, len(values) - 1), check_finite)
     accepted = rejected = 0
     if len(values) >= 2 and nonzero:
         sigma_s, sigma_end = solver_sigma(p, values[0]), nonzero[-1]
@@ -194,8 +202,8 @@ def sample_dpmpp_adaptive(
             sigma_t = sigma_end if last else p.sigma_from_lambda(lambda_s + h)
             high = build_tableau(order, sigma_s, sigma_t, p, algorithm, solver_type, r1, 2.0 / 3.0)
             low = build_tableau(order - 1, sigma_s, sigma_t, p, algorithm, solver_type, r1)
-            evaluator.total_steps = accepted + 1
-            x_high, m, denoised = run_step(high, x, lambda xs, s: evaluator(xs, s, accepted), denoised_s)
+            start = min(segments - 1, int(segments * (lambda_s - lambda_0) / (lambda_end - lambda_0)))
+            x_high, m, denoised = run_step(high, x, lambda xs, s: evaluator(xs, s, start), denoised_s)
             x_low = apply_row(low.rows[-1], x, m[: order - 1])
             scale_t = vp_scale(p, sigma_t)
             error = error_norm(x_high, x_low, x_prev, atol, rtol, scale_t, scale_prev)
@@ -213,14 +221,14 @@ def sample_dpmpp_adaptive(
                 denoised_s = denoised
                 rejected += 1
             if error == 0.0:
-                factor = math.inf
+                factor = FACTOR_MAX
             elif math.isfinite(error):
-                factor = theta * error ** (-1.0 / order)
+                factor = min(theta * error ** (-1.0 / order), FACTOR_MAX)
             else:
                 factor = 0.1
             h = min(h * factor, lambda_end - lambda_s)
         if denoise_last:
-            x = evaluator(x, sigma_end, accepted)
+            x = evaluator(x, sigma_end, len(values) - 2)
             if callback is not None:
                 sigma = sigmas.new_tensor(sigma_end)
                 callback({"x": x, "i": len(values) - 2, "sigma": sigma, "sigma_hat": sigma,

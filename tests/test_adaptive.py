@@ -9,13 +9,16 @@ import pytest
 import torch
 
 from comfyui_fewstep.samplers.adaptive import (
+    FACTOR_MAX,
     AdaptiveBudgetError,
     error_norm,
     sample_dpmpp_adaptive,
     schedule_position,
 )
+from comfyui_fewstep.samplers._loop import NonFiniteModelOutputError
 from comfyui_fewstep.samplers.parameterization import for_family
-from comfyui_fewstep.samplers.singlestep import sample_dpmpp_singlestep
+from comfyui_fewstep.samplers.schedules import get_sigmas
+from comfyui_fewstep.samplers.singlestep import sample_dpmpp_singlestep, solver_sigma
 
 C = 0.5
 
@@ -202,3 +205,68 @@ def test_option_validation():
         sample_dpmpp_adaptive(problem, x, sigmas, h_init=0.0)
     with pytest.raises(ValueError, match="final_step"):
         sample_dpmpp_adaptive(problem, x, sigmas, final_step="last")
+
+
+class TwoModes:
+    """Elementwise ``x0 ~ N(-1, s^2) / 2 + N(1, s^2) / 2``: exact posterior mean (VE or flow)."""
+
+    def __init__(self, kind: str, s: float = 0.3) -> None:
+        self.kind, self.s = kind, s
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sig = float(sigma.reshape(-1)[0])
+        a = 1.0 if self.kind == "ve" else 1.0 - sig
+        var = a * a * self.s**2 + sig * sig
+        logw = torch.stack([-((x - a * m) ** 2) / (2 * var) for m in (-1.0, 1.0)])
+        post = torch.stack([m + a * self.s**2 * (x - a * m) / var for m in (-1.0, 1.0)])
+        return (torch.softmax(logw, 0) * post).sum(0)
+
+
+def reference_sigmas(p, sigma_max: float) -> torch.Tensor:
+    """A 300-step log-SNR-uniform reference schedule from ``sigma_max`` (flow: from sigma = 1)."""
+    sigmas = get_sigmas("logsnr_uniform", 300, p)
+    sigmas[0] = sigma_max
+    return sigmas
+
+
+@pytest.mark.parametrize("family", ["flow", "eps"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_default_tolerances_where_the_prediction_starts_flat(family, order):
+    """From a flow model's sigma = 1 the data prediction is flat, so the first steps measure an
+    error of about 0. The step size may grow at most FACTOR_MAX-fold per step; without the limit,
+    order 2 took the next step across the whole range (5 model calls, error 0.9)."""
+    p = for_family(family)
+    problem = TwoModes(p.kind)
+    x = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma_max = 1.0 if p.kind == "flow" else p.sigma_max
+    x = x * (1.0 if p.kind == "flow" else math.sqrt(1.0 + sigma_max**2))
+    sigmas = torch.tensor([sigma_max, p.sigma_min, 0.0], dtype=torch.float64)
+    reached: list[float] = []
+    out = sample_dpmpp_adaptive(problem, x, sigmas, parameterization=p, order=order,
+                                callback=lambda d: reached.append(float(d["sigma"])))
+    reference = sample_dpmpp_singlestep(problem, x, reference_sigmas(p, sigma_max), parameterization=p, order=3)
+    assert float((out - reference).square().mean().sqrt()) < 0.03
+    # accepted steps in half log-SNR, but the last (cut to reach the end) and the final denoise
+    lambdas = [p.lambda_(solver_sigma(p, sigma_max))] + [p.lambda_(s) for s in reached[:-2]]
+    steps = [b - a for a, b in zip(lambdas, lambdas[1:])]
+    assert len(steps) >= 3 and all(b <= FACTOR_MAX * a * (1 + 1e-9) for a, b in zip(steps, steps[1:]))
+
+
+@pytest.mark.parametrize("at_last", [False, True])
+def test_nan_message_names_the_progress_bar_position(at_last):
+    """The adaptive solver picks its own steps; a NaN is reported at the position on the given
+    schedule that the progress bar shows, never past its end (was "step 9 of 8")."""
+    problem = Gaussian("ve")
+    reference = Gaussian("ve")
+    sigmas = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.002, 0.0], dtype=torch.float64)
+    x = torch.ones(1, 4, dtype=torch.float64) * 80
+    sample_dpmpp_adaptive(reference, x, sigmas)
+    bad_call = reference.calls if at_last else 1
+
+    def model(x, sigma):
+        out = problem(x, sigma)
+        return out * math.nan if problem.calls == bad_call else out
+
+    with pytest.raises(NonFiniteModelOutputError) as caught:
+        sample_dpmpp_adaptive(model, x, sigmas)
+    assert (caught.value.step + 1, caught.value.total_steps) == ((5, 5) if at_last else (1, 5))
