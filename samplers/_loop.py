@@ -59,7 +59,8 @@ class ModelEvaluator:
         model: the denoiser.
         extra_args: passed through untouched (ComfyUI puts ``model_options``, ``seed``,
             ``denoise_mask`` there).
-        x0_correction: optional hook applied to every data prediction.
+        x0_correction: optional hook applied to every data prediction; with a ``denoise_mask``
+            in ``extra_args`` (inpainting) only where the mask is 1, so the kept region is exact.
         total_steps: number of steps of the run, for error messages.
         check_finite: check each output for NaN/inf (one reduction and host sync per call).
     """
@@ -87,7 +88,11 @@ class ModelEvaluator:
         if self.check_finite and not bool(torch.isfinite(denoised).all()):
             raise NonFiniteModelOutputError(step, float(sigma), self.total_steps)
         if self.x0_correction is not None:
-            denoised = self.x0_correction(denoised, float(sigma))
+            corrected = self.x0_correction(denoised, float(sigma))
+            mask = self.extra_args.get("denoise_mask")
+            # inpainting: ComfyUI has already put the kept region (mask 0) into the prediction; the
+            # correction applies where the model generates, so the kept pixels stay as they are
+            denoised = corrected if mask is None else torch.lerp(denoised, corrected, mask.to(denoised))
         return denoised
 
 

@@ -96,6 +96,25 @@ def test_make_x0_correction():
         make_x0_correction("bogus")
 
 
+@pytest.mark.parametrize("kind", ["clamp", "dynamic_threshold"])
+def test_x0_correction_keeps_the_inpainting_region(kind):
+    """With a denoise mask, ComfyUI has already put the kept latent (mask 0) into the prediction;
+    the correction applies only where the model generates (it used to rescale the kept pixels)."""
+    torch.manual_seed(0)
+    kept = torch.rand(2, 3, 8, 8) * 3.0 - 1.5  # partly outside [-1, 1], as a latent can be
+    generated = torch.randn(2, 3, 8, 8) * 2.0
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., 4:] = 1.0
+    prediction = generated * mask + kept * (1.0 - mask)
+    correction = make_x0_correction(kind, percentile=0.9)
+    evaluator = ModelEvaluator(lambda x, s, **extra: prediction, {"denoise_mask": mask}, correction, 1)
+    out = evaluator(torch.zeros(2, 3, 8, 8), 1.0, 0)
+    region = mask.expand_as(out).bool()
+    assert torch.equal(out[~region], kept[~region])
+    assert torch.allclose(out[region], correction(prediction, 1.0)[region])
+    assert not torch.equal(out[region], prediction[region])
+
+
 @pytest.mark.parametrize("solver", ["multistep", "singlestep"])
 def test_a_schedule_too_short_for_the_order_is_lowered_and_logged(solver, caplog):
     """Order 3 with one step runs at first order (the documented lowering) and says so; a long
