@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..samplers._loop import ModelEvaluator
 from ..samplers.noise import PerSampleNoiseSampler
 from .recipes import ddpm_sigma, timestep_from_sigma
 
@@ -44,9 +45,9 @@ def sample_renoise(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """x0 prediction, then ``x = x0 + sigma_next z`` with fresh ``z`` (LCM multistep sampling)."""
     extra_args = {} if extra_args is None else extra_args
     noise = _noise_sampler(x, extra_args, noise_sampler)
-    s_in = x.new_ones([x.shape[0]])
+    evaluator = ModelEvaluator(model, extra_args, total_steps=len(sigmas) - 1)  # stops on NaN/inf
     for i in _trange(len(sigmas) - 1, disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised = evaluator(x, float(sigmas[i]), i)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         x = denoised
@@ -89,10 +90,10 @@ def sample_tcd(
         raise ValueError(f"TCD gamma (eta) must lie in [0, 1], got {eta}")
     extra_args = {} if extra_args is None else extra_args
     noise = _noise_sampler(x, extra_args, noise_sampler)
-    s_in = x.new_ones([x.shape[0]])
+    evaluator = ModelEvaluator(model, extra_args, total_steps=len(sigmas) - 1)  # stops on NaN/inf
     for i in _trange(len(sigmas) - 1, disable):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised = evaluator(x, sigma, i)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         eps = (x - denoised) / sigma

@@ -220,3 +220,23 @@ def test_tcd_gamma_zero_is_ddim_without_noise(dtype):
     s0 = ddpm_sigma(0)
     ddim = (d + s0 * eps) / math.sqrt(1 + s0 * s0)
     torch.testing.assert_close(ours, ddim, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", [sample_renoise, sample_tcd])
+def test_nan_from_the_student_stops_with_the_step(sampler):
+    """A broken LoRA or an fp16 overflow in a student gives a message naming the step, not a NaN
+    image (the student samplers called the model directly)."""
+    from comfyui_fewstep.samplers._loop import NonFiniteModelOutputError
+
+    calls = []
+
+    def model(x, sigma, **kwargs):
+        calls.append(float(sigma[0]))
+        out = _model(x, sigma)
+        return out * math.nan if len(calls) == 3 else out
+
+    sigmas = torch.tensor([14.6, 3.0, 1.0, 0.3, 0.0])
+    with pytest.raises(NonFiniteModelOutputError) as caught:
+        sampler(model, torch.randn(2, 16) * 14.6, sigmas, extra_args={"seed": 1}, disable=True)
+    assert (caught.value.step, caught.value.total_steps) == (2, 4)
+    assert caught.value.sigma == pytest.approx(1.0)
