@@ -27,7 +27,7 @@ from ..distill_loaders.inspect import format_report
 from ..distill_loaders.keys import LCM_EMBEDDING_NAMES, lcm_embedding_name, lora_to_kohya
 from ..distill_loaders.lcm_guidance import GuidedTimeEmbedding
 from ..distill_loaders.load import check_finite, check_lora_base, load_weights, to_ldm_unet
-from ..distill_loaders.recipes import recipe_sigmas
+from ..distill_loaders.recipes import DDPM_TIMESTEPS, ddpm_sigma, recipe_sigmas
 from ..distill_loaders.safetensors_header import FileContents, read_contents
 from ..distill_loaders.specs import Recipe, get_recipe, parse_timesteps, recipe_names, with_tcd_eta, with_timesteps
 from ..distill_loaders.stream import placeholder_state_dict, read_tensor, stream_into
@@ -42,6 +42,7 @@ __all__ = [
     "FewStepStudentSample",
     "LoadedStudent",
     "apply_student_lora",
+    "base_sampling_mismatch",
     "generate_edm_images",
     "load_student",
     "load_student_model",
@@ -143,9 +144,44 @@ def _model_arch(model) -> str | None:
     return _COMFY_ARCH.get(type(model.model.model_config).__name__)
 
 
+def base_sampling_mismatch(model) -> str | None:
+    """How the base model's sampling differs from what LoRA students are distilled on (eps
+    prediction on SD's discrete noise schedule, sigma up to ~14.6), or None when it does not.
+
+    The student's recipe replaces the base's ``model_sampling``; on a v-prediction,
+    zero-terminal-SNR, EDM or flow base that would sample the network as something it is not.
+    """
+    ms = comfy.model_sampling
+    sampling = model.get_model_object("model_sampling")
+    kind = type(sampling)
+    if kind.calculate_denoised is not ms.EPS.calculate_denoised:
+        names = {ms.V_PREDICTION: "a v-prediction model", ms.EDM: "an EDM model", ms.X0: "an x0-prediction model",
+                 ms.CONST: "a flow (CONST) model"}
+        found = next((names[c] for c in kind.__mro__ if c in names), None)
+        return f"it is {found}" if found else f"its prediction is patched ({kind.__name__})"
+    if not isinstance(sampling, ms.ModelSamplingDiscrete):
+        return f"it samples with {kind.__name__}, not SD's discrete noise schedule"
+    sigma_max, expected = float(sampling.sigma_max), ddpm_sigma(DDPM_TIMESTEPS - 1)
+    if getattr(sampling, "zsnr", False) or not math.isclose(sigma_max, expected, rel_tol=0.01):
+        zsnr = " (zero terminal SNR)" if getattr(sampling, "zsnr", False) else ""
+        return f"its noise schedule reaches sigma {sigma_max:.4g}{zsnr}, not SD's {expected:.4g}"
+    return None
+
+
 def apply_student_lora(model, det: Detection, lora_sd: dict, strength: float):
     """Apply a LoRA student to ``model`` (a clone); raises unless every UNet LoRA module lands."""
     check_lora_base(det, _model_arch(model))
+    mismatch = base_sampling_mismatch(model)
+    if mismatch is not None:
+        raise StudentLoadError(
+            det.path,
+            f"the base model does not sample as this LoRA's recipe expects: {mismatch}. LoRA students are "
+            "distilled on eps-prediction SD/SDXL bases, and the recipe would replace the base's own "
+            "sampling, so the images would be wrong.",
+            "connect the base without its ModelSampling patch (a v-prediction or zero-terminal-SNR "
+            "fine-tune cannot run this recipe), or apply the file with LoraLoaderModelOnly and sample "
+            "with the base's own sampling, off-recipe.",
+        )
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     lora_sd, _ = lora_to_kohya(lora_sd)  # ComfyUI maps kohya names for every SD UNet module
     lora_sd = comfy.lora_convert.convert_lora(lora_sd)

@@ -182,6 +182,30 @@ def test_lora_students_patch_every_module(api, files, tmp_path):
         api.nodes.load_student_model(tmp_path / "lcm-lora-sdv1-5.safetensors")
 
 
+@pytest.mark.parametrize(
+    ("sampling", "zsnr", "message"),
+    [("v_prediction", True, "it is a v-prediction model"), ("eps", True, "zero terminal SNR"),
+     ("edm", None, "it is an EDM model"), ("eps", None, "not SD's discrete noise schedule")],
+)
+def test_lora_student_refuses_a_base_that_samples_otherwise(api, files, tmp_path, sampling, zsnr, message):
+    """A LoRA student's recipe replaces the base's sampling; on a v-prediction or zero-terminal-SNR
+    fine-tune that silently sampled the network as an eps model."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM, ModelSamplingDiscrete
+
+    base, *_ = api.nodes.load_student_model(files / "dmd2_sd15_unet.safetensors")
+    if zsnr is None:  # continuous (EDM-style) sampling, as for Playground v2.5
+        patched = ModelSamplingContinuousEDM().patch(base, sampling, 80.0, 0.002)[0]
+    else:
+        patched = ModelSamplingDiscrete().patch(base, sampling, zsnr)[0]
+    assert api.nodes.base_sampling_mismatch(base) is None
+    shapes = kohya_lora_shapes("sd15", 4)
+    save_file({k: torch.zeros(s) if s else torch.tensor(4.0) for k, s in shapes.items()},
+              str(tmp_path / "lcm-lora-sdv1-5.safetensors"))
+    with pytest.raises(StudentLoadError, match=message) as caught:
+        api.nodes.load_student_model(tmp_path / "lcm-lora-sdv1-5.safetensors", model=patched)
+    assert "LoraLoaderModelOnly" in str(caught.value)
+
+
 def test_node_execute_and_errors(api, files, tmp_path):
     api.folder_paths.add_model_folder_path("diffusion_models", str(files))
     api.folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
