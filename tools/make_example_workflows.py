@@ -542,7 +542,8 @@ def student_steps() -> Workflow:
         "FewStep: a distilled student in 1 and 4 steps",
         "Load Distilled Student (FewStep) returns the model with the recipe's prediction type, its sampler and "
         "its sigmas; the same student sampled in 1 step and in 4 steps.",
-        [f"checkpoints/{LCM_CHECKPOINT} (a single-file SD1.5 LCM student; any supported student works)"],
+        [f"checkpoints/{LCM_CHECKPOINT} (a single-file SD1.5 LCM student; LCM and SD/SDXL-Turbo "
+         "checkpoints run at both 1 and 4 steps)"],
     )
     for row, steps in enumerate((1, 4)):
         y = row * 650
@@ -572,9 +573,13 @@ def student_steps() -> Workflow:
         (1820, 0),
         "Distilled students",
         "`recipe` = `auto` detects DMD2, SiD-LSG, Turbo, Lightning, Hyper-SD, LCM, TCD, PCM, InstaFlow ... "
-        "from the file name, metadata and keys; here it is set to `lcm`. `steps` = 0 uses the step count "
-        "the student was distilled for. Students are sampled without cfg (a BasicGuider). LoRA students: "
-        "pick the file from `loras/` and connect the base MODEL.",
+        "from the file name, metadata and keys; here it is set to `lcm`. Students distilled for fixed step "
+        "counts (Lightning, DMD2, Hyper-SD's 1-step UNet, InstaFlow, SwiftBrush) refuse other counts: set "
+        "`steps` to 0 for the count the student was distilled for. UNet-only and LoRA students have no "
+        "CLIP or VAE: take them from a base checkpoint loader (a LoRA student also needs that base MODEL on "
+        "the loader's `model` input; pick the file from `loras/`). Here the student is sampled without cfg "
+        "(a BasicGuider); where the loader's `cfg` output is above 1 (PCM normal-cfg, Hyper-SD's CFG LoRAs, "
+        "2-RF), use a CFGGuider with that cfg and a negative prompt.",
     )
     return wf
 
