@@ -277,11 +277,16 @@ def _choose_recipe(c: FileContents, layout: str, arch: str, reasons: list[str],
              ("folder name", c.path.parent.parent.name), ("config", c.config.get("_name_or_path", ""))]
     title_keys = ("modelspec.title", "ss_output_name", "name", "title")
     texts += [("metadata", v) for k, v in c.metadata.items() if k in title_keys]
+    # a converted pickle keeps its original name, which still says what it is after a rename
+    if "fewstep_converted_from" in c.metadata:
+        texts.append(("converted", c.metadata["fewstep_converted_from"]))
     for source, text in texts:
         recipe, why = _name_rules(arch, str(text), is_lora)
         if recipe and recipe in RECIPES and arch in RECIPES[recipe].archs:
             where = {"config": "the diffusers config's _name_or_path",
-                     "metadata": "the file's metadata title"}.get(source, source)
+                     "metadata": "the file's metadata title",
+                     "converted": "the name of the pickle it was converted from"}.get(source, source)
+            source = "metadata" if source == "converted" else source
             why = why.replace("file name", where, 1)
             reasons.append(f"recipe {recipe}: {why} ({text!r})")
             return recipe, "certain", source

@@ -216,6 +216,19 @@ def test_metadata_names_the_recipe(tmp_path):
     assert det.recipe == "dmd2_sdxl_1step" and "metadata" in det.reasons[-1]
 
 
+def test_a_renamed_conversion_keeps_the_name_of_its_pickle(tmp_path):
+    """The converter records the pickle's name; after a rename it still identifies the student,
+    and the file's own name still decides first."""
+    meta = {"fewstep_converted_from": "batch512_cfg222_t625_4812_v2.pkl"}
+    det = detect(write_safetensors(tmp_path / "sd15_onestep.safetensors", unet_shapes("sd15", "diffusers"),
+                                   metadata=meta))
+    assert (det.recipe, det.confidence, det.decided_by) == ("sid_lsg_sd15_1step", "certain", "metadata")
+    assert "the name of the pickle it was converted from" in det.reasons[-1]
+    det = detect(write_safetensors(tmp_path / "dmd2_sd15_1step.safetensors", unet_shapes("sd15", "diffusers"),
+                                   metadata=meta))
+    assert (det.recipe, det.decided_by) == ("dmd2_sd15_1step", "file name")
+
+
 def test_metadata_recipe_for_another_architecture_is_refused(tmp_path):
     path = write_safetensors(
         tmp_path / "model.safetensors",
