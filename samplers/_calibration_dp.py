@@ -45,6 +45,14 @@ _F64 = torch.float64
 R_MIN = 0.4
 
 
+def _gram_of_sample(xs: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+    """Mean-square products of one sample's cached vectors ``[x_0..x_(G-1), D_0..D_(G-1)]``:
+    ``[2G, 2G]`` float64 on the host. One sample at a time in float64 keeps the extra memory at
+    ``2 G d`` float64 values, against the whole cache's ``2 G B d`` float32."""
+    vecs = torch.cat([xs.reshape(xs.shape[0], -1), ds.reshape(ds.shape[0], -1)]).to(_F64)  # [2G, d]
+    return (vecs @ vecs.T).cpu() / vecs.shape[-1]
+
+
 class GridCosts:
     """Local-error tables on a teacher grid (see the module docstring).
 
@@ -64,9 +72,7 @@ class GridCosts:
         self.alphas = torch.tensor([p.alpha(s) for s in self.sigmas], dtype=_F64)
         sig = torch.tensor(self.sigmas, dtype=_F64)
         G, B = xs.shape[0], xs.shape[1]
-        vecs = torch.cat([xs.reshape(G, B, -1), ds.reshape(G, B, -1)], 0).to(_F64)  # [2G, B, d]
-        d = vecs.shape[-1]
-        gram = torch.einsum("ibd,jbd->bij", vecs, vecs).cpu() / d  # per-sample mean-square products
+        gram = torch.stack([_gram_of_sample(xs[:, n], ds[:, n]) for n in range(B)])
         self._gram = gram
         self.xx, self.dd = gram[:, :G, :G], gram[:, G:, G:]
         self.xd = gram[:, :G, G:]  # xd[b, i, j] = <x_i, D_j>
@@ -87,9 +93,9 @@ class GridCosts:
         self.q1 = q1  # [B, i, j] squared first-order error
         self.first = self._reduce(q1)
         # final step i -> 0: the solver returns D_i; error against the teacher end (weight 1)
-        e = end.reshape(B, -1).to(_F64)
-        diff = ds.reshape(G, B, -1).to(_F64) - e[None]
-        self.final = diff.pow(2).mean(-1).sqrt().mean(1).cpu()  # [G]
+        e = end.reshape(B, -1)
+        rms = [(ds[:, n].reshape(G, -1).to(_F64) - e[n].to(_F64)).pow(2).mean(-1).sqrt().cpu() for n in range(B)]
+        self.final = torch.stack(rms, 1).mean(1)  # [G]
 
     def _reduce(self, q: torch.Tensor) -> torch.Tensor:
         """Weighted mean over samples of the RMS error; ``q`` is ``[B, i, j]`` or ``[B, k, j]`` etc."""
