@@ -257,8 +257,7 @@ class FewStepLoadSchedule(io.ComfyNode):
         """The file's modification time: the node reruns when the schedule file changes. ComfyUI
         passes every input here, a connected ``model`` too; only ``name`` matters."""
         try:
-            path = schedule_store().path_for(name)
-            return path.stat().st_mtime if path.is_file() else ""
+            return schedule_store().find(name).stat().st_mtime
         except (ValueError, OSError):
             return ""
 
@@ -279,8 +278,8 @@ class FewStepLoadSchedule(io.ComfyNode):
         try:
             sampler = sampler_for_record(record)
             dry_run(sampler, record.sigmas)
-        except ValueError as exc:
-            raise ValueError(f"schedule {name!r} ({schedule_store().path_for(name).name}) cannot run: {exc}. "
+        except (ValueError, TypeError) as exc:  # e.g. an option of the wrong type in a hand-edited file
+            raise ValueError(f"schedule {name!r} ({schedule_store().find(name).name}) cannot run: {exc}. "
                              "Calibrate it again, or fix the file's 'solver' / 'orders' fields.") from exc
         return io.NodeOutput(record.sigmas_tensor(), text, sampler)
 

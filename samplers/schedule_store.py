@@ -50,17 +50,25 @@ FORMAT = "comfyui_fewstep.calibrated_schedule/1"
 #: file saved with an older one is not taken for a schedule of another model.
 FINGERPRINT_VERSION = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,99}$")
+#: most values a SIGMAS list may have (10000 steps)
+MAX_SIGMAS = 10_001
 
 __all__ = ["FORMAT", "ScheduleRecord", "ScheduleStore", "cache_key", "model_fingerprint", "object_fingerprint",
            "validate_sigmas"]
 
 
+def _not_a_number(value: Any) -> float:
+    raise TypeError(f"{value!r} is not a number")
+
+
 def validate_sigmas(sigmas: Iterable[Any], where: str = "schedule") -> list[float]:
     """Floats that form a SIGMAS schedule: finite, strictly decreasing, ending in 0, at least one step."""
     try:
-        values = [float(s) for s in sigmas]
+        values = [float(s) if not isinstance(s, bool) else _not_a_number(s) for s in sigmas]
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: sigmas must be a list of numbers ({exc})") from exc
+    if len(values) > MAX_SIGMAS:
+        raise ValueError(f"{where}: {len(values)} sigmas; a schedule has at most {MAX_SIGMAS}")
     if len(values) < 2 or values[-1] != 0.0:
         raise ValueError(f"{where}: sigmas need at least two values and must end in 0, got {values}")
     if not all(math.isfinite(v) and v >= 0.0 for v in values) or not all(a > b for a, b in itertools.pairwise(values)):
@@ -94,6 +102,23 @@ def _validate_coefficients(rows: Any, n_steps: int) -> list[list[float]]:
     return out
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_parameterization(saved: Any) -> bool:
+    """``[kind, family, sigma_min, sigma_max]``, or ``[kind, sigma_min, sigma_max]`` from older files."""
+    if not isinstance(saved, list) or len(saved) not in (3, 4):
+        return False
+    names, bounds = saved[:-2], saved[-2:]
+    return (all(isinstance(v, str) for v in names)
+            and all(_is_real(v) and math.isfinite(v) for v in bounds))
+
+
 @dataclass
 class ScheduleRecord:
     """One calibrated schedule and its provenance (see the module docstring for the JSON)."""
@@ -114,6 +139,7 @@ class ScheduleRecord:
 
     def __post_init__(self) -> None:
         self.sigmas = validate_sigmas(self.sigmas)
+        self._check_types()
         if isinstance(self.fingerprint_version, bool) or not isinstance(self.fingerprint_version, int):
             self.fingerprint_version = 0  # hand-edited: treat as unknown, it only words a note
         if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 1:
@@ -130,6 +156,30 @@ class ScheduleRecord:
             self.fitted_digest = digest
         if not self.created:
             self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def _check_types(self) -> None:
+        """Every field has the JSON type the nodes read (a hand-edited file says which field is wrong)."""
+        for name in ("solver", "settings", "cost"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"'{name}' must be a JSON object, got {getattr(self, name)!r}")
+        for name in ("model_hash", "fitted_digest", "created"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"'{name}' must be a string, got {getattr(self, name)!r}")
+        options = self.solver.get("options")
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"'solver.options' must be a JSON object of solver options, got {options!r}")
+        for key in ("solver", "label"):
+            if self.solver.get(key) is not None and not isinstance(self.solver[key], str):
+                raise ValueError(f"'solver.{key}' must be a string, got {self.solver[key]!r}")
+        if not isinstance(self.orders, list) or not all(_is_int(o) and o >= 1 for o in self.orders):
+            raise ValueError(f"'orders' must be a list of positive integers (one per step), "
+                             f"got {self.orders!r}")
+        if self.error is not None and not _is_real(self.error):
+            raise ValueError(f"'error' must be a number, got {self.error!r}")
+        saved = self.settings.get("parameterization")
+        if saved is not None and not _is_parameterization(saved):
+            raise ValueError("'settings.parameterization' must be [kind, family, sigma_min, sigma_max] "
+                             f"(or [kind, sigma_min, sigma_max]) with numeric sigmas, got {saved!r}")
 
     @classmethod
     def from_result(cls, result: Any, model_hash: str = "", settings: Mapping[str, Any] | None = None) -> ScheduleRecord:
@@ -150,8 +200,8 @@ class ScheduleRecord:
     def from_json(cls, text: str, where: str = "schedule file") -> ScheduleRecord:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, an over-long number, deep nesting
+            raise ValueError(f"{where} is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 (file content)
         if data.get("format", FORMAT) != FORMAT:
@@ -164,7 +214,7 @@ class ScheduleRecord:
         data.setdefault("solver", {})
         try:
             return cls(**data)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ValueError(f"{where}: {exc}") from exc
 
 
@@ -320,10 +370,43 @@ class ScheduleStore:
 
     # -- named schedules ------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Names of the saved schedules (file names without ``.json``), sorted."""
+        """Names of the saved schedules (file names without ``.json``), sorted: every file that
+        :meth:`load` opens (no hidden or temporary files, no links out of the folder)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.stem for p in self.root.glob("*.json") if p.is_file())
+        out = []
+        for path in self.root.glob("*.json"):
+            name = path.name[: -len(".json")]
+            try:
+                if self._locate(name) == path:
+                    out.append(name)
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def find(self, name: str) -> Path:
+        """The file of a saved schedule: ``<name>.json`` in the folder (or ``name`` itself when it ends
+        in ``.json``). Any file name the folder holds is accepted, as a shared file may be named
+        anything, but never a path out of the folder, a hidden file or a link to a file outside."""
+        path = self._locate(name)
+        if path is None:
+            available = ", ".join(self.names()) or "none"
+            raise ValueError(f"no saved schedule named {name!r} in {self.root} (available: {available})")
+        return path
+
+    def _locate(self, name: str) -> Path | None:
+        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"schedule name {name!r} is not allowed: give a file name from the schedules "
+                             "folder, without folders")
+        root = self.root.resolve()
+        candidates = [self.root / f"{name}.json"] + ([self.root / name] if name.endswith(".json") else [])
+        for path in candidates:
+            if path.is_file():
+                if not path.resolve().is_relative_to(root):
+                    raise ValueError(f"schedule {name!r} is a link to a file outside {self.root}; copy "
+                                     "the file into the folder instead")
+                return path
+        return None
 
     def path_for(self, name: str) -> Path:
         name = name.removesuffix(".json")
@@ -338,11 +421,13 @@ class ScheduleStore:
         return self._write(self.path_for(name), record)
 
     def load(self, name: str) -> ScheduleRecord:
-        path = self.path_for(name)
-        if not path.is_file():
-            available = ", ".join(self.names()) or "none"
-            raise ValueError(f"no saved schedule named {name!r} in {self.root} (available: {available})")
-        return ScheduleRecord.from_json(path.read_text(encoding="utf-8"), str(path))
+        path = self.find(name)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                             "JSON") from None
+        return ScheduleRecord.from_json(text, str(path))
 
     def _write(self, path: Path, record: ScheduleRecord) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,11 +46,34 @@ def test_round_trip_and_plain_json(tmp_path):
     ('{"sigmas": [1.0, 0.5]}', "must end in 0"),
     ('{"format": "other/1", "sigmas": [1, 0]}', "unknown format"),
     ('{"nfe": 3}', "no 'sigmas'"),
+    # hand-edited fields of the wrong type name the field, instead of a bare Python error later
+    ('{"sigmas": [1, 0], "solver": "dpmpp_2m"}', "'solver' must be a JSON object"),
+    ('{"sigmas": [1, 0], "solver": {"options": [1, 2]}}', "'solver.options' must be a JSON object"),
+    ('{"sigmas": [1, 0], "solver": {"solver": 2}}', "'solver.solver' must be a string"),
+    ('{"sigmas": [1, 0], "orders": null}', "'orders' must be a list of positive integers"),
+    ('{"sigmas": [1, 0], "orders": [true]}', "'orders' must be a list of positive integers"),
+    ('{"sigmas": [1, 0], "settings": []}', "'settings' must be a JSON object"),
+    ('{"sigmas": [1, 0], "settings": {"parameterization": ["ve"]}}', "'settings.parameterization' must be"),
+    ('{"sigmas": [1, 0], "settings": {"parameterization": ["ve", 0.03]}}',
+     "'settings.parameterization' must be"),
+    ('{"sigmas": [1, 0], "model_hash": 5}', "'model_hash' must be a string"),
+    ('{"sigmas": [1, 0], "error": "small"}', "'error' must be a number"),
+    ('{"sigmas": [true, false]}', "must be a list of numbers"),
+    ('{"sigmas": [1, 0], "nfe": 1' + "0" * 5000 + "}", "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    ('{"sigmas": [' + ", ".join(str(20000 - i) for i in range(20000)) + ", 0]}", "at most 10001"),
 ])
 def test_bad_files_are_refused_with_the_reason(tmp_path, text, match):
     (tmp_path / "bad.json").write_text(text)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as caught:
         ScheduleStore(tmp_path).load("bad")
+    assert "bad.json" in str(caught.value)
+
+
+def test_a_file_that_is_not_utf8_names_itself(tmp_path):
+    (tmp_path / "latin.json").write_bytes('{"sigmas": [1, 0], "label": "sch\u00f6n"}'.encode("utf-16"))
+    with pytest.raises(ValueError, match="latin.json is not UTF-8 text"):
+        ScheduleStore(tmp_path).load("latin")
 
 
 def test_fitted_coefficients_stay_bound_to_their_sigmas(tmp_path):
@@ -85,8 +108,36 @@ def test_names_cannot_escape_the_folder(tmp_path):
     for name in ("../x", "a/b", "", ".hidden"):
         with pytest.raises(ValueError, match="not allowed"):
             store.path_for(name)
+        with pytest.raises(ValueError, match="not allowed"):
+            store.load(name)
     with pytest.raises(ValueError, match="no saved schedule named 'missing'"):
         store.load("missing")
+
+
+def test_every_listed_schedule_loads(tmp_path):
+    """Shared files keep whatever name they came with (a browser's second download, non-ASCII);
+    every name the Load Schedule dropdown shows must load. Hidden and temporary files, folders and
+    links to files outside the folder are neither listed nor loaded."""
+    folder = tmp_path / "schedules"
+    folder.mkdir()
+    text = '{"sigmas": [1.0, 0.2, 0]}'
+    for name in ("sd15 4nfe (1).json", "\u8abf\u5ea6.json", "sch\u00f6n.json", "x.json.json", "plain.json",
+                 ".tmp-abc123.json"):
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "dir.json").mkdir()
+    (tmp_path / "outside.json").write_text('{"sigmas": [9.0, 0]}')
+    (folder / "link.json").symlink_to(tmp_path / "outside.json")
+    (folder / "inside link.json").symlink_to(folder / "plain.json")
+    store = ScheduleStore(folder)
+    names = store.names()
+    assert names == sorted(["sd15 4nfe (1)", "\u8abf\u5ea6", "sch\u00f6n", "x.json", "plain", "inside link"])
+    for name in names:
+        assert store.load(name).sigmas == [1.0, 0.2, 0.0]
+    assert store.load("plain.json").sigmas == [1.0, 0.2, 0.0]  # the file name as typed
+    with pytest.raises(ValueError, match="link to a file outside"):
+        store.load("link")
+    with pytest.raises(ValueError, match="not allowed"):
+        store.load(".tmp-abc123")
 
 
 def test_cache_get_put_and_corrupt_entries(tmp_path):
