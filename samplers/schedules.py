@@ -578,6 +578,8 @@ def get_sigmas_custom(
             if parameterization is not None and parameterization.kind == "flow":
                 raise ValueError(msg + "; flow sigmas must be <= 1")
             logger.warning("%s; the model never saw that noise level", msg)
+        elif positive[0] > hi and parameterization is not None and parameterization.kind == "flow":
+            values[0] = positive[0] = hi  # a rounding error above 1 (1.0000001): the samplers need sigma <= 1
     if sigma_min is not None and positive[-1] < float(sigma_min) * (1.0 - 1e-6):
         logger.warning("%s: last non-zero sigma %r is below sigma_min %r", name, positive[-1], sigma_min)
     if steps == len(positive):

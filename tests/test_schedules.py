@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from comfyui_fewstep.samplers import schedules as S
+from comfyui_fewstep.samplers._loop import sigma_list
 from comfyui_fewstep.samplers.parameterization import (
     Parameterization,
     discrete_vp_sigmas,
@@ -437,6 +438,10 @@ def test_custom_resampling_and_bounds():
     assert np.allclose(np.log2(s[:-1].numpy()), np.linspace(3, -3, 6), atol=1e-6)
     with pytest.raises(ValueError, match="flow sigmas must be <= 1"):
         S.get_sigmas("custom", None, FLOW, sigmas="1.5, 0.5, 0")
+    # a rounding error above 1 is accepted as 1, which the samplers then take (they refuse > 1)
+    flow = S.get_sigmas("custom", None, FLOW, sigmas="1.0000001, 0.5, 0")
+    assert flow.tolist() == [1.0, 0.5, 0.0]
+    assert sigma_list(flow, FLOW)[0] == 1.0
     part = S.get_sigmas("custom", 2, EPS, denoise=0.5, sigmas="8, 4, 2, 1")
     assert torch.equal(part, torch.tensor([2.0, 1.0, 0.0]))
 
