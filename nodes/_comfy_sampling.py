@@ -143,6 +143,13 @@ def parameterization_from_model_sampling(model_sampling: Any) -> Parameterizatio
         ) from e
     if kind == "flow":
         sigma_max = min(sigma_max, 1.0)
+    if not 0.0 < sigma_min < sigma_max:
+        raise ValueError(
+            f"the model's noise levels collapse to one value (sigma_min {sigma_min:.6g}, sigma_max "
+            f"{sigma_max:.6g}), so no schedule can step from noise to data: its ModelSampling settings (a "
+            "flow shift, max_shift / base_shift and the image size, or a sigma range) are extreme. Lower "
+            "the shift, or check the ModelSampling node's values."
+        )
     return Parameterization(kind, sigma_min, sigma_max, family, _timestep_table(model_sampling))
 
 

@@ -87,6 +87,15 @@ def test_kind_family_and_range_for_every_core_prediction_type(cms, adapter):
         )
 
 
+def test_a_collapsed_sigma_range_is_named(cms, adapter):
+    """Flux's shift from an extreme max_shift and image size puts every sigma at 1.0: the message
+    says what to change (it was the internal "needs 0 < sigma_min < sigma_max")."""
+    ms = _make(cms, cms.ModelSamplingFlux, cms.CONST, shift=60.0)
+    assert float(ms.sigma_min) == float(ms.sigma_max) == 1.0
+    with pytest.raises(ValueError, match="noise levels collapse to one value.*Lower the shift"):
+        adapter.parameterization_from_model_sampling(ms)
+
+
 def test_noise_scaling_agrees_with_alpha_and_sigma(cms, adapter):
     """The coordinates ComfyUI builds x in are x = alpha(sigma) x0 + sigma eps for our kind."""
     x0 = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
