@@ -9,7 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["StudentLoadError", "UnsafePickleError", "unreadable"]
+__all__ = ["StudentLoadError", "UnsafePickleError", "command", "unreadable"]
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "fewstep.py"
+
+
+def command(sub: str) -> str:
+    """How to run one of the pack's commands (``convert FILE``, ``inspect FILE``): ``python -m
+    comfyui_fewstep`` where the package is installed, and the pack folder's ``tools/fewstep.py``
+    in a ComfyUI install (ComfyUI-Manager or ``git clone``), where it is not."""
+    if not _SCRIPT.is_file():  # an installed wheel has no tools/
+        return f"python -m comfyui_fewstep {sub}"
+    return (f"python -m comfyui_fewstep {sub} (in a ComfyUI install, with ComfyUI's Python: "
+            f"python {_SCRIPT} {sub})")
 
 
 class StudentLoadError(ValueError):

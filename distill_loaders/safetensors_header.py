@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import StudentLoadError, unreadable
+from .errors import StudentLoadError, command, unreadable
 
 __all__ = ["FileContents", "TensorInfo", "read_contents", "resolve_model_path"]
 
@@ -149,7 +149,7 @@ def read_contents(path: str | Path) -> FileContents:
         raise StudentLoadError(
             weights,
             "this is a Python pickle, which can run arbitrary code when loaded; it is not opened here.",
-            "convert it first: python -m comfyui_fewstep convert FILE (writes .safetensors + .json).",
+            f"convert it first: {command('convert FILE')}; it writes .safetensors + .json.",
         )
     if suffix in _SAFETENSORS_EXT or suffix in _TORCH_EXT:
         try:
@@ -310,7 +310,7 @@ def load_torch_state_dict(path: Path, map_location: str = "cpu") -> dict:
         raise StudentLoadError(
             path,
             "the file is a plain Python pickle, not a torch.save state dict; it was not run.",
-            "convert it with: python -m comfyui_fewstep convert FILE (rebuilds tensors only).",
+            f"convert it with: {command('convert FILE')}; it rebuilds tensors only.",
         )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -324,7 +324,7 @@ def load_torch_state_dict(path: Path, map_location: str = "cpu") -> dict:
         raise StudentLoadError(
             path,
             f"the file is a pickle that needs code to load ({_blocked_global(e)}); it was not run.",
-            "convert it with: python -m comfyui_fewstep convert FILE (rebuilds tensors only).",
+            f"convert it with: {command('convert FILE')}; it rebuilds tensors only.",
         ) from None
     except Exception as e:  # noqa: BLE001 - a damaged pickle raises IndexError, struct.error, EOFError, ...
         raise StudentLoadError(

@@ -22,7 +22,7 @@ import folder_paths
 import torch
 
 from ..distill_loaders.detect import Detection, detect, detect_contents, lora_module_names
-from ..distill_loaders.errors import StudentLoadError
+from ..distill_loaders.errors import StudentLoadError, command
 from ..distill_loaders.inspect import format_report
 from ..distill_loaders.keys import LCM_EMBEDDING_NAMES, lcm_embedding_name, lora_to_kohya
 from ..distill_loaders.lcm_guidance import GuidedTimeEmbedding
@@ -222,7 +222,7 @@ def _check_unet_keys(det: Detection) -> None:
             det.path,
             f"this is not a complete {det.arch} UNet: " + " and ".join(problems) + ".",
             "the file is truncated, damaged or for another architecture: download or convert it again "
-            "(python -m comfyui_fewstep inspect FILE lists every key).",
+            f"({command('inspect FILE')} lists every key).",
         )
 
 
@@ -234,7 +234,7 @@ def _unet_from_state_dict(det: Detection, ldm_sd: dict, model_options: dict):
         raise StudentLoadError(
             det.path,
             "ComfyUI did not recognise the converted UNet.",
-            "report the inspect output (python -m comfyui_fewstep inspect FILE).",
+            f"report the inspect output ({command('inspect FILE')}).",
         )
     return model
 
@@ -616,8 +616,7 @@ def generate_edm_images(
             det.path,
             f"not a complete SiD/DMD2 EDM generator ({missing}); only the DDPM++ (SongUNet) and ADM "
             "(DhariwalUNet) layouts load.",
-            "check that the download is complete, or re-convert the pickle with "
-            "python -m comfyui_fewstep convert FILE.",
+            f"check that the download is complete, or re-convert the pickle with {command('convert FILE')}.",
         ) from None
     try:
         net.load_state_dict(sd, strict=True)
@@ -625,7 +624,7 @@ def generate_edm_images(
         raise StudentLoadError(
             det.path,
             f"the weights do not fit the {arch} network read from their shapes ({str(e)[:300]}).",
-            "re-convert the pickle with python -m comfyui_fewstep convert FILE.",
+            f"re-convert the pickle with {command('convert FILE')}.",
         ) from None
     device = comfy.model_management.get_torch_device()
     net = net.to(device).eval()

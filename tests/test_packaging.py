@@ -101,3 +101,20 @@ def test_registry_metadata():
     for key in ("PublisherId", "DisplayName", "Icon", "requires-comfyui"):
         assert key in comfy
     assert "GNU GENERAL PUBLIC LICENSE" in (ROOT / "LICENSE").read_text()[:200]
+
+
+def test_the_command_line_runs_from_the_pack_folder(tmp_path):
+    """Inside a ComfyUI install the pack is not an installed package: tools/fewstep.py runs the
+    same commands from the folder (the loaders' messages name it for convert and inspect)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from comfyui_fewstep.distill_loaders.errors import command
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"}
+    done = subprocess.run([sys.executable, "-S", str(root / "tools" / "fewstep.py"), "inspect", "--help"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "inspect" in done.stdout, done.stderr
+    assert str(root / "tools" / "fewstep.py") in command("convert FILE")
