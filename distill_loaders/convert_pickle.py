@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import logging
 import pickle
 import pickletools
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .edm_networks import strip_precond_prefix
-from .errors import StudentLoadError, UnsafePickleError
+from .errors import StudentLoadError, UnsafePickleError, unreadable
 from .safetensors_header import is_torch_save_file
 from .specs import RECIPES
 
@@ -458,14 +459,43 @@ def _jsonable(value, active: frozenset[int] = frozenset(), budget: list[int] | N
     return repr(value)[:200]
 
 
+def _check_outputs(src: Path, dst: Path, force: bool) -> None:
+    """Refuse, before any work, outputs that would destroy the input or each other, or an existing file."""
+    cfg = dst.with_suffix(".json")
+    if dst.suffix == ".json":
+        raise StudentLoadError(dst, "the output would be overwritten by its own .json config.",
+                               "give an output name ending in .safetensors.")
+    same = [p for p in (dst, cfg) if p.exists() and src.exists() and p.resolve() == src.resolve()]
+    if same:
+        raise StudentLoadError(src, "the output would overwrite the input pickle.",
+                               "give another output name with -o.")
+    if not dst.parent.is_dir():
+        raise StudentLoadError(dst, f"the output folder {dst.parent} does not exist.", "create it first.")
+    existing = [str(p) for p in (dst, cfg) if p.exists()]
+    if existing and not force:
+        raise StudentLoadError(dst, f"{' and '.join(existing)} already exist(s).",
+                               "pass --force to replace, or give another name with -o.")
+
+
+def _readable_by_all(path: Path) -> None:
+    """The mode a new file gets from the umask (safetensors writes 0600 through a temporary file),
+    so that ComfyUI running as another user can read the converted model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def convert(
-    src: str | Path, dst: str | Path | None = None, key: str | None = None, recipe: str | None = None
+    src: str | Path, dst: str | Path | None = None, key: str | None = None, recipe: str | None = None,
+    force: bool = False,
 ) -> tuple[Path, Path]:
     """Convert a pickle to ``dst`` (.safetensors) and ``dst`` with ``.json``; returns both paths.
 
     ``key`` picks a top-level entry (default: ``ema`` when present, as SiD / SiD-LSG save it).
     ``recipe`` is stored as ``fewstep_recipe`` metadata, which detection then takes as given.
+    Existing outputs are replaced only with ``force``; the input is never overwritten.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     src = Path(src)
@@ -473,7 +503,15 @@ def convert(
         raise StudentLoadError(
             src, f"unknown recipe {recipe!r}.", f"use one of: {', '.join(sorted(RECIPES))}."
         )
-    obj = restricted_load(src)
+    if not src.is_file():
+        what = "is a folder" if src.is_dir() else "does not exist"
+        raise StudentLoadError(src, f"the input {what}.", "give the path of a .pkl/.pt file.")
+    dst = Path(dst) if dst else src.with_suffix(".safetensors")
+    _check_outputs(src, dst, force)
+    try:
+        obj = restricted_load(src)
+    except OSError as e:
+        raise unreadable(src, e) from None
     if isinstance(obj, dict):
         pick = key or ("ema" if "ema" in obj else None)
         if pick is not None:
@@ -496,7 +534,6 @@ def convert(
         raise StudentLoadError(src, "the pickle has a tensor named __metadata__, a name safetensors "
                                "reserves.", "the file is crafted or damaged; it cannot be converted.")
     tensors = strip_precond_prefix(tensors)
-    dst = Path(dst) if dst else src.with_suffix(".safetensors")
     root = config.get("<root>", {})
     metadata = {"fewstep_converted_from": src.name, "fewstep_root_class": str(root.get("class", ""))}
     if any(k.startswith("map_layer0") for k in tensors):
@@ -512,6 +549,10 @@ def convert(
         seen.add(ptr)
     try:
         save_file(tensors, str(dst), metadata=metadata)
+        _readable_by_all(dst)
+    except (OSError, SafetensorError) as e:
+        raise StudentLoadError(dst, f"the output cannot be written ({e}).",
+                               "check the output folder's permissions and free space.") from None
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise StudentLoadError(src, f"the tensors cannot be written as safetensors ({type(e).__name__}: "
                                f"{str(e)[:200]}).", "the file is damaged or of an unusual kind.") from None
@@ -524,7 +565,11 @@ def convert(
             dst.unlink()
             raise
     cfg_path = dst.with_suffix(".json")
-    cfg_path.write_text(json.dumps({"source": src.name, "modules": config}, indent=1))
+    try:
+        cfg_path.write_text(json.dumps({"source": src.name, "modules": config}, indent=1))
+    except OSError as e:
+        raise StudentLoadError(cfg_path, f"the config cannot be written ({e.strerror or e}).",
+                               "check the output folder's permissions and free space.") from None
     logger.info("wrote %s (%d tensors) and %s", dst, len(tensors), cfg_path)
     return dst, cfg_path
 
@@ -543,9 +588,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="store this recipe in the file (sid_edm_1step, dmd2_imagenet_1step, ...); the loader uses it",
     )
+    parser.add_argument("--force", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
     try:
-        dst, cfg = convert(args.file, args.output, args.key, args.recipe)
+        dst, cfg = convert(args.file, args.output, args.key, args.recipe, force=args.force)
     except StudentLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -151,6 +151,38 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "out.safetensors").exists() and (tmp_path / "out.json").exists()
 
 
+def test_cli_outputs_never_destroy_files_and_failures_are_one_line(tmp_path, capsys):
+    """The input, an existing output and the weights under their own .json name are never
+    overwritten without --force; missing or unwritable paths are one line, not a traceback; the
+    converted file is readable by the user ComfyUI runs as (umask mode, not 0600)."""
+    from comfyui_fewstep.cli import main as cli
+
+    src = tmp_path / "m.pkl"
+    src.write_bytes(pickle.dumps({"ema": _model()}))
+    before = src.read_bytes()
+    cases = [
+        ([str(src), "-o", str(src)], "overwrite the input"),
+        ([str(src), "-o", str(tmp_path / "out.json")], "its own .json config"),
+        ([str(tmp_path / "missing.pkl")], "does not exist"),
+        ([str(tmp_path)], "is a folder"),
+        ([str(src), "-o", str(tmp_path / "no" / "out.safetensors")], "does not exist"),
+    ]
+    for args, message in cases:
+        assert cli(["convert", *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert src.read_bytes() == before
+    old = os.umask(0o022)
+    try:
+        assert cli(["convert", str(src)]) == 0
+        assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+        assert cli(["convert", str(src)]) == 1
+        assert "already exist" in capsys.readouterr().err
+        assert cli(["convert", str(src), "--force"]) == 0
+    finally:
+        os.umask(old)
+
+
 def test_pickled_diffusers_unet_like_sid_lsg(tmp_path):
     """SiD-LSG saves ``dict(ema=<diffusers UNet2DConditionModel>)``; convert it without diffusers' code."""
     diffusers = pytest.importorskip("diffusers")
