@@ -143,8 +143,11 @@ def read_contents(path: str | Path) -> FileContents:
     :class:`StudentLoadError` for truncated, corrupt or code-carrying files."""
     weights, config = resolve_model_path(path)
     suffix = weights.suffix.lower()
-    if suffix in _PICKLE_EXT and weights.is_file() and is_torch_save_file(weights):
-        suffix = ".pt"  # a torch.save state dict with a pickle's name: read as one, without unpickling
+    try:
+        if suffix in _PICKLE_EXT and weights.is_file() and is_torch_save_file(weights):
+            suffix = ".pt"  # a torch.save state dict with a pickle's name: read as one, without unpickling
+    except OSError as e:
+        raise unreadable(weights, e) from None
     if suffix in _PICKLE_EXT:
         raise StudentLoadError(
             weights,

@@ -203,3 +203,19 @@ def test_missing_file_and_empty_folder(tmp_path):
     _raises(tmp_path, "no diffusers UNet")
     (tmp_path / "m.onnx").write_bytes(b"x")
     _raises(tmp_path / "m.onnx", "unsupported file type")
+
+
+def test_an_unreadable_pickle_is_a_load_error(tmp_path, monkeypatch):
+    """The torch.save check of a .pkl reads the file too: a permission error there is the loader's
+    'cannot be read' message, not a PermissionError traceback (inspect and the loader node)."""
+    from comfyui_fewstep.distill_loaders import safetensors_header
+
+    path = tmp_path / "snapshot.pkl"
+    path.write_bytes(b"\x80\x04K\x01.")
+
+    def denied(p):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(safetensors_header, "is_torch_save_file", denied)
+    with pytest.raises(StudentLoadError, match="cannot be read .Permission denied"):
+        safetensors_header.read_contents(path)
