@@ -22,7 +22,11 @@ async def comfy_entrypoint():
         from .nodes import FewStepExtension
 
         return FewStepExtension()
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, ImportError) and (exc.name or "").startswith("comfy_api"):
+            logger.error("ComfyUI-FewStep needs ComfyUI 0.3.64 or newer (its V3 node API, comfy_api.latest, "
+                         "is missing here: %s). Update ComfyUI; the rest of ComfyUI is unaffected.", exc)
+            return None
         logger.exception(
             "ComfyUI-FewStep: the nodes failed to load; the rest of ComfyUI is unaffected. "
             "Please report this traceback."

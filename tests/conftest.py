@@ -43,20 +43,34 @@ def _load_helper(name: str):
     return module
 
 
-def comfyui_path() -> Path | None:
-    """The ComfyUI checkout named by ``COMFYUI_PATH``, or None."""
+#: modules ComfyUI imports at start-up, by import name (its requirements.txt lists distributions)
+COMFY_IMPORTS = ("psutil", "yaml", "PIL", "aiohttp", "safetensors", "einops", "scipy", "tqdm", "transformers")
+
+
+def comfy_skip_reason() -> str | None:
+    """Why the ComfyUI tests cannot run here, or None when ``COMFYUI_PATH`` is usable."""
     value = os.environ.get("COMFYUI_PATH")
     if not value:
-        return None
-    path = Path(value)
-    return path if (path / "comfy").is_dir() else None
+        return "needs ComfyUI: set COMFYUI_PATH to a ComfyUI checkout (its requirements installed)"
+    if not (Path(value) / "comfy").is_dir():
+        return f"COMFYUI_PATH={value} is not a ComfyUI checkout (no comfy/ folder in it)"
+    missing = [name for name in COMFY_IMPORTS if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"ComfyUI's requirements are not installed in this environment (missing: {', '.join(missing)}): "
+                f"pip install -r {value}/requirements.txt")
+    return None
+
+
+def comfyui_path() -> Path | None:
+    """The ComfyUI checkout named by ``COMFYUI_PATH`` when its tests can run here, or None."""
+    return None if comfy_skip_reason() else Path(os.environ["COMFYUI_PATH"])
 
 
 NEEDS_COMFY = "needs ComfyUI: set COMFYUI_PATH to a ComfyUI checkout (its requirements installed)"
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_comfy = pytest.mark.skip(reason=NEEDS_COMFY)
+    skip_comfy = pytest.mark.skip(reason=comfy_skip_reason() or NEEDS_COMFY)
     try:
         import torch
 
@@ -125,7 +139,7 @@ def comfy():
     """Import ComfyUI from ``COMFYUI_PATH`` in CPU mode and return its root path."""
     path = comfyui_path()
     if path is None:
-        pytest.skip(NEEDS_COMFY)
+        pytest.skip(comfy_skip_reason() or NEEDS_COMFY)
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     import comfy.cli_args
@@ -146,7 +160,7 @@ def comfy_server(tmp_path_factory):
     """
     path = comfyui_path()
     if path is None:
-        pytest.skip(NEEDS_COMFY)
+        pytest.skip(comfy_skip_reason() or NEEDS_COMFY)
     base = tmp_path_factory.mktemp("comfy_base")
     server = _load_helper("comfy_server").ComfyServer(path, base, extra_args=("--verbose", "DEBUG"))
     try:

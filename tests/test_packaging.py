@@ -5,8 +5,12 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the test extra installs tomli
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ("samplers", "distill_loaders", "cuda_graph")
@@ -118,3 +122,22 @@ def test_the_command_line_runs_from_the_pack_folder(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "inspect" in done.stdout, done.stderr
     assert str(root / "tools" / "fewstep.py") in command("convert FILE")
+
+
+def test_entrypoint_on_a_comfyui_without_the_v3_api_says_to_update():
+    """A ComfyUI older than the V3 node API: one line saying which version is needed, no traceback
+    and no request to report it."""
+    code = (
+        "import asyncio, importlib.util, logging, sys\n"
+        "sys.modules['comfy_api'] = None\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
+        f"spec = importlib.util.spec_from_file_location('comfyui_fewstep', {str(ROOT / '__init__.py')!r},"
+        f" submodule_search_locations=[{str(ROOT)!r}])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['comfyui_fewstep'] = mod;"
+        " spec.loader.exec_module(mod)\n"
+        "assert asyncio.run(mod.comfy_entrypoint()) is None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "needs ComfyUI 0.3.64 or newer" in result.stderr
+    assert "Traceback" not in result.stderr and "report" not in result.stderr
