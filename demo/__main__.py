@@ -79,14 +79,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     nfes = args.nfe or list(QUICK_NFES if args.quick else DEFAULT_NFES)
-    samples = args.samples or (8 if args.quick else 64)
-    ref_steps = args.reference_steps or (40 if args.quick else 200)
+    samples = (8 if args.quick else 64) if args.samples is None else args.samples
+    ref_steps = (40 if args.quick else 200) if args.reference_steps is None else args.reference_steps
     if samples < 1 or ref_steps < 1:
         print(f"--samples and --reference-steps must be >= 1, got {samples} and {ref_steps}", file=sys.stderr)
         return 2
     presets = [p for p in PRESETS if args.samplers is None or p.name in args.samplers]
     start = time.perf_counter()
-    denoiser = load_teacher(args.weights)
+    try:  # before any sampling: a bad output folder or weights file fails at once
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        print(f"error: cannot write to the output folder {args.out} ({exc.strerror or exc}); give another "
+              "with --out", file=sys.stderr)
+        return 2
+    try:
+        denoiser = load_teacher(args.weights)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the weights is one line
+        print(f"error: cannot load the teacher weights {args.weights} ({type(exc).__name__}: "
+              f"{str(exc)[:200]}); give a tiny-teacher .safetensors file (tools/train_tiny_teacher.py writes one)",
+              file=sys.stderr)
+        return 2
     progress = Progress(1 + len(presets) * len(nfes), disable=args.no_progress)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
@@ -95,7 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
         progress.close()
-    args.out.mkdir(parents=True, exist_ok=True)
     outputs = [
         write_grid(result, args.out / "grid.png", args.show),
         write_json(result, args.out / "errors.json"),

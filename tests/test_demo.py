@@ -246,3 +246,27 @@ def test_training_smoke_run_is_reproducible_and_loadable(tmp_path):
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
     assert "--iters 2" in read_metadata(tmp_path / "a.safetensors")["training_command"]
+
+
+def test_demo_refuses_bad_paths_and_counts_before_sampling(tmp_path, capsys, monkeypatch):
+    """An output path that is a file, weights that are not a teacher, or --samples 0: one line and
+    exit code 2 before any sampling (an unwritable --out failed only after all the sampling)."""
+    from comfyui_fewstep.demo import __main__ as demo
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the paths were checked")
+
+    monkeypatch.setattr(demo, "run_demo", no_sampling)
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    not_weights = tmp_path / "notes.safetensors"
+    not_weights.write_text("not a model")
+    for args, message in (
+        (["--out", str(a_file / "sub")], "cannot write to the output folder"),
+        (["--out", str(tmp_path / "o"), "--weights", str(tmp_path / "missing.safetensors")], "cannot load"),
+        (["--out", str(tmp_path / "o"), "--weights", str(not_weights)], "cannot load the teacher weights"),
+        (["--out", str(tmp_path / "o"), "--samples", "0"], "must be >= 1"),
+    ):
+        assert demo_main([*args, "--quick", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
