@@ -90,6 +90,13 @@ def ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, form: str) -> t
     return x
 
 
+def check_out(path: Path | None) -> None:
+    """Stop before any work when ``--out`` cannot be written (its folder is missing, or it is a folder)."""
+    if path is not None and (not path.parent.is_dir() or path.is_dir()):
+        raise SystemExit(f"--out {path}: the folder {path.parent} does not exist, or the path is a folder; "
+                         "give a markdown file in an existing folder")
+
+
 def write_section(path: Path, section: str, begin: str, end: str, after: str | None = None) -> None:
     """Put ``section`` (which starts with ``begin`` and ends with ``end``) into the markdown file
     ``path``: in place of the previous one, else right after the marker ``after`` when the file

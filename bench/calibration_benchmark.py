@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _comfy
 import solver_benchmark as sb
-from _harness import import_package, measure, write_section
+from _harness import check_out, import_package, measure, write_section
 from _tier2 import make_teacher_problem
 
 NFES = (4, 5, 6, 8, 10)
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=None, help="evaluation trajectories per problem (256 / 512)")
     ap.add_argument("--no-teacher", action="store_true", help="skip the tiny trained teacher")
     args = ap.parse_args(argv)
+    check_out(args.out)
     torch.set_num_threads(1)
     t0 = time.time()
     pkg = import_package()

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import import_package, measure, write_section
+from _harness import check_out, import_package, measure, write_section
 
 RANGES = ("sd15", "edm", "flow_shift3")
 NFES = (5, 8)
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="markdown file to update (docs/benchmarks.md)")
     args = ap.parse_args(argv)
+    check_out(args.out)
     torch.set_num_threads(1)
     t0 = time.time()
     import_package()

@@ -373,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=100, help="prompts in the memory check")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    try:
+        for text in args.cases.split(","):
+            Case.parse(text)
+    except ValueError as exc:
+        parser.error(str(exc))
     c = load_comfy(args.comfyui)
     import torch
 

@@ -35,7 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _comfy  # noqa: E402
-from _harness import ROOT, Result, ddim, euler_ode, import_package, measure, write_section  # noqa: E402
+from _harness import (  # noqa: E402
+    ROOT, Result, check_out, ddim, euler_ode, import_package, measure, write_section,
+)
 from _tier2 import make_teacher_problem  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
@@ -450,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run ComfyUI's stochastic samplers with their default noise (slow, never 'best')")
     ap.add_argument("--no-tier2", action="store_true", help="skip tier 2 (the tiny trained teacher)")
     args = ap.parse_args(argv)
+    check_out(args.out)
 
     torch.set_num_threads(1)  # small tensors: the intra-op pool only adds overhead
     t0 = time.time()
