@@ -12,6 +12,7 @@ and the NFE-first plan node.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import math
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import comfy.samplers
+import torch
 
 from ..samplers.adaptive import sample_dpmpp_adaptive
 from ..samplers.fitted import sample_fitted_multistep
@@ -156,8 +158,36 @@ def comfy_sampler_function(
             options["orders"] = part
     if options.get("parameterization") is None:
         options["parameterization"] = parameterization_for_denoiser(model)
+    if solver == "multistep":
+        options.setdefault("history_source", history_source(model))
     function = _SAMPLERS.get(solver) or _CALIBRATED_SAMPLERS[solver]
     return function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
+
+
+def history_source(model: Any) -> str:
+    """What makes the model outputs of a run, as a key for :mod:`..samplers.history`: the model
+    (its weights object, weight patches and object patches), the guider's cfg and the
+    conditioning (shape and strided values of each cross-attention tensor). A split schedule's
+    second part resumes the first part's history only with the same key, so a refiner never
+    extrapolates through the base model's predictions. '' when the denoiser is not ComfyUI's (no
+    key, any history matches)."""
+    guider = getattr(model, "inner_model", None)
+    patcher = getattr(guider, "model_patcher", None)
+    if patcher is None:
+        return ""
+    parts = [str(id(getattr(patcher, "model", patcher))), str(getattr(patcher, "patches_uuid", "")),
+             repr(getattr(guider, "cfg", None))]
+    # object patches (a ModelSampling node's model_sampling, a patched module) by identity
+    object_patches = getattr(patcher, "object_patches", None) or {}
+    parts += [f"{name}:{id(obj)}" for name, obj in sorted(object_patches.items())]
+    for name, conds in sorted((getattr(guider, "original_conds", None) or {}).items()):
+        for cond in conds or ():
+            tensor = cond.get("cross_attn") if isinstance(cond, dict) else None
+            if isinstance(tensor, torch.Tensor):
+                flat = tensor.detach().reshape(-1)
+                probe = flat[:: max(1, flat.numel() // 16)][:16].float().cpu().tolist()
+                parts.append(f"{name}:{tuple(tensor.shape)}:{probe}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def make_sampler(solver: SolverFamily, options: Mapping[str, Any]) -> comfy.samplers.KSAMPLER:

@@ -20,12 +20,15 @@ tensor agrees within ``rtol=1e-5`` (relative to its largest magnitude).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MAX_BYTES", "MAX_ENTRIES", "MultistepHistory", "clear", "lookup", "store"]
 
@@ -52,6 +55,10 @@ class MultistepHistory:
         last_order: the order of the run's last step.
         steps: the steps taken so far along the split schedule (this run's and the runs' it
             resumed), for the lower-order-final rule of the last part.
+        source: who made ``outputs`` (the caller's key for the model, its patches, the
+            conditioning and cfg): a run with another source does not resume this history. A
+            refiner's predictions are not the base model's, so extrapolating through the base
+            model's outputs would add an error a first-order restart does not have.
     """
 
     x: torch.Tensor
@@ -63,6 +70,7 @@ class MultistepHistory:
     sigma_prev: float = math.nan
     last_order: int = 0
     steps: int = 0
+    source: str = ""
 
 
 _entries: OrderedDict[int, MultistepHistory] = OrderedDict()
@@ -108,8 +116,9 @@ def store(entry: MultistepHistory) -> None:
             total -= _nbytes(dropped)
 
 
-def lookup(x: torch.Tensor, sigma: float, algorithm: str) -> MultistepHistory | None:
-    """The stored end state whose output equals ``x`` at ``sigma`` (and algorithm), else None.
+def lookup(x: torch.Tensor, sigma: float, algorithm: str, source: str = "") -> MultistepHistory | None:
+    """The stored end state whose output equals ``x`` at ``sigma`` (and algorithm) and that came
+    from the same ``source``, else None (logged when only the source differs).
 
     The returned history's tensors are moved to ``x``'s device and dtype.
     """
@@ -129,6 +138,11 @@ def lookup(x: torch.Tensor, sigma: float, algorithm: str) -> MultistepHistory | 
             continue
         if not _close(x.detach().to("cpu", torch.float32), entry.x.to(torch.float32)):
             continue
+        if entry.source != source:
+            logger.info("multistep sampler: the run that ended at this latent used another model, "
+                        "conditioning or cfg (e.g. a base model before a refiner); its model outputs are not "
+                        "this model's history, so this part starts at first order")
+            return None
         with _lock:
             if key in _entries:
                 _entries.move_to_end(key)
@@ -142,6 +156,7 @@ def lookup(x: torch.Tensor, sigma: float, algorithm: str) -> MultistepHistory | 
             sigma_prev=entry.sigma_prev,
             last_order=entry.last_order,
             steps=entry.steps,
+            source=entry.source,
         )
     return None
 

@@ -75,7 +75,7 @@ __all__ = [
 NoiseSampler = Callable[[float, float], torch.Tensor]
 
 _VE_DEFAULT = Parameterization("ve", 1e-12, 1e12, family="edm")
-_logged_first_order_start = False
+_logged_first_order_starts: set[tuple] = set()
 
 
 def _combine(terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
@@ -167,6 +167,7 @@ def sample_dpmpp_multistep(
     x0_correction: X0Correction | None = None,
     check_finite: bool = True,
     resume_history: bool = True,
+    history_source: str = "",
 ) -> torch.Tensor:
     """Multistep DPM-Solver++ of order 1-3 (Lu et al. 2022, arXiv 2211.01095, Alg. 2).
 
@@ -204,6 +205,8 @@ def sample_dpmpp_multistep(
         resume_history: continue with the stored model outputs of a previous run that ended at
             this ``x`` and ``sigmas[0]`` (split schedules; see :mod:`.history`), and with its
             state one step earlier for the UniC correction at ``x``.
+        history_source: the caller's key for what makes the model outputs (model, patches,
+            conditioning, cfg); a stored history resumes only with the same key.
 
     Returns:
         The sample at sigma 0 (``final_step="zero"`` and a schedule ending in 0) or at the last
@@ -224,9 +227,9 @@ def sample_dpmpp_multistep(
     # a run whose schedule ends above 0 is a part of a split schedule: another run continues it
     partial = values[-1] > 0.0
     uses_history = resume_history and (order > 1 or corrector != "none")
-    carried = _history.lookup(x, points[0], algorithm) if uses_history else None
+    carried = _history.lookup(x, points[0], algorithm, history_source) if uses_history else None
     if carried is None and order > 1:
-        _log_first_order_start(parameterization, points[0])
+        _log_first_order_start(parameterization, points[0], tuple(x.shape))
     history_lambdas = carried.lambdas[:order] if carried is not None else ()
     resumed_step = None
     if carried is not None and carried.x_prev is not None and corrector != "none":
@@ -241,7 +244,8 @@ def sample_dpmpp_multistep(
     if eta > 0.0 and s_noise > 0.0 and noise_sampler is None:
         noise_sampler = PerSampleNoiseSampler(x, (extra_args or {}).get("seed"))
 
-    log_lowered_order(f"DPM-Solver++({order}M)", order, max(c.order for c in plan), n_steps)
+    if not partial and carried is None:  # a part of a split schedule is judged with the whole run
+        log_lowered_order(f"DPM-Solver++({order}M)", order, max(c.order for c in plan), n_steps)
     evaluate = ModelEvaluator(model, extra_args, x0_correction, n_steps, check_finite)
     outputs: list[torch.Tensor] = list(carried.outputs[:order]) if carried is not None else []
     lambdas: list[float] = list(history_lambdas)
@@ -270,6 +274,7 @@ def sample_dpmpp_multistep(
                 outputs=tuple(outputs[:keep]), lambdas=tuple(lambdas[:keep]),
                 x_prev=x_prev if corrector != "none" else None, sigma_prev=plan[-1].sigma,
                 last_order=plan[-1].order, steps=(carried.steps if carried is not None else 0) + n_steps,
+                source=history_source,
             )
         )
     return x
@@ -289,17 +294,23 @@ def _step(
     return _combine(terms)
 
 
-def _log_first_order_start(parameterization: Parameterization | None, sigma0: float) -> None:
-    """Log once per process that a run starting below sigma_max restarts at first order."""
-    global _logged_first_order_start
+def _log_first_order_start(parameterization: Parameterization | None, sigma0: float, shape: tuple) -> None:
+    """Log (INFO, once per latent shape and start sigma) that a run starting below sigma_max has
+    no stored history and so begins at first order."""
     if parameterization is None or sigma0 >= parameterization.sigma_max * (1.0 - 1e-5):
         return
-    level = logging.DEBUG if _logged_first_order_start else logging.INFO
-    _logged_first_order_start = True
-    logger.log(
-        level,
-        "multistep sampler starts at sigma=%.4g below the model's sigma_max=%.4g without a stored history "
-        "(no earlier run ended at this latent): the first steps are lower order",
+    situation = (tuple(shape), round(sigma0, 6))
+    if situation in _logged_first_order_starts:
+        return
+    if len(_logged_first_order_starts) >= 256:
+        _logged_first_order_starts.clear()
+    _logged_first_order_starts.add(situation)
+    logger.info(
+        "multistep sampler starts at sigma=%.4g, below the model's sigma_max=%.4g, with no history from an "
+        "earlier run ending at this latent, so its first steps are lower order. That is normal for img2img "
+        "(denoise < 1) and for a scheduler that starts below sigma_max; for the second part of a split "
+        "schedule it means the first part's history was not found (it ran in another process, the latent "
+        "was saved and loaded, or many other split runs came in between)",
         sigma0, parameterization.sigma_max,
     )
 

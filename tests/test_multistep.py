@@ -457,13 +457,33 @@ def test_runs_ending_at_zero_store_nothing():
     assert len(history._entries) == 0
 
 
-def test_start_below_sigma_max_without_history_logs_once(caplog, monkeypatch):
+def test_start_below_sigma_max_without_history_logs_once_per_situation(caplog, monkeypatch):
+    """Once per latent shape and start sigma (it was once per process, so after one img2img run a
+    split part that lost its history was never reported)."""
     from comfyui_fewstep.samplers import multistep
 
-    monkeypatch.setattr(multistep, "_logged_first_order_start", False)
+    monkeypatch.setattr(multistep, "_logged_first_order_starts", set())
     sig = torch.tensor(SIGMAS_VE[3:], dtype=torch.float64)
     with caplog.at_level(logging.INFO, logger=multistep.__name__):
         sample_dpmpp_2m(Model(VE), _x(VE), sig, parameterization=VE, disable=True)
         sample_dpmpp_2m(Model(VE), _x(VE) * 2, sig, parameterization=VE, disable=True)
-    infos = [r for r in caplog.records if r.levelno == logging.INFO]
-    assert len(infos) == 1 and "lower order" in infos[0].getMessage()
+        sample_dpmpp_2m(Model(VE), _x(VE), sig[1:], parameterization=VE, disable=True)
+    infos = [r.getMessage() for r in caplog.records
+             if r.levelno == logging.INFO and "history" in r.getMessage()]
+    assert len(infos) == 2 and all("lower order" in m and "img2img" in m for m in infos)
+
+
+def test_a_part_made_by_another_model_is_not_resumed(caplog):
+    """A refiner after a base model: the latent matches the base run's end, but its model outputs
+    are the base model's, so the refiner starts at first order (and says why) instead of
+    extrapolating through them."""
+    sig = torch.tensor(SIGMAS_VE, dtype=torch.float64)
+    base = Model(VE)
+    first = sample_dpmpp_2m(base, _x(VE), sig[:4], disable=True, history_source="base")
+    with caplog.at_level(logging.INFO, logger=history.__name__):
+        refined = sample_dpmpp_2m(Model(VE), first, sig[3:], disable=True, history_source="refiner")
+    fresh = sample_dpmpp_2m(Model(VE), first, sig[3:], disable=True, resume_history=False)
+    assert torch.equal(refined, fresh)
+    assert any("used another model" in r.getMessage() for r in caplog.records)
+    resumed = sample_dpmpp_2m(Model(VE), first, sig[3:], disable=True, history_source="base")
+    assert not torch.equal(resumed, fresh)

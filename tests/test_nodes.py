@@ -260,3 +260,30 @@ def test_plan_for_budget_spends_exactly_the_budget(comfy):
                 assert max(plan.orders) <= order
             else:
                 assert plan.steps == nfe
+
+
+def test_history_source_tells_models_patches_cfg_and_conditioning_apart(comfy):
+    """The key a split schedule's parts must share to resume a multistep history."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from comfyui_fewstep.nodes._comfy_sampler import history_source
+
+    base, refiner = object(), object()
+    text = torch.randn(1, 77, 8)
+
+    sampling = object()
+
+    def denoiser(model=base, uuid="u1", cfg=7.0, cond=text, ms=sampling):
+        patcher = SimpleNamespace(model=model, patches_uuid=uuid, object_patches={"model_sampling": ms})
+        guider = SimpleNamespace(model_patcher=patcher, cfg=cfg,
+                                 original_conds={"positive": [{"cross_attn": cond, "uuid": object()}]})
+        return SimpleNamespace(inner_model=guider)
+
+    key = history_source(denoiser())
+    assert key == history_source(denoiser(cond=text.clone()))  # the same prompt, processed again
+    for other in (denoiser(model=refiner), denoiser(uuid="u2"), denoiser(cfg=4.0), denoiser(ms=object()),
+                  denoiser(cond=torch.randn(1, 77, 8))):
+        assert history_source(other) != key
+    assert history_source(SimpleNamespace()) == ""
