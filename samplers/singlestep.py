@@ -384,7 +384,7 @@ def sample_dpmpp_singlestep(
     ends_at_zero = n_intervals > 0 and values[-1] == 0.0
     n_steps = n_intervals - 1 if (ends_at_zero and final_step == "sigma_min") else n_intervals
     step_orders = _step_orders(n_steps, n_intervals, order, orders, ends_at_zero)
-    if orders is None and step_orders:
+    if orders is None and step_orders and ends_at_zero:  # a part ending above 0 is judged with the whole run
         log_lowered_order(f"DPM-Solver++({order}S)", order, max(step_orders), n_steps)
     tableaus = [
         build_tableau(
