@@ -99,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         denoiser = load_teacher(args.weights)
     except Exception as exc:  # noqa: BLE001 - any failure to read the weights is one line
         print(f"error: cannot load the teacher weights {args.weights} ({type(exc).__name__}: "
-              f"{str(exc)[:200]}); give a tiny-teacher .safetensors file (tools/train_tiny_teacher.py writes one)",
-              file=sys.stderr)
+              f"{str(exc)[:200]}); give a tiny-teacher .safetensors file (tools/train_tiny_teacher.py "
+              "writes one)", file=sys.stderr)
         return 2
     progress = Progress(1 + len(presets) * len(nfes), disable=args.no_progress)
     threads = torch.get_num_threads()

@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import logging
+import os
 import pickle
 import pickletools
 import re
@@ -465,8 +465,7 @@ def _check_outputs(src: Path, dst: Path, force: bool) -> None:
     if dst.suffix == ".json":
         raise StudentLoadError(dst, "the output would be overwritten by its own .json config.",
                                "give an output name ending in .safetensors.")
-    same = [p for p in (dst, cfg) if p.exists() and src.exists() and p.resolve() == src.resolve()]
-    if same:
+    if any(p.exists() and p.resolve() == src.resolve() for p in (dst, cfg)):
         raise StudentLoadError(src, "the output would overwrite the input pickle.",
                                "give another output name with -o.")
     if not dst.parent.is_dir():

@@ -155,8 +155,8 @@ def base_sampling_mismatch(model) -> str | None:
     sampling = model.get_model_object("model_sampling")
     kind = type(sampling)
     if kind.calculate_denoised is not ms.EPS.calculate_denoised:
-        names = {ms.V_PREDICTION: "a v-prediction model", ms.EDM: "an EDM model", ms.X0: "an x0-prediction model",
-                 ms.CONST: "a flow (CONST) model"}
+        names = {ms.V_PREDICTION: "a v-prediction model", ms.EDM: "an EDM model",
+                 ms.X0: "an x0-prediction model", ms.CONST: "a flow (CONST) model"}
         found = next((names[c] for c in kind.__mro__ if c in names), None)
         return f"it is {found}" if found else f"its prediction is patched ({kind.__name__})"
     if not isinstance(sampling, ms.ModelSamplingDiscrete):

@@ -94,7 +94,8 @@ class GridCosts:
         self.first = self._reduce(q1)
         # final step i -> 0: the solver returns D_i; error against the teacher end (weight 1)
         e = end.reshape(B, -1)
-        rms = [(ds[:, n].reshape(G, -1).to(_F64) - e[n].to(_F64)).pow(2).mean(-1).sqrt().cpu() for n in range(B)]
+        rms = [(ds[:, n].reshape(G, -1).to(_F64) - e[n].to(_F64)).pow(2).mean(-1).sqrt().cpu()
+               for n in range(B)]
         self.final = torch.stack(rms, 1).mean(1)  # [G]
 
     def _reduce(self, q: torch.Tensor) -> torch.Tensor:

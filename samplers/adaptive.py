@@ -58,7 +58,8 @@ from .singlestep import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FACTOR_MAX", "AdaptiveBudgetError", "error_norm", "sample_dpmpp_adaptive", "schedule_position", "vp_scale"]
+__all__ = ["FACTOR_MAX", "AdaptiveBudgetError", "error_norm", "sample_dpmpp_adaptive", "schedule_position",
+           "vp_scale"]
 
 #: default tolerances of DPM-Solver++12/23 for image data (module docstring)
 ATOL = 0.0078

@@ -299,7 +299,7 @@ def _log_first_order_start(parameterization: Parameterization | None, sigma0: fl
     no stored history and so begins at first order."""
     if parameterization is None or sigma0 >= parameterization.sigma_max * (1.0 - 1e-5):
         return
-    situation = (tuple(shape), round(sigma0, 6))
+    situation = (shape, round(sigma0, 6))
     if situation in _logged_first_order_starts:
         return
     if len(_logged_first_order_starts) >= 256:

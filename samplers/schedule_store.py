@@ -57,14 +57,13 @@ __all__ = ["FORMAT", "ScheduleRecord", "ScheduleStore", "cache_key", "model_fing
            "validate_sigmas"]
 
 
-def _not_a_number(value: Any) -> float:
-    raise TypeError(f"{value!r} is not a number")
-
-
 def validate_sigmas(sigmas: Iterable[Any], where: str = "schedule") -> list[float]:
     """Floats that form a SIGMAS schedule: finite, strictly decreasing, ending in 0, at least one step."""
+    items = list(sigmas)
+    if any(isinstance(s, bool) for s in items):
+        raise ValueError(f"{where}: sigmas must be a list of numbers, got {items}")
     try:
-        values = [float(s) if not isinstance(s, bool) else _not_a_number(s) for s in sigmas]
+        values = [float(s) for s in items]
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: sigmas must be a list of numbers ({exc})") from exc
     if len(values) > MAX_SIGMAS:
@@ -86,28 +85,27 @@ def fitted_digest(sigmas: list[float], coefficients: list[list[float]]) -> str:
     return hashlib.sha256(json.dumps([sigmas, coefficients]).encode()).hexdigest()[:16]
 
 
-def _validate_coefficients(rows: Any, n_steps: int) -> list[list[float]]:
-    """A fitted solver's per-step weights: one list of finite numbers per step of the schedule."""
-    if not isinstance(rows, list) or len(rows) != n_steps:
-        raise ValueError(f"coefficients must be a list with one entry per step ({n_steps}), got {rows!r}")
-    out = []
-    for n, row in enumerate(rows):
-        if not isinstance(row, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                and math.isfinite(v) for v in row):
-            raise ValueError(f"coefficients of step {n + 1} must be a list of finite numbers, got {row!r}")
-        if any(abs(v) > MAX_COEFFICIENT for v in row):
-            raise ValueError(f"coefficients of step {n + 1} are {row!r}; fitted coefficients are of order 1 "
-                             f"(at most {MAX_COEFFICIENT:g}), so the file is damaged or was edited")
-        out.append([float(v) for v in row])
-    return out
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _validate_coefficients(rows: Any, n_steps: int) -> list[list[float]]:
+    """A fitted solver's per-step weights: one list of finite numbers per step of the schedule."""
+    if not isinstance(rows, list) or len(rows) != n_steps:
+        raise ValueError(f"coefficients must be a list with one entry per step ({n_steps}), got {rows!r}")
+    out = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, list) or not all(_is_real(v) and math.isfinite(v) for v in row):
+            raise ValueError(f"coefficients of step {n + 1} must be a list of finite numbers, got {row!r}")
+        if any(abs(v) > MAX_COEFFICIENT for v in row):
+            raise ValueError(f"coefficients of step {n + 1} are {row!r}; fitted coefficients are of order 1 "
+                             f"(at most {MAX_COEFFICIENT:g}), so the file is damaged or was edited")
+        out.append([float(v) for v in row])
+    return out
 
 
 def _is_parameterization(saved: Any) -> bool:
@@ -140,9 +138,9 @@ class ScheduleRecord:
     def __post_init__(self) -> None:
         self.sigmas = validate_sigmas(self.sigmas)
         self._check_types()
-        if isinstance(self.fingerprint_version, bool) or not isinstance(self.fingerprint_version, int):
+        if not _is_int(self.fingerprint_version):
             self.fingerprint_version = 0  # hand-edited: treat as unknown, it only words a note
-        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 1:
+        if not _is_int(self.nfe) or self.nfe < 1:
             raise ValueError(f"schedule record: nfe must be a positive integer, got {self.nfe!r}")
         if self.coefficients is not None:
             self.coefficients = _validate_coefficients(self.coefficients, len(self.sigmas) - 1)

@@ -56,8 +56,8 @@ def comfy_skip_reason() -> str | None:
         return f"COMFYUI_PATH={value} is not a ComfyUI checkout (no comfy/ folder in it)"
     missing = [name for name in COMFY_IMPORTS if importlib.util.find_spec(name) is None]
     if missing:
-        return (f"ComfyUI's requirements are not installed in this environment (missing: {', '.join(missing)}): "
-                f"pip install -r {value}/requirements.txt")
+        return (f"ComfyUI's requirements are not installed in this environment (missing: "
+                f"{', '.join(missing)}): pip install -r {value}/requirements.txt")
     return None
 
 

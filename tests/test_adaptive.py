@@ -244,7 +244,8 @@ def test_default_tolerances_where_the_prediction_starts_flat(family, order):
     reached: list[float] = []
     out = sample_dpmpp_adaptive(problem, x, sigmas, parameterization=p, order=order,
                                 callback=lambda d: reached.append(float(d["sigma"])))
-    reference = sample_dpmpp_singlestep(problem, x, reference_sigmas(p, sigma_max), parameterization=p, order=3)
+    reference = sample_dpmpp_singlestep(problem, x, reference_sigmas(p, sigma_max), parameterization=p,
+                                        order=3)
     assert float((out - reference).square().mean().sqrt()) < 0.03
     # accepted steps in half log-SNR, but the last (cut to reach the end) and the final denoise
     lambdas = [p.lambda_(solver_sigma(p, sigma_max))] + [p.lambda_(s) for s in reached[:-2]]
