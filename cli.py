@@ -26,7 +26,9 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to a sub-command's ``main(argv)``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # the benchmark logs as the script does alone (warnings only); the other commands report progress
+    level = logging.WARNING if argv[:1] == ["bench"] else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2

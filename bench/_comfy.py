@@ -42,18 +42,31 @@ ODE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def import_comfy() -> Any | None:
-    """Import ComfyUI in CPU mode from ``COMFYUI_PATH``; None when it is not set or not usable."""
+    """Import ComfyUI in CPU mode from ``COMFYUI_PATH``; None when it is not set.
+
+    A ``COMFYUI_PATH`` that is set but unusable (not a checkout, or its requirements missing) stops
+    the benchmark with a message rather than dropping ComfyUI's rows from the tables silently.
+    """
     root = os.environ.get("COMFYUI_PATH")
-    if not root or not (Path(root) / "comfy").is_dir():
+    if not root:
         return None
+    if not (Path(root) / "comfy").is_dir():
+        raise SystemExit(f"COMFYUI_PATH={root} is not a ComfyUI checkout (no comfy/ folder in it); "
+                         "point it at one, or unset it to run without ComfyUI's rows")
     if root not in sys.path:
         sys.path.insert(0, root)
     # imported by name: this benchmark is the one place outside nodes/ that drives ComfyUI, and
     # only when asked to (COMFYUI_PATH); the pack itself never imports it
-    cli_args = importlib.import_module("comfy.cli_args")
-    cli_args.args.cpu = True  # what `main.py --cpu` sets, before the device probe
-    for name in ("comfy.model_management", "comfy.model_sampling", "comfy.samplers", "comfy.k_diffusion.sampling"):
-        importlib.import_module(name)
+    try:
+        cli_args = importlib.import_module("comfy.cli_args")
+        cli_args.args.cpu = True  # what `main.py --cpu` sets, before the device probe
+        for name in ("comfy.model_management", "comfy.model_sampling", "comfy.samplers",
+                     "comfy.k_diffusion.sampling"):
+            importlib.import_module(name)
+    except ImportError as exc:
+        raise SystemExit(f"ComfyUI at COMFYUI_PATH={root} cannot be imported here ({exc}); check that it "
+                         "is a whole ComfyUI checkout with its requirements installed in this Python "
+                         "(pip install -r requirements.txt there), or unset COMFYUI_PATH") from None
     return sys.modules["comfy"]
 
 
