@@ -264,6 +264,11 @@ class FewStepLoadSchedule(io.ComfyNode):
     @classmethod
     def execute(cls, name, model=None) -> io.NodeOutput:
         if not name:
+            saved = schedule_store().names()
+            if saved:  # the node was added before any schedule existed: its list was [""]
+                listed = ", ".join(saved[:8]) + (", ..." if len(saved) > 8 else "")
+                raise ValueError(f"no schedule chosen: pick one of the saved schedules ({listed}); "
+                                 "press R in the browser to refresh the list")
             raise ValueError(f"no saved schedules yet: run FewStep Calibrate Steps with save_as set, or copy a "
                              f"schedule .json into the user folder '{STORE_FOLDER}'")
         record = schedule_store().load(name)
@@ -312,7 +317,8 @@ def check_record_fits_model(record: ScheduleRecord, name: str, model: Any) -> st
                                                                                        rel_tol=RANGE_RTOL)
         if kind != p.kind or not same_range or (family is not None and family != p.family):
             raise ValueError(
-                f"schedule {name!r} was calibrated for a {family or kind} model with sigmas {lo:.4g}..{hi:.4g}, "
+                f"schedule {name!r} was calibrated for {family or kind} models with sigmas "
+                f"{lo:.4g}..{hi:.4g}, "
                 f"but the connected model is {p.family} with sigmas {p.sigma_min:.4g}..{p.sigma_max:.4g}. "
                 "Calibrate this model with FewStep Calibrate Steps (or load a schedule made for it)."
             )

@@ -152,7 +152,8 @@ def steps_for_nfe(solver: SolverKind, nfe: int, order: int, final_step: FinalSte
     if solver == "multistep":
         orders = tuple(min(order, i + 1) for i in range(nfe))
         if nfe < order:
-            notes.append(f"{nfe} step{'s' if nfe != 1 else ''} reach only order {max(orders)} (order {order} needs {order} steps of history)")
+            reach = f"{nfe} steps reach" if nfe != 1 else "1 step reaches"
+            notes.append(f"{reach} only order {max(orders)} (order {order} needs {order} steps of history)")
     else:
         orders = tuple(singlestep_orders(nfe, order))
         if final_step == "zero" and orders[-1] != 1:

@@ -228,7 +228,7 @@ def sample_dpmpp_multistep(
     partial = values[-1] > 0.0
     uses_history = resume_history and (order > 1 or corrector != "none")
     carried = _history.lookup(x, points[0], algorithm, history_source) if uses_history else None
-    if carried is None and order > 1:
+    if carried is None and order > 1 and resume_history:  # without resume_history no history is expected
         _log_first_order_start(parameterization, points[0], tuple(x.shape))
     history_lambdas = carried.lambdas[:order] if carried is not None else ()
     resumed_step = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -205,6 +206,19 @@ def test_load_schedule_refuses_solver_fields_that_cannot_run(nodes, tmp_path):
     assert sampler.extra_options["order"] == 3 and "multistep {'order': 3} (the file names no solver)" in info
 
 
+def test_load_schedule_without_a_name_lists_the_saved_ones(nodes, tmp_path, caplog):
+    """A node added before any schedule existed has name ""; once schedules exist, the message names
+    them instead of saying there are none. Loading logs nothing about the user's model's history."""
+    folder = tmp_path / nodes.STORE_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mine.json").write_text(json.dumps({"sigmas": [14.6, 5.0, 1.0, 0.0]}))
+    with pytest.raises(ValueError, match="no schedule chosen: pick one of the saved schedules \\(mine\\)"):
+        nodes.FewStepLoadSchedule.execute("")
+    with caplog.at_level(logging.INFO):
+        nodes.FewStepLoadSchedule.execute("mine")
+    assert not [r for r in caplog.records if "sigma_max" in r.getMessage()]
+
+
 def test_target_is_part_of_the_settings_and_the_cache_key(nodes, tiny_comfy_model, tiny_comfy_conds, tmp_path):
     with torch.inference_mode():
         ode = _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds).result  # default: the ODE's solution at 0
@@ -287,7 +301,8 @@ def test_load_schedule_checks_the_connected_model(nodes, tiny_comfy_model, tiny_
     _, info, _ = nodes.FewStepLoadSchedule.execute("shared", model=_lora(tiny_comfy_model, 0.8)).result
     assert "calibrated on another model" in info and "fitted coefficients" in info
     flow = advanced.ModelSamplingSD3().patch(tiny_comfy_model, 3.0)[0]
-    with pytest.raises(ValueError, match="calibrated for a eps model with sigmas 0.0291.*14.61, but the connected model is flow.*Calibrate this model"):
+    with pytest.raises(ValueError, match="calibrated for eps models with sigmas 0.0291.*14.61, "
+                                         "but the connected model is flow.*Calibrate this model"):
         nodes.FewStepLoadSchedule.execute("shared", model=flow)
     v_pred = advanced.ModelSamplingDiscrete().patch(tiny_comfy_model, "v_prediction", False)[0]
     with pytest.raises(ValueError, match="connected model is v"):

@@ -471,6 +471,10 @@ def test_start_below_sigma_max_without_history_logs_once_per_situation(caplog, m
     infos = [r.getMessage() for r in caplog.records
              if r.levelno == logging.INFO and "history" in r.getMessage()]
     assert len(infos) == 2 and all("lower order" in m and "img2img" in m for m in infos)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=multistep.__name__):  # history not asked for: nothing to report
+        sample_dpmpp_2m(Model(VE), _x(VE), sig[2:], parameterization=VE, disable=True, resume_history=False)
+    assert not [r for r in caplog.records if "history" in r.getMessage()]
 
 
 def test_a_part_made_by_another_model_is_not_resumed(caplog):
