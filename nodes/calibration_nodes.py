@@ -172,7 +172,9 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                              tooltip="Teacher solver steps per grid interval (accuracy of the teacher)."),
                 io.Int.Input("search_nfe", default=DEFAULTS["search_nfe"], min=0, max=10000,
                              tooltip="Budget of model calls for the local search after the DP, "
-                             "shared by its two best starting schedules (0: none)."),
+                             "shared by its two best starting schedules (0: no search). Scoring the DP "
+                             "schedule and four fixed schedules, and the final fit, always run "
+                             "(about 6 x nfe calls); the report counts them as search."),
                 io.Boolean.Input("use_cache", default=True, tooltip="Reuse a cached schedule for the same model and settings."),
                 io.String.Input("save_as", default="", tooltip="Also save the schedule under this name (loadable with FewStep Load Schedule)."),
                 io.Combo.Input("target", options=list(TEACHER_ENDS), default="ode",

@@ -197,7 +197,8 @@ def sample_dpmpp_adaptive(
                 raise AdaptiveBudgetError(
                     f"adaptive DPM-Solver++ used {evaluator.nfe} model evaluations ({accepted} accepted, "
                     f"{rejected} rejected steps) and reached sigma={sigma_s:.6g} of {sigma_end:.6g}; "
-                    f"max_nfe={max_nfe}. Raise max_nfe or loosen rtol={rtol}/atol={atol}."
+                    f"max_nfe={max_nfe}. Loosen rtol={rtol}/atol={atol} (or raise max_nfe when calling "
+                    "the sampler from code)."
                 )
             last = h >= lambda_end - lambda_s
             sigma_t = sigma_end if last else p.sigma_from_lambda(lambda_s + h)
