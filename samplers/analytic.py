@@ -364,10 +364,10 @@ class CountingDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         self.nfe += 1
-        s = torch.as_tensor(sigma).detach().to("cpu", _DTYPE).reshape(-1)
-        self.sigmas.append(float(s[0]))
+        s = torch.as_tensor(sigma).to("cpu", _DTYPE).reshape(-1)
+        self.sigmas.append(float(s[0].detach()))
         s = s.expand(x.shape[0]) if s.numel() == 1 else s
-        out = self.problem.denoise(x.detach().to("cpu", _DTYPE), s, self.form)
+        out = self.problem.denoise(x.to("cpu", _DTYPE), s, self.form)  # differentiable in x and sigma
         return out.to(device=x.device, dtype=x.dtype)
 
 

@@ -49,6 +49,7 @@ from ._coefficients import step_orders
 from ._loop import Denoiser, NonFiniteModelOutputError
 from .budget import steps_for_nfe
 from .fitted import HISTORY, fit_fitted_multistep, sample_fitted_multistep
+from .fitted_refine import refine_fitted
 from .multistep import sample_dpmpp_multistep
 from .parameterization import Parameterization
 from .schedules import get_sigmas
@@ -58,6 +59,10 @@ logger = logging.getLogger(__name__)
 
 SolverKind = Literal["multistep", "singlestep", "fitted"]
 SOLVER_KINDS: tuple[str, ...] = get_args(SolverKind)
+#: how a fitted solver's first step gets its data prediction: a model call, or the teacher's mean
+#: prediction at sigma_max (no call; :mod:`.fitted`, "Mean first step")
+FirstStep = Literal["model", "mean"]
+FIRST_STEPS: tuple[str, ...] = get_args(FirstStep)
 
 #: half log-SNR where a flow model's teacher grid starts after the point sigma = 1 (sigma ~0.9975)
 FLOW_TEACHER_LAMBDA_MIN = -6.0
@@ -108,7 +113,9 @@ class SolverSpec:
         solver: ``"multistep"`` (:func:`.multistep.sample_dpmpp_multistep`, one call per step),
             ``"singlestep"`` (:func:`.singlestep.sample_dpmpp_singlestep`, orders from the budget) or
             ``"fitted"`` (:func:`.fitted.sample_fitted_multistep`: 2M plus per-step coefficients
-            fitted together with the schedule; option ``history``).
+            fitted together with the schedule; options ``history`` and ``first_step``: ``"mean"``
+            replaces the first model call by the teacher's mean prediction at ``sigma_max``, so
+            ``nfe`` calls run ``nfe + 1`` steps).
         options: keyword options of that sampler (``order``, ``corrector``, ``solver_type``,
             ``lower_order_final``, ...). Stochastic sampling (``eta > 0``) cannot be calibrated
             against an ODE teacher and is refused.
@@ -129,6 +136,15 @@ class SolverSpec:
             )
         if self.order not in (1, 2, 3):
             raise CalibrationError(f"order must be 1, 2 or 3, got {self.order!r}")
+        if self.first_step not in FIRST_STEPS:
+            raise CalibrationError(f"first_step must be one of {FIRST_STEPS}, got {self.first_step!r}")
+        if self.first_step == "mean" and self.solver != "fitted":
+            raise CalibrationError("first_step='mean' needs the fitted solver, whose coefficients absorb the "
+                                   f"mean prediction; got solver {self.solver!r}")
+
+    @property
+    def first_step(self) -> str:
+        return str(self.options.get("first_step", "model"))
 
     @property
     def order(self) -> int:
@@ -137,7 +153,7 @@ class SolverSpec:
     def step_orders(self, nfe: int) -> list[int]:
         """Order of each step of a schedule ending in 0 that costs ``nfe`` model calls."""
         if self.solver == "fitted":  # the 2M base, no lower-order final step; the last step returns D
-            return step_orders(nfe, 2, 0, lower_order_final=False)
+            return step_orders(nfe + (self.first_step == "mean"), 2, 0, lower_order_final=False)
         if self.solver == "multistep":
             o = self.options
             return step_orders(nfe, self.order, 0, lower_order_final=bool(o.get("lower_order_final", True)),
@@ -147,14 +163,20 @@ class SolverSpec:
 
     def run(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, parameterization: Parameterization,
             extra_args: dict[str, Any] | None = None, nfe: int | None = None,
-            coefficients: Sequence[Sequence[float]] | None = None) -> torch.Tensor:
+            coefficients: Sequence[Sequence[float]] | None = None,
+            first_prediction: torch.Tensor | None = None) -> torch.Tensor:
         """One deterministic run over ``sigmas``; a singlestep run needs the budget ``nfe`` for its
-        orders, a fitted one its ``coefficients``."""
+        orders, a fitted one its ``coefficients`` (and with ``first_step="mean"`` its
+        ``first_prediction``)."""
         if self.solver == "fitted":
             if coefficients is None:
                 raise CalibrationError("a fitted solver runs with the coefficients of its calibration")
+            if (first_prediction is None) != (self.first_step == "model"):
+                raise CalibrationError("a fitted solver with first_step='mean' runs with the "
+                                       "first_prediction of its calibration, and only then")
             return sample_fitted_multistep(model, x, sigmas, extra_args, disable=True, coefficients=coefficients,
-                                           history=self.history, parameterization=parameterization)
+                                           history=self.history, parameterization=parameterization,
+                                           first_prediction=first_prediction)
         if self.solver == "multistep":
             return sample_dpmpp_multistep(model, x, sigmas, extra_args, disable=True, parameterization=parameterization,
                                           resume_history=False, **self.options)
@@ -223,6 +245,8 @@ class CalibrationResult:
         cost: ``teacher_nfe``, ``search_nfe``, ``total_nfe`` (model calls on the calibration batch),
             ``samples``, ``grid_points``, ``substeps``, ``seconds``.
         coefficients: for a ``"fitted"`` solver, its per-step weights on ``sigmas``; else None.
+        first_prediction: with ``first_step="mean"``, the first step's data prediction
+            (``[1, ...]``, float32 values); else None.
     """
 
     sigmas: list[float]
@@ -234,6 +258,7 @@ class CalibrationResult:
     baselines: dict[str, float]
     cost: dict[str, float]
     coefficients: list[list[float]] | None = None
+    first_prediction: torch.Tensor | None = None
 
     def sigmas_tensor(self) -> torch.Tensor:
         return torch.tensor(self.sigmas, dtype=torch.float32)
@@ -378,6 +403,7 @@ def calibrate(
     baselines: Sequence[str] = BASELINE_SCHEDULES,
     teacher: Teacher | None = None,
     teacher_end: TeacherEnd = "ode",
+    refine_iterations: int = 0,
 ) -> CalibrationResult:
     """Calibrate a schedule for ``solver`` at ``nfe`` model calls on ``model`` (see the module docstring).
 
@@ -394,6 +420,10 @@ def calibrate(
         teacher: a precomputed :class:`Teacher` for the same ``x`` (its cost is not counted again).
         teacher_end: the target at sigma = 0 (:func:`run_teacher`'s ``end``); a given ``teacher``
             must have been run with it.
+        refine_iterations: for the fitted solver, iterations of the end-to-end gradient
+            refinement of its coefficients and steps after the search
+            (:func:`.fitted_refine.refine_fitted`; each costs a forward and a backward pass per
+            model call of a run; the model must be differentiable). 0: none.
 
     Raises:
         CalibrationError: unusable settings, or the model returned NaN/inf in the teacher run.
@@ -415,6 +445,9 @@ def calibrate(
         )
     if search_nfe < 0:
         raise CalibrationError(f"search_nfe must be >= 0, got {search_nfe!r}")
+    if refine_iterations < 0 or (refine_iterations and spec.solver != "fitted"):
+        raise CalibrationError(f"refine_iterations={refine_iterations!r}: the end-to-end refinement takes "
+                               "a number >= 0 of iterations and refines the fitted solver only")
     if teacher is None:
         teacher = run_teacher(model, x, p, grid_points, substeps, extra_args, end=teacher_end)
         teacher_nfe = teacher.nfe
@@ -431,10 +464,15 @@ def calibrate(
         path, _ = dp_singlestep(costs, orders, solver_type)
 
     counter = _Counter(model)
+    # the mean first step: the teacher's mean prediction at sigma_max (grid[0]), as float32 values
+    # so that a stored copy reproduces the fit exactly
+    first_prediction = (teacher.ds[0].mean(0, keepdim=True).to(torch.float32).to(torch.float64)
+                        if spec.first_step == "mean" else None)
 
     def fit(points: Sequence[float]) -> tuple[torch.Tensor, list[list[float]]]:
         return fit_fitted_multistep(counter, x, [*points, 0.0], lambda n, s: teacher.state_at(s, p), p,
-                                    history=spec.history, extra_args=extra_args)
+                                    history=spec.history, extra_args=extra_args,
+                                    first_prediction=first_prediction)
 
     def objective(points: Sequence[float]) -> float:
         try:
@@ -473,13 +511,42 @@ def calibrate(
         if value < best_error:
             best_error, best_points = value, found
     coefficients = fit(best_points)[1] if spec.solver == "fitted" else None
+    refine_counter = _Counter(model)
+    sigmas = [*best_points, 0.0]
+    if refine_iterations and coefficients is not None and len(sigmas) > 2:
+        sigmas, coefficients, best_error = _refine_end_to_end(
+            refine_counter, spec, x, p, sigmas, coefficients, best_error, teacher, box.floor,
+            first_prediction, refine_iterations, extra_args)
     logger.info("calibrated %s at NFE %d: error %.4g (dp %.4g, start %s %.4g)", spec.label or spec.solver,
                 nfe, best_error, dp_error, start_name, start_error)
-    cost = {"teacher_nfe": teacher_nfe, "search_nfe": counter.nfe, "total_nfe": teacher_nfe + counter.nfe,
+    cost = {"teacher_nfe": teacher_nfe, "search_nfe": counter.nfe, "refine_nfe": refine_counter.nfe,
+            "total_nfe": teacher_nfe + counter.nfe + refine_counter.nfe,
             "samples": int(x.shape[0]), "grid_points": len(grid), "substeps": substeps,
             "seconds": round(time.perf_counter() - t0, 3)}  # the teacher run included when it ran here
-    return CalibrationResult([*best_points, 0.0], nfe, orders, spec.to_dict(), best_error, dp_error, baseline_errors, cost,
-                             coefficients)
+    first = None if first_prediction is None else first_prediction.to(torch.float32)
+    return CalibrationResult(sigmas, nfe, orders, spec.to_dict(), best_error, dp_error, baseline_errors, cost,
+                             coefficients, first)
+
+
+def _refine_end_to_end(counter: _Counter, spec: SolverSpec, x: torch.Tensor, p: Parameterization,
+                       sigmas: list[float], coefficients: list[list[float]], error: float, teacher: Teacher,
+                       floor: float, first_prediction: torch.Tensor | None, iterations: int,
+                       extra_args: dict[str, Any] | None) -> tuple[list[float], list[list[float]], float]:
+    """:func:`.fitted_refine.refine_fitted` from the search's result, kept when a run of the sampler
+    itself on the calibration noise confirms a lower error."""
+    new_sigmas, new_coefficients, _ = refine_fitted(
+        counter, x, sigmas, coefficients, teacher.end, p, floor=floor, history=spec.history,
+        first_prediction=first_prediction, iterations=iterations, extra_args=extra_args)
+    try:
+        out = spec.run(counter, x, torch.tensor(new_sigmas, dtype=torch.float64), p, extra_args,
+                       coefficients=new_coefficients, first_prediction=first_prediction)
+    except NonFiniteModelOutputError:
+        return sigmas, coefficients, error
+    new_error = end_error(out, teacher.end)
+    logger.info("end-to-end refinement: calibration error %.4g -> %.4g", error, new_error)
+    if new_error < error:
+        return new_sigmas, new_coefficients, new_error
+    return sigmas, coefficients, error
 
 
 class _Box:

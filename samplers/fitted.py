@@ -23,6 +23,15 @@ returns ``D_n + sum_k w_k (D_n - D_(n-k))``. With every ``w = 0`` this is 2M wit
 lower-order final step. The weights depend on the schedule, so a fitted solver is always used
 with the sigmas it was fitted on (:func:`sample_fitted_multistep` checks).
 
+**Mean first step.** At ``sigma_max`` the data prediction carries little about the sample: for
+data of mean ``m`` and covariance ``C``, ``D(x, sigma) = m + C (C + sigma^2 I)^-1 (x - m)``
+(Tweedie's formula for a Gaussian), which tends to ``m`` as ``sigma`` grows. The analytical first
+step of AMED-Solver (Zhou et al. 2024, arXiv 2312.00094, sec. 3.3) saves that model call by
+taking ``D = 0`` (the noise prediction ``x / sigma``); with ``first_prediction`` the first step
+instead uses a given ``D_0``, the teacher's mean prediction at ``sigma_max`` over the calibration
+noise (:mod:`.calibration`), and makes no model call: ``N`` model calls then buy ``N + 1``
+steps. The step's fitted weight on ``x_n`` absorbs the linear term.
+
 Fitting (:func:`fit_fitted_multistep`) runs the solver on calibration noise and, at each step,
 chooses the step's ``w`` so that ``x_(n+1)`` lands on the teacher's trajectory at ``t`` (the
 teacher's end point for the last step): a weighted least-squares problem over every sample and
@@ -42,7 +51,8 @@ import torch
 from ._loop import Denoiser, ModelEvaluator, X0Correction, emit_callback, progress, sigma_list
 from .parameterization import Parameterization
 
-__all__ = ["HISTORY", "IRLS_ITERATIONS", "fit_fitted_multistep", "regressor_count", "sample_fitted_multistep"]
+__all__ = ["HISTORY", "IRLS_ITERATIONS", "check_first_prediction", "fit_fitted_multistep", "regressor_count",
+           "sample_fitted_multistep"]
 
 #: number of history differences ``D_n - D_(n-k)`` among the regressors
 HISTORY = 3
@@ -70,13 +80,24 @@ def _step_weights(s: float, t: float, s_prev: float | None, p: Parameterization,
     update's coefficients and each regressor's scale (None: not a regressor), in the regressors'
     order of the module docstring. Float64 host values."""
     if t == 0.0:
-        return [1.0, 0.0] + [0.0] * k, [None, None] + [1.0] * k
+        return final_step_weights(k)
     h = p.lambda_(t) - p.lambda_(s)
-    ratio, alpha_t = p.sigma_t(t) / p.sigma_t(s), p.alpha(t)
-    c1 = -math.expm1(-h)
-    base = [alpha_t * c1, ratio] + [0.0] * k
+    r = None
     if k and s_prev is not None and math.isfinite(p.lambda_(s_prev)):
         r = (p.lambda_(s) - p.lambda_(s_prev)) / h
+    return combine_step_weights(-math.expm1(-h), p.sigma_t(t) / p.sigma_t(s), p.alpha(t), r, k)
+
+
+def final_step_weights(k: int) -> tuple[list[float], list[float | None]]:
+    """The last step (to ``sigma = 0``): ``D_n`` plus the history regressors."""
+    return [1.0, 0.0] + [0.0] * k, [None, None] + [1.0] * k
+
+
+def combine_step_weights(c1: Any, ratio: Any, alpha_t: Any, r: Any, k: int) -> tuple[list[Any], list[Any]]:
+    """:func:`_step_weights` from ``c1 = 1 - e^-h``, ``sigma_t / sigma_s``, ``alpha_t`` and the step
+    ratio ``r`` (None without a usable previous step): floats, or tensors when differentiated."""
+    base = [alpha_t * c1, ratio] + [0.0] * k
+    if k and r is not None:
         base[2] = alpha_t * c1 / (2.0 * r)
     return base, [alpha_t, ratio] + [alpha_t] * k
 
@@ -130,12 +151,29 @@ def _fit_step(base: torch.Tensor, regressors: list[torch.Tensor], target: torch.
     return [float(v) for v in w]
 
 
+def check_first_prediction(first_prediction: torch.Tensor | None, x: torch.Tensor,
+                           extra_args: dict[str, Any] | None = None) -> None:
+    """Raise unless ``first_prediction`` (``[1, ...]``) fits the latents ``x`` (``[B, ...]``)."""
+    if first_prediction is None:
+        return
+    if tuple(first_prediction.shape) != (1, *x.shape[1:]):
+        raise ValueError(
+            f"this fitted sampler's first step was calibrated for latents of shape "
+            f"{list(first_prediction.shape[1:])} but got {list(x.shape[1:])}: calibrate again at this "
+            "image size")
+    if extra_args and extra_args.get("denoise_mask") is not None:
+        raise ValueError("a fitted sampler with a mean first step makes no model call at its first step, so "
+                         "it cannot keep an inpainting mask's region there; calibrate dpmpp_2m_fitted for "
+                         "inpainting")
+
+
 def _run(model: Denoiser, x: torch.Tensor, values: list[float], p: Parameterization, *,
          coefficients: Sequence[Sequence[float]] | None, targets: Targets | None, history: int,
          irls_iterations: int, extra_args: dict[str, Any] | None, callback: Callable | None, disable: bool | None,
          sigmas: torch.Tensor, x0_correction: X0Correction | None, check_finite: bool,
-         ) -> tuple[torch.Tensor, list[list[float]]]:
+         first_prediction: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[float]]]:
     n_steps = len(values) - 1
+    check_first_prediction(first_prediction, x, extra_args)
     evaluate = ModelEvaluator(model, extra_args, x0_correction, n_steps, check_finite)
     work = torch.float32 if x.device.type == "mps" else _F64  # MPS has no float64
     state = x.to(work)
@@ -144,7 +182,10 @@ def _run(model: Denoiser, x: torch.Tensor, values: list[float], p: Parameterizat
     for n in progress(n_steps, disable):
         s, t = values[n], values[n + 1]
         x_n = state.to(x.dtype)  # the model and the callback see the caller's dtype
-        denoised = evaluate(x_n, s, n)
+        if n == 0 and first_prediction is not None:  # the mean first step: no model call
+            denoised = first_prediction.to(x_n).expand_as(x_n)
+        else:
+            denoised = evaluate(x_n, s, n)
         emit_callback(callback, n, x_n, s, denoised, sigmas)
         outputs = [denoised.to(work), *outputs][: history + 1]
         weights = _step_weights(s, t, values[n - 1] if n else None, p, len(outputs) - 1)
@@ -182,6 +223,7 @@ def sample_fitted_multistep(
     parameterization: Parameterization | None = None,
     x0_correction: X0Correction | None = None,
     check_finite: bool = True,
+    first_prediction: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample with fitted per-step coefficients (module docstring; k-diffusion sampler contract).
 
@@ -192,10 +234,12 @@ def sample_fitted_multistep(
             tolerance :data:`SIGMA_RTOL`), and its float64 values are used.
         history: number of history differences (as when fitting).
         parameterization: VE (default) or flow coordinates and sigma range.
+        first_prediction: ``[1, ...]``: the data prediction of the first step (mean first step,
+            no model call there), as calibrated.
 
     Raises:
-        ValueError: the sigmas do not end in 0, differ from ``fitted_sigmas``, or the coefficients
-            do not fit the schedule.
+        ValueError: the sigmas do not end in 0, differ from ``fitted_sigmas``, the coefficients
+            do not fit the schedule, or ``first_prediction`` does not fit the latents.
     """
     p = _VE_DEFAULT if parameterization is None else parameterization
     values = sigma_list(sigmas, p)
@@ -216,7 +260,7 @@ def sample_fitted_multistep(
     _check_coefficients(coefficients, len(values) - 1, history)
     out, _ = _run(model, x, values, p, coefficients=coefficients, targets=None, history=history, irls_iterations=0,
                   extra_args=extra_args, callback=callback, disable=disable, sigmas=sigmas,
-                  x0_correction=x0_correction, check_finite=check_finite)
+                  x0_correction=x0_correction, check_finite=check_finite, first_prediction=first_prediction)
     return out
 
 
@@ -231,15 +275,17 @@ def fit_fitted_multistep(
     history: int = HISTORY,
     irls_iterations: int = IRLS_ITERATIONS,
     extra_args: dict[str, Any] | None = None,
+    first_prediction: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[list[float]]]:
     """Run on the calibration noise ``x`` over ``sigmas`` (ending in 0), fitting each step to ``targets``.
 
     Returns the end point of the fitted run and the coefficients (one list per step). Costs one
-    model call per step.
+    model call per step (none for the first with ``first_prediction``).
     """
     values = [float(v) for v in sigmas]
     if len(values) < 2 or values[-1] != 0.0:
         raise ValueError(f"a fitted schedule needs at least one step and must end in 0, got {values}")
     return _run(model, x, values, parameterization, coefficients=None, targets=targets, history=history,
                 irls_iterations=irls_iterations, extra_args=extra_args, callback=None, disable=True,
-                sigmas=torch.tensor(values, dtype=_F64), x0_correction=None, check_finite=True)
+                sigmas=torch.tensor(values, dtype=_F64), x0_correction=None, check_finite=True,
+                first_prediction=first_prediction)

@@ -9,7 +9,10 @@ A record is one JSON object (:class:`ScheduleRecord`)::
 
 A schedule calibrated for the fitted solver (:mod:`.fitted`) also has ``"coefficients"``: one
 list of weights per step, valid only with its own ``sigmas``, and ``"fitted_digest"``, which binds
-the two: a file whose sigmas or coefficients were edited is refused when it is loaded.
+the two: a file whose sigmas or coefficients were edited is refused when it is loaded. A fitted
+schedule with a mean first step (solver option ``"first_step": "mean"``) also stores that step's
+data prediction, ``"first_prediction": {"shape": [1, C, H, W], "float32_base64": "..."}`` (the
+little-endian float32 values, base64; 64 KiB for an SD1.5 latent at 512x512), covered by the digest.
 
 A user can share a record next to a workflow, edit its ``sigmas`` (without coefficients), or
 paste them anywhere. The cache stores files named by :func:`cache_key` (a hash of the model
@@ -24,6 +27,7 @@ sample of each tensor's values (not the whole tensor), plus any extra identity s
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
@@ -40,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 logger = logging.getLogger(__name__)
@@ -53,8 +58,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,99}$")
 #: most values a SIGMAS list may have (10000 steps)
 MAX_SIGMAS = 10_001
 
-__all__ = ["FORMAT", "ScheduleRecord", "ScheduleStore", "cache_key", "model_fingerprint", "object_fingerprint",
-           "validate_sigmas"]
+__all__ = ["FORMAT", "ScheduleRecord", "ScheduleStore", "cache_key", "decode_first_prediction",
+           "encode_first_prediction", "model_fingerprint", "object_fingerprint", "validate_sigmas"]
 
 
 def validate_sigmas(sigmas: Iterable[Any], where: str = "schedule") -> list[float]:
@@ -80,9 +85,47 @@ def validate_sigmas(sigmas: Iterable[Any], where: str = "schedule") -> list[floa
 MAX_COEFFICIENT = 1e4
 
 
-def fitted_digest(sigmas: list[float], coefficients: list[list[float]]) -> str:
-    """A digest binding fitted coefficients to the sigmas they were fitted on."""
-    return hashlib.sha256(json.dumps([sigmas, coefficients]).encode()).hexdigest()[:16]
+#: most values a stored first prediction may have (a 16-channel latent of 2048x2048 pixels)
+MAX_FIRST_PREDICTION = 16 * 256 * 256
+
+
+def fitted_digest(sigmas: list[float], coefficients: list[list[float]],
+                  first_prediction: Mapping[str, Any] | None = None) -> str:
+    """A digest binding fitted coefficients (and a mean first step's prediction) to the sigmas
+    they were fitted on."""
+    payload: list[Any] = [sigmas, coefficients]
+    if first_prediction is not None:
+        payload.append([first_prediction["shape"], first_prediction["float32_base64"]])
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def encode_first_prediction(tensor: torch.Tensor) -> dict[str, Any]:
+    """The JSON form of a first-step prediction (``[1, ...]``): its shape and float32 values."""
+    values = tensor.detach().to("cpu", torch.float32).contiguous()
+    data = values.numpy().astype("<f4").tobytes()
+    return {"shape": list(values.shape), "float32_base64": base64.b64encode(data).decode("ascii")}
+
+
+def decode_first_prediction(data: Any) -> torch.Tensor:
+    """The tensor of :func:`encode_first_prediction`'s JSON form; ValueError saying what is wrong."""
+    if not isinstance(data, dict) or set(data) != {"shape", "float32_base64"}:
+        raise ValueError("'first_prediction' must be an object with 'shape' and 'float32_base64'")
+    shape = data["shape"]
+    if (not isinstance(shape, list) or len(shape) < 2 or shape[0] != 1
+            or not all(_is_int(v) and v >= 1 for v in shape) or math.prod(shape) > MAX_FIRST_PREDICTION):
+        raise ValueError(f"'first_prediction.shape' must be [1, ...] with positive sizes (at most "
+                         f"{MAX_FIRST_PREDICTION} values), got {shape!r}")
+    try:
+        raw = base64.b64decode(str(data["float32_base64"]), validate=True)
+    except ValueError:
+        raise ValueError("'first_prediction.float32_base64' is not base64 text") from None
+    if len(raw) != 4 * math.prod(shape):
+        raise ValueError(f"'first_prediction' holds {len(raw) // 4} values, its shape {shape} needs "
+                         f"{math.prod(shape)}; the file is damaged")
+    tensor = torch.from_numpy(numpy.frombuffer(raw, dtype="<f4").astype(numpy.float32)).reshape(shape)
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError("'first_prediction' has non-finite values; the file is damaged")
+    return tensor
 
 
 def _is_int(value: Any) -> bool:
@@ -130,6 +173,7 @@ class ScheduleRecord:
     orders: list[int] = field(default_factory=list)
     error: float | None = None
     coefficients: list[list[float]] | None = None
+    first_prediction: dict[str, Any] | None = None
     fitted_digest: str = ""
     fingerprint_version: int = 0  # 0: a file from before the version was stored
     created: str = ""
@@ -142,9 +186,16 @@ class ScheduleRecord:
             self.fingerprint_version = 0  # hand-edited: treat as unknown, it only words a note
         if not _is_int(self.nfe) or self.nfe < 1:
             raise ValueError(f"schedule record: nfe must be a positive integer, got {self.nfe!r}")
+        if self.first_prediction is not None:
+            decode_first_prediction(self.first_prediction)
         if self.coefficients is not None:
             self.coefficients = _validate_coefficients(self.coefficients, len(self.sigmas) - 1)
-            digest = fitted_digest(self.sigmas, self.coefficients)
+            mean_first = (self.solver.get("options") or {}).get("first_step") == "mean"
+            if mean_first and self.first_prediction is None:
+                raise ValueError("its solver has a mean first step but the file has no 'first_prediction'; "
+                                 "calibrate again, or remove 'coefficients' to run the sigmas with plain "
+                                 "DPM-Solver++(2M)")
+            digest = fitted_digest(self.sigmas, self.coefficients, self.first_prediction)
             if self.fitted_digest and self.fitted_digest != digest:
                 raise ValueError(
                     "its sigmas or fitted coefficients were changed after calibration (fitted_digest does "
@@ -185,11 +236,17 @@ class ScheduleRecord:
         return cls(sigmas=list(result.sigmas), nfe=int(result.nfe), solver=dict(result.solver), model_hash=model_hash,
                    settings=dict(settings or {}), cost=dict(result.cost), orders=list(result.orders),
                    error=float(result.error), coefficients=getattr(result, "coefficients", None),
+                   first_prediction=None if getattr(result, "first_prediction", None) is None
+                   else encode_first_prediction(result.first_prediction),
                    fingerprint_version=FINGERPRINT_VERSION if model_hash else 0)
 
     def sigmas_tensor(self) -> torch.Tensor:
         """ComfyUI's SIGMAS: a 1-D float32 CPU tensor."""
         return torch.tensor(self.sigmas, dtype=torch.float32)
+
+    def first_prediction_tensor(self) -> torch.Tensor | None:
+        """The mean first step's data prediction (``[1, ...]`` float32), or None."""
+        return None if self.first_prediction is None else decode_first_prediction(self.first_prediction)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
