@@ -247,8 +247,10 @@ def make_planned_singlestep_sampler(options: Mapping[str, Any], orders: list[int
         "solver": solver, **options, "orders": list(orders), "planned_sigmas": [float(v) for v in sigmas]})
 
 
-def make_fitted_sampler(coefficients: list[list[float]], sigmas: list[float], history: int) -> comfy.samplers.KSAMPLER:
-    """A ComfyUI ``SAMPLER`` for a fitted solver: its coefficients, bound to the sigmas they were fitted on."""
+def make_fitted_sampler(coefficients: list[list[float]], sigmas: list[float], history: int,
+                        first_prediction: torch.Tensor | None = None) -> comfy.samplers.KSAMPLER:
+    """A ComfyUI ``SAMPLER`` for a fitted solver: its coefficients (and a mean first step's
+    prediction), bound to the sigmas they were fitted on."""
     return comfy.samplers.KSAMPLER(comfy_sampler_function, extra_options={
         "solver": "fitted", "coefficients": [list(row) for row in coefficients], "fitted_sigmas": list(sigmas),
-        "history": int(history)})
+        "history": int(history), "first_prediction": first_prediction})

@@ -41,9 +41,12 @@ __all__ = ["CALIBRATION_PRESETS", "FITTED_PRESET", "FewStepCalibrateSchedule", "
 
 #: 2M with per-step coefficients fitted together with the schedule (``samplers/fitted.py``)
 FITTED_PRESET = "dpmpp_2m_fitted"
-#: the fitted solver, then the deterministic presets (an SDE solver has no single trajectory to match)
-CALIBRATION_PRESETS: tuple[str, ...] = (FITTED_PRESET, *(k for k, p in PRESETS.items()
-                                                         if float(p.options.get("eta", 0.0)) == 0.0))
+#: the same with a mean first step: no model call at sigma_max, one more step for the same NFE
+FITTED_MEAN_PRESET = "dpmpp_2m_fitted_mean_start"
+#: the fitted solvers, then the deterministic presets (an SDE solver has no single trajectory to match)
+CALIBRATION_PRESETS: tuple[str, ...] = (
+    FITTED_PRESET, FITTED_MEAN_PRESET,
+    *(k for k, p in PRESETS.items() if float(p.options.get("eta", 0.0)) == 0.0))
 STORE_FOLDER = "fewstep_schedules"
 
 
@@ -77,6 +80,8 @@ def _spec(preset: str) -> SolverSpec:
         raise ValueError(f"preset {preset!r} cannot be calibrated; use one of {CALIBRATION_PRESETS}")
     if preset == FITTED_PRESET:
         return SolverSpec("fitted", {"history": HISTORY}, preset)
+    if preset == FITTED_MEAN_PRESET:
+        return SolverSpec("fitted", {"history": HISTORY, "first_step": "mean"}, preset)
     p = PRESETS[preset]
     return SolverSpec(p.solver, dict(p.options), preset)  # type: ignore[arg-type]
 
@@ -94,7 +99,8 @@ def sampler_for_record(record: ScheduleRecord) -> Any:
     if runs_as_plain_2m(record):
         return make_sampler("multistep", {"order": 2})
     if solver == "fitted":
-        return make_fitted_sampler(record.coefficients, record.sigmas, int(options.get("history", HISTORY)))
+        return make_fitted_sampler(record.coefficients, record.sigmas, int(options.get("history", HISTORY)),
+                                   record.first_prediction_tensor())
     if solver not in ("multistep", "singlestep"):
         raise ValueError(f"unknown solver {solver!r} in the schedule file; expected multistep, singlestep or fitted")
     if solver == "singlestep":
@@ -131,7 +137,10 @@ def _report(record: ScheduleRecord, cached: bool) -> str:
     cost = record.cost
     head = "cached" if cached else "calibrated"
     sig = ", ".join(f"{s:.4g}" for s in record.sigmas)
-    return (f"{head}: {record.solver.get('label') or record.solver.get('solver')} at NFE {record.nfe}; "
+    steps = len(record.sigmas) - 1
+    first = "" if record.first_prediction is None else ", the first from the calibration's mean prediction"
+    return (f"{head}: {record.solver.get('label') or record.solver.get('solver')} at NFE {record.nfe} "
+            f"({steps} steps{first}); "
             f"sigmas [{sig}]; calibration error {record.error:.4g} vs teacher "
             f"(target {record.settings.get('target', 'sigma_min')}); cost {cost.get('total_nfe')} model calls "
             f"on {cost.get('samples')} seeds ({cost.get('teacher_nfe')} teacher + {cost.get('search_nfe')} search), "
@@ -158,7 +167,12 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                 io.Combo.Input("preset", options=list(CALIBRATION_PRESETS), default=FITTED_PRESET,
                                tooltip="The solver the schedule is fitted for (use the SAMPLER output with it). "
                                        f"{FITTED_PRESET}: 2M whose per-step coefficients are fitted with the "
-                                       "schedule (most accurate; its SAMPLER only runs with these SIGMAS)."),
+                                       "schedule (its SAMPLER only runs with these SIGMAS). "
+                                       f"{FITTED_MEAN_PRESET}: the same, but its first step uses the "
+                                       "mean prediction of the calibration runs instead of a model call, "
+                                       "so nfe calls run nfe + 1 steps (most accurate at 4-8 calls; fitted "
+                                       "to this prompt and latent size, so it is calibrated again for "
+                                       "another prompt)."),
                 io.Int.Input("nfe", default=6, min=2, max=50, tooltip="Model calls of one sampling run."),
                 io.Int.Input("seeds", default=8, min=1, max=64,
                              tooltip="Calibration trajectories (batched into every model call)."),
@@ -203,6 +217,8 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                     "grid_points": int(grid_points), "substeps": int(substeps), "search_nfe": int(search_nfe),
                     "target": str(target), "latent_shape": shape, "parameterization": [parameterization.kind, parameterization.family,
                                                                 parameterization.sigma_min, parameterization.sigma_max]}
+        if spec.first_step == "mean":  # the mean first prediction is of this prompt: it keys the cache too
+            settings["conditioning"] = object_fingerprint([positive, negative])
         store = schedule_store()
         if save_as.strip():
             store.path_for(save_as.strip())  # a bad name is refused before the model calls, not after
@@ -299,7 +315,9 @@ def dry_run(sampler: Any, sigmas: list[float]) -> None:
     options["parameterization"] = Parameterization("ve", 1e-9, 1e9, family="edm")
     if options.get("solver", "multistep") == "multistep":
         options["resume_history"] = False  # nothing to carry, nothing left behind
-    comfy_sampler_function(lambda x, sigma, **_: torch.zeros_like(x), torch.zeros(1, 1, dtype=torch.float64),
+    first = options.get("first_prediction")
+    state = torch.zeros(1 if first is None else first.shape, dtype=torch.float64)
+    comfy_sampler_function(lambda x, sigma, **_: torch.zeros_like(x), state,
                            torch.tensor(sigmas, dtype=torch.float64), disable=True, **options)
 
 

@@ -129,6 +129,48 @@ def test_fitted_preset_calibrates_saves_loads_and_samples(nodes, tiny_comfy_mode
         sample(sampler, other)
 
 
+def test_mean_start_preset_runs_one_more_step_and_keys_the_cache_by_prompt(nodes, tiny_comfy_model,
+                                                                           tiny_comfy_conds, forward_counter):
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as custom
+
+    counter = forward_counter
+    model = tiny_comfy_model.clone()
+    preset = nodes.FITTED_MEAN_PRESET
+    with torch.inference_mode():
+        sampler, sigmas, report = _calibrate(nodes, model, tiny_comfy_conds, preset=preset,
+                                             save_as="tiny mean start").result
+    assert report.startswith("calibrated") and preset in report and "NFE 4" in report
+    options = sampler.extra_options
+    assert sigmas.shape == (6,) and len(options["coefficients"]) == 5
+    assert options["first_prediction"].shape == (1, *LATENT[1:])
+    loaded, info, loaded_sampler = nodes.FewStepLoadSchedule.execute("tiny mean start").result
+    assert "NFE 4, 5 steps" in info
+    torch.testing.assert_close(loaded_sampler.extra_options["first_prediction"], options["first_prediction"])
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(*tiny_comfy_conds)
+    guider.set_cfg(2.0)
+
+    def sample(smp, sig, latent=LATENT):
+        with torch.inference_mode():
+            return custom.SamplerCustomAdvanced().sample(
+                custom.Noise_RandomNoise(3), guider, smp, sig, {"samples": torch.zeros(latent)})[0]["samples"]
+
+    before = counter.calls
+    a, b = sample(sampler, sigmas), sample(loaded_sampler, loaded)
+    assert counter.calls - before == 8 and torch.isfinite(a).all()  # 4 calls per 5-step run (cfg batched)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="calibrate again at this image size"):
+        sample(sampler, sigmas, (1, 4, 16, 16))
+    # the mean first prediction is of the calibration prompt: another prompt is calibrated anew
+    swapped = (tiny_comfy_conds[1], tiny_comfy_conds[0])
+    with torch.inference_mode():
+        again = _calibrate(nodes, model, tiny_comfy_conds, preset=preset).result[2]
+        other = _calibrate(nodes, model, swapped, preset=preset).result[2]
+    assert again.startswith("cached") and other.startswith("calibrated")
+
+
 def test_changed_weights_miss_the_cache(nodes, tiny_comfy_model, tiny_comfy_conds):
     base = nodes.model_hash(tiny_comfy_model)
     other = tiny_comfy_model.clone()
