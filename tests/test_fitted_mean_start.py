@@ -109,9 +109,12 @@ def test_differentiable_run_is_the_sampler(p, mean_first):
 def test_refinement_lowers_the_calibration_error_and_keeps_the_constraints():
     problem = analytic.make_problem("edm", "gmm16", n_samples=8, seed=0)
     p = problem.range.parameterization()
-    x = problem.mixture.sample(32, p.sigma_max, problem.form, generator=torch.Generator().manual_seed(5))
+    x = problem.mixture.sample(cal.MIN_REFINE_SEEDS, p.sigma_max, problem.form,
+                               generator=torch.Generator().manual_seed(5))
     teacher = cal.run_teacher(problem.denoiser(), x, p, grid_points=60, substeps=3)
     spec = cal.SolverSpec("fitted", {"first_step": "mean"})
+    with pytest.raises(cal.CalibrationError, match=f"at least {cal.MIN_REFINE_SEEDS} calibration seeds"):
+        cal.calibrate(problem.denoiser(), x[:32], p, 4, spec, grid_points=60, refine_iterations=5)
     plain = cal.calibrate(problem.denoiser(), x, p, 4, spec, grid_points=60, search_nfe=80, teacher=teacher)
     refined = cal.calibrate(problem.denoiser(), x, p, 4, spec, grid_points=60, search_nfe=80, teacher=teacher,
                             refine_iterations=40)
