@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["FewStepDPMSolverSampler", "check_sampler_options", "sampler_options"]
 
 
+#: largest eta the sampler node takes (its widget's maximum; the API is checked against it too)
+ETA_MAX = 10.0
+
+
 def check_sampler_options(
     solver: Any = None, order: Any = None, eta: Any = None, corrector: Any = None, prediction: Any = None
 ) -> str | None:
@@ -32,8 +36,8 @@ def check_sampler_options(
         return "the singlestep solver has orders 1-3 (2S, 3S); use order 3, or the multistep solver for order 4"
     if solver == "adaptive" and order is not None and order not in (2, 3):
         return "the adaptive solver has order 2 (DPM-Solver++12) or 3 (DPM-Solver++23); set order to 2 or 3"
-    if eta is not None and not eta >= 0.0:
-        return f"eta must be >= 0, got {eta!r}"
+    if eta is not None and not 0.0 <= eta <= ETA_MAX:
+        return f"eta must be between 0 and {ETA_MAX:g}, got {eta!r}"
     if corrector is not None and corrector not in CORRECTOR_VARIANTS:
         return f"corrector {corrector!r} is not one of {list(CORRECTOR_VARIANTS)}"
     if solver in SOLVER_FAMILIES:
@@ -158,7 +162,7 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "eta",
                     default=0.0,
                     min=0.0,
-                    max=10.0,
+                    max=ETA_MAX,
                     step=0.01,
                     tooltip="0: deterministic ODE solver. > 0: SDE-DPM-Solver++ adds fresh noise "
                     "each step (1 = the paper's SDE; multistep only).",

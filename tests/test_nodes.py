@@ -151,6 +151,9 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
         ({"solver": "singlestep", "order": 4, "eta": 0.0, "corrector": "none"}, "singlestep solver has orders 1-3"),
         ({"solver": "bogus", "order": 2, "eta": 0.0, "corrector": "none"}, "not one of"),
         ({"solver": None, "order": None, "eta": None, "corrector": None}, None),  # linked inputs
+        # the API skips the widgets' ranges: eta is checked against the widget's as well
+        ({"solver": "multistep", "order": 2, "eta": 50.0, "corrector": "none"}, "eta must be between 0 and 10"),
+        ({"solver": "multistep", "order": 2, "eta": float("nan"), "corrector": "none"}, "eta must be between"),
         # combinations the multistep solver refuses are refused when the workflow is queued
         ({"solver": "multistep", "order": 3, "eta": 1.0, "corrector": "bh2", "prediction": "dpmsolver++"},
          "UniC corrector works on the deterministic"),
