@@ -170,9 +170,9 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                                        "schedule (its SAMPLER only runs with these SIGMAS). "
                                        f"{FITTED_MEAN_PRESET}: the same, but its first step uses the "
                                        "mean prediction of the calibration runs instead of a model call, "
-                                       "so nfe calls run nfe + 1 steps (most accurate at 4-8 calls; fitted "
-                                       "to this prompt and latent size, so it is calibrated again for "
-                                       "another prompt)."),
+                                       "so nfe calls run nfe + 1 steps (usually the most accurate at 4-5 "
+                                       "calls; fitted to this prompt and latent size, so it is calibrated "
+                                       "again for another prompt)."),
                 io.Int.Input("nfe", default=6, min=2, max=50, tooltip="Model calls of one sampling run."),
                 io.Int.Input("seeds", default=8, min=1, max=64,
                              tooltip="Calibration trajectories (batched into every model call)."),
