@@ -162,6 +162,7 @@ def _saved_images(output_dir: Path, prompt: dict, history: dict) -> dict[str, li
 
 
 CUDA_GRAPH_OFF = "fewstep_cuda_graph enable=False"
+MEAN_START = "fewstep_calibrated_steps preset=dpmpp_2m_fitted_mean_start"
 
 
 def _loaders(prompt: dict) -> list:
@@ -170,7 +171,8 @@ def _loaders(prompt: dict) -> list:
 
 
 def _prompts(checkpoint_name: str):
-    """(name, prompt, free_first) for every API example, plus the CUDA-graph one with the node off.
+    """(name, prompt, free_first) for every API example, plus the CUDA-graph one with the node off
+    and the calibration one with the mean-start preset.
 
     Models and cached outputs are freed only before a prompt that loads other models than the
     one before it, so examples sharing the checkpoint loader reuse ComfyUI's cached outputs.
@@ -186,6 +188,11 @@ def _prompts(checkpoint_name: str):
             assert off[graph]["inputs"]["enable"] is True
             off[graph]["inputs"]["enable"] = False
             yield CUDA_GRAPH_OFF, off, False
+        if path.stem == "fewstep_calibrated_steps":
+            mean = copy.deepcopy(prompt)
+            (node,) = [n for n in mean.values() if n["class_type"] == "FewStepCalibrateSchedule"]
+            node["inputs"]["preset"] = "dpmpp_2m_fitted_mean_start"
+            yield MEAN_START, mean, False
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +272,19 @@ def test_cuda_graph_example_gives_the_same_image_as_without_the_node(runs):
     for node_id, group in images.items():
         for a, b in zip(group, images_off[node_id], strict=True):
             assert (a == b).all()
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_mean_start_calibration_runs_one_more_step_and_saves_a_real_image(runs):
+    prompt, history, images, log = _successful_run(runs, MEAN_START)
+    assert "Traceback" not in log
+    (preview,) = [i for i, n in prompt.items() if n["class_type"] == "PreviewAny"]
+    report = history["outputs"][preview]["text"][0]
+    nfe = _only(prompt, "FewStepCalibrateSchedule")["nfe"]
+    assert f"at NFE {nfe} ({nfe + 1} steps, the first from the calibration's mean prediction)" in report
+    (picture,) = [a for group in images.values() for a in group]
+    assert picture.std() > 5.0 and (picture.max(axis=2) == 0).mean() < 0.01
 
 
 def _only(prompt: dict, class_type: str) -> dict:
