@@ -526,7 +526,7 @@ def calibrate(
     sigmas = [*best_points, 0.0]
     if refine_iterations and coefficients is not None and len(sigmas) > 2:
         sigmas, coefficients, best_error = _refine_end_to_end(
-            refine_counter, spec, x, p, sigmas, coefficients, best_error, teacher, box.floor,
+            refine_counter, spec, x, p, sigmas, coefficients, best_error, teacher, box,
             first_prediction, refine_iterations, extra_args)
     logger.info("calibrated %s at NFE %d: error %.4g (dp %.4g, start %s %.4g)", spec.label or spec.solver,
                 nfe, best_error, dp_error, start_name, start_error)
@@ -541,12 +541,12 @@ def calibrate(
 
 def _refine_end_to_end(counter: _Counter, spec: SolverSpec, x: torch.Tensor, p: Parameterization,
                        sigmas: list[float], coefficients: list[list[float]], error: float, teacher: Teacher,
-                       floor: float, first_prediction: torch.Tensor | None, iterations: int,
+                       box: _Box, first_prediction: torch.Tensor | None, iterations: int,
                        extra_args: dict[str, Any] | None) -> tuple[list[float], list[list[float]], float]:
     """:func:`.fitted_refine.refine_fitted` from the search's result, kept when a run of the sampler
     itself on the calibration noise confirms a lower error."""
     new_sigmas, new_coefficients, _ = refine_fitted(
-        counter, x, sigmas, coefficients, teacher.end, p, floor=floor, history=spec.history,
+        counter, x, sigmas, coefficients, teacher.end, p, floor=box.floor, top=box.top, history=spec.history,
         first_prediction=first_prediction, iterations=iterations, extra_args=extra_args)
     try:
         out = spec.run(counter, x, torch.tensor(new_sigmas, dtype=torch.float64), p, extra_args,

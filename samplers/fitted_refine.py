@@ -102,6 +102,7 @@ def refine_fitted(
     parameterization: Parameterization,
     *,
     floor: float,
+    top: float | None = None,
     history: int = HISTORY,
     first_prediction: torch.Tensor | None = None,
     iterations: int = DEFAULT_ITERATIONS,
@@ -112,7 +113,8 @@ def refine_fitted(
     Args:
         x: the calibration noise at ``sigmas[0]``; ``target``: the teacher's end points.
         sigmas: the schedule (descending, ending in 0) and ``coefficients`` its fit.
-        floor: the lowest half log-SNR an interior point may take (the search box's floor).
+        floor, top: the lowest and highest half log-SNR an interior point may take (the search
+            box's; ``top`` defaults to ``lambda(sigma_min)``).
         first_prediction: the mean first step's prediction, as in the run being refined.
         iterations: Adam iterations (each one differentiable run on the batch).
 
@@ -125,7 +127,8 @@ def refine_fitted(
     check_first_prediction(first_prediction, x)
     if len(values) < 3:  # a single step has no interior point; its weights are fitted exactly already
         raise ValueError(f"refine_fitted needs at least two steps, got sigmas {values}")
-    lam_first, top = p.lambda_(values[0]), p.lambda_(p.sigma_min)
+    lam_first = p.lambda_(values[0])
+    top = p.lambda_(p.sigma_min) if top is None else float(top)
     lam = torch.tensor([p.lambda_(v) for v in values[1:-1]], dtype=_F64)
     weights = [torch.tensor(row, dtype=_F64) for row in coefficients]
     end = target.to(_F64).reshape(x.shape[0], -1)
