@@ -25,7 +25,12 @@ NFE from a handful of accurate trajectories of that model, in three stages:
 4. **Fitted coefficients** (solver ``"fitted"``, :mod:`.fitted`): every run of the search fits
    the solver's per-step coefficients to the teacher's trajectory (weighted least squares, no
    extra model calls), so schedule and coefficients are calibrated together, and the result
-   carries the coefficients.
+   carries the coefficients. With the option ``first_step="mean"`` the first step uses the
+   teacher's mean prediction at ``sigma_max`` instead of a model call (``nfe`` calls run
+   ``nfe + 1`` steps), and the result carries that prediction too.
+5. **End-to-end refinement** (optional, ``refine_iterations``; :mod:`.fitted_refine`): gradient
+   descent on the fitted weights and interior steps through the model, for differentiable models
+   and at least :data:`MIN_REFINE_SEEDS` calibration seeds.
 
 By construction the result's calibration error is never above that of the fixed schedules tried.
 The AYS paper (Sabour et al. 2024, arXiv 2404.14507) optimises a KL bound instead and reports
