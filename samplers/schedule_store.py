@@ -186,8 +186,9 @@ class ScheduleRecord:
             self.fingerprint_version = 0  # hand-edited: treat as unknown, it only words a note
         if not _is_int(self.nfe) or self.nfe < 1:
             raise ValueError(f"schedule record: nfe must be a positive integer, got {self.nfe!r}")
-        if self.first_prediction is not None:
-            decode_first_prediction(self.first_prediction)
+        # decoded once: checked here, handed to the sampler by first_prediction_tensor()
+        self._first_tensor = (None if self.first_prediction is None
+                              else decode_first_prediction(self.first_prediction))
         if self.coefficients is not None:
             self.coefficients = _validate_coefficients(self.coefficients, len(self.sigmas) - 1)
             mean_first = (self.solver.get("options") or {}).get("first_step") == "mean"
@@ -246,7 +247,7 @@ class ScheduleRecord:
 
     def first_prediction_tensor(self) -> torch.Tensor | None:
         """The mean first step's data prediction (``[1, ...]`` float32), or None."""
-        return None if self.first_prediction is None else decode_first_prediction(self.first_prediction)
+        return self._first_tensor
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
