@@ -28,9 +28,10 @@ NFE from a handful of accurate trajectories of that model, in three stages:
    carries the coefficients. With the option ``first_step="mean"`` the first step uses the
    teacher's mean prediction at ``sigma_max`` instead of a model call (``nfe`` calls run
    ``nfe + 1`` steps), and the result carries that prediction too.
-5. **End-to-end refinement** (optional, ``refine_iterations``; :mod:`.fitted_refine`): gradient
-   descent on the fitted weights and interior steps through the model, for differentiable models
-   and at least :data:`MIN_REFINE_SEEDS` calibration seeds.
+5. **End-to-end refinement** (optional, ``refine_iterations``; :mod:`.fitted_refine`):
+   Levenberg-Marquardt on the fitted weights and interior steps together, with Jacobians from
+   forward differences of the sampler's own runs (no gradients of the model), for at least
+   :data:`MIN_REFINE_SEEDS` calibration seeds.
 
 By construction the result's calibration error is never above that of the fixed schedules tried.
 The AYS paper (Sabour et al. 2024, arXiv 2404.14507) optimises a KL bound instead and reports
@@ -54,7 +55,7 @@ from ._coefficients import step_orders
 from ._loop import Denoiser, NonFiniteModelOutputError
 from .budget import steps_for_nfe
 from .fitted import HISTORY, fit_fitted_multistep, sample_fitted_multistep
-from .fitted_refine import refine_fitted
+from .fitted_refine import FD_STEP, refine_fitted
 from .multistep import sample_dpmpp_multistep
 from .parameterization import Parameterization
 from .schedules import get_sigmas
@@ -416,6 +417,7 @@ def calibrate(
     teacher: Teacher | None = None,
     teacher_end: TeacherEnd = "ode",
     refine_iterations: int = 0,
+    refine_fd_step: float = FD_STEP,
 ) -> CalibrationResult:
     """Calibrate a schedule for ``solver`` at ``nfe`` model calls on ``model`` (see the module docstring).
 
@@ -432,11 +434,13 @@ def calibrate(
         teacher: a precomputed :class:`Teacher` for the same ``x`` (its cost is not counted again).
         teacher_end: the target at sigma = 0 (:func:`run_teacher`'s ``end``); a given ``teacher``
             must have been run with it.
-        refine_iterations: for the fitted solver, iterations of the end-to-end gradient
+        refine_iterations: for the fitted solver, Gauss-Newton iterations of the end-to-end
             refinement of its coefficients and steps after the search
-            (:func:`.fitted_refine.refine_fitted`; each costs a forward and a backward pass per
-            model call of a run; the model must be differentiable, and ``x`` must hold at least
+            (:func:`.fitted_refine.refine_fitted`; each costs about one run per parameter, fewer
+            calls for the later steps' parameters; ``x`` must hold at least
             :data:`MIN_REFINE_SEEDS` seeds). 0: none.
+        refine_fd_step: its forward-difference step (:func:`.fitted_refine.fd_step_for` the
+            dtype the model computes in).
 
     Raises:
         CalibrationError: unusable settings, or the model returned NaN/inf in the teacher run.
@@ -532,7 +536,7 @@ def calibrate(
     if refine_iterations and coefficients is not None and len(sigmas) > 2:
         sigmas, coefficients, best_error = _refine_end_to_end(
             refine_counter, spec, x, p, sigmas, coefficients, best_error, teacher, box,
-            first_prediction, refine_iterations, extra_args)
+            first_prediction, refine_iterations, refine_fd_step, extra_args)
     logger.info("calibrated %s at NFE %d: error %.4g (dp %.4g, start %s %.4g)", spec.label or spec.solver,
                 nfe, best_error, dp_error, start_name, start_error)
     cost = {"teacher_nfe": teacher_nfe, "search_nfe": counter.nfe, "refine_nfe": refine_counter.nfe,
@@ -546,13 +550,13 @@ def calibrate(
 
 def _refine_end_to_end(counter: _Counter, spec: SolverSpec, x: torch.Tensor, p: Parameterization,
                        sigmas: list[float], coefficients: list[list[float]], error: float, teacher: Teacher,
-                       box: _Box, first_prediction: torch.Tensor | None, iterations: int,
+                       box: _Box, first_prediction: torch.Tensor | None, iterations: int, fd_step: float,
                        extra_args: dict[str, Any] | None) -> tuple[list[float], list[list[float]], float]:
     """:func:`.fitted_refine.refine_fitted` from the search's result, kept when a run of the sampler
     itself on the calibration noise confirms a lower error."""
     new_sigmas, new_coefficients, _ = refine_fitted(
         counter, x, sigmas, coefficients, teacher.end, p, floor=box.floor, top=box.top, history=spec.history,
-        first_prediction=first_prediction, iterations=iterations, extra_args=extra_args)
+        first_prediction=first_prediction, iterations=iterations, fd_step=fd_step, extra_args=extra_args)
     try:
         out = spec.run(counter, x, torch.tensor(new_sigmas, dtype=torch.float64), p, extra_args,
                        coefficients=new_coefficients, first_prediction=first_prediction)

@@ -10,7 +10,7 @@ from comfyui_fewstep.samplers import analytic
 from comfyui_fewstep.samplers import calibration as cal
 from comfyui_fewstep.samplers.fitted import fit_fitted_multistep, regressor_count, sample_fitted_multistep
 from comfyui_fewstep.samplers.fitted_refine import _run as refine_run
-from comfyui_fewstep.samplers.fitted_refine import refine_fitted
+from comfyui_fewstep.samplers.fitted_refine import _jacobian, fd_step_for, refine_fitted
 from comfyui_fewstep.samplers.parameterization import Parameterization
 from comfyui_fewstep.samplers.schedule_store import ScheduleRecord, encode_first_prediction
 
@@ -111,15 +111,19 @@ def test_refinement_lowers_the_calibration_error_and_keeps_the_constraints():
     p = problem.range.parameterization()
     x = problem.mixture.sample(cal.MIN_REFINE_SEEDS, p.sigma_max, problem.form,
                                generator=torch.Generator().manual_seed(5))
-    teacher = cal.run_teacher(problem.denoiser(), x, p, grid_points=60, substeps=3)
+    model = problem.denoiser()
+    teacher = cal.run_teacher(model, x, p, grid_points=60, substeps=3)
     spec = cal.SolverSpec("fitted", {"first_step": "mean"})
     with pytest.raises(cal.CalibrationError, match=f"at least {cal.MIN_REFINE_SEEDS} calibration seeds"):
-        cal.calibrate(problem.denoiser(), x[:32], p, 4, spec, grid_points=60, refine_iterations=5)
-    plain = cal.calibrate(problem.denoiser(), x, p, 4, spec, grid_points=60, search_nfe=80, teacher=teacher)
-    refined = cal.calibrate(problem.denoiser(), x, p, 4, spec, grid_points=60, search_nfe=80, teacher=teacher,
-                            refine_iterations=40)
+        cal.calibrate(model, x[:32], p, 4, spec, grid_points=60, refine_iterations=5)
+    plain = cal.calibrate(model, x, p, 4, spec, grid_points=60, search_nfe=80, teacher=teacher)
+    model.reset()
+    refined = cal.calibrate(model, x, p, 4, spec, grid_points=60, search_nfe=80, teacher=teacher,
+                            refine_iterations=4)
     assert refined.error < 0.9 * plain.error
-    assert refined.cost["refine_nfe"] == 41 * 4 + 4  # 41 differentiable runs, one confirming run
+    # every call is counted: the search's and the refinement's (Jacobians, tried steps, one confirming run)
+    assert refined.cost["refine_nfe"] > 0
+    assert refined.cost["search_nfe"] + refined.cost["refine_nfe"] == refined.cost["total_nfe"] == model.nfe
     s = refined.sigmas
     assert s[0] == plain.sigmas[0] == p.sigma_max and s[-1] == 0.0 and len(s) == 6
     assert all(a > b for a, b in zip(s, s[1:])) and s[-2] >= p.sigma_min * (1 - 1e-9)
@@ -129,8 +133,46 @@ def test_refinement_lowers_the_calibration_error_and_keeps_the_constraints():
     assert cal.end_error(out, teacher.end) == pytest.approx(refined.error, rel=1e-9)
 
 
+@pytest.mark.parametrize("mean_first", [False, True])
+def test_jacobian_columns_resume_from_the_trace_at_the_cost_of_the_later_steps(mean_first):
+    """Each forward-difference column equals one from a full run; a column of step n's weights or of
+    lambda_(n+1) costs only the calls of the steps after n (none for the last step's weights)."""
+    problem = analytic.make_problem("edm", "gmm16", n_samples=8, seed=0)
+    p = problem.range.parameterization()
+    grid = cal.teacher_grid(p, 9)
+    sigmas = [grid[0], grid[3], grid[5], grid[8], 0.0]
+    n_steps = len(sigmas) - 1
+    sizes = [regressor_count(n, n_steps) for n in range(n_steps)]
+    coefficients = [[0.02 * (n + 1) * (-1) ** i for i in range(k)] for n, k in enumerate(sizes)]
+    mu = problem.x_start[:1].clone() * 0.01 if mean_first else None
+    x = problem.x_start.double()
+    model = problem.denoiser()
+    theta = torch.tensor([*(v for row in coefficients for v in row), *(p.lambda_(v) for v in sigmas[1:-1])],
+                         dtype=torch.float64)
+    n_weights = sum(sizes)
+
+    def run(params, trace=None, resume=None):
+        weights = list(torch.split(params[:n_weights], sizes))
+        return refine_run(model, x, p.lambda_(sigmas[0]), sigmas[0], params[n_weights:], weights, p, 3, mu, {},
+                          trace=trace, resume=resume).reshape(x.shape[0], -1)
+
+    first_step = [n for n, k in enumerate(sizes) for _ in range(k)] + list(range(n_steps - 1))
+    trace = []
+    out = run(theta, trace)
+    model.reset()
+    jac = _jacobian(run, theta, out, trace, first_step, n_weights, 1e-4, p.lambda_(80.0), p.lambda_(0.002))
+    calls_after = [n_steps - 1 - n for n in range(n_steps)]  # the model calls of the steps after step n
+    assert model.nfe == sum(calls_after[n] for n in first_step)
+    for j in (0, sizes[0], n_weights - 1, n_weights, theta.numel() - 1):
+        trial = theta.clone()
+        trial[j] += 1e-4
+        full = ((run(trial) - out) / 1e-4).to(torch.float32)
+        torch.testing.assert_close(jac[j], full, rtol=1e-4, atol=1e-6)
+    assert float(jac[n_weights - 1].abs().max()) > 0.0  # the last step's weights move the end point
+
+
 def test_refinement_never_returns_a_worse_start():
-    """With a learning rate that can only hurt, the best parameters seen are the start's."""
+    """An exact fit has nothing to gain: the refinement returns it unchanged (or better)."""
     model = ShiftedGaussian()
     x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80.0
     teacher = cal.run_teacher(model, x, EDM, grid_points=30, substeps=3)
@@ -142,6 +184,41 @@ def test_refinement_never_returns_a_worse_start():
     new_sigmas, new_coefficients, error = refine_fitted(model, x, sigmas, coefficients, teacher.end, EDM,
                                                         floor=EDM.lambda_(80.0), iterations=5)
     assert error <= start * (1 + 1e-12)
+    out = sample_fitted_multistep(model, x, _f64(new_sigmas), coefficients=new_coefficients,
+                                  parameterization=EDM)
+    assert cal.end_error(out, teacher.end) == pytest.approx(error, rel=1e-9)
+
+
+def test_refinement_needs_no_gradients_of_the_model():
+    """Weights created under inference mode (as ComfyUI loads them) cannot be back-propagated
+    through; the refinement runs forward only, inside inference mode too."""
+    with torch.inference_mode():
+        net = torch.nn.Linear(16, 16).double()
+        net.weight.copy_(torch.eye(16, dtype=torch.float64) * 0.2)
+        net.bias.zero_()
+    base = ShiftedGaussian()
+
+    def model(x, sigma, **kw):  # the exact denoiser plus a small term through inference-tensor weights
+        return base(x, sigma) + 1e-3 * torch.tanh(net(x / 80.0))
+
+    x = torch.randn(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 80.0
+    teacher = cal.run_teacher(model, x, EDM, grid_points=30, substeps=3)
+    sigmas = [80.0, teacher.sigmas[8], teacher.sigmas[16], teacher.sigmas[24], 0.0]
+    _, coefficients = fit_fitted_multistep(model, x, sigmas, lambda n, s: teacher.state_at(s, EDM), EDM)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        x_grad = x.clone().requires_grad_(True)
+        net(x_grad).sum().backward()
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            _, _, error = refine_fitted(model, x, sigmas, coefficients, teacher.end, EDM,
+                                        floor=EDM.lambda_(80.0), iterations=2)
+        assert math.isfinite(error)
+
+
+def test_forward_difference_step_follows_the_model_precision():
+    assert fd_step_for(torch.float32) == fd_step_for(torch.float64) == 1e-3
+    assert fd_step_for(torch.float16) == pytest.approx(math.sqrt(2.0**-10))
+    assert fd_step_for(torch.bfloat16) == pytest.approx(math.sqrt(2.0**-7))
 
 
 def test_calibrate_with_a_mean_first_step():
