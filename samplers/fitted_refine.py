@@ -219,7 +219,8 @@ def refine_fitted(
             c = 1.0 / (batch * error.shape[1] * error.pow(2).mean(1).clamp_min(1e-24))
             gram, grad = _normal_equations(jac, error, c)
             if not bool(torch.isfinite(gram).all() and torch.isfinite(grad).all()):
-                logger.warning("end-to-end refinement stopped at iteration %d: a perturbed run was not finite", it)
+                logger.warning("end-to-end refinement stopped at iteration %d: a perturbed run was not finite",
+                               it)
                 break
             scale = torch.diagonal(gram).clamp_min(1e-12 * float(torch.diagonal(gram).max()) + 1e-300)
             for _ in range(MAX_TRIALS):

@@ -153,8 +153,8 @@ def test_jacobian_columns_resume_from_the_trace_at_the_cost_of_the_later_steps(m
 
     def run(params, trace=None, resume=None):
         weights = list(torch.split(params[:n_weights], sizes))
-        return refine_run(model, x, p.lambda_(sigmas[0]), sigmas[0], params[n_weights:], weights, p, 3, mu, {},
-                          trace=trace, resume=resume).reshape(x.shape[0], -1)
+        return refine_run(model, x, p.lambda_(sigmas[0]), sigmas[0], params[n_weights:], weights, p, 3, mu,
+                          {}, trace=trace, resume=resume).reshape(x.shape[0], -1)
 
     first_step = [n for n, k in enumerate(sizes) for _ in range(k)] + list(range(n_steps - 1))
     trace = []
