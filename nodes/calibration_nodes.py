@@ -19,8 +19,10 @@ import comfy.samplers
 import folder_paths
 import torch
 
-from ..samplers.calibration import DEFAULTS, TEACHER_ENDS, CalibrationError, SolverSpec, calibrate
+from ..samplers.calibration import (DEFAULTS, MIN_REFINE_SEEDS, TEACHER_ENDS, CalibrationError, SolverSpec,
+                                    calibrate)
 from ..samplers.fitted import HISTORY
+from ..samplers.fitted_refine import fd_step_for
 from ..samplers.parameterization import Parameterization
 from ..samplers.schedule_store import (FINGERPRINT_VERSION, ScheduleRecord, ScheduleStore, cache_key,
                                       model_fingerprint, object_fingerprint)
@@ -48,6 +50,11 @@ CALIBRATION_PRESETS: tuple[str, ...] = (
     FITTED_PRESET, FITTED_MEAN_PRESET,
     *(k for k, p in PRESETS.items() if float(p.options.get("eta", 0.0)) == 0.0))
 STORE_FOLDER = "fewstep_schedules"
+#: Samples per model call while calibrating: the seeds are run in chunks of this size, so a large
+#: calibration batch (up to 256 seeds) needs no more memory per call than a batch of 16 images.
+CALIBRATION_CHUNK = 16
+#: most refinement iterations the node offers (the refinement stops earlier once it gains nothing)
+REFINE_MAX = 50
 
 
 def schedule_store() -> ScheduleStore:
@@ -108,10 +115,31 @@ def sampler_for_record(record: ScheduleRecord) -> Any:
     return make_sampler(solver, options or {"order": 2})
 
 
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype a ComfyUI ``MODEL``'s diffusion model computes in (its manual cast dtype, if any)."""
+    inner = model.model
+    return getattr(inner, "manual_cast_dtype", None) or inner.get_dtype()
+
+
+def chunked(model: Any, chunk: int = CALIBRATION_CHUNK) -> Any:
+    """``model(x, sigma, **extra)`` evaluated ``chunk`` samples at a time (one logical call)."""
+
+    def call(x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        if x.shape[0] <= chunk:
+            return model(x, sigma, **extra)
+        sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+        parts = range(0, x.shape[0], chunk)
+        return torch.cat([model(x[i:i + chunk], sigma[i:i + chunk], **extra) for i in parts])
+
+    return call
+
+
 def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe: int, seeds: int, seed: int,
-                        cfg: float, grid_points: int, substeps: int, search_nfe: int, target: str = "ode"):
+                        cfg: float, grid_points: int, substeps: int, search_nfe: int, target: str = "ode",
+                        refine_iterations: int = 0):
     """Run :func:`calibrate` as the sampler function of ComfyUI's guider; returns the result."""
     parameterization = parameterization_for_model(model)
+    fd_step = fd_step_for(compute_dtype(model))
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1])
     # seeds past the top of ComfyUI's seed range wrap around, as an unsigned 64-bit seed does
     noise = torch.cat([comfy.sample.prepare_noise(samples, (seed + k) % 2**64) for k in range(seeds)])
@@ -119,9 +147,10 @@ def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe
     box: dict[str, Any] = {}
 
     def sampler_function(k_model, x, sigmas, extra_args=None, callback=None, disable=None):
-        box["result"] = calibrate(k_model, x, parameterization, nfe, spec, extra_args=extra_args,
+        box["result"] = calibrate(chunked(k_model), x, parameterization, nfe, spec, extra_args=extra_args,
                                   grid_points=grid_points, substeps=substeps, search_nfe=search_nfe,
-                                  teacher_end=target)
+                                  teacher_end=target, refine_iterations=refine_iterations,
+                                  refine_fd_step=fd_step)
         return x
 
     guider = comfy.samplers.CFGGuider(model)
@@ -139,12 +168,13 @@ def _report(record: ScheduleRecord, cached: bool) -> str:
     sig = ", ".join(f"{s:.4g}" for s in record.sigmas)
     steps = len(record.sigmas) - 1
     first = "" if record.first_prediction is None else ", the first from the calibration's mean prediction"
+    refined = f" + {cost['refine_nfe']} refinement" if cost.get("refine_nfe") else ""
     return (f"{head}: {record.solver.get('label') or record.solver.get('solver')} at NFE {record.nfe} "
             f"({steps} steps{first}); "
             f"sigmas [{sig}]; calibration error {record.error:.4g} vs teacher "
             f"(target {record.settings.get('target', 'sigma_min')}); cost {cost.get('total_nfe')} model calls "
-            f"on {cost.get('samples')} seeds ({cost.get('teacher_nfe')} teacher + {cost.get('search_nfe')} search), "
-            f"{cost.get('seconds')} s")
+            f"on {cost.get('samples')} seeds ({cost.get('teacher_nfe')} teacher + "
+            f"{cost.get('search_nfe')} search{refined}), {cost.get('seconds')} s")
 
 
 class FewStepCalibrateSchedule(io.ComfyNode):
@@ -174,8 +204,11 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                                        "calls; fitted to this prompt and latent size, so it is calibrated "
                                        "again for another prompt)."),
                 io.Int.Input("nfe", default=6, min=2, max=50, tooltip="Model calls of one sampling run."),
-                io.Int.Input("seeds", default=8, min=1, max=64,
-                             tooltip="Calibration trajectories (batched into every model call)."),
+                io.Int.Input("seeds", default=8, min=1, max=256,
+                             tooltip="Calibration trajectories (batched into every model call, "
+                                     f"{CALIBRATION_CHUNK} samples at a time). The refinement needs "
+                                     f"at least {MIN_REFINE_SEEDS}. Memory: the teacher keeps two "
+                                     "latents per seed and grid point."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="First seed of the calibration noise (seeds seed .. seed + seeds - 1)."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
@@ -197,6 +230,13 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                                        "residual blur of stopping at the model's sigma_min, 0.029 on SD1.5). "
                                        "sigma_min: the model's own denoised output at its lowest noise level, "
                                        "as ComfyUI's samplers end."),
+                io.Int.Input("refine_iterations", default=0, min=0, max=REFINE_MAX, optional=True,
+                             tooltip="Fitted presets only: iterations of the end-to-end refinement "
+                                     "(0: off). It fits the coefficients and steps together to the "
+                                     "teacher's end points (Gauss-Newton, forward model calls only) and "
+                                     f"needs at least {MIN_REFINE_SEEDS} seeds. Each iteration costs about "
+                                     "40 (nfe 4) to 170 (nfe 8) model calls on the batch; 8 is usually "
+                                     "enough."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Optional: negative conditioning for CFG."),
             ],
             outputs=[
@@ -208,7 +248,8 @@ class FewStepCalibrateSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent_image, preset, nfe, seeds, seed, cfg, grid_points, substeps, search_nfe,
-                use_cache=True, save_as="", target="ode", negative=None) -> io.NodeOutput:
+                use_cache=True, save_as="", target="ode", refine_iterations=0,
+                negative=None) -> io.NodeOutput:
         spec = _spec(preset)
         parameterization = parameterization_for_model(model)
         shape = list(latent_image["samples"].shape[1:])
@@ -217,6 +258,8 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                     "grid_points": int(grid_points), "substeps": int(substeps), "search_nfe": int(search_nfe),
                     "target": str(target), "latent_shape": shape, "parameterization": [parameterization.kind, parameterization.family,
                                                                 parameterization.sigma_min, parameterization.sigma_max]}
+        if refine_iterations:  # keyed only when on: schedules cached without it keep their keys
+            settings["refine_iterations"] = int(refine_iterations)
         if spec.first_step == "mean":  # the mean first prediction is of this prompt: it keys the cache too
             settings["conditioning"] = object_fingerprint([positive, negative])
         store = schedule_store()
@@ -232,7 +275,7 @@ class FewStepCalibrateSchedule(io.ComfyNode):
             try:
                 result, _ = _calibrate_in_comfy(model, positive, negative, latent_image, spec, int(nfe), int(seeds),
                                                 int(seed), float(cfg), int(grid_points), int(substeps), int(search_nfe),
-                                                str(target))
+                                                str(target), int(refine_iterations))
             except CalibrationError as exc:
                 raise ValueError(f"FewStep Calibrate Steps: {exc}") from exc
             if not (math.isfinite(result.error) and all(math.isfinite(s) for s in result.sigmas)):

@@ -176,6 +176,7 @@ NODES: dict[str, NodeSpec] = {
             "use_cache",
             "save_as",
             "target",
+            "refine_iterations",
         ),
         outputs=(("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("report", "STRING")),
         size=(340, 370),
@@ -649,6 +650,7 @@ def calibrated_steps() -> Workflow:
         use_cache=True,
         save_as="",
         target="ode",
+        refine_iterations=0,
     )
     sampler, sigmas = calibrate.out("sampler"), calibrate.out("sigmas")
     _guided_sample(wf, loader, positive, negative, sampler, sigmas, latent, "calibrated_steps")
