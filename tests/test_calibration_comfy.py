@@ -425,11 +425,13 @@ def test_calibrated_singlestep_runs_on_split_sigmas_and_refuses_others(nodes, ti
 def test_refinement_runs_on_comfy_weights_in_chunks_and_keys_the_cache(nodes, tiny_comfy_model, tiny_comfy_conds,
                                                                       forward_counter):
     """The end-to-end refinement runs on ComfyUI's inference-tensor weights (forward calls only),
-    lowers the calibration error, is part of the cache key, and every model call on the 128 seeds
-    is made 16 samples at a time."""
+    lowers the calibration error, is part of the cache key, and every model call on the seeds is
+    made 16 samples at a time."""
     model = tiny_comfy_model.clone()
     assert nodes.compute_dtype(model) == torch.float32
-    settings = dict(preset=nodes.FITTED_MEAN_PRESET, nfe=3, seeds=128, grid_points=16, substeps=1, search_nfe=0,
+    seeds = 2 * nodes.CALIBRATION_CHUNK
+    assert seeds >= nodes.MIN_REFINE_SEEDS
+    settings = dict(preset=nodes.FITTED_MEAN_PRESET, nfe=3, seeds=seeds, grid_points=16, substeps=1, search_nfe=0,
                     negative=None)
     with torch.inference_mode():
         plain = _calibrate(nodes, model, tiny_comfy_conds, **settings).result[2]
@@ -442,8 +444,7 @@ def test_refinement_runs_on_comfy_weights_in_chunks_and_keys_the_cache(nodes, ti
     assert sorted(r.settings.get("refine_iterations", 0) for r in cached) == [0, 2]
     cost = _report_cost(report)
     assert cost["refine"] > 0 and cost["total"] == cost["teacher"] + cost["search"] + cost["refine"]
-    chunks = 128 // nodes.CALIBRATION_CHUNK
-    assert forward_counter.calls - before == cost["total"] * chunks
+    assert forward_counter.calls - before == cost["total"] * 2  # two chunks per model call
     assert _report_error(report) < _report_error(plain)
     assert sigmas.shape == (5,) and len(sampler.extra_options["coefficients"]) == 4
     with torch.inference_mode():
@@ -454,11 +455,11 @@ def test_refinement_runs_on_comfy_weights_in_chunks_and_keys_the_cache(nodes, ti
 def test_refinement_settings_are_refused_before_any_model_call(nodes, tiny_comfy_model, tiny_comfy_conds,
                                                                forward_counter):
     with torch.inference_mode():
-        with pytest.raises(ValueError, match="at least 128 calibration seeds"):
-            _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset=nodes.FITTED_PRESET, seeds=64,
-                       refine_iterations=3)
+        with pytest.raises(ValueError, match=f"at least {nodes.MIN_REFINE_SEEDS} calibration seeds"):
+            _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset=nodes.FITTED_PRESET,
+                       seeds=nodes.MIN_REFINE_SEEDS - 1, refine_iterations=3)
         with pytest.raises(ValueError, match="refines the fitted solver only"):
-            _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, seeds=128, refine_iterations=3)
+            _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, seeds=nodes.MIN_REFINE_SEEDS, refine_iterations=3)
     assert forward_counter.calls == 0
 
 

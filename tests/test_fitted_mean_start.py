@@ -115,7 +115,7 @@ def test_refinement_lowers_the_calibration_error_and_keeps_the_constraints():
     teacher = cal.run_teacher(model, x, p, grid_points=60, substeps=3)
     spec = cal.SolverSpec("fitted", {"first_step": "mean"})
     with pytest.raises(cal.CalibrationError, match=f"at least {cal.MIN_REFINE_SEEDS} calibration seeds"):
-        cal.calibrate(model, x[:32], p, 4, spec, grid_points=60, refine_iterations=5)
+        cal.calibrate(model, x[:cal.MIN_REFINE_SEEDS - 1], p, 4, spec, grid_points=60, refine_iterations=5)
     plain = cal.calibrate(model, x, p, 4, spec, grid_points=60, search_nfe=80, teacher=teacher)
     model.reset()
     refined = cal.calibrate(model, x, p, 4, spec, grid_points=60, search_nfe=80, teacher=teacher,
