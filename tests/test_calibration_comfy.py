@@ -431,8 +431,8 @@ def test_refinement_runs_on_comfy_weights_in_chunks_and_keys_the_cache(nodes, ti
     assert nodes.compute_dtype(model) == torch.float32
     seeds = 2 * nodes.CALIBRATION_CHUNK
     assert seeds >= nodes.MIN_REFINE_SEEDS
-    settings = dict(preset=nodes.FITTED_MEAN_PRESET, nfe=3, seeds=seeds, grid_points=16, substeps=1, search_nfe=0,
-                    negative=None)
+    settings = dict(preset=nodes.FITTED_MEAN_PRESET, nfe=3, seeds=seeds, grid_points=16, substeps=1,
+                    search_nfe=0, negative=None)
     with torch.inference_mode():
         plain = _calibrate(nodes, model, tiny_comfy_conds, **settings).result[2]
         before = forward_counter.calls
@@ -459,7 +459,8 @@ def test_refinement_settings_are_refused_before_any_model_call(nodes, tiny_comfy
             _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, preset=nodes.FITTED_PRESET,
                        seeds=nodes.MIN_REFINE_SEEDS - 1, refine_iterations=3)
         with pytest.raises(ValueError, match="refines the fitted solver only"):
-            _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, seeds=nodes.MIN_REFINE_SEEDS, refine_iterations=3)
+            _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, seeds=nodes.MIN_REFINE_SEEDS,
+                       refine_iterations=3)
     assert forward_counter.calls == 0
 
 
