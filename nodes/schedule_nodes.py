@@ -287,6 +287,10 @@ class FewStepNFEPlan(io.ComfyNode):
             sampler = make_planned_singlestep_sampler(spec.options, list(plan.orders), sigmas.tolist())
         else:
             sampler = make_sampler(spec.solver, spec.options)
-        text = f"{preset}: {plan.summary(cfg, spec.label)}"
+        if len(sigmas) < 2:  # denoise 0: nothing to sample, and the sampler returns the latent as it is
+            text = (f"{preset}: denoise {float(denoise):g} leaves no step: 0 model calls "
+                    "(the latent is returned as it is)")
+        else:
+            text = f"{preset}: {plan.summary(cfg, spec.label)}"
         logger.info("FewStep plan: %s", text)
         return io.NodeOutput(sampler, sigmas, text, ui=ui.PreviewText(text))

@@ -213,6 +213,8 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, une
     assert plan == "unipc_bh2: 7 model calls: 7 steps of DPM-Solver++(3M) + UniC-bh2"
     plan = node.execute(model, "dpmpp_2m_sde", 7, "logsnr_uniform", 1.0).result[2]
     assert "7 steps of SDE-DPM-Solver++(2M), eta 1" in plan
+    _, empty, plan = node.execute(model, "dpmpp_2m", 6, "logsnr_uniform", 1.0, denoise=0.0).result
+    assert empty.numel() == 0 and "denoise 0 leaves no step: 0 model calls" in plan
     steps = []
     with torch.inference_mode():
         x = _guider(api, model, tiny_comfy_conds, 1.0).sample(
