@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,58 @@ class LoadedStudent:
     recipe: Recipe
 
 
+@dataclass
+class _SharedLoad:
+    """Weak references to what one load of a file built (the model before the recipe's patches).
+
+    A recipe's model is a clone of that model, and a clone keeps its parent alive, so the entry
+    lives exactly as long as some loader output does: two loader nodes on one file (one student at
+    1 and at 4 steps) then share one copy of the weights, and nothing is kept after ComfyUI drops
+    the outputs."""
+
+    model: weakref.ref
+    clip: weakref.ref | None
+    vae: weakref.ref | None
+    cond_proj: torch.Tensor | None
+
+    def get(self) -> tuple[Any, Any, Any, torch.Tensor | None] | None:
+        model = self.model()
+        clip, vae = (None if r is None else r() for r in (self.clip, self.vae))
+        if model is None or (self.clip is not None and clip is None) or (self.vae is not None and vae is None):
+            return None
+        return model, clip, vae, self.cond_proj
+
+
+_SHARED: dict[tuple, _SharedLoad] = {}
+
+
+def _share_key(path: str | Path, det: Detection, model_options: dict, check_weights: bool) -> tuple | None:
+    """What the weights of a (non-LoRA) load depend on: the file as it is now, how it was read."""
+    if det.is_lora:
+        return None
+    stat = Path(path).stat()
+    options = repr(sorted(model_options.items(), key=lambda kv: kv[0]))
+    return (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, det.layout, det.arch,
+            bool(check_weights), options)
+
+
+def _shared(key: tuple | None) -> tuple[Any, Any, Any, torch.Tensor | None] | None:
+    entry = _SHARED.get(key) if key is not None else None
+    return None if entry is None else entry.get()
+
+
+def _share(key: tuple, model: Any, clip: Any, vae: Any, cond_proj: torch.Tensor | None) -> None:
+    """Register a load under ``key``; the entry goes when its model does."""
+
+    def forget(_: weakref.ref) -> None:
+        if _SHARED.get(key) is entry:
+            del _SHARED[key]
+
+    entry = _SharedLoad(weakref.ref(model, forget), None if clip is None else weakref.ref(clip),
+                        None if vae is None else weakref.ref(vae), cond_proj)
+    _SHARED[key] = entry
+
+
 def load_student_model(*args: Any, **kwargs: Any):
     """:func:`load_student` as the tuple ``(model, clip, vae, sampler, sigmas, info)``."""
     s = load_student(*args, **kwargs)
@@ -339,7 +392,12 @@ def load_student(
     clip = vae = cond_proj = None
     extra = ""
     embedding = lcm_embedding_name(contents.tensors)
-    if det.layout in ("ldm_unet", "diffusers_unet") and contents.container == "safetensors":
+    key = _share_key(path, det, model_options, check_weights)
+    shared = _shared(key)
+    if shared is not None:
+        model, clip, vae, cond_proj = shared
+        extra = "\nweights: shared with another loader of this file (read once)"
+    elif det.layout in ("ldm_unet", "diffusers_unet") and contents.container == "safetensors":
         model = _stream_unet(contents, det, model_options, check_weights)
         if embedding:
             cond_proj = read_tensor(contents, embedding)
@@ -369,6 +427,8 @@ def load_student(
         else:
             cond_proj = sd.get(embedding) if embedding else None
             model = _unet_from_state_dict(det, to_ldm_unet(det, sd), model_options)
+    if shared is None and key is not None:
+        _share(key, model, clip, vae, cond_proj)
     model = model.clone()
     model.add_object_patch("model_sampling", student_model_sampling(recipe, model.model.model_config))
     if cond_proj is not None:  # full LCM: put back the w-embedding ComfyUI's UNet has no slot for

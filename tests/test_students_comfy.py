@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 
 import pytest
 import torch
@@ -500,3 +501,28 @@ def test_loader_takes_a_students_own_timesteps_eta_and_reports_cfg(api, files, t
     assert pcm.recipe.cfg == 7.5 and pcm.sampler.extra_options["eta"] == 0.2 and "TCD eta (gamma): 0.2" in pcm.info
     plain = api.nodes.load_student(files / "dmd2_sd15_unet.safetensors", tcd_eta=0.2)
     assert "tcd_eta ignored" in plain.info
+
+
+def test_two_loaders_of_one_file_share_its_weights_while_either_output_lives(api, files):
+    """One student at 1 and at 4 steps (two loader nodes) reads the file once; each output keeps
+    its own recipe patches; once ComfyUI drops the outputs nothing is kept, and a changed file is
+    read again."""
+    import weakref
+
+    path = files / "LCM_Dreamshaper_v7_unet.safetensors"
+    one = api.nodes.load_student(path, "lcm", steps=1)
+    four = api.nodes.load_student(path, "lcm", steps=4, lcm_guidance=4.0)
+    assert four.model.model is one.model.model  # one copy of the weights
+    assert "weights: shared with another loader of this file" in four.info and "shared" not in one.info
+    assert len(one.sigmas) == 2 and len(four.sigmas) == 5
+    patches = [m.object_patches["diffusion_model.time_embed"] for m in (one.model, four.model)]
+    assert [p.guidance_scale for p in patches] == [8.5, 4.0]  # each output its own w-embedding patch
+    first = weakref.ref(one.model.model)
+    del one, four, patches
+    gc.collect()
+    assert first() is None and not api.nodes._SHARED  # nothing kept once the outputs are gone
+    again = api.nodes.load_student(path, "lcm", steps=1)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the file changed
+    edited = api.nodes.load_student(path, "lcm", steps=1)
+    assert edited.model.model is not again.model.model and "shared" not in edited.info
