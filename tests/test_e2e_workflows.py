@@ -25,6 +25,7 @@ import copy
 import importlib.util
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,7 @@ def _saved_images(output_dir: Path, prompt: dict, history: dict) -> dict[str, li
 
 CUDA_GRAPH_OFF = "fewstep_cuda_graph enable=False"
 MEAN_START = "fewstep_calibrated_steps preset=dpmpp_2m_fitted_mean_start"
+REFINED = "fewstep_calibrated_steps refine_iterations=1"
 
 
 def _loaders(prompt: dict) -> list:
@@ -193,6 +195,10 @@ def _prompts(checkpoint_name: str):
             (node,) = [n for n in mean.values() if n["class_type"] == "FewStepCalibrateSchedule"]
             node["inputs"]["preset"] = "dpmpp_2m_fitted_mean_start"
             yield MEAN_START, mean, False
+            refined = copy.deepcopy(mean)  # the refinement's fewest seeds, on the smallest run
+            (node,) = [n for n in refined.values() if n["class_type"] == "FewStepCalibrateSchedule"]
+            node["inputs"].update(nfe=2, seeds=32, refine_iterations=1)
+            yield REFINED, refined, False
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +291,21 @@ def test_mean_start_calibration_runs_one_more_step_and_saves_a_real_image(runs):
     assert f"at NFE {nfe} ({nfe + 1} steps, the first from the calibration's mean prediction)" in report
     (picture,) = [a for group in images.values() for a in group]
     assert picture.std() > 5.0 and (picture.max(axis=2) == 0).mean() < 0.01
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_refined_calibration_runs_in_the_server_on_loaded_weights(runs):
+    """The end-to-end refinement runs on the weights ComfyUI loaded (inference tensors) in a real
+    server, from an API prompt that sets the optional refine_iterations input."""
+    prompt, history, images, log = _successful_run(runs, REFINED)
+    assert "Traceback" not in log
+    (preview,) = [i for i, n in prompt.items() if n["class_type"] == "PreviewAny"]
+    report = history["outputs"][preview]["text"][0]
+    assert "at NFE 2 (3 steps" in report and "on 32 seeds" in report
+    assert re.search(r"search \+ \d+ refinement\)", report), report
+    (picture,) = [a for group in images.values() for a in group]
+    assert picture.std() > 5.0
 
 
 def _only(prompt: dict, class_type: str) -> dict:
