@@ -86,7 +86,7 @@ DEFAULTS: dict[str, int] = {"grid_points": 100, "substeps": 3, "search_nfe": 640
 SEARCH_STARTS: int = 2
 #: Fewest calibration seeds for the end-to-end refinement. It fits every weight and step of the
 #: run (about 6 per step) to the seeds' end points. With 32 seeds it lowered the held-out median
-#: error in 19 of 20 cells of the benchmark's mixtures and tiny teacher at 4-8 calls (one equal),
+#: error in 18 of 20 cells of the benchmark's mixtures and tiny teacher at 4-8 calls (two equal),
 #: and the calibration error stayed close to the held-out one (tiny teacher, 8 calls: 0.0063 and
 #: 0.0070). With 16 it still lowered the held-out medians measured, but the two parted (0.0044
 #: and 0.0071). An earlier gradient-descent version overfit 32 seeds.
