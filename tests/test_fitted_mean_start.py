@@ -216,9 +216,27 @@ def test_refinement_needs_no_gradients_of_the_model():
 
 
 def test_forward_difference_step_follows_the_model_precision():
+    """A model that computes in float16 rounds its output to about 1e-3: forward differences with
+    float32's step mostly see that rounding, and the step for float16 refines much further."""
     assert fd_step_for(torch.float32) == fd_step_for(torch.float64) == 1e-3
     assert fd_step_for(torch.float16) == pytest.approx(math.sqrt(2.0**-10))
     assert fd_step_for(torch.bfloat16) == pytest.approx(math.sqrt(2.0**-7))
+    problem = analytic.make_problem("edm", "gmm16", n_samples=8, seed=0)
+    p = problem.range.parameterization()
+    x = problem.mixture.sample(cal.MIN_REFINE_SEEDS, p.sigma_max, problem.form,
+                               generator=torch.Generator().manual_seed(5))
+    exact = problem.denoiser()
+
+    def half_model(x, sigma, **_):
+        return exact(x.half().double(), sigma).half().to(x.dtype)
+
+    teacher = cal.run_teacher(half_model, x, p, grid_points=60, substeps=3)
+    spec = cal.SolverSpec("fitted", {"first_step": "mean"})
+    res = cal.calibrate(half_model, x, p, 6, spec, grid_points=60, search_nfe=80, teacher=teacher)
+    errors = [refine_fitted(half_model, x, res.sigmas, res.coefficients, teacher.end, p, floor=p.lambda_(80.0),
+                            first_prediction=res.first_prediction, fd_step=step)[2]
+              for step in (fd_step_for(torch.float32), fd_step_for(torch.float16))]
+    assert errors[1] < 0.8 * errors[0] < 0.8 * res.error
 
 
 def test_calibrate_with_a_mean_first_step():
