@@ -162,6 +162,19 @@ def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe
     return box["result"], parameterization
 
 
+#: what a device running out of memory raises (``torch.OutOfMemoryError`` from torch 2.5 on)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _memory_hint(latent_shape: list[int], seeds: int, grid_points: int) -> str:
+    """What the calibration keeps in memory for these settings, and what to lower."""
+    cache = 2 * grid_points * seeds * math.prod(latent_shape) * 4
+    return (f"The teacher keeps 2 x grid_points x seeds latents on the model's device "
+            f"({cache / 2**30:.2f} GiB for {seeds} seeds, {grid_points} grid points and latents of shape "
+            f"{latent_shape}), and each model call runs up to {CALIBRATION_CHUNK} samples: lower seeds or "
+            "grid_points.")
+
+
 def _report(record: ScheduleRecord, cached: bool) -> str:
     cost = record.cost
     head = "cached" if cached else "calibrated"
@@ -278,6 +291,9 @@ class FewStepCalibrateSchedule(io.ComfyNode):
                                                 str(target), int(refine_iterations))
             except CalibrationError as exc:
                 raise ValueError(f"FewStep Calibrate Steps: {exc}") from exc
+            except OUT_OF_MEMORY as exc:  # re-raised as the same type: ComfyUI then unloads its models
+                raise OUT_OF_MEMORY(f"FewStep Calibrate Steps ran out of memory; nothing was cached. "
+                                    f"{_memory_hint(shape, int(seeds), int(grid_points))} ({exc})") from exc
             if not (math.isfinite(result.error) and all(math.isfinite(s) for s in result.sigmas)):
                 raise ValueError("FewStep Calibrate Steps: calibration produced no finite schedule; nothing cached")
             record = ScheduleRecord.from_result(result, mhash, settings)

@@ -477,3 +477,20 @@ def _report_error(report: str) -> float:
     import re
 
     return float(re.search(r"calibration error ([0-9.e+-]+)", report).group(1))
+
+
+def test_running_out_of_memory_says_what_to_lower_and_caches_nothing(nodes, tiny_comfy_model, tiny_comfy_conds,
+                                                                     monkeypatch):
+    import comfy.model_management
+
+    def no_memory(*args, **kwargs):
+        raise nodes.OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    monkeypatch.setattr(nodes, "calibrate", no_memory)
+    with pytest.raises(comfy.model_management.OOM_EXCEPTION) as info, torch.inference_mode():
+        _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, seeds=64, grid_points=100)
+    message = str(info.value)
+    assert "nothing was cached" in message and "lower seeds or grid_points" in message
+    assert "0.01 GiB for 64 seeds, 100 grid points and latents of shape [4, 8, 8]" in message
+    assert "Tried to allocate 12.00 GiB" in message
+    assert not list(nodes.schedule_store().cache_dir.glob("*.json"))
