@@ -91,7 +91,8 @@ def _run(model: Denoiser, x: torch.Tensor, lam_first: float, sigma_first: float,
          weights: Sequence[torch.Tensor], p: Parameterization, history: int,
          first_prediction: torch.Tensor | None, extra_args: dict[str, Any], *,
          trace: Trace | None = None, resume: tuple[int, Trace] | None = None) -> torch.Tensor:
-    """The fitted run as a differentiable function of the weights and interior lambdas.
+    """The fitted run as a function of the weights and interior lambdas (tensors; the step
+    coefficients are computed from them with the sampler's formulas).
 
     ``trace`` (a list) receives each step's state and predictions; ``resume=(n, trace)`` starts at
     step ``n`` from a trace of a run whose parameters agree up to step ``n``'s model call (that call
@@ -104,17 +105,18 @@ def _run(model: Denoiser, x: torch.Tensor, lam_first: float, sigma_first: float,
     n_steps = len(sigmas)
     first_finite = math.isfinite(lam_first)  # flow's sigma = 1 has lambda = -inf: no step ratio after it
     start = 0 if resume is None else resume[0]
-    state = x.to(_F64)
+    work = torch.float32 if x.device.type == "mps" else _F64  # MPS has no float64
+    state = x.to(work)
     outputs: list[torch.Tensor] = []
     for n in range(start, n_steps):
         if resume is not None and n == start:
             state, outputs = resume[1][n]
         else:
             if n == 0 and first_prediction is not None:
-                denoised = first_prediction.to(_F64).expand_as(state)
+                denoised = first_prediction.to(state).expand_as(state)
             else:
-                sigma = sigmas[n].to(x.dtype).expand(x.shape[0])
-                denoised = model(state.to(x.dtype), sigma, **extra_args).to(_F64)
+                sigma = sigmas[n].to(x.device, x.dtype).expand(x.shape[0])
+                denoised = model(state.to(x.dtype), sigma, **extra_args).to(work)
             outputs = [denoised, *outputs][: history + 1]
         if trace is not None:
             trace.append((state, outputs))
@@ -186,7 +188,7 @@ def refine_fitted(
     # the first step each parameter changes: step n's weights, and lambda_(n+1) (step n's end)
     first_step = [n for n, k in enumerate(sizes) for _ in range(k)] + list(range(len(values) - 2))
     batch = x.shape[0]
-    end = target.to(_F64).reshape(batch, -1)
+    end = target.to(x.device, torch.float32 if x.device.type == "mps" else _F64).reshape(batch, -1)
     extra = dict(extra_args or {})
 
     def run(params: torch.Tensor, trace: Trace | None = None, resume: tuple[int, Trace] | None = None
@@ -272,12 +274,12 @@ def _normal_equations(jac: torch.Tensor, error: torch.Tensor, c: torch.Tensor
     """``A = sum_b c_b J_b^T J_b`` and ``g = sum_b c_b J_b^T e_b`` in float64, a block of samples
     at a time (the Jacobian stays float32)."""
     n = jac.shape[0]
-    gram = torch.zeros((n, n), dtype=_F64, device=jac.device)
-    grad = torch.zeros(n, dtype=_F64, device=jac.device)
+    device = "cpu" if jac.device.type == "mps" else jac.device  # MPS has no float64
+    gram = torch.zeros((n, n), dtype=_F64, device=device)
+    grad = torch.zeros(n, dtype=_F64, device=device)
     for b0 in range(0, error.shape[0], _BLOCK):
-        block = jac[:, b0:b0 + _BLOCK].to(_F64)  # [P, b, d]
-        weight = c[b0:b0 + _BLOCK, None]
-        weighted = block * weight
+        block = jac[:, b0:b0 + _BLOCK].to(device, _F64)  # [P, b, d]
+        weighted = block * c[b0:b0 + _BLOCK, None].to(device, _F64)
         gram += torch.einsum("pbd,qbd->pq", weighted, block)
-        grad += torch.einsum("pbd,bd->p", weighted, error[b0:b0 + _BLOCK])
+        grad += torch.einsum("pbd,bd->p", weighted, error[b0:b0 + _BLOCK].to(device, _F64))
     return gram.cpu(), grad.cpu()
