@@ -166,6 +166,17 @@ def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
+def _check_device(model: Any) -> None:
+    """Refuse a device without float64 before any model call (the teacher's cache, the fit and the
+    error are computed in float64 on the model's device)."""
+    device = getattr(model, "load_device", None)
+    if getattr(device, "type", None) == "mps":
+        raise ValueError("FewStep Calibrate Steps computes in float64 on the model's device, which Apple MPS "
+                         "does not support. Calibrate with ComfyUI started with --cpu (slow but once), or on "
+                         "another machine, and load the saved schedule with FewStep Load Schedule to sample "
+                         "with it here.")
+
+
 def _memory_hint(latent_shape: list[int], seeds: int, grid_points: int) -> str:
     """What the calibration keeps in memory for these settings, and what to lower."""
     cache = 2 * grid_points * seeds * math.prod(latent_shape) * 4
@@ -285,6 +296,7 @@ class FewStepCalibrateSchedule(io.ComfyNode):
         if record is not None:  # the key holds the current fingerprint: the record is of this model
             record.model_hash, record.fingerprint_version = mhash, FINGERPRINT_VERSION
         if record is None:
+            _check_device(model)
             try:
                 result, _ = _calibrate_in_comfy(model, positive, negative, latent_image, spec, int(nfe), int(seeds),
                                                 int(seed), float(cfg), int(grid_points), int(substeps), int(search_nfe),

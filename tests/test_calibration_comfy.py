@@ -494,3 +494,13 @@ def test_running_out_of_memory_says_what_to_lower_and_caches_nothing(nodes, tiny
     assert "0.01 GiB for 64 seeds, 100 grid points and latents of shape [4, 8, 8]" in message
     assert "Tried to allocate 12.00 GiB" in message
     assert not list(nodes.schedule_store().cache_dir.glob("*.json"))
+
+
+def test_a_device_without_float64_is_refused_before_any_model_call(nodes, tiny_comfy_model, tiny_comfy_conds,
+                                                                   forward_counter):
+    model = tiny_comfy_model.clone()
+    model.load_device = torch.device("mps")  # only the device's name is read before the refusal
+    with pytest.raises(ValueError, match="Apple MPS does not support.*--cpu.*FewStep Load Schedule"), \
+            torch.inference_mode():
+        _calibrate(nodes, model, tiny_comfy_conds)
+    assert forward_counter.calls == 0
