@@ -21,8 +21,8 @@ for the log objective), damped as in Levenberg-Marquardt (Marquardt 1963)::
     (A + mu diag(A)) delta = -g,   A = sum_b c_b J_b^T J_b,   g = sum_b c_b J_b^T e_b
 
 The Jacobian comes from forward differences, one perturbed run per parameter. A perturbation of
-step ``n``'s weights or of ``lambda_(n+1)`` leaves steps ``0 .. n`` and their model calls as they
-were, so that run resumes from the unperturbed run's trace (:func:`_run`): a column costs the
+step ``n``'s weights or of ``lambda_(n+1)`` leaves the states and model calls of steps ``0 .. n``
+as they were, so that run resumes from the unperturbed run's trace (:func:`_run`): a column costs the
 model calls of the later steps only, and the last step's weights cost none. A step is kept only
 if a run confirms a lower objective; otherwise ``mu`` grows and the step is solved again. After
 each step the ``lambda``'s are projected back into ``[floor + gap, top]`` in increasing order with
