@@ -305,3 +305,29 @@ def test_store_keeps_the_first_prediction_bound_to_the_schedule():
     with pytest.raises(ValueError, match="non-finite"):
         ScheduleRecord(sigmas=[80.0, 5.0, 0.0], nfe=1, solver=solver, coefficients=[[0.1, -0.2], [0.3]],
                        first_prediction=nan)
+
+
+def test_refinement_stops_on_a_model_that_turns_non_finite(caplog):
+    """NaN from a perturbed run (a model that breaks part-way) stops the refinement with a warning
+    and returns the start, never NaN parameters."""
+    base = ShiftedGaussian()
+    calls = {"n": 0, "finite": 4}  # the unperturbed run: 4 steps, 4 calls
+
+    def model(x, sigma, **_):
+        calls["n"] += 1
+        out = base(x, sigma)
+        return out if calls["n"] <= calls["finite"] else out * float("nan")
+
+    x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80.0
+    teacher = cal.run_teacher(base, x, EDM, grid_points=30, substeps=3)
+    sigmas = [80.0, teacher.sigmas[8], teacher.sigmas[16], teacher.sigmas[24], 0.0]
+    _, coefficients = fit_fitted_multistep(base, x, sigmas, lambda n, s: teacher.state_at(s, EDM), EDM)
+    out = sample_fitted_multistep(base, x, _f64(sigmas), coefficients=coefficients, parameterization=EDM)
+    with caplog.at_level("WARNING"):
+        new_sigmas, new_coefficients, error = refine_fitted(model, x, sigmas, coefficients, teacher.end, EDM,
+                                                            floor=EDM.lambda_(80.0), iterations=3)
+    assert calls["n"] > calls["finite"]  # the perturbed runs were made, and turned NaN
+    assert "a perturbed run was not finite" in caplog.text
+    assert new_sigmas == pytest.approx(sigmas, rel=1e-12)
+    assert all(a == pytest.approx(b) for a, b in zip(new_coefficients, coefficients, strict=True))
+    assert error == pytest.approx(cal.end_error(out, teacher.end), rel=1e-9)
