@@ -55,7 +55,7 @@ from ._coefficients import step_orders
 from ._loop import Denoiser, NonFiniteModelOutputError
 from .budget import steps_for_nfe
 from .fitted import HISTORY, fit_fitted_multistep, sample_fitted_multistep
-from .fitted_refine import FD_STEP, refine_fitted
+from .fitted_refine import FD_STEP, jacobian_calls, refine_fitted
 from .multistep import sample_dpmpp_multistep
 from .parameterization import Parameterization
 from .schedules import get_sigmas
@@ -109,6 +109,7 @@ __all__ = [
     "Teacher",
     "calibrate",
     "end_error",
+    "expected_calls",
     "ode_limit",
     "run_teacher",
     "teacher_grid",
@@ -547,6 +548,25 @@ def calibrate(
     first = None if first_prediction is None else first_prediction.to(torch.float32)
     return CalibrationResult(sigmas, nfe, orders, spec.to_dict(), best_error, dp_error, baseline_errors, cost,
                              coefficients, first)
+
+
+def expected_calls(spec: SolverSpec, nfe: int, grid_points: int = DEFAULTS["grid_points"],
+                   substeps: int = DEFAULTS["substeps"], search_nfe: int = DEFAULTS["search_nfe"],
+                   refine_iterations: int = 0, baselines: int = len(BASELINE_SCHEDULES)) -> int:
+    """Model calls :func:`calibrate` makes with these settings when its search uses its whole budget
+    and each refinement iteration keeps its first step (a progress bar's total; the search may
+    stop earlier, the refinement earlier or with more tried steps).
+
+    Teacher ``(G - 1) substeps + 1``; scoring the DP schedule and the ``baselines``, the search's
+    ``search_nfe // nfe`` runs and (fitted) the final fit, ``nfe`` calls each; per refinement
+    iteration its Jacobian (:func:`.fitted_refine.jacobian_calls`) and one tried step, then one
+    confirming run.
+    """
+    runs = 1 + baselines + search_nfe // nfe + (spec.solver == "fitted")
+    total = (grid_points - 1) * substeps + 1 + runs * nfe
+    if refine_iterations:
+        total += refine_iterations * (jacobian_calls(len(spec.step_orders(nfe)), spec.history) + nfe) + nfe
+    return total
 
 
 def _refine_end_to_end(counter: _Counter, spec: SolverSpec, x: torch.Tensor, p: Parameterization,

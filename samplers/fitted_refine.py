@@ -44,12 +44,13 @@ from typing import Any
 import torch
 
 from ._loop import Denoiser
-from .fitted import HISTORY, _apply_step, check_first_prediction, combine_step_weights, final_step_weights
+from .fitted import (HISTORY, _apply_step, check_first_prediction, combine_step_weights, final_step_weights,
+                     regressor_count)
 from .parameterization import Parameterization
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ITERATIONS", "FD_STEP", "fd_step_for", "refine_fitted"]
+__all__ = ["DEFAULT_ITERATIONS", "FD_STEP", "fd_step_for", "jacobian_calls", "refine_fitted"]
 
 _F64 = torch.float64
 #: minimum gap between consecutive lambdas after projection
@@ -132,6 +133,14 @@ def _run(model: Denoiser, x: torch.Tensor, lam_first: float, sigma_first: float,
             step = combine_step_weights(-torch.expm1(-h), t / s, p.alpha_tensor(t), r, k)
         state = _apply_step(state, outputs, step, weights[n])
     return state
+
+
+def jacobian_calls(n_steps: int, history: int = HISTORY) -> int:
+    """Model calls of one forward-difference Jacobian of an ``n_steps`` run: each parameter of step
+    ``n`` (its weights and ``lambda_(n+1)``) costs the calls of steps ``n + 1 .. n_steps - 1``,
+    each of which makes one (module docstring)."""
+    return sum((regressor_count(n, n_steps, history) + (n < n_steps - 1)) * (n_steps - 1 - n)
+               for n in range(n_steps))
 
 
 def fd_step_for(dtype: torch.dtype) -> float:

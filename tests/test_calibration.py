@@ -138,6 +138,8 @@ def test_never_worse_than_best_fixed_schedule(range_name, label, options, nfe):
     assert res.error <= min(res.baselines.values()) + 1e-12
     assert res.cost["total_nfe"] == res.cost["teacher_nfe"] + res.cost["search_nfe"]
     assert res.cost["search_nfe"] <= 600 + nfe * (1 + len(cal.BASELINE_SCHEDULES))
+    expected = cal.expected_calls(spec, nfe, grid_points=80, substeps=3, search_nfe=600)
+    assert res.cost["teacher_nfe"] == 79 * 3 + 1 and res.cost["total_nfe"] <= expected
 
     def held_out(sigmas):
         model = problem.denoiser()

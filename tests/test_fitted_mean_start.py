@@ -10,7 +10,8 @@ from comfyui_fewstep.samplers import analytic
 from comfyui_fewstep.samplers import calibration as cal
 from comfyui_fewstep.samplers.fitted import fit_fitted_multistep, regressor_count, sample_fitted_multistep
 from comfyui_fewstep.samplers.fitted_refine import _run as refine_run
-from comfyui_fewstep.samplers.fitted_refine import _jacobian, fd_step_for, refine_fitted
+from comfyui_fewstep.samplers.fitted_refine import (MAX_TRIALS, _jacobian, fd_step_for, jacobian_calls,
+                                                    refine_fitted)
 from comfyui_fewstep.samplers.parameterization import Parameterization
 from comfyui_fewstep.samplers.schedule_store import ScheduleRecord, encode_first_prediction
 
@@ -122,7 +123,11 @@ def test_refinement_lowers_the_calibration_error_and_keeps_the_constraints():
                             refine_iterations=4)
     assert refined.error < 0.9 * plain.error
     # every call is counted: the search's and the refinement's (Jacobians, tried steps, one confirming run)
-    assert refined.cost["refine_nfe"] > 0
+    jacobian = jacobian_calls(5)  # 4 calls, 5 steps with the mean first step
+    assert jacobian + 2 * 4 <= refined.cost["refine_nfe"] <= 4 * (jacobian + MAX_TRIALS * 4) + 4
+    assert refined.cost["search_nfe"] + refined.cost["refine_nfe"] <= (
+        cal.expected_calls(spec, 4, grid_points=60, search_nfe=80, refine_iterations=4) - 59 * 3 - 1
+        + 4 * (MAX_TRIALS - 1) * 4)  # the expected count assumes one tried step per iteration
     assert refined.cost["search_nfe"] + refined.cost["refine_nfe"] == refined.cost["total_nfe"] == model.nfe
     s = refined.sigmas
     assert s[0] == plain.sigmas[0] == p.sigma_max and s[-1] == 0.0 and len(s) == 6
@@ -162,7 +167,7 @@ def test_jacobian_columns_resume_from_the_trace_at_the_cost_of_the_later_steps(m
     model.reset()
     jac = _jacobian(run, theta, out, trace, first_step, n_weights, 1e-4, p.lambda_(80.0), p.lambda_(0.002))
     calls_after = [n_steps - 1 - n for n in range(n_steps)]  # the model calls of the steps after step n
-    assert model.nfe == sum(calls_after[n] for n in first_step)
+    assert model.nfe == sum(calls_after[n] for n in first_step) == jacobian_calls(n_steps)
     for j in (0, sizes[0], n_weights - 1, n_weights, theta.numel() - 1):
         trial = theta.clone()
         trial[j] += 1e-4
