@@ -14,13 +14,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import comfy.model_management
 import comfy.sample
 import comfy.samplers
+import comfy.utils
 import folder_paths
 import torch
 
 from ..samplers.calibration import (DEFAULTS, MIN_REFINE_SEEDS, TEACHER_ENDS, CalibrationError, SolverSpec,
-                                    calibrate)
+                                    calibrate, expected_calls)
 from ..samplers.fitted import HISTORY
 from ..samplers.fitted_refine import fd_step_for
 from ..samplers.parameterization import Parameterization
@@ -134,6 +136,24 @@ def chunked(model: Any, chunk: int = CALIBRATION_CHUNK) -> Any:
     return call
 
 
+def with_progress(model: Any, total: int) -> tuple[Any, Any]:
+    """``model`` reporting each call to ComfyUI's progress bar (out of ``total``, an estimate: it
+    stays below the end until ``done()``) and stopping at once when the user cancels the prompt.
+    Returns ``(model, done)``."""
+    bar = comfy.utils.ProgressBar(total)
+    calls = 0
+
+    def call(x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        nonlocal calls
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        out = model(x, sigma, **extra)
+        calls += 1
+        bar.update_absolute(min(calls, total - 1), total)
+        return out
+
+    return call, lambda: bar.update_absolute(total, total)
+
+
 def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe: int, seeds: int, seed: int,
                         cfg: float, grid_points: int, substeps: int, search_nfe: int, target: str = "ode",
                         refine_iterations: int = 0):
@@ -147,10 +167,13 @@ def _calibrate_in_comfy(model, positive, negative, latent, spec: SolverSpec, nfe
     box: dict[str, Any] = {}
 
     def sampler_function(k_model, x, sigmas, extra_args=None, callback=None, disable=None):
-        box["result"] = calibrate(chunked(k_model), x, parameterization, nfe, spec, extra_args=extra_args,
+        total = expected_calls(spec, nfe, grid_points, substeps, search_nfe, refine_iterations)
+        model_call, done = with_progress(chunked(k_model), total)
+        box["result"] = calibrate(model_call, x, parameterization, nfe, spec, extra_args=extra_args,
                                   grid_points=grid_points, substeps=substeps, search_nfe=search_nfe,
                                   teacher_end=target, refine_iterations=refine_iterations,
                                   refine_fd_step=fd_step)
+        done()
         return x
 
     guider = comfy.samplers.CFGGuider(model)

@@ -504,3 +504,37 @@ def test_a_device_without_float64_is_refused_before_any_model_call(nodes, tiny_c
             torch.inference_mode():
         _calibrate(nodes, model, tiny_comfy_conds)
     assert forward_counter.calls == 0
+
+
+def test_calibration_reports_progress_and_stops_when_cancelled(nodes, tiny_comfy_model, tiny_comfy_conds,
+                                                               forward_counter):
+    """Every model call moves ComfyUI's progress bar toward the expected total, which it reaches when
+    done; cancelling the prompt (ComfyUI's interrupt) stops the calibration at the next model call
+    and caches nothing."""
+    import comfy.model_management
+    import comfy.utils
+
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *args, **kw: seen.append((value, total)))
+    try:
+        with torch.inference_mode():
+            _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, nfe=3)
+        spec = nodes._spec("dpmpp_2m")
+        total = nodes.expected_calls(spec, 3, grid_points=16, substeps=1, search_nfe=8)
+        assert seen[-1] == (total, total) and {t for _, t in seen} == {total}
+        values = [v for v, _ in seen]
+        assert values == sorted(values) and len(values) == forward_counter.calls + 1  # one per call, then done
+
+        def cancel_after(value, total, *args, **kw):
+            if value >= 5:
+                comfy.model_management.interrupt_current_processing(True)
+
+        comfy.utils.set_progress_bar_global_hook(cancel_after)
+        before = forward_counter.calls
+        with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
+            _calibrate(nodes, tiny_comfy_model, tiny_comfy_conds, nfe=3, use_cache=False, seed=1)
+        assert forward_counter.calls - before == 5
+        assert len(list(nodes.schedule_store().cache_dir.glob("*.json"))) == 1  # the first run's only
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
