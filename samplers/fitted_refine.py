@@ -147,7 +147,7 @@ def fd_step_for(dtype: torch.dtype) -> float:
     """A forward-difference step for a model computing in ``dtype``: ``FD_STEP`` for float32 and
     wider, ``sqrt(machine epsilon)`` for half types (0.031 for float16, 0.088 for bfloat16)."""
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    return max(FD_STEP, math.sqrt(eps)) if eps > torch.finfo(torch.float32).eps else FD_STEP
+    return math.sqrt(eps) if eps > torch.finfo(torch.float32).eps else FD_STEP
 
 
 def refine_fitted(
@@ -174,7 +174,7 @@ def refine_fitted(
         floor, top: the lowest and highest half log-SNR an interior point may take (the search
             box's; ``top`` defaults to ``lambda(sigma_min)``).
         first_prediction: the mean first step's prediction, as in the run being refined.
-        iterations: Gauss-Newton iterations (each a Jacobian and at least one confirming run).
+        iterations: Gauss-Newton iterations (each a Jacobian and at least one tried step).
         fd_step: the forward-difference step (:func:`fd_step_for` the model's dtype).
 
     Returns:
