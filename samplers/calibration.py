@@ -559,13 +559,12 @@ def expected_calls(spec: SolverSpec, nfe: int, grid_points: int = DEFAULTS["grid
 
     Teacher ``(G - 1) substeps + 1``; scoring the DP schedule and the ``baselines``, the search's
     ``search_nfe // nfe`` runs and (fitted) the final fit, ``nfe`` calls each; per refinement
-    iteration its Jacobian (:func:`.fitted_refine.jacobian_calls`) and one tried step, then one
-    confirming run.
+    iteration its Jacobian (:func:`.fitted_refine.jacobian_calls`) and one tried step.
     """
     runs = 1 + baselines + search_nfe // nfe + (spec.solver == "fitted")
     total = (grid_points - 1) * substeps + 1 + runs * nfe
     if refine_iterations:
-        total += refine_iterations * (jacobian_calls(len(spec.step_orders(nfe)), spec.history) + nfe) + nfe
+        total += refine_iterations * (jacobian_calls(len(spec.step_orders(nfe)), spec.history) + nfe)
     return total
 
 
@@ -573,17 +572,11 @@ def _refine_end_to_end(counter: _Counter, spec: SolverSpec, x: torch.Tensor, p: 
                        sigmas: list[float], coefficients: list[list[float]], error: float, teacher: Teacher,
                        box: _Box, first_prediction: torch.Tensor | None, iterations: int, fd_step: float,
                        extra_args: dict[str, Any] | None) -> tuple[list[float], list[list[float]], float]:
-    """:func:`.fitted_refine.refine_fitted` from the search's result, kept when a run of the sampler
-    itself on the calibration noise confirms a lower error."""
-    new_sigmas, new_coefficients, _ = refine_fitted(
+    """:func:`.fitted_refine.refine_fitted` from the search's result, kept when its error (of a run
+    equal to the sampler's, to rounding) is lower."""
+    new_sigmas, new_coefficients, new_error = refine_fitted(
         counter, x, sigmas, coefficients, teacher.end, p, floor=box.floor, top=box.top, history=spec.history,
         first_prediction=first_prediction, iterations=iterations, fd_step=fd_step, extra_args=extra_args)
-    try:
-        out = spec.run(counter, x, torch.tensor(new_sigmas, dtype=torch.float64), p, extra_args,
-                       coefficients=new_coefficients, first_prediction=first_prediction)
-    except NonFiniteModelOutputError:
-        return sigmas, coefficients, error
-    new_error = end_error(out, teacher.end)
     logger.info("end-to-end refinement: calibration error %.4g -> %.4g", error, new_error)
     if new_error < error:
         return new_sigmas, new_coefficients, new_error
