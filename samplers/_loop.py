@@ -95,6 +95,16 @@ class ModelEvaluator:
             denoised = corrected if mask is None else torch.lerp(denoised, corrected, mask.to(denoised))
         return denoised
 
+    def finish(self, x0: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+        """A final sample ``x0`` that a solver computed instead of returning the last prediction
+        ``denoised`` (made at ``sigma``): the x0 correction is applied to it as to a prediction, and
+        with an inpainting mask the kept region (mask 0) is taken from ``denoised``, where ComfyUI
+        has put the source latent, so it stays exact."""
+        if self.x0_correction is not None:
+            x0 = self.x0_correction(x0, float(sigma))
+        mask = self.extra_args.get("denoise_mask")
+        return x0 if mask is None else torch.lerp(denoised, x0, mask.to(x0))
+
 
 def sigma_list(sigmas: torch.Tensor, parameterization: Any = None) -> list[float]:
     """The schedule as host float64 values, validated: 1-D, non-negative, strictly decreasing,

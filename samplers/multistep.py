@@ -48,6 +48,7 @@ from ._coefficients import (
     ThirdOrder,
     plan_multistep,
 )
+from .final_adams import MAX_FINAL_ORDER, FinalAdamsStep
 from ._loop import (
     Denoiser,
     ModelEvaluator,
@@ -100,7 +101,10 @@ def _validate(
     eta: float,
     s_noise: float,
     lower_order_final_steps: int,
+    final_order: int = 1,
 ) -> None:
+    if isinstance(final_order, bool) or final_order not in range(1, MAX_FINAL_ORDER + 1):
+        raise ValueError(f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {final_order!r}")
     if isinstance(order, bool) or order not in range(1, MAX_ORDER + 1):
         raise ValueError(f"order must be 1, 2, 3 or {MAX_ORDER}, got {order!r}")
     for name, value, allowed in (
@@ -118,14 +122,22 @@ def _validate(
         raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
     if lower_order_final_steps < 0:
         raise ValueError(f"lower_order_final_steps must be >= 0, got {lower_order_final_steps!r}")
-    problem = combination_problem(order, algorithm, eta, corrector)
+    problem = combination_problem(order, algorithm, eta, corrector, final_order)
     if problem:
         raise ValueError(problem)
 
 
-def combination_problem(order: int, algorithm: str, eta: float, corrector: str) -> str | None:
+def combination_problem(
+    order: int, algorithm: str, eta: float, corrector: str, final_order: int = 1
+) -> str | None:
     """Why these multistep options cannot run together, or None (checked before sampling, and by
     the sampler node when the workflow is queued)."""
+    if final_order > 1 and eta != 0.0:
+        return (
+            f"final_order {final_order} (an Adams-Bashforth last step on the noise prediction) needs the "
+            f"deterministic solver: with eta={eta!r} fresh noise enters every step, so the noise "
+            "prediction is not smooth between calls. Use eta=0, or final_order=1 for SDE sampling."
+        )
     if algorithm == "dpmsolver" and eta != 0.0:
         return "eta > 0 (SDE sampling) needs algorithm='dpmsolver++'; set eta=0 for 'dpmsolver'"
     if order == MAX_ORDER and (algorithm != "dpmsolver++" or eta != 0.0):
@@ -159,6 +171,7 @@ def sample_dpmpp_multistep(
     lower_order_final_steps: int = 10,
     euler_at_final: bool = False,
     final_step: FinalStep = "zero",
+    final_order: int = 1,
     eta: float = 0.0,
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
@@ -190,6 +203,11 @@ def sample_dpmpp_multistep(
         euler_at_final: make the last step first order (not in a part that ends above 0).
         final_step: ``zero`` (denoise to sigma 0 when the schedule ends in 0) or ``sigma_min``
             (ignore the trailing 0 and return ``x`` at the last non-zero sigma; no extra call).
+        final_order: order of the step to sigma 0 (``final_step="zero"``). 1: return the data
+            prediction (k-diffusion's and ComfyUI's last step). 2-4: an Adams-Bashforth step on the
+            noise prediction in VE sigma through the last ``final_order`` model calls of this run
+            (:mod:`.final_adams`; no extra call, ``eta=0`` only). The x0 correction, when given, is
+            applied to its result as to a data prediction.
         eta: stochasticity of SDE-DPM-Solver++ (0: ODE; 1: the paper's SDE solver, whose first
             order is the DDPM ancestral step). ``s_noise`` scales the injected noise.
         noise_sampler: ``(sigma, sigma_next) -> noise``; default
@@ -213,7 +231,7 @@ def sample_dpmpp_multistep(
         non-zero sigma.
     """
     _validate(order, solver_type, algorithm, final_step, corrector, third_order, eta, s_noise,
-              lower_order_final_steps)
+              lower_order_final_steps, final_order)
     p = _VE_DEFAULT if parameterization is None else parameterization
     if not isinstance(p, Parameterization):
         raise TypeError(f"parameterization must be a Parameterization or None, got {type(p).__name__}")
@@ -252,6 +270,8 @@ def sample_dpmpp_multistep(
     # the UniC correction of an order-k step combines k + 1 outputs (the new one included)
     depth = order + 1 if corrector != "none" else order
     x_prev = carried.x_prev if resumed_step is not None else x
+    # the step to sigma 0 at higher order (Adams-Bashforth in VE sigma) when asked for
+    final = FinalAdamsStep(final_order, p) if final_order > 1 and points[-1] == 0.0 else None
     for i in progress(n_steps, disable):
         c = plan[i]
         denoised = evaluate(x, c.sigma, i)
@@ -262,6 +282,11 @@ def sample_dpmpp_multistep(
             x = _combine([(c.corrector_x, x_prev), *zip(c.corrector_m, outputs)])
         emit_callback(callback, i, x, c.sigma, denoised, sigmas)
         x_prev = x
+        if final is not None:
+            final.record(x, denoised, c.sigma)
+            if i == n_steps - 1:
+                x = evaluate.finish(final.step(x, denoised, c.sigma), denoised, c.sigma)
+                break
         x = _step(c, x, denoised, outputs, noise_sampler)
     if len(points) < len(values):  # stopped at sigma_min: the skipped step to 0 completes the bar
         emit_callback(callback, n_steps, x, points[-1], denoised, sigmas)
