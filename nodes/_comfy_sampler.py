@@ -85,10 +85,17 @@ PRESETS: dict[str, Preset] = {
         "DPM-Solver++(3M) predictor with the UniC-bh2 corrector (Zhao et al. 2023, arXiv 2302.04867)",
         "DPM-Solver++(3M) + UniC-bh2",
     ),
+    "dpmpp_2m_fast": Preset(
+        "multistep",
+        {"order": 2, "corrector": "bh2", "final_order": 4},
+        "the few-step preset: DPM-Solver++(2M) with the UniC-bh2 corrector and an order-4 "
+        "Adams-Bashforth last step; use it with the fewstep_window scheduler at 5-10 steps",
+        "DPM-Solver++(2M) + UniC-bh2 + Adams last step",
+    ),
 }
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 
-_NEUTRAL: dict[str, Any] = {"eta": 0.0, "corrector": "none"}
+_NEUTRAL: dict[str, Any] = {"eta": 0.0, "corrector": "none", "final_order": 1}
 """Options that change the method: refused (not dropped) by a solver without them."""
 
 
@@ -106,8 +113,8 @@ def normalize_options(
 ) -> tuple[SolverFamily, dict[str, Any]]:
     """Drop the options ``solver`` does not take, or refuse them when they would change the result.
 
-    * ``eta`` and ``corrector`` change the method; a solver without them refuses a non-neutral
-      value (``eta > 0``, a corrector) with ``ValueError``.
+    * ``eta``, ``corrector`` and ``final_order`` change the method; a solver without them refuses
+      a non-neutral value (``eta > 0``, a corrector, ``final_order > 1``) with ``ValueError``.
     * Other options only tune a policy another solver does not have (``lower_order_final``,
       ``euler_at_final``, ``solver_type`` for adaptive, ...) and are dropped.
 

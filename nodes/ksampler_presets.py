@@ -41,6 +41,7 @@ SAMPLER_PRESETS: dict[str, str] = {PREFIX + name: name for name in PRESETS}
 
 SCHEDULER_PRESETS: dict[str, str] = {
     PREFIX + "logsnr": "logsnr_uniform",
+    PREFIX + "window": "logsnr_window",
     PREFIX + "time_uniform": "time_uniform",
     PREFIX + "time_quadratic": "time_quadratic",
     PREFIX + "ays": "ays",

@@ -30,6 +30,7 @@ FROZEN_INPUTS = {
         "third_order",
         "atol",
         "rtol",
+        "final_order",  # appended: older workflows keep their widget order
     ],
     "FewStepSchedule": [
         "model",
@@ -135,6 +136,7 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
         ("s_noise", "s_noise"),
         ("corrector", "corrector"),
         ("third_order", "third_order"),
+        ("final_order", "final_order"),
     ]:
         assert defaults[widget] == params[option].default, widget
 
@@ -165,6 +167,16 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
          "needs algorithm='dpmsolver++'"),
         ({"solver": "multistep", "order": 4, "eta": 0.0, "corrector": "bh2", "prediction": "dpmsolver++"},
          None),
+        # the Adams last step: multistep ODE only, order 1-4
+        ({"solver": "multistep", "order": 2, "eta": 0.0, "corrector": "bh2", "prediction": "dpmsolver++",
+          "final_order": 4}, None),
+        ({"solver": "multistep", "order": 2, "eta": 1.0, "corrector": "none", "prediction": "dpmsolver++",
+          "final_order": 2}, "needs the deterministic solver"),
+        ({"solver": "singlestep", "order": 2, "eta": 0.0, "corrector": "none", "final_order": 3},
+         "final_order > 1 needs the multistep solver"),
+        ({"solver": "adaptive", "order": 2, "eta": 0.0, "corrector": "none", "final_order": 1}, None),
+        ({"solver": "multistep", "order": 2, "eta": 0.0, "corrector": "none", "final_order": 5},
+         "final_order must be an integer from 1 to 4"),
     ],
 )
 def test_sampler_validation_messages(schemas, inputs, message):
