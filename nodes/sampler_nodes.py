@@ -46,7 +46,9 @@ def check_sampler_options(
         return f"eta must be between 0 and {ETA_MAX:g}, got {eta!r}"
     if corrector is not None and corrector not in CORRECTOR_VARIANTS:
         return f"corrector {corrector!r} is not one of {list(CORRECTOR_VARIANTS)}"
-    if final_order is not None and (isinstance(final_order, bool) or final_order not in range(1, MAX_FINAL_ORDER + 1)):
+    if final_order is not None and (
+        isinstance(final_order, bool) or final_order not in range(1, MAX_FINAL_ORDER + 1)
+    ):
         return f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {final_order!r}"
     if solver in SOLVER_FAMILIES:
         accepted = supported_options(solver)
@@ -57,7 +59,8 @@ def check_sampler_options(
         if final_order not in (None, 1) and "final_order" not in accepted:
             return f"final_order > 1 needs the multistep solver, not {solver}; set final_order to 1"
     if solver == "multistep" and None not in (order, eta, corrector, prediction):
-        return combination_problem(order, prediction, eta, corrector, 1 if final_order is None else final_order)
+        final = 1 if final_order is None else final_order
+        return combination_problem(order, prediction, eta, corrector, final)
     return None
 
 

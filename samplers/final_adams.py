@@ -55,7 +55,9 @@ def final_adams_weights(sigma_bars: Sequence[float]) -> tuple[float, ...]:
         raise ValueError(f"final_adams_weights needs a finite positive last sigma, got {s!r}")
     u = [float(v) / s for v in sigma_bars]
     if any(not (b > a and math.isfinite(b)) for a, b in zip(u, u[1:])):
-        raise ValueError(f"final_adams_weights needs finite sigmas increasing into the past, got {sigma_bars!r}")
+        raise ValueError(
+            f"final_adams_weights needs finite sigmas increasing into the past, got {sigma_bars!r}"
+        )
     k = len(u)
     vandermonde = [[uj**q for uj in u] for q in range(k)]
     moments = [1.0 / (q + 1) for q in range(k)]
@@ -65,8 +67,8 @@ def final_adams_weights(sigma_bars: Sequence[float]) -> tuple[float, ...]:
 class FinalAdamsStep:
     """Collects the noise predictions of a run and takes its last step to ``sigma = 0``.
 
-    Keeps at most ``order`` predictions (one latent-sized tensor each, float32 or wider). A model call at a flow
-    model's ``sigma = 1`` (``alpha = 0``, infinite VE sigma) is not used.
+    Keeps at most ``order`` predictions (one latent-sized tensor each, float32 or wider). A model
+    call at a flow model's ``sigma = 1`` (``alpha = 0``, infinite VE sigma) is not used.
     """
 
     def __init__(self, order: int, parameterization: Parameterization) -> None:
@@ -93,10 +95,11 @@ class FinalAdamsStep:
 
         Falls back to the data prediction ``denoised`` when ``sigma`` is not the last recorded call.
         """
-        if not self.sigma_bars or self.p.alpha(sigma) <= 0.0 or self.sigma_bars[0] != sigma / self.p.alpha(sigma):
+        alpha = self.p.alpha(sigma)
+        if not self.sigma_bars or alpha <= 0.0 or self.sigma_bars[0] != sigma / alpha:
             return denoised
         weights = final_adams_weights(self.sigma_bars)
-        out = x.to(self.eps[0].dtype) / self.p.alpha(sigma)
+        out = x.to(self.eps[0].dtype) / alpha
         for w, eps in zip(weights, self.eps):
             out.sub_(eps, alpha=w)
         return out.to(x.dtype)

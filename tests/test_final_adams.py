@@ -83,7 +83,8 @@ def test_last_step_error_falls_as_sigma_to_the_k_plus_1(k):
     """Exact states at ``s u_j`` (u = 1, 1.5, 2, 2.5) of the smooth trajectory
     ``x_bar(s) = x0 + a sin(s) + b (e^s - 1)``; halve ``s`` and measure the slope of the error."""
     x0 = torch.tensor([[1.3, -0.7, 0.4]], dtype=torch.float64)
-    a, b = torch.tensor([[0.8, 0.1, -1.1]], dtype=torch.float64), torch.tensor([[-0.5, 0.9, 0.3]], dtype=torch.float64)
+    a = torch.tensor([[0.8, 0.1, -1.1]], dtype=torch.float64)
+    b = torch.tensor([[-0.5, 0.9, 0.3]], dtype=torch.float64)
 
     def x_bar(s):
         return x0 + a * math.sin(s) + b * math.expm1(s)
@@ -196,8 +197,8 @@ def test_split_schedule_ends_above_zero_without_a_final_step():
     p = rng.parameterization()
     sigmas = schedules.get_sigmas("logsnr_window", 8, p)[:5]
     runs = [
-        sample_dpmpp_multistep(analytic.CountingDenoiser(mixture, rng.form), x.float(), sigmas, parameterization=p,
-                               final_order=fo, resume_history=False, disable=True)
+        sample_dpmpp_multistep(analytic.CountingDenoiser(mixture, rng.form), x.float(), sigmas,
+                               parameterization=p, final_order=fo, resume_history=False, disable=True)
         for fo in (1, 4)
     ]
     assert torch.equal(runs[0], runs[1])
