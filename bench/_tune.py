@@ -57,6 +57,10 @@ def candidates() -> list[tuple[str, dict[str, Any], str]]:
         "3M+UniC nolof": {"order": 3, "corrector": "bh2", "lower_order_final": False},
         "4M nolof": {"order": 4, "lower_order_final": False},
         "4M+UniC nolof": {"order": 4, "corrector": "bh2", "lower_order_final": False},
+        "2M+UniC final4": {"order": 2, "corrector": "bh2", "final_order": 4},
+        "2M+UniC final3": {"order": 2, "corrector": "bh2", "final_order": 3},
+        "2M+UniC final2": {"order": 2, "corrector": "bh2", "final_order": 2},
+        "3M+UniC final4": {"order": 3, "corrector": "bh2", "final_order": 4},
     }
     for label, opts in configs.items():
         for schedule in ("logsnr_uniform", "logsnr_window", "time_uniform", "exponential (ComfyUI)", "kl_optimal (ComfyUI)",
