@@ -45,7 +45,8 @@ divided differences are those of the same interpolant); :func:`adams_weights` co
 Order selection per step: ``min(order, 1 + usable history, lower-order-final cap)``. History is
 usable while every earlier step size involved is finite: after a step from ``sigma = 1`` in flow
 form (``lambda = -inf``, an exact first-order step) the ratio ``r = inf / h`` makes the difference
-term vanish, so the next step is first order, and the one after at most second order.
+term vanish, so the next step is first order, and the one after at most second order. With a
+corrector, that first step is corrected by its low-SNR limit (``_with_pure_noise_correction``).
 """
 
 from __future__ import annotations
@@ -318,6 +319,26 @@ def plan_multistep(
     return plan
 
 
+def _with_pure_noise_correction(
+    cur: MultistepCoefficients, prev: MultistepCoefficients, p: Parameterization
+) -> MultistepCoefficients:
+    """The correction of a first step from pure noise (a flow model's ``sigma = 1``, ``lambda = -inf``).
+
+    The step is ``x_1 = sigma_1 x_0 + sigma_1 integral_(-inf)^(lambda_1) e^lambda D(lambda) dlambda``
+    (DPM-Solver++, arXiv 2211.01095, eq. 9), and the predictor takes ``D = D_0``, the data mean.
+    For any data of finite covariance ``C`` the prediction leaves the mean as
+    ``D - D_0 = C z e^lambda + O(e^(2 lambda))`` (Tweedie's formula at low SNR, with ``x / sigma ->
+    z``), so with ``D - D_0 = (D_1 - D_0) e^(lambda - lambda_1)`` the integral is exact to that
+    order and adds ``alpha_1 (D_1 - D_0) / 2``: ``x_1 = sigma_1 x_0 + alpha_1 (D_0 + D_1) / 2``. A
+    Gaussian's remaining error is ``C / (C + sigma_bar_1^2)`` times the uncorrected one. Like UniC
+    it reuses the model call at ``x_1`` (no extra NFE).
+    """
+    alpha_1 = p.alpha(prev.sigma_next)
+    corrector_m = (0.5 * alpha_1, 0.5 * alpha_1)  # weights of m_1 (new) and m_0
+    return MultistepCoefficients(**{**cur.__dict__, "corrector_x": prev.sigma_next / prev.sigma,
+                                    "corrector_m": corrector_m})
+
+
 @dataclass(frozen=True)
 class _PreviousStep:
     """The last step of the run a resumed run continues: what its first correction needs."""
@@ -343,14 +364,20 @@ def _with_corrector(
     The correction of ``x_i`` reuses the model call at ``x_i`` (no extra NFE) and has the order of
     the predictor step that produced ``x_i`` (so the pair is one order higher). It is skipped
     when ``x_i`` does not influence the result (the next step returns the data prediction, as
-    the final step to ``sigma = 0`` does), after an infinite (exact) predictor step, and at step
-    0 when the carried history is too short for the previous step's order.
+    the final step to ``sigma = 0`` does), after the infinite step to ``sigma = 0``, and at step
+    0 when the carried history is too short for the previous step's order. The infinite first
+    step from a flow model's pure noise gets the low-SNR correction of
+    :func:`_with_pure_noise_correction` instead (data prediction).
     """
     out = list(plan)
     first = 0 if previous is not None and offset >= previous.order else 1
     for i in range(first, len(plan)):
         prev, cur = (plan[i - 1] if i > 0 else previous), plan[i]
-        if not math.isfinite(prev.h) or cur.c_x == 0.0:
+        if cur.c_x == 0.0:
+            continue
+        if not math.isfinite(prev.h):
+            if data_prediction and prev.lambda_ == -math.inf and i > 0:
+                out[i] = _with_pure_noise_correction(cur, prev, p)
             continue
         # points of the predictor step: s = lambda_(i-1), earlier ones, and t = lambda_i
         k = offset + i - 1

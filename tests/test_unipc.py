@@ -221,3 +221,55 @@ def test_unipc_noise_prediction_2m_matches_transcription():
 def test_corrector_raises_the_order_of_the_noise_prediction_solver(name, options, nominal):
     slope = tier0.measured_order(tier0.RANGES[name], algorithm="dpmsolver", corrector="bh2", **options)
     assert abs(slope - nominal) <= 0.2, f"measured order {slope:.3f}, nominal {nominal}"
+
+
+FLOW = Parameterization("flow", 0.001, 1.0, family="flow")
+
+
+def _flow_gaussian(mu: float, c: float):
+    """Exact flow-form denoiser of N(mu, c^2) data, and its ODE trajectory from pure noise z."""
+
+    def model(x, sigma, **extra):
+        s = float(sigma[0])
+        a = 1.0 - s
+        return mu + a * c * c / (a * a * c * c + s * s) * (x - a * mu)
+
+    def exact(z, s):  # x_bar(sigma_bar) = mu + z sqrt(c^2 + sigma_bar^2), x = alpha x_bar
+        sb = s / (1.0 - s)
+        return (1.0 - s) * (mu + z * math.sqrt(c * c + sb * sb))
+
+    return model, exact
+
+
+@pytest.mark.parametrize("sigma_1", [0.95, 0.9, 0.8])
+def test_first_step_from_pure_noise_is_corrected(sigma_1):
+    """A flow run from sigma = 1: the predictor's first step takes D = D_0 (the data mean) over an
+    infinite log-SNR step; the correction adds alpha_1 (D_1 - D_0) / 2. On Gaussian data its
+    remaining error is c^2 / (c^2 + sigma_bar_1^2) of the predictor's, as the docstring says."""
+    mu, c = 0.3, 0.5
+    model, exact = _flow_gaussian(mu, c)
+    z = torch.linspace(-2.0, 2.0, 9, dtype=torch.float64).reshape(9, 1)
+    sigmas = torch.tensor([1.0, sigma_1, 0.5 * sigma_1, 0.0], dtype=torch.float64)
+    states = {}
+    for corrector in ("none", "bh2"):
+        seen = []
+        sample_dpmpp_multistep(model, z.clone(), sigmas, parameterization=FLOW, corrector=corrector,
+                               disable=True, callback=lambda d: seen.append(d["x"].clone()))
+        states[corrector] = seen[1]  # the state at sigma_1 (corrected where a corrector runs)
+    target = exact(z, sigma_1)
+    err_predictor = float((states["none"] - target).abs().max())
+    err_corrected = float((states["bh2"] - target).abs().max())
+    sb = sigma_1 / (1.0 - sigma_1)
+    assert err_predictor > 1e-4
+    assert err_corrected < 1.2 * c * c / (c * c + sb * sb) * err_predictor
+
+
+def test_pure_noise_correction_only_for_data_prediction_from_sigma_one():
+    plan = plan_multistep([1.0, 0.8, 0.5, 0.2, 0.0], FLOW, order=2, corrector="bh2")
+    assert plan[1].corrector_x == pytest.approx(0.8)
+    assert plan[1].corrector_m == pytest.approx((0.1, 0.1))  # alpha_1 / 2 on D_1 and on D_0
+    ve = plan_multistep([80.0, 10.0, 1.0, 0.1, 0.0], Parameterization("ve", 0.002, 80.0), order=2,
+                        corrector="bh2")
+    assert len(ve[1].corrector_m) == 2 and ve[1].corrector_m != pytest.approx((0.5, 0.5))  # UniC's own
+    noise = plan_multistep([1.0, 0.8, 0.5, 0.2, 0.0], FLOW, order=2, corrector="bh2", algorithm="dpmsolver")
+    assert noise[1].corrector_m == ()  # noise prediction: not derived, not applied
