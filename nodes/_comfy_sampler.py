@@ -26,6 +26,7 @@ import torch
 from ..samplers.adaptive import sample_dpmpp_adaptive
 from ..samplers.fitted import sample_fitted_multistep
 from ..samplers.multistep import sample_dpmpp_multistep
+from ..samplers.schedules import FEWSTEP_WINDOW
 from ..samplers.singlestep import sample_dpmpp_singlestep
 from ._comfy_sampling import parameterization_for_denoiser
 
@@ -64,6 +65,8 @@ class Preset:
     options: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     label: str = ""  # the method's short name where the solver and order alone do not give it
+    #: schedule name -> FewStep Schedule widget values the preset is meant to run with
+    schedule_options: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
     def order(self) -> int:
@@ -91,6 +94,7 @@ PRESETS: dict[str, Preset] = {
         "the few-step preset: DPM-Solver++(2M) with the UniC-bh2 corrector and an order-4 "
         "Adams-Bashforth last step; use it with the fewstep_window scheduler at 5-10 steps",
         "DPM-Solver++(2M) + UniC-bh2 + Adams last step",
+        {"logsnr_window": FEWSTEP_WINDOW},
     ),
 }
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)

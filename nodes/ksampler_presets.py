@@ -27,7 +27,7 @@ from typing import Any
 import comfy.k_diffusion.sampling as k_diffusion_sampling
 import comfy.samplers
 
-from ..samplers.schedules import get_sigmas
+from ..samplers.schedules import FEWSTEP_WINDOW, get_sigmas
 from ._comfy_sampler import PRESETS, comfy_sampler_function
 from ._comfy_sampling import parameterization_from_model_sampling
 
@@ -48,6 +48,10 @@ SCHEDULER_PRESETS: dict[str, str] = {
     PREFIX + "gits": "gits",
 }
 """KSampler scheduler name -> schedule name in ``samplers.schedules``."""
+
+SCHEDULER_OPTIONS: dict[str, dict[str, float]] = {PREFIX + "window": FEWSTEP_WINDOW}
+"""Options of a KSampler scheduler preset: ``fewstep_window`` is the few-step preset's window
+(for ``fewstep_dpmpp_2m_fast``; see ``samplers.schedules.FEWSTEP_WINDOW``)."""
 
 _MARK = "_fewstep_preset"
 
@@ -75,9 +79,12 @@ def _sampler_function(preset: str) -> Callable[..., Any]:
     return sample
 
 
-def _scheduler_function(schedule: str) -> Callable[..., Any]:
+def _scheduler_function(schedule: str, options: dict[str, float] | None = None) -> Callable[..., Any]:
+    options = dict(options or {})
+
     def scheduler(model_sampling, steps):
-        return get_sigmas(schedule, int(steps), parameterization_from_model_sampling(model_sampling))
+        parameterization = parameterization_from_model_sampling(model_sampling)
+        return get_sigmas(schedule, int(steps), parameterization, **options)
 
     scheduler.__name__ = scheduler.__qualname__ = f"{PREFIX}{schedule}_scheduler"
     setattr(scheduler, _MARK, schedule)
@@ -132,7 +139,9 @@ def register_ksampler_presets() -> list[str]:
             )
             continue
         if existing is None:
-            handlers[name] = comfy.samplers.SchedulerHandler(_scheduler_function(schedule), use_ms=True)
+            handlers[name] = comfy.samplers.SchedulerHandler(
+                _scheduler_function(schedule, SCHEDULER_OPTIONS.get(name)), use_ms=True
+            )
         if any(name not in names for names in scheduler_lists):
             added.append(name)
         for names in scheduler_lists:

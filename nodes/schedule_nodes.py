@@ -8,7 +8,14 @@ from typing import Any
 import torch
 
 from ..samplers.budget import steps_for_nfe
-from ..samplers.schedules import AYS_MODELS, GITS_COEFFS, SCHEDULE_DEFAULTS, SCHEDULE_NAMES, get_sigmas
+from ..samplers.schedules import (
+    AYS_MODELS,
+    FEWSTEP_WINDOW,
+    GITS_COEFFS,
+    SCHEDULE_DEFAULTS,
+    SCHEDULE_NAMES,
+    get_sigmas,
+)
 from ._api import CATEGORY_PLANS, CATEGORY_SCHEDULERS, io, ui
 from ._comfy_sampler import PRESET_NAMES, PRESETS, make_planned_singlestep_sampler, make_sampler
 from ._comfy_sampling import parameterization_for_model
@@ -35,11 +42,13 @@ def schedule_options(
     custom_sigmas: str = "",
     sigma_min: float = 0.0,
     sigma_max: float = 0.0,
+    lambda_start: float = 0.0,
+    sigma_end: float = 0.0,
 ) -> dict[str, Any]:
     """The keyword options of ``samplers.schedules.get_sigmas(schedule, ...)`` from node widgets.
 
-    Widgets that do not apply to ``schedule`` are ignored; ``rho = 0`` and ``sigma_min/max = 0``
-    mean "the schedule's / model's default".
+    Widgets that do not apply to ``schedule`` are ignored; ``rho = 0``, ``sigma_min/max = 0``
+    and ``lambda_start / sigma_end = 0`` mean "the schedule's / model's default".
     """
     if schedule not in SCHEDULE_NAMES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULE_NAMES}")
@@ -53,6 +62,10 @@ def schedule_options(
         params["coeff"] = float(gits_coeff)
     if "sigmas" in accepted:
         params["sigmas"] = custom_sigmas
+    if "lambda_start" in accepted and lambda_start != 0.0:
+        params["lambda_start"] = float(lambda_start)
+    if "sigma_end" in accepted and sigma_end > 0.0:
+        params["sigma_end"] = float(sigma_end)
     if sigma_min > 0.0:
         params["sigma_min"] = float(sigma_min)
     if sigma_max > 0.0:
@@ -127,6 +140,36 @@ def _schedule_inputs() -> list:
     ]
 
 
+def _window_inputs() -> list:
+    return [
+        io.Float.Input(
+            "lambda_start",
+            default=0.0,
+            min=-20.0,
+            max=0.0,
+            step=0.05,
+            round=0.001,
+            optional=True,
+            tooltip="logsnr_window: the half log-SNR where the uniform steps start (0: the default "
+            f"{SCHEDULE_DEFAULTS['logsnr_window']['lambda_start']}; with the sampler's final_order 4, "
+            f"{FEWSTEP_WINDOW['lambda_start']}). Earlier: fewer changed compositions, larger steps. "
+            "Ignored by other schedules.",
+        ),
+        io.Float.Input(
+            "sigma_end",
+            default=0.0,
+            min=0.0,
+            max=100.0,
+            step=0.001,
+            round=0.0001,
+            optional=True,
+            tooltip="logsnr_window: the (VE) sigma where the steps end (0: the default "
+            f"{SCHEDULE_DEFAULTS['logsnr_window']['sigma_end']}; with the sampler's final_order 4, "
+            f"{FEWSTEP_WINDOW['sigma_end']}). Never below the model's sigma_min. Ignored by other schedules.",
+        ),
+    ]
+
+
 def _check_schedule_widgets(schedule: Any, steps: Any) -> bool | str:
     if schedule is not None and schedule not in SCHEDULE_NAMES:
         return f"schedule {schedule!r} is not one of {list(SCHEDULE_NAMES)}"
@@ -177,6 +220,7 @@ class FewStepSchedule(io.ComfyNode):
                     "(img2img); 0 returns no steps.",
                 ),
                 *_schedule_inputs(),
+                *_window_inputs(),
             ],
             outputs=[io.Sigmas.Output(tooltip="Decreasing noise levels ending in 0, one step per interval.")],
         )
@@ -198,6 +242,8 @@ class FewStepSchedule(io.ComfyNode):
         custom_sigmas="",
         sigma_min=0.0,
         sigma_max=0.0,
+        lambda_start=0.0,
+        sigma_end=0.0,
     ) -> io.NodeOutput:
         sigmas = sigmas_for_model(
             model,
@@ -210,6 +256,8 @@ class FewStepSchedule(io.ComfyNode):
             custom_sigmas=custom_sigmas,
             sigma_min=sigma_min,
             sigma_max=sigma_max,
+            lambda_start=lambda_start,
+            sigma_end=sigma_end,
         )
         return io.NodeOutput(sigmas)
 
@@ -282,7 +330,9 @@ class FewStepNFEPlan(io.ComfyNode):
             raise ValueError(f"unknown preset {preset!r}; expected one of {PRESET_NAMES}")
         spec = PRESETS[preset]
         plan = steps_for_nfe(spec.solver, int(nfe), spec.order)
-        sigmas = sigmas_for_model(model, schedule, plan.steps, denoise)
+        # a preset may come with its own schedule options (the few-step preset's window)
+        window = spec.schedule_options.get(schedule, {})
+        sigmas = sigmas_for_model(model, schedule, plan.steps, denoise, **window)
         if spec.solver == "singlestep" and len(sigmas) > 1:
             sampler = make_planned_singlestep_sampler(spec.options, list(plan.orders), sigmas.tolist())
         else:

@@ -213,6 +213,20 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, une
     assert plan == "unipc_bh2: 7 model calls: 7 steps of DPM-Solver++(3M) + UniC-bh2"
     plan = node.execute(model, "dpmpp_2m_sde", 7, "logsnr_uniform", 1.0).result[2]
     assert "7 steps of SDE-DPM-Solver++(2M), eta 1" in plan
+    # the few-step preset brings its own window to logsnr_window (and only there)
+    from comfyui_fewstep.samplers.schedules import FEWSTEP_WINDOW
+
+    _, window, plan = node.execute(model, "dpmpp_2m_fast", 6, "logsnr_window", 1.0).result
+    fewstep = api["schedule_nodes"].FewStepSchedule.execute(
+        model, "logsnr_window", 6, 1.0, lambda_start=FEWSTEP_WINDOW["lambda_start"],
+        sigma_end=FEWSTEP_WINDOW["sigma_end"]).result[0]
+    default = api["schedule_nodes"].FewStepSchedule.execute(model, "logsnr_window", 6, 1.0).result[0]
+    torch.testing.assert_close(window, fewstep, rtol=0, atol=0)
+    assert not torch.equal(window, default)
+    assert plan == "dpmpp_2m_fast: 6 model calls: 6 steps of DPM-Solver++(2M) + UniC-bh2 + Adams last step"
+    _, uniform, _ = node.execute(model, "dpmpp_2m_fast", 6, "logsnr_uniform", 1.0).result
+    plain = api["schedule_nodes"].FewStepSchedule.execute(model, "logsnr_uniform", 6, 1.0).result[0]
+    torch.testing.assert_close(uniform, plain, rtol=0, atol=0)
     _, empty, plan = node.execute(model, "dpmpp_2m", 6, "logsnr_uniform", 1.0, denoise=0.0).result
     assert empty.numel() == 0 and "denoise 0 leaves no step: 0 model calls" in plan
     steps = []

@@ -43,6 +43,8 @@ FROZEN_INPUTS = {
         "custom_sigmas",
         "sigma_min",
         "sigma_max",
+        "lambda_start",  # appended
+        "sigma_end",
     ],
     "FewStepNFEPlan": ["model", "preset", "nfe", "schedule", "cfg", "denoise"],
 }

@@ -60,9 +60,25 @@ def test_scheduler_presets_compute_our_schedules(env):
     ms = type("EpsSampling", (cms.ModelSamplingDiscrete, cms.EPS), {})()
     for name, schedule in presets.SCHEDULER_PRESETS.items():
         sigmas = samplers.calculate_sigmas(ms, name, 6)
-        expected = get_sigmas(schedule, 6, parameterization_from_model_sampling(ms))
+        options = presets.SCHEDULER_OPTIONS.get(name, {})
+        expected = get_sigmas(schedule, 6, parameterization_from_model_sampling(ms), **options)
         torch.testing.assert_close(sigmas, expected, rtol=0, atol=0)
         assert sigmas.shape == (7,) and sigmas[-1] == 0
+
+
+def test_window_preset_is_the_few_step_window(env):
+    """fewstep_window is logsnr_window with the few-step preset's options, not its defaults."""
+    samplers, _, presets = env
+    import comfy.model_sampling as cms
+    from comfyui_fewstep.nodes._comfy_sampling import parameterization_from_model_sampling
+    from comfyui_fewstep.samplers.schedules import FEWSTEP_WINDOW, get_sigmas_logsnr_window
+
+    presets.register_ksampler_presets()
+    ms = type("EpsSampling", (cms.ModelSamplingDiscrete, cms.EPS), {})()
+    p = parameterization_from_model_sampling(ms)
+    sigmas = samplers.calculate_sigmas(ms, presets.PREFIX + "window", 6)
+    torch.testing.assert_close(sigmas, get_sigmas_logsnr_window(6, p, **FEWSTEP_WINDOW), rtol=0, atol=0)
+    assert not torch.equal(sigmas, get_sigmas_logsnr_window(6, p))
 
 
 def test_a_foreign_name_is_never_shadowed(env, monkeypatch):
