@@ -40,6 +40,9 @@ from _harness import (  # noqa: E402
 )
 from _tier2 import make_teacher_problem  # noqa: E402
 
+import_package()
+from comfyui_fewstep.samplers.schedules import FEWSTEP_WINDOW  # noqa: E402
+
 NFES = (4, 5, 6, 8, 10, 15, 20)
 TARGET_NFES = (5, 6, 8, 10)  # where the 0.5x target is checked
 TARGET_RATIO = 0.5
@@ -59,6 +62,11 @@ class Preset:
     schedule: str
     options: dict[str, Any] = field(default_factory=dict)
     schedule_options: dict[str, Any] = field(default_factory=dict)
+    schedule_label: str = ""  # the name shown for the schedule with its options (default: its name)
+
+    @property
+    def schedule_name(self) -> str:
+        return self.schedule_label or self.schedule
 
 
 PRESETS: tuple[Preset, ...] = (
@@ -94,6 +102,10 @@ PRESETS: tuple[Preset, ...] = (
             ("4M+UniC(bh2)+final4", 4, "logsnr_uniform"),
         )
     ),
+    # the few-step preset: the same on its own window (samplers.schedules.FEWSTEP_WINDOW; the
+    # KSampler scheduler fewstep_window, the NFE Plan's dpmpp_2m_fast)
+    Preset("2M+UniC(bh2)+final4", "multistep", "logsnr_window",
+           {"order": 2, "corrector": "bh2", "final_order": 4}, FEWSTEP_WINDOW, "fewstep_window"),
 )
 #: our multistep presets also run on every ComfyUI scheduler when ComfyUI is available
 COMFY_SCHEDULE_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -107,7 +119,7 @@ COMFY_SCHEDULE_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 #: the preset fixed in advance (chosen on held-out mixtures with ``bench/_tune.py``, not on the
 #: benchmark's problems); the target is also checked for it alone
-RECOMMENDED = ("2M+UniC(bh2)+final4", "logsnr_window")
+RECOMMENDED = ("2M+UniC(bh2)+final4", "fewstep_window")
 QUICK_PROBLEMS = (("sd15", "gmm16"), ("flow_shift3", "gmm16"))
 FULL_PROBLEMS = (("sd15", "gmm16"), ("edm", "gmm16"), ("flow_shift1", "gmm16"), ("flow_shift3", "gmm16"))
 QUICK_COMFY_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_3m_sde(eta=0)", "uni_pc", "ipndm_v", "deis")
@@ -162,7 +174,7 @@ class Bench:
                                               disable=True, **preset.options)
                     return self.singlestep(model, x, sigmas, parameterization=p, orders=orders, disable=True)
 
-                self._record(problem, "ours", preset.label, preset.schedule, nfe, run)
+                self._record(problem, "ours", preset.label, preset.schedule_name, nfe, run)
 
     def run_presets_on_comfy_schedules(self, problem, comfy, schedulers) -> None:
         """Our multistep presets on ComfyUI's schedulers (a SIGMAS input works with any schedule)."""
