@@ -20,7 +20,7 @@ from torch import Tensor
 from ..samplers.budget import steps_for_nfe
 from ..samplers.multistep import sample_dpmpp_multistep
 from ..samplers.parameterization import Parameterization
-from ..samplers.schedules import get_sigmas
+from ..samplers.schedules import FEWSTEP_WINDOW, get_sigmas
 from ..samplers.singlestep import sample_dpmpp_singlestep
 from .baselines import heun_steps_for_nfe, sample_euler, sample_heun
 
@@ -40,6 +40,8 @@ class Preset:
     baseline: bool = False
     schedule: str | None = None
     """A schedule of the preset's own; ``None`` uses the run's schedule."""
+    schedule_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the preset's own schedule."""
 
 
 PRESETS: tuple[Preset, ...] = (
@@ -50,14 +52,16 @@ PRESETS: tuple[Preset, ...] = (
     Preset("dpmpp_3m", "multistep", order=3),
     Preset("dpmpp_3m_unipc", "multistep", order=3, options={"corrector": "bh2"}),
     Preset("dpmpp_3s", "singlestep", order=3),
-    # the pack's few-step preset: 2M + UniC on the windowed log-SNR schedule (docs/benchmarks.md)
-    Preset("fewstep_2m_unipc", "multistep", order=2, options={"corrector": "bh2"}, schedule="logsnr_window"),
+    # the pack's few-step preset: 2M + UniC with the Adams last step on the few-step log-SNR
+    # window (docs/benchmarks.md; the NFE Plan's dpmpp_2m_fast)
+    Preset("fewstep_2m_unipc", "multistep", order=2, options={"corrector": "bh2", "final_order": 4},
+           schedule="logsnr_window", schedule_options=FEWSTEP_WINDOW),
 )
 PRESET_NAMES: tuple[str, ...] = tuple(p.name for p in PRESETS)
 
 
-def _sigmas(steps: int, schedule: str, parameterization: Parameterization) -> Tensor:
-    return get_sigmas(schedule, steps, parameterization)
+def _sigmas(steps: int, schedule: str, parameterization: Parameterization, **options: Any) -> Tensor:
+    return get_sigmas(schedule, steps, parameterization, **options)
 
 
 def run_preset(
@@ -74,6 +78,7 @@ def run_preset(
     so an even budget leaves one call unused).
     """
     calls = 0
+    options = preset.schedule_options if preset.schedule else {}
     schedule = preset.schedule or schedule
 
     def counted(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
@@ -82,12 +87,12 @@ def run_preset(
         return model(x, sigma, **kwargs)
 
     if preset.kind == "heun":
-        sigmas = _sigmas(heun_steps_for_nfe(nfe), schedule, parameterization)
+        sigmas = _sigmas(heun_steps_for_nfe(nfe), schedule, parameterization, **options)
     elif preset.kind == "singlestep":
         orders = list(steps_for_nfe("singlestep", nfe, preset.order).orders)
-        sigmas = _sigmas(len(orders), schedule, parameterization)
+        sigmas = _sigmas(len(orders), schedule, parameterization, **options)
     else:
-        sigmas = _sigmas(nfe, schedule, parameterization)
+        sigmas = _sigmas(nfe, schedule, parameterization, **options)
     x = noise * float(sigmas[0])
     with torch.no_grad():
         if preset.kind == "euler":
