@@ -330,8 +330,9 @@ def _with_pure_noise_correction(
     ``D - D_0 = C z e^lambda + O(e^(2 lambda))`` (Tweedie's formula at low SNR, with ``x / sigma ->
     z``), so with ``D - D_0 = (D_1 - D_0) e^(lambda - lambda_1)`` the integral is exact to that
     order and adds ``alpha_1 (D_1 - D_0) / 2``: ``x_1 = sigma_1 x_0 + alpha_1 (D_0 + D_1) / 2``. A
-    Gaussian's remaining error is ``C / (C + sigma_bar_1^2)`` times the uncorrected one. Like UniC
-    it reuses the model call at ``x_1`` (no extra NFE).
+    Gaussian's remaining error is ``C / (C + sigma_bar_1^2)`` times the uncorrected one. It is the
+    ``h -> inf`` limit of UniC-bh2's correction of a first-order step, ``alpha_1 (1 - e^(-h))
+    (D_1 - D_0) / 2``, and like UniC it reuses the model call at ``x_1`` (no extra NFE).
     """
     alpha_1 = p.alpha(prev.sigma_next)
     corrector_m = (0.5 * alpha_1, 0.5 * alpha_1)  # weights of m_1 (new) and m_0
