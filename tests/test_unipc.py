@@ -273,3 +273,12 @@ def test_pure_noise_correction_only_for_data_prediction_from_sigma_one():
     assert len(ve[1].corrector_m) == 2 and ve[1].corrector_m != pytest.approx((0.5, 0.5))  # UniC's own
     noise = plan_multistep([1.0, 0.8, 0.5, 0.2, 0.0], FLOW, order=2, corrector="bh2", algorithm="dpmsolver")
     assert noise[1].corrector_m == ()  # noise prediction: not derived, not applied
+
+
+def test_pure_noise_correction_is_the_limit_of_the_bh2_correction():
+    """From sigma = 1 - 1e-9 (a finite but huge first step) UniC-bh2's weights approach those
+    used from sigma = 1, so a schedule that starts just below 1 samples like one that starts at 1."""
+    near = plan_multistep([1.0 - 1e-9, 0.8, 0.5, 0.2, 0.0], FLOW, order=2, corrector="bh2")
+    exact = plan_multistep([1.0, 0.8, 0.5, 0.2, 0.0], FLOW, order=2, corrector="bh2")
+    assert near[1].corrector_m == pytest.approx(exact[1].corrector_m, rel=1e-6)
+    assert near[1].corrector_x == pytest.approx(exact[1].corrector_x, rel=1e-6)
