@@ -14,9 +14,10 @@ sample two other distributions of the same sigma range with the result, never ca
 
 Each target is scored on 256 trajectories against its exact ODE solution, next to the same
 preset calibrated on the target itself ("native") and our fixed few-step preset (2M+UniC(bh2)
-on ``logsnr_window``). The fitted solver with a mean first step (its first prediction is the
-calibration distribution's mean, so it is the most specific to what it was calibrated on) is
-carried over and calibrated natively the same way. So is ``2M fitted`` with the end-to-end
+with the Adams last step on ``fewstep_window``, :data:`samplers.schedules.FEWSTEP_WINDOW`). The
+fitted solver with a mean first step (its first prediction is the calibration distribution's
+mean, so it is the most specific to what it was calibrated on) is carried over and calibrated
+natively the same way. So is ``2M fitted`` with the end-to-end
 refinement (``refine_iterations``), which fits the calibration seeds more closely: does that
 carry over? Cells: median per-sample RMS error / mode-flip rate.
 """
@@ -101,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 native = calibrate(prob.mixture, nfe, specs["2M fitted"])
                 native_mean = calibrate(prob.mixture, nfe, specs["mean first"])
-                sigmas = schedules.get_sigmas("logsnr_window", nfe, p).to(torch.float64)
+                sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
                 fixed = sample_dpmpp_multistep(
-                    analytic.CountingDenoiser(prob.mixture, rng.form), prob.x_start.clone(), sigmas,
-                    parameterization=p, order=2, corrector="bh2", resume_history=False, disable=True,
+                    analytic.CountingDenoiser(prob.mixture, rng.form), prob.x_start.clone(),
+                    sigmas.to(torch.float64), parameterization=p, order=2, corrector="bh2", final_order=4,
+                    resume_history=False, disable=True,
                 )
                 rows.append((range_name, nfe, name, score(specs["2M fitted"], carried["2M fitted"]),
                              score(specs["2M fitted"], native), score(specs["2M"], carried["2M"]),
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
               "Cells: median error / mode-flip rate."),
              "",
              "| range | NFE | target | 2M fitted, carried over | 2M fitted, calibrated on the target | "
-             "carried / native | 2M schedule only, carried over | fixed 2M+UniC(bh2) / logsnr_window | "
+             "carried / native | 2M schedule only, carried over | "
+             "fixed 2M+UniC(bh2)+final4 / fewstep_window | "
              "fixed / carried fitted | mean first step, carried over | mean first step, native | "
              "carried / native | 2M fitted, refined, carried over | refined / unrefined, carried |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
