@@ -426,3 +426,59 @@ def test_adaptive_tolerances_reach_the_solver(api, tiny_comfy_model, tiny_comfy_
         assert torch.isfinite(x).all()
         calls[tol] = unet_counter.calls - before
     assert calls[0.002] > calls[0.05] >= 3
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
+def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_comfy_conds, unet_counter,
+                                                    flow):
+    """2M + UniC + the Adams last step on the few-step window, through SamplerCustomAdvanced with
+    cfg 2: one network pass per call and guidance branch, no extra call for the last step, and a
+    result that is not the last prediction (the last step integrates instead of returning it)."""
+    import comfy.model_sampling as cms
+
+    model = tiny_comfy_model.clone()
+    if flow:
+        sampling = type("FlowSampling", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})()
+        sampling.set_parameters(shift=3.0)
+        model.add_object_patch("model_sampling", sampling)
+    model.set_model_unet_function_wrapper(unet_counter)
+    sigmas = api["schedule_nodes"].FewStepSchedule.execute(
+        model, "logsnr_window", 6, 1.0, lambda_start=-2.0, sigma_end=0.03).result[0]
+    custom = api["custom"]
+    with torch.inference_mode():
+        out = custom.SamplerCustomAdvanced().sample(
+            custom.Noise_RandomNoise(7),
+            _guider(api, model, tiny_comfy_conds, 2.0),
+            _sampler(api, corrector="bh2", final_order=4),
+            sigmas,
+            {"samples": torch.zeros(LATENT)},
+        )
+    samples, denoised = out[0]["samples"], out[1]["samples"]
+    assert torch.isfinite(samples).all()
+    assert unet_counter.calls == 6  # cond and uncond are batched into one pass per call
+    assert (samples - denoised).abs().max() > 1e-4
+
+
+def test_denoise_mask_keeps_the_unmasked_latent_with_the_adams_last_step(api, tiny_comfy_model,
+                                                                         tiny_comfy_conds):
+    """The kept region is the source latent exactly as with the first-order last step (which
+    returns ComfyUI's masked prediction); only the repainted region differs."""
+    latent = torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :, :4] = 1.0
+    outs = {}
+    for final_order in (1, 4):
+        with torch.inference_mode():
+            outs[final_order] = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0).sample(
+                _noise(),
+                latent,
+                _sampler(api, corrector="bh2", final_order=final_order),
+                _sigmas(api, tiny_comfy_model, steps=6, denoise=0.8),
+                denoise_mask=mask,
+                disable_pbar=True,
+                seed=0,
+            )
+    torch.testing.assert_close(outs[4][..., 4:], outs[1][..., 4:], rtol=0, atol=0)
+    torch.testing.assert_close(outs[4][..., 4:], latent[..., 4:], rtol=1e-6, atol=1e-6)
+    assert (outs[4][..., :4] - outs[1][..., :4]).abs().max() > 1e-4
+    assert (outs[4][..., :4] - latent[..., :4]).abs().max() > 1e-2
