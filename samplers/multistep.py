@@ -13,7 +13,9 @@ NFE: one model call per step. With ``final_step="zero"`` and sigmas ending in 0 
 ``len(sigmas) - 1`` steps makes ``len(sigmas) - 1`` calls, the last step returning the (corrected)
 data prediction exactly, as ComfyUI's samplers do. With ``final_step="sigma_min"`` the trailing 0
 is ignored: the run stops at the last non-zero sigma after ``len(sigmas) - 2`` calls (the official
-DPM-Solver accounting: N calls for N steps, no final denoise). The UniC corrector adds no calls.
+DPM-Solver accounting: N calls for N steps, no final denoise). The UniC corrector adds no calls,
+nor does ``final_order > 1``, which takes the step to 0 as an Adams-Bashforth step in VE sigma
+(:mod:`.final_adams`) instead of returning the data prediction.
 
 Configured as ``order=2, solver_type="midpoint", lower_order_final=False, eta=0`` in VE form this is
 k-diffusion's / ComfyUI's ``dpmpp_2m``; ``order=3, solver_type="heun", lower_order_final=False,
@@ -48,7 +50,6 @@ from ._coefficients import (
     ThirdOrder,
     plan_multistep,
 )
-from .final_adams import MAX_FINAL_ORDER, FinalAdamsStep
 from ._loop import (
     Denoiser,
     ModelEvaluator,
@@ -59,6 +60,7 @@ from ._loop import (
     progress,
     sigma_list,
 )
+from .final_adams import MAX_FINAL_ORDER, FinalAdamsStep
 from .noise import PerSampleNoiseSampler
 from .parameterization import Parameterization
 from .unipc import CORRECTOR_VARIANTS, CorrectorVariant
