@@ -59,6 +59,7 @@ _DPM_WIDGETS = (
     "third_order",
     "atol",
     "rtol",
+    "final_order",
 )
 _SCHEDULE_WIDGETS = (
     "schedule",
@@ -70,6 +71,8 @@ _SCHEDULE_WIDGETS = (
     "custom_sigmas",
     "sigma_min",
     "sigma_max",
+    "lambda_start",
+    "sigma_end",
 )
 
 NODES: dict[str, NodeSpec] = {
@@ -355,6 +358,7 @@ def _dpm_widgets(**overrides: Any) -> dict[str, Any]:
         "third_order": "taylor",
         "atol": 0.0078,
         "rtol": 0.05,
+        "final_order": 1,
     }
     widgets.update(overrides)
     return widgets
@@ -371,6 +375,8 @@ def _schedule_widgets(schedule: str = "logsnr_uniform", steps: int = 8) -> dict[
         "custom_sigmas": "",
         "sigma_min": 0.0,
         "sigma_max": 0.0,
+        "lambda_start": 0.0,
+        "sigma_end": 0.0,
     }
 
 
@@ -477,7 +483,9 @@ def dpm_solver_custom_sampler() -> Workflow:
         "**FewStep DPM-Solver++ Sampler** sets the solver (multistep 2M here; order 3 for low cfg, "
         "`singlestep` for 2S/3S, `adaptive` for error-controlled steps). **FewStep Schedule** computes "
         "the noise levels from the model's own schedule: `logsnr_uniform` is the paper's choice for few "
-        "steps. Each multistep step is one model call.",
+        "steps. Each multistep step is one model call. For 5-10 steps, the pack's few-step preset: "
+        "`corrector` bh2 and `final_order` 4 in the sampler, `logsnr_window` with `lambda_start` -2 and "
+        "`sigma_end` 0.03 in the schedule (or the NFE Plan node's `dpmpp_2m_fast`).",
     )
     return wf
 
