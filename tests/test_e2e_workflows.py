@@ -165,6 +165,8 @@ def _saved_images(output_dir: Path, prompt: dict, history: dict) -> dict[str, li
 CUDA_GRAPH_OFF = "fewstep_cuda_graph enable=False"
 MEAN_START = "fewstep_calibrated_steps preset=dpmpp_2m_fitted_mean_start"
 REFINED = "fewstep_calibrated_steps refine_iterations=1"
+FEWSTEP_NODES = "fewstep_dpm_solver_custom_sampler few-step preset"
+FEWSTEP_KSAMPLER = "fewstep_cuda_graph fewstep_dpmpp_2m_fast / fewstep_window"
 
 
 def _loaders(prompt: dict) -> list:
@@ -190,6 +192,17 @@ def _prompts(checkpoint_name: str):
             assert off[graph]["inputs"]["enable"] is True
             off[graph]["inputs"]["enable"] = False
             yield CUDA_GRAPH_OFF, off, False
+            fast = copy.deepcopy(prompt)
+            (ksampler,) = [n for n in fast.values() if n["class_type"] == "KSampler"]
+            ksampler["inputs"].update(sampler_name="fewstep_dpmpp_2m_fast", scheduler="fewstep_window")
+            yield FEWSTEP_KSAMPLER, fast, False
+        if path.stem == "fewstep_dpm_solver_custom_sampler":
+            fast = copy.deepcopy(prompt)
+            (sampler,) = [n for n in fast.values() if n["class_type"] == "FewStepDPMSolverSampler"]
+            sampler["inputs"].update(corrector="bh2", final_order=4)
+            (schedule,) = [n for n in fast.values() if n["class_type"] == "FewStepSchedule"]
+            schedule["inputs"].update(schedule="logsnr_window", lambda_start=-2.0, sigma_end=0.03)
+            yield FEWSTEP_NODES, fast, False
         if path.stem == "fewstep_calibrated_steps":
             mean = copy.deepcopy(prompt)
             (node,) = [n for n in mean.values() if n["class_type"] == "FewStepCalibrateSchedule"]
@@ -344,6 +357,22 @@ def test_ksampler_preset_is_the_sampler_node_on_the_same_settings(runs):
     (a,) = [a for group in preset_images.values() for a in group]
     (b,) = [b for group in custom_images.values() for b in group]
     assert (a == b).all()
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_few_step_preset_runs_and_its_ksampler_names_give_the_same_image(runs):
+    """The few-step preset set on the nodes (corrector bh2, final_order 4, the few-step window) and
+    by KSampler's fewstep_dpmpp_2m_fast / fewstep_window on the same settings: real images, the
+    same for both, and not the plain 2M image."""
+    _, _, node_images, log = _successful_run(runs, FEWSTEP_NODES)
+    _, _, ksampler_images, _ = _successful_run(runs, FEWSTEP_KSAMPLER)
+    _, _, plain_images, _ = _successful_run(runs, "fewstep_dpm_solver_custom_sampler")
+    assert "Traceback" not in log
+    (a,) = [a for group in node_images.values() for a in group]
+    (b,) = [b for group in ksampler_images.values() for b in group]
+    (c,) = [c for group in plain_images.values() for c in group]
+    assert a.std() > 5.0 and (a == b).all() and (a != c).any()
 
 
 # ------------------------------------------------------------------------------------ UI format
