@@ -284,7 +284,7 @@ def sample_dpmpp_multistep(
             x = _combine([(c.corrector_x, x_prev), *zip(c.corrector_m, outputs)])
         emit_callback(callback, i, x, c.sigma, denoised, sigmas)
         x_prev = x
-        if final is not None:
+        if final is not None and i >= n_steps - final_order:  # only the calls the last step uses
             final.record(x, denoised, c.sigma)
             if i == n_steps - 1:
                 x = evaluate.finish(final.step(x, denoised, c.sigma), denoised, c.sigma)
