@@ -23,22 +23,32 @@ over). With ``u_j = sigma_bar_j / sigma_s`` the weights are ``w_j = sigma_s omeg
 step needs no model call. For ``k = 1`` it is the usual ``x_bar(0) = D_s``; a constant ``eps``
 (a region whose prediction does not change, such as the kept region of an inpainting mask) is
 integrated exactly at every order.
+
+With ``weights="gaussian"`` the same step uses the weights of :mod:`.final_gaussian` instead,
+fitted to the curve the noise prediction follows on Gaussian data of every scale above the
+schedule's end (better at 5-10 steps, where the last call sits near the data's finest scale).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 
+from .final_gaussian import final_gaussian_weights
 from .parameterization import Parameterization
 from .unipc import solve_linear
 
-__all__ = ["MAX_FINAL_ORDER", "FinalAdamsStep", "final_adams_weights"]
+__all__ = ["FINAL_WEIGHTS", "MAX_FINAL_ORDER", "FinalAdamsStep", "FinalWeights", "final_adams_weights"]
 
 #: highest order of the last step (four model calls: the benchmark's best on held-out problems)
 MAX_FINAL_ORDER = 4
+
+FinalWeights = Literal["adams", "gaussian"]
+#: the last step's weights: Adams-Bashforth (this module) or fitted to Gaussian data (:mod:`.final_gaussian`)
+FINAL_WEIGHTS: tuple[str, ...] = get_args(FinalWeights)
 
 
 def final_adams_weights(sigma_bars: Sequence[float]) -> tuple[float, ...]:
@@ -71,10 +81,13 @@ class FinalAdamsStep:
     call at a flow model's ``sigma = 1`` (``alpha = 0``, infinite VE sigma) is not used.
     """
 
-    def __init__(self, order: int, parameterization: Parameterization) -> None:
+    def __init__(self, order: int, parameterization: Parameterization, weights: FinalWeights = "adams") -> None:
         if isinstance(order, bool) or order not in range(1, MAX_FINAL_ORDER + 1):
             raise ValueError(f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {order!r}")
+        if weights not in FINAL_WEIGHTS:
+            raise ValueError(f"final_weights must be one of {FINAL_WEIGHTS}, got {weights!r}")
         self.order = order
+        self.weights = weights
         self.p = parameterization
         self.sigma_bars: list[float] = []  # newest first
         self.eps: list[torch.Tensor] = []
@@ -98,7 +111,8 @@ class FinalAdamsStep:
         alpha = self.p.alpha(sigma)
         if not self.sigma_bars or alpha <= 0.0 or self.sigma_bars[0] != sigma / alpha:
             return denoised
-        weights = final_adams_weights(self.sigma_bars)
+        rule = final_gaussian_weights if self.weights == "gaussian" else final_adams_weights
+        weights = rule(self.sigma_bars)
         out = x.to(self.eps[0].dtype) / alpha
         for w, eps in zip(weights, self.eps):
             out.sub_(eps, alpha=w)

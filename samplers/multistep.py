@@ -15,7 +15,8 @@ data prediction exactly, as ComfyUI's samplers do. With ``final_step="sigma_min"
 is ignored: the run stops at the last non-zero sigma after ``len(sigmas) - 2`` calls (the official
 DPM-Solver accounting: N calls for N steps, no final denoise). The UniC corrector adds no calls,
 nor does ``final_order > 1``, which takes the step to 0 as an Adams-Bashforth step in VE sigma
-(:mod:`.final_adams`) instead of returning the data prediction.
+(:mod:`.final_adams`), or with weights fitted to Gaussian data (``final_weights="gaussian"``,
+:mod:`.final_gaussian`), instead of returning the data prediction.
 
 Configured as ``order=2, solver_type="midpoint", lower_order_final=False, eta=0`` in VE form this is
 k-diffusion's / ComfyUI's ``dpmpp_2m``; ``order=3, solver_type="heun", lower_order_final=False,
@@ -60,7 +61,7 @@ from ._loop import (
     progress,
     sigma_list,
 )
-from .final_adams import MAX_FINAL_ORDER, FinalAdamsStep
+from .final_adams import FINAL_WEIGHTS, MAX_FINAL_ORDER, FinalAdamsStep, FinalWeights
 from .noise import PerSampleNoiseSampler
 from .parameterization import Parameterization
 from .unipc import CORRECTOR_VARIANTS, CorrectorVariant
@@ -104,6 +105,7 @@ def _validate(
     s_noise: float,
     lower_order_final_steps: int,
     final_order: int = 1,
+    final_weights: str = "adams",
 ) -> None:
     if isinstance(final_order, bool) or final_order not in range(1, MAX_FINAL_ORDER + 1):
         raise ValueError(f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {final_order!r}")
@@ -115,6 +117,7 @@ def _validate(
         ("final_step", final_step, FINAL_STEPS),
         ("corrector", corrector, CORRECTOR_VARIANTS),
         ("third_order", third_order, tuple(THIRD_ORDER_WEIGHTS)),
+        ("final_weights", final_weights, FINAL_WEIGHTS),
     ):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -174,6 +177,7 @@ def sample_dpmpp_multistep(
     euler_at_final: bool = False,
     final_step: FinalStep = "zero",
     final_order: int = 1,
+    final_weights: FinalWeights = "adams",
     eta: float = 0.0,
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
@@ -210,6 +214,10 @@ def sample_dpmpp_multistep(
             noise prediction in VE sigma through the last ``final_order`` model calls of this run
             (:mod:`.final_adams`; no extra call, ``eta=0`` only). The x0 correction, when given, is
             applied to its result as to a data prediction.
+        final_weights: the weights of that last step for ``final_order >= 3``: ``adams``
+            (exact when the noise prediction is a polynomial in sigma) or ``gaussian`` (fitted to
+            the noise prediction of Gaussian data of every scale above the schedule's end; more
+            accurate at 5-10 steps, :mod:`.final_gaussian`). Orders 1 and 2 are the same with both.
         eta: stochasticity of SDE-DPM-Solver++ (0: ODE; 1: the paper's SDE solver, whose first
             order is the DDPM ancestral step). ``s_noise`` scales the injected noise.
         noise_sampler: ``(sigma, sigma_next) -> noise``; default
@@ -233,7 +241,7 @@ def sample_dpmpp_multistep(
         non-zero sigma.
     """
     _validate(order, solver_type, algorithm, final_step, corrector, third_order, eta, s_noise,
-              lower_order_final_steps, final_order)
+              lower_order_final_steps, final_order, final_weights)
     p = _VE_DEFAULT if parameterization is None else parameterization
     if not isinstance(p, Parameterization):
         raise TypeError(f"parameterization must be a Parameterization or None, got {type(p).__name__}")
@@ -273,7 +281,7 @@ def sample_dpmpp_multistep(
     depth = order + 1 if corrector != "none" else order
     x_prev = carried.x_prev if resumed_step is not None else x
     # the step to sigma 0 at higher order (Adams-Bashforth in VE sigma) when asked for
-    final = FinalAdamsStep(final_order, p) if final_order > 1 and points[-1] == 0.0 else None
+    final = FinalAdamsStep(final_order, p, final_weights) if final_order > 1 and points[-1] == 0.0 else None
     for i in progress(n_steps, disable):
         c = plan[i]
         denoised = evaluate(x, c.sigma, i)

@@ -141,7 +141,8 @@ def _inpaint_model(mixture, form, latent, mask):
     return model
 
 
-def test_kept_region_of_an_inpainting_mask_stays_exact():
+@pytest.mark.parametrize("final_weights", ["adams", "gaussian"])
+def test_kept_region_of_an_inpainting_mask_stays_exact(final_weights):
     rng, mixture, x, _ = _mixture("edm", n=8)
     p = rng.parameterization()
     latent = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
@@ -149,7 +150,8 @@ def test_kept_region_of_an_inpainting_mask_stays_exact():
     model = _inpaint_model(mixture, rng.form, latent, mask)
     sigmas = schedules.get_sigmas("logsnr_window", 6, p)
     out = sample_dpmpp_multistep(model, x.float(), sigmas, extra_args={"denoise_mask": mask},
-                                 parameterization=p, order=2, corrector="bh2", final_order=4, disable=True)
+                                 parameterization=p, order=2, corrector="bh2", final_order=4,
+                                 final_weights=final_weights, disable=True)
     assert torch.equal(out[mask == 0], latent[mask == 0])
     plain = sample_dpmpp_multistep(model, x.float(), sigmas, extra_args={"denoise_mask": mask},
                                    parameterization=p, order=2, corrector="bh2", disable=True)
@@ -166,13 +168,15 @@ def test_x0_correction_applies_to_the_result():
     assert float(out.abs().max()) <= 0.25
 
 
-def test_flow_run_from_sigma_one_is_finite_and_uses_no_extra_call():
+@pytest.mark.parametrize("final_weights", ["adams", "gaussian"])
+def test_flow_run_from_sigma_one_is_finite_and_uses_no_extra_call(final_weights):
     rng, mixture, x, reference = _mixture("flow_shift1", n=16)
     p = rng.parameterization()
     sigmas = schedules.get_sigmas("logsnr_window", 4, p)
     assert float(sigmas[0]) == 1.0
     model = analytic.CountingDenoiser(mixture, rng.form)
-    out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, final_order=4, disable=True)
+    out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, final_order=4,
+                                 final_weights=final_weights, disable=True)
     assert model.nfe == 4 and bool(torch.isfinite(out).all())
 
 
@@ -183,6 +187,7 @@ def test_flow_run_from_sigma_one_is_finite_and_uses_no_extra_call():
         ({"final_order": 0}, "final_order must be an integer from 1 to 4"),
         ({"final_order": True}, "final_order must be an integer from 1 to 4"),
         ({"final_order": 3, "eta": 1.0}, "needs the deterministic solver"),
+        ({"final_order": 3, "final_weights": "polynomial"}, "final_weights must be one of"),
     ],
 )
 def test_bad_final_orders_are_refused(options, match):
