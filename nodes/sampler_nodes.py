@@ -9,7 +9,7 @@ from ..samplers._coefficients import THIRD_ORDER_WEIGHTS
 from ..samplers.adaptive import ATOL as ADAPTIVE_ATOL
 from ..samplers.adaptive import RTOL as ADAPTIVE_RTOL
 from ..samplers.correction import CORRECTION_KINDS, make_x0_correction
-from ..samplers.final_adams import MAX_FINAL_ORDER
+from ..samplers.final_adams import FINAL_WEIGHTS, MAX_FINAL_ORDER
 from ..samplers.multistep import combination_problem
 from ..samplers.singlestep import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES
 from ..samplers.unipc import CORRECTOR_VARIANTS
@@ -83,10 +83,12 @@ def sampler_options(
     atol: float = ADAPTIVE_ATOL,
     rtol: float = ADAPTIVE_RTOL,
     final_order: int = 1,
+    final_weights: str = "adams",
 ) -> dict[str, Any]:
     """Core sampler keyword options from the node's widgets (each solver keeps those it takes)."""
     return {
         "final_order": int(final_order),
+        "final_weights": final_weights,
         "atol": float(atol),
         "rtol": float(rtol),
         "third_order": third_order,
@@ -249,6 +251,16 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "predictions instead (Adams-Bashforth in sigma, no extra model call): "
                     "more accurate at 5-10 steps; 4 is the few-step preset's. At 15+ steps keep 1: "
                     "there it can amplify a trained model's own error at low noise.",
+                ),
+                io.Combo.Input(
+                    "final_weights",
+                    options=list(FINAL_WEIGHTS),
+                    default="adams",
+                    optional=True,
+                    tooltip="final_order 3-4 only: how the last step weighs the last calls. adams: "
+                    "exact when the noise prediction is a polynomial in sigma. gaussian: fitted to "
+                    "how it bends to 0 below the data's finest scale (Gaussian data of every scale "
+                    "above the schedule's end); more accurate at 5-10 steps; the few-step preset's.",
                 ),
             ],
             outputs=[io.Sampler.Output(tooltip="The configured solver, for SamplerCustom(Advanced).")],

@@ -223,7 +223,8 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, une
     default = api["schedule_nodes"].FewStepSchedule.execute(model, "logsnr_window", 6, 1.0).result[0]
     torch.testing.assert_close(window, fewstep, rtol=0, atol=0)
     assert not torch.equal(window, default)
-    assert plan == "dpmpp_2m_fast: 6 model calls: 6 steps of DPM-Solver++(2M) + UniC-bh2 + Adams last step"
+    assert plan == ("dpmpp_2m_fast: 6 model calls: 6 steps of DPM-Solver++(2M) + UniC-bh2 + order-4 last step "
+                    "(gaussian weights)")
     _, uniform, _ = node.execute(model, "dpmpp_2m_fast", 6, "logsnr_uniform", 1.0).result
     plain = api["schedule_nodes"].FewStepSchedule.execute(model, "logsnr_uniform", 6, 1.0).result[0]
     torch.testing.assert_close(uniform, plain, rtol=0, atol=0)
@@ -428,10 +429,11 @@ def test_adaptive_tolerances_reach_the_solver(api, tiny_comfy_model, tiny_comfy_
     assert calls[0.002] > calls[0.05] >= 3
 
 
+@pytest.mark.parametrize("final_weights", ["adams", "gaussian"])
 @pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
 def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_comfy_conds, unet_counter,
-                                                    flow):
-    """2M + UniC + the Adams last step on the few-step window, through SamplerCustomAdvanced with
+                                                    flow, final_weights):
+    """2M + UniC + the order-4 last step on the few-step window, through SamplerCustomAdvanced with
     cfg 2: one network pass per call and guidance branch, no extra call for the last step, and a
     result that is not the last prediction (the last step integrates instead of returning it)."""
     import comfy.model_sampling as cms
@@ -449,7 +451,7 @@ def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_
         out = custom.SamplerCustomAdvanced().sample(
             custom.Noise_RandomNoise(7),
             _guider(api, model, tiny_comfy_conds, 2.0),
-            _sampler(api, corrector="bh2", final_order=4),
+            _sampler(api, corrector="bh2", final_order=4, final_weights=final_weights),
             sigmas,
             {"samples": torch.zeros(LATENT)},
         )
@@ -462,23 +464,28 @@ def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_
 def test_denoise_mask_keeps_the_unmasked_latent_with_the_adams_last_step(api, tiny_comfy_model,
                                                                          tiny_comfy_conds):
     """The kept region is the source latent exactly as with the first-order last step (which
-    returns ComfyUI's masked prediction); only the repainted region differs."""
+    returns ComfyUI's masked prediction), with either weights of the order-4 last step; only the
+    repainted region differs, and the node's final_weights reaches the sampler."""
     latent = torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :, :4] = 1.0
     outs = {}
-    for final_order in (1, 4):
+    for final_order, final_weights in ((1, "adams"), (4, "adams"), (4, "gaussian")):
         with torch.inference_mode():
-            outs[final_order] = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0).sample(
+            outs[final_order, final_weights] = _guider(api, tiny_comfy_model, tiny_comfy_conds, 2.0).sample(
                 _noise(),
                 latent,
-                _sampler(api, corrector="bh2", final_order=final_order),
+                _sampler(api, corrector="bh2", final_order=final_order, final_weights=final_weights),
                 _sigmas(api, tiny_comfy_model, steps=6, denoise=0.8),
                 denoise_mask=mask,
                 disable_pbar=True,
                 seed=0,
             )
-    torch.testing.assert_close(outs[4][..., 4:], outs[1][..., 4:], rtol=0, atol=0)
-    torch.testing.assert_close(outs[4][..., 4:], latent[..., 4:], rtol=1e-6, atol=1e-6)
-    assert (outs[4][..., :4] - outs[1][..., :4]).abs().max() > 1e-4
-    assert (outs[4][..., :4] - latent[..., :4]).abs().max() > 1e-2
+    first = outs[1, "adams"]
+    for weights in ("adams", "gaussian"):
+        out = outs[4, weights]
+        torch.testing.assert_close(out[..., 4:], first[..., 4:], rtol=0, atol=0)
+        torch.testing.assert_close(out[..., 4:], latent[..., 4:], rtol=1e-6, atol=1e-6)
+        assert (out[..., :4] - first[..., :4]).abs().max() > 1e-4
+        assert (out[..., :4] - latent[..., :4]).abs().max() > 1e-2
+    assert (outs[4, "adams"][..., :4] - outs[4, "gaussian"][..., :4]).abs().max() > 1e-5

@@ -31,6 +31,7 @@ FROZEN_INPUTS = {
         "atol",
         "rtol",
         "final_order",  # appended: older workflows keep their widget order
+        "final_weights",
     ],
     "FewStepSchedule": [
         "model",
@@ -139,6 +140,7 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
         ("corrector", "corrector"),
         ("third_order", "third_order"),
         ("final_order", "final_order"),
+        ("final_weights", "final_weights"),
     ]:
         assert defaults[widget] == params[option].default, widget
 
