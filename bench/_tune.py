@@ -61,6 +61,8 @@ def candidates() -> list[tuple[str, dict[str, Any], str]]:
         "2M+UniC final3": {"order": 2, "corrector": "bh2", "final_order": 3},
         "2M+UniC final2": {"order": 2, "corrector": "bh2", "final_order": 2},
         "3M+UniC final4": {"order": 3, "corrector": "bh2", "final_order": 4},
+        "2M+UniC final4g": {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian"},
+        "2M+UniC final3g": {"order": 2, "corrector": "bh2", "final_order": 3, "final_weights": "gaussian"},
     }
     for label, opts in configs.items():
         for schedule in ("logsnr_uniform", "logsnr_window", "time_uniform", "exponential (ComfyUI)", "kl_optimal (ComfyUI)",
