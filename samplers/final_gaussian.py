@@ -30,7 +30,8 @@ uniform in log-SNR, ``sigma_s / u_1 = sigma_s e^(-h)`` is where the grid would h
 past the last call (the few-step window's ``sigma_end``), and that end is placed at about a third
 of the data's finest scale. ``k = 1`` is the data prediction and ``k = 2`` the Adams-Bashforth
 step (two constraints fix two weights); from ``k = 3`` on the rule differs. The weights depend only
-on the ratios ``u_j`` (float64; the integral by the trapezoid rule over ``log q``).
+on the ratios ``u_j`` (float64; the integral by the trapezoid rule over ``log q``, the constrained
+least squares by QR in the constraints' null space).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from collections.abc import Sequence
 
 import torch
 
-from .unipc import solve_linear
 
 __all__ = ["SCALE_FLOOR", "final_gaussian_weights", "gaussian_family_error"]
 
@@ -93,14 +93,22 @@ def final_gaussian_weights(sigma_bars: Sequence[float], scale_floor: float = SCA
     trapezoid = torch.full_like(y, float(y[1] - y[0]))
     trapezoid[0] = trapezoid[-1] = 0.5 * float(y[1] - y[0])
     g, target = _family(ut, torch.exp(y))
-    gram = (g * trapezoid[:, None]).T @ g
-    rhs = (g * trapezoid[:, None]).T @ target
-    # KKT system of the equality-constrained least squares: [[G, C^T], [C, 0]] [omega; mu] = [b; d]
-    constraints = [[1.0] * k, u]
-    matrix = [gram[i].tolist() + [constraints[0][i], constraints[1][i]] for i in range(k)]
-    matrix += [row + [0.0, 0.0] for row in constraints]
-    solution = solve_linear(matrix, rhs.tolist() + [1.0, 0.5])
-    return tuple(s * w for w in solution[:k])
+    root = trapezoid.sqrt()[:, None]
+    # the constraints C omega = d (a constant and a linear eps exact): omega = omega_p + N z with the
+    # least-norm omega_p and N spanning C's null space; z by least squares on the weighted family
+    # (QR, not the normal equations, which would square the condition number on dense grids)
+    c = torch.stack([torch.ones_like(ut), ut])
+    d = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    omega_p = c.T @ torch.linalg.solve(c @ c.T, d)
+    if k == 2:
+        return tuple(s * float(w) for w in omega_p)
+    q_full, _ = torch.linalg.qr(c.T, mode="complete")
+    null = q_full[:, 2:]
+    design = root * (g @ null)
+    residual = root[:, 0] * (target - g @ omega_p)
+    z = torch.linalg.lstsq(design, residual[:, None]).solution[:, 0]
+    omega = omega_p + null @ z
+    return tuple(s * float(w) for w in omega)
 
 
 def gaussian_family_error(omega: Sequence[float], u: Sequence[float], q: torch.Tensor) -> torch.Tensor:
