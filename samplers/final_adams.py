@@ -31,12 +31,12 @@ schedule's end (better at 5-10 steps, where the last call sits near the data's f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal, get_args
 
 import torch
 
+from ._last_step import sigma_ratios
 from .final_gaussian import final_gaussian_weights
 from .parameterization import Parameterization
 from .unipc import solve_linear
@@ -58,16 +58,8 @@ def final_adams_weights(sigma_bars: Sequence[float]) -> tuple[float, ...]:
     ``sigma_bars[0] = sigma_s``, the others larger and distinct). Solves ``sum_j omega_j u_j^q =
     1 / (q + 1)`` with ``u_j = sigma_bar_j / sigma_s`` (float64) and returns ``sigma_s omega_j``.
     """
-    if not sigma_bars:
-        raise ValueError("final_adams_weights needs at least one sigma")
+    u = sigma_ratios(sigma_bars, "final_adams_weights")
     s = float(sigma_bars[0])
-    if not (s > 0.0 and math.isfinite(s)):
-        raise ValueError(f"final_adams_weights needs a finite positive last sigma, got {s!r}")
-    u = [float(v) / s for v in sigma_bars]
-    if any(not (b > a and math.isfinite(b)) for a, b in zip(u, u[1:])):
-        raise ValueError(
-            f"final_adams_weights needs finite sigmas increasing into the past, got {sigma_bars!r}"
-        )
     k = len(u)
     vandermonde = [[uj**q for uj in u] for q in range(k)]
     moments = [1.0 / (q + 1) for q in range(k)]

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._last_step import sigma_ratios
+
 
 __all__ = ["SCALE_FLOOR", "final_gaussian_weights", "gaussian_family_error"]
 
@@ -59,28 +61,13 @@ def _family(u: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return g, target
 
 
-def _ratios(sigma_bars: Sequence[float]) -> list[float]:
-    """``u_j = sigma_bar_j / sigma_s``, checked: finite, positive, increasing into the past."""
-    if not sigma_bars:
-        raise ValueError("final_gaussian_weights needs at least one sigma")
-    s = float(sigma_bars[0])
-    if not (s > 0.0 and math.isfinite(s)):
-        raise ValueError(f"final_gaussian_weights needs a finite positive last sigma, got {s!r}")
-    u = [float(v) / s for v in sigma_bars]
-    if any(not (b > a and math.isfinite(b)) for a, b in zip(u, u[1:])):
-        raise ValueError(
-            f"final_gaussian_weights needs finite sigmas increasing into the past, got {sigma_bars!r}"
-        )
-    return u
-
-
 def final_gaussian_weights(sigma_bars: Sequence[float], scale_floor: float = SCALE_FLOOR) -> tuple[float, ...]:
     """Weights ``w_j`` of ``eps_j`` in the last step, fitted to the Gaussian family (module docstring).
 
     ``sigma_bars`` are the VE sigmas of the last calls, newest first (``sigma_bars[0] = sigma_s``,
     the others larger and distinct). Returns ``sigma_s omega_j``.
     """
-    u = _ratios(sigma_bars)
+    u = sigma_ratios(sigma_bars, "final_gaussian_weights")
     s = float(sigma_bars[0])
     k = len(u)
     if k == 1:
