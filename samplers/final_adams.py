@@ -73,7 +73,9 @@ class FinalAdamsStep:
     call at a flow model's ``sigma = 1`` (``alpha = 0``, infinite VE sigma) is not used.
     """
 
-    def __init__(self, order: int, parameterization: Parameterization, weights: FinalWeights = "adams") -> None:
+    def __init__(
+        self, order: int, parameterization: Parameterization, weights: FinalWeights = "adams"
+    ) -> None:
         if isinstance(order, bool) or order not in range(1, MAX_FINAL_ORDER + 1):
             raise ValueError(f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {order!r}")
         if weights not in FINAL_WEIGHTS:

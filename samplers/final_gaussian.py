@@ -21,14 +21,18 @@ uniformly in ``log q`` (no preferred scale above it), subject to exactness for a
 linear ``eps`` (so a region whose prediction does not change, such as the kept part of an
 inpainting mask, and data much wider than ``sigma_s``, are integrated exactly):
 
-    minimise  integral_(log q_lo)^inf ( sum_j omega_j u_j / sqrt(q + u_j^2) - (sqrt(1+q) - sqrt(q)) )^2 d log q
+    minimise    integral_(log q_lo)^inf  e(q)^2  d log q,
+                e(q) = sum_j omega_j u_j / sqrt(q + u_j^2) - (sqrt(1 + q) - sqrt(q)),
     subject to  sum_j omega_j = 1,  sum_j omega_j u_j = 1/2.
 
 The rule is linear in the model outputs, so it is the same on every eigen-direction: it does not
 assume isotropic data. The floor is ``sqrt(c_lo) = SCALE_FLOOR sigma_s / u_1``: for a schedule
 uniform in log-SNR, ``sigma_s / u_1 = sigma_s e^(-h)`` is where the grid would have continued
 past the last call (the few-step window's ``sigma_end``), and that end is placed at about a third
-of the data's finest scale. ``k = 1`` is the data prediction and ``k = 2`` the Adams-Bashforth
+of the data's finest scale. So the rule is made for schedules that end near that scale (the
+few-step window, ``logsnr_uniform``, Karras); where the last call sits far above it
+(``time_uniform``), the floor takes the data as wide and the Adams weights can be as good or
+better (``docs/benchmarks.md``). ``k = 1`` is the data prediction and ``k = 2`` the Adams-Bashforth
 step (two constraints fix two weights); from ``k = 3`` on the rule differs. The weights depend only
 on the ratios ``u_j`` (float64; the integral by the trapezoid rule over ``log q``, the constrained
 least squares by QR in the constraints' null space).
@@ -42,7 +46,6 @@ from collections.abc import Sequence
 import torch
 
 from ._last_step import sigma_ratios
-
 
 __all__ = ["SCALE_FLOOR", "final_gaussian_weights", "gaussian_family_error"]
 
@@ -61,7 +64,9 @@ def _family(u: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return g, target
 
 
-def final_gaussian_weights(sigma_bars: Sequence[float], scale_floor: float = SCALE_FLOOR) -> tuple[float, ...]:
+def final_gaussian_weights(
+    sigma_bars: Sequence[float], scale_floor: float = SCALE_FLOOR
+) -> tuple[float, ...]:
     """Weights ``w_j`` of ``eps_j`` in the last step, fitted to the Gaussian family (module docstring).
 
     ``sigma_bars`` are the VE sigmas of the last calls, newest first (``sigma_bars[0] = sigma_s``,
@@ -73,7 +78,9 @@ def final_gaussian_weights(sigma_bars: Sequence[float], scale_floor: float = SCA
     if k == 1:
         return (s,)  # the data prediction
     if not (scale_floor > 0.0 and math.isfinite(scale_floor)):
-        raise ValueError(f"final_gaussian_weights: scale_floor must be a finite number > 0, got {scale_floor!r}")
+        raise ValueError(
+            f"final_gaussian_weights: scale_floor must be a finite number > 0, got {scale_floor!r}"
+        )
     ut = torch.tensor(u, dtype=torch.float64)
     log_q_lo = 2.0 * math.log(scale_floor / u[1])
     y = torch.linspace(log_q_lo, log_q_lo + _SPAN, _POINTS, dtype=torch.float64)

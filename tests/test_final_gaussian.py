@@ -36,8 +36,11 @@ def _objective(omega: list[float], u: list[float], points: int = 40001) -> float
     return float(torch.trapezoid(err**2, y))
 
 
-@pytest.mark.parametrize("nodes", [(0.03, 0.05), (0.03, 0.07, 0.2), (0.029, 0.06, 0.15, 0.4), (0.09, 0.27, 0.8, 2.4),
-                                   tuple(_geometric(0.02, 4))])
+@pytest.mark.parametrize(
+    "nodes",
+    [(0.03, 0.05), (0.03, 0.07, 0.2), (0.029, 0.06, 0.15, 0.4), (0.09, 0.27, 0.8, 2.4),
+     tuple(_geometric(0.02, 4))],
+)
 def test_constant_and_linear_noise_predictions_are_integrated_exactly(nodes):
     w = final_gaussian_weights(nodes)
     s = nodes[0]
@@ -135,8 +138,8 @@ def test_few_step_preset_is_more_accurate_with_the_gaussian_weights(range_name, 
         medians = {}
         for weights in ("adams", "gaussian"):
             model = analytic.CountingDenoiser(mixture, rng.form)
-            out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, order=2, corrector="bh2",
-                                         final_order=4, final_weights=weights, disable=True)
+            out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, order=2,
+                                         corrector="bh2", final_order=4, final_weights=weights, disable=True)
             assert model.nfe == nfe
             medians[weights] = float(analytic.per_sample_rms(out.double(), reference).median())
         ratios[nfe] = medians["gaussian"] / medians["adams"]
