@@ -248,7 +248,7 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     optional=True,
                     tooltip="Multistep, eta 0: order of the last step to sigma 0. 1 returns the last "
                     "prediction (as ComfyUI's samplers do). 2-4 integrate the last calls' noise "
-                    "predictions instead (Adams-Bashforth in sigma, no extra model call): "
+                    "predictions instead (weights set by final_weights, no extra model call): "
                     "more accurate at 5-10 steps; 4 is the few-step preset's. At 15+ steps keep 1: "
                     "there it can amplify a trained model's own error at low noise.",
                 ),

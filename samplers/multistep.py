@@ -139,7 +139,7 @@ def combination_problem(
     the sampler node when the workflow is queued)."""
     if final_order > 1 and eta != 0.0:
         return (
-            f"final_order {final_order} (an Adams-Bashforth last step on the noise prediction) needs the "
+            f"final_order {final_order} (a last step that integrates the noise prediction) needs the "
             f"deterministic solver: with eta={eta!r} fresh noise enters every step, so the noise "
             "prediction is not smooth between calls. Use eta=0, or final_order=1 for SDE sampling."
         )

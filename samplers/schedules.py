@@ -64,8 +64,9 @@ AYS_MODELS: tuple[str, ...] = get_args(AysModel)
 #: ``time_uniform`` is better on flow models than any log-SNR grid (docs/benchmarks.md).
 FLOW_LAMBDA_MIN: float = -3.0
 
-#: ``logsnr_window`` options for the few-step preset (DPM-Solver++(2M) + UniC with the
-#: Adams-Bashforth last step, ``final_order=4``). With an accurate last step the window can end
+#: ``logsnr_window`` options for the few-step preset (DPM-Solver++(2M) + UniC with an order-4
+#: last step, ``final_order=4``; chosen with the Adams weights, kept for the gaussian ones, see
+#: docs/benchmarks.md). With an accurate last step the window can end
 #: higher (its last call at VE sigma 0.03 rather than 0.02) and, with the first step from a flow
 #: model's pure noise corrected, start later (-2 rather than -2.5). Chosen on held-out exact
 #: Gaussian-mixture denoisers (``bench/_tune.py``: SD1.5, EDM and flow shift 1 / 3 ranges, two
