@@ -210,9 +210,9 @@ def sample_dpmpp_multistep(
         final_step: ``zero`` (denoise to sigma 0 when the schedule ends in 0) or ``sigma_min``
             (ignore the trailing 0 and return ``x`` at the last non-zero sigma; no extra call).
         final_order: order of the step to sigma 0 (``final_step="zero"``). 1: return the data
-            prediction (k-diffusion's and ComfyUI's last step). 2-4: an Adams-Bashforth step on the
-            noise prediction in VE sigma through the last ``final_order`` model calls of this run
-            (:mod:`.final_adams`; no extra call, ``eta=0`` only). The x0 correction, when given, is
+            prediction (k-diffusion's and ComfyUI's last step). 2-4: integrate the noise prediction
+            in VE sigma through the last ``final_order`` model calls of this run, with the weights
+            of ``final_weights`` (:mod:`.final_adams`; no extra call, ``eta=0`` only). The x0 correction, when given, is
             applied to its result as to a data prediction.
         final_weights: the weights of that last step for ``final_order >= 3``: ``adams``
             (exact when the noise prediction is a polynomial in sigma) or ``gaussian`` (fitted to
@@ -280,7 +280,7 @@ def sample_dpmpp_multistep(
     # the UniC correction of an order-k step combines k + 1 outputs (the new one included)
     depth = order + 1 if corrector != "none" else order
     x_prev = carried.x_prev if resumed_step is not None else x
-    # the step to sigma 0 at higher order (Adams-Bashforth in VE sigma) when asked for
+    # the step to sigma 0 at higher order (in VE sigma, Adams or gaussian weights) when asked for
     final = FinalAdamsStep(final_order, p, final_weights) if final_order > 1 and points[-1] == 0.0 else None
     for i in progress(n_steps, disable):
         c = plan[i]
