@@ -212,8 +212,8 @@ def sample_dpmpp_multistep(
         final_order: order of the step to sigma 0 (``final_step="zero"``). 1: return the data
             prediction (k-diffusion's and ComfyUI's last step). 2-4: integrate the noise prediction
             in VE sigma through the last ``final_order`` model calls of this run, with the weights
-            of ``final_weights`` (:mod:`.final_adams`; no extra call, ``eta=0`` only). The x0 correction, when given, is
-            applied to its result as to a data prediction.
+            of ``final_weights`` (:mod:`.final_adams`; no extra call, ``eta=0`` only). The x0
+            correction, when given, is applied to its result as to a data prediction.
         final_weights: the weights of that last step for ``final_order >= 3``: ``adams``
             (exact when the noise prediction is a polynomial in sigma) or ``gaussian`` (fitted to
             the noise prediction of Gaussian data of every scale above the schedule's end; more
