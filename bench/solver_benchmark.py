@@ -118,6 +118,13 @@ PRESETS: tuple[Preset, ...] = (
     Preset("2M+UniC(bh2)+final4g", "multistep", "logsnr_window",
            {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian"}, FEWSTEP_WINDOW,
            "fewstep_window"),
+    # its order-3 counterparts on the same window, with either last-step weights
+    *(
+        Preset(label, "multistep", "logsnr_window",
+               {"order": 3, "corrector": "bh2", "final_order": 4, "final_weights": weights}, FEWSTEP_WINDOW,
+               "fewstep_window")
+        for label, weights in (("3M+UniC(bh2)+final4", "adams"), ("3M+UniC(bh2)+final4g", "gaussian"))
+    ),
 )
 #: our multistep presets also run on every ComfyUI scheduler when ComfyUI is available
 COMFY_SCHEDULE_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
