@@ -10,6 +10,7 @@ from ..samplers.adaptive import ATOL as ADAPTIVE_ATOL
 from ..samplers.adaptive import RTOL as ADAPTIVE_RTOL
 from ..samplers.correction import CORRECTION_KINDS, make_x0_correction
 from ..samplers.final_adams import FINAL_WEIGHTS, MAX_FINAL_ORDER
+from ..samplers.flow_step import SECOND_STEPS
 from ..samplers.multistep import combination_problem
 from ..samplers.singlestep import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES
 from ..samplers.unipc import CORRECTOR_VARIANTS
@@ -32,6 +33,7 @@ def check_sampler_options(
     corrector: Any = None,
     prediction: Any = None,
     final_order: Any = None,
+    second_step: Any = None,
 ) -> str | None:
     """Why a combination of widgets cannot run, or None. ``None`` values (linked inputs) pass."""
     if solver is not None and solver not in SOLVER_FAMILIES:
@@ -50,6 +52,8 @@ def check_sampler_options(
         isinstance(final_order, bool) or final_order not in range(1, MAX_FINAL_ORDER + 1)
     ):
         return f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {final_order!r}"
+    if second_step is not None and second_step not in SECOND_STEPS:
+        return f"second_step {second_step!r} is not one of {list(SECOND_STEPS)}"
     if solver in SOLVER_FAMILIES:
         accepted = supported_options(solver)
         if eta is not None and eta > 0.0 and "eta" not in accepted:
@@ -58,9 +62,12 @@ def check_sampler_options(
             return f"the UniC corrector needs the multistep solver, not {solver}; set corrector to none"
         if final_order not in (None, 1) and "final_order" not in accepted:
             return f"final_order > 1 needs the multistep solver, not {solver}; set final_order to 1"
+        if second_step not in (None, "log_snr") and "second_step" not in accepted:
+            return (f"second_step {second_step!r} needs the multistep solver, not {solver}; "
+                    "set second_step to log_snr")
     if solver == "multistep" and None not in (order, eta, corrector, prediction):
         final = 1 if final_order is None else final_order
-        return combination_problem(order, prediction, eta, corrector, final)
+        return combination_problem(order, prediction, eta, corrector, final, second_step or "log_snr")
     return None
 
 
@@ -84,11 +91,13 @@ def sampler_options(
     rtol: float = ADAPTIVE_RTOL,
     final_order: int = 1,
     final_weights: str = "adams",
+    second_step: str = "log_snr",
 ) -> dict[str, Any]:
     """Core sampler keyword options from the node's widgets (each solver keeps those it takes)."""
     return {
         "final_order": int(final_order),
         "final_weights": final_weights,
+        "second_step": second_step,
         "atol": float(atol),
         "rtol": float(rtol),
         "third_order": third_order,
@@ -262,19 +271,31 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "how it bends to 0 below the data's finest scale (Gaussian data of every scale "
                     "above the schedule's end); more accurate at 5-10 steps; the few-step preset's.",
                 ),
+                io.Combo.Input(
+                    "second_step",
+                    options=list(SECOND_STEPS),
+                    default="log_snr",
+                    optional=True,
+                    tooltip="Multistep, eta 0, data prediction: the variable the second step interpolates "
+                    "the prediction in. log_snr: DPM-Solver++. flow: the flow-equivalent time "
+                    "softplus(log-SNR), which follows how the prediction leaves the data mean at high "
+                    "noise, where the sample picks its mode: fewer changes of mode and smaller worst "
+                    "cases at 5-10 steps, no extra model call; the few-step preset's.",
+                ),
             ],
             outputs=[io.Sampler.Output(tooltip="The configured solver, for SamplerCustom(Advanced).")],
         )
 
     @classmethod
     def validate_inputs(cls, solver=None, order=None, eta=None, corrector=None,
-                        prediction=None, final_order=None) -> bool | str:
-        return check_sampler_options(solver, order, eta, corrector, prediction, final_order) or True
+                        prediction=None, final_order=None, second_step=None) -> bool | str:
+        problem = check_sampler_options(solver, order, eta, corrector, prediction, final_order, second_step)
+        return problem or True
 
     @classmethod
     def execute(cls, solver: str, order: int, eta: float, corrector: str, **widgets: Any) -> io.NodeOutput:
         problem = check_sampler_options(solver, order, eta, corrector, widgets.get("prediction"),
-                                        widgets.get("final_order"))
+                                        widgets.get("final_order"), widgets.get("second_step"))
         if problem:
             raise ValueError(problem)
         options = sampler_options(order=order, eta=eta, corrector=corrector, **widgets)

@@ -62,6 +62,7 @@ from ._loop import (
     sigma_list,
 )
 from .final_adams import FINAL_WEIGHTS, MAX_FINAL_ORDER, FinalAdamsStep, FinalWeights
+from .flow_step import SECOND_STEPS, SecondStep, with_flow_second_step
 from .noise import PerSampleNoiseSampler
 from .parameterization import Parameterization
 from .unipc import CORRECTOR_VARIANTS, CorrectorVariant
@@ -106,6 +107,7 @@ def _validate(
     lower_order_final_steps: int,
     final_order: int = 1,
     final_weights: str = "adams",
+    second_step: str = "log_snr",
 ) -> None:
     if isinstance(final_order, bool) or final_order not in range(1, MAX_FINAL_ORDER + 1):
         raise ValueError(f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {final_order!r}")
@@ -118,6 +120,7 @@ def _validate(
         ("corrector", corrector, CORRECTOR_VARIANTS),
         ("third_order", third_order, tuple(THIRD_ORDER_WEIGHTS)),
         ("final_weights", final_weights, FINAL_WEIGHTS),
+        ("second_step", second_step, SECOND_STEPS),
     ):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -127,16 +130,22 @@ def _validate(
         raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
     if lower_order_final_steps < 0:
         raise ValueError(f"lower_order_final_steps must be >= 0, got {lower_order_final_steps!r}")
-    problem = combination_problem(order, algorithm, eta, corrector, final_order)
+    problem = combination_problem(order, algorithm, eta, corrector, final_order, second_step)
     if problem:
         raise ValueError(problem)
 
 
 def combination_problem(
-    order: int, algorithm: str, eta: float, corrector: str, final_order: int = 1
+    order: int, algorithm: str, eta: float, corrector: str, final_order: int = 1, second_step: str = "log_snr"
 ) -> str | None:
     """Why these multistep options cannot run together, or None (checked before sampling, and by
     the sampler node when the workflow is queued)."""
+    if second_step == "flow" and (algorithm != "dpmsolver++" or eta != 0.0):
+        return (
+            "second_step 'flow' (the second step in flow-equivalent coordinates) is implemented for the "
+            f"deterministic data-prediction solver only; got algorithm={algorithm!r}, eta={eta!r}. Use "
+            "'dpmsolver++' with eta=0, or second_step='log_snr'."
+        )
     if final_order > 1 and eta != 0.0:
         return (
             f"final_order {final_order} (a last step that integrates the noise prediction) needs the "
@@ -178,6 +187,7 @@ def sample_dpmpp_multistep(
     final_step: FinalStep = "zero",
     final_order: int = 1,
     final_weights: FinalWeights = "adams",
+    second_step: SecondStep = "log_snr",
     eta: float = 0.0,
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
@@ -218,6 +228,11 @@ def sample_dpmpp_multistep(
             (exact when the noise prediction is a polynomial in sigma) or ``gaussian`` (fitted to
             the noise prediction of Gaussian data of every scale above the schedule's end; more
             accurate at 5-10 steps, :mod:`.final_gaussian`). Orders 1 and 2 are the same with both.
+        second_step: ``log_snr`` (DPM-Solver++) or ``flow``: the second step of a run that starts
+            here (not one resumed from a split schedule), and the UniC correction of its result,
+            interpolate the data prediction in the flow-equivalent time ``softplus(lambda)``
+            instead of ``lambda`` (:mod:`.flow_step`; deterministic data prediction only, runs of
+            three or more steps). Fewer mode changes at 5-10 steps; no extra call.
         eta: stochasticity of SDE-DPM-Solver++ (0: ODE; 1: the paper's SDE solver, whose first
             order is the DDPM ancestral step). ``s_noise`` scales the injected noise.
         noise_sampler: ``(sigma, sigma_next) -> noise``; default
@@ -241,7 +256,7 @@ def sample_dpmpp_multistep(
         non-zero sigma.
     """
     _validate(order, solver_type, algorithm, final_step, corrector, third_order, eta, s_noise,
-              lower_order_final_steps, final_order, final_weights)
+              lower_order_final_steps, final_order, final_weights, second_step)
     p = _VE_DEFAULT if parameterization is None else parameterization
     if not isinstance(p, Parameterization):
         raise TypeError(f"parameterization must be a Parameterization or None, got {type(p).__name__}")
@@ -269,6 +284,12 @@ def sample_dpmpp_multistep(
         third_order=third_order, history_lambdas=history_lambdas,
         steps_before=carried.steps if carried is not None else 0, partial=partial, resumed_step=resumed_step,
     )
+    if second_step == "flow" and carried is None:
+        plan = with_flow_second_step(
+            plan, points, p, order=order, solver_type=solver_type, lower_order_final=lower_order_final,
+            lower_order_final_steps=lower_order_final_steps, euler_at_final=euler_at_final,
+            corrector=corrector, third_order=third_order, partial=partial,
+        )
     if eta > 0.0 and s_noise > 0.0 and noise_sampler is None:
         noise_sampler = PerSampleNoiseSampler(x, (extra_args or {}).get("seed"))
 

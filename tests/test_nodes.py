@@ -181,6 +181,18 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
         ({"solver": "adaptive", "order": 2, "eta": 0.0, "corrector": "none", "final_order": 1}, None),
         ({"solver": "multistep", "order": 2, "eta": 0.0, "corrector": "none", "final_order": 5},
          "final_order must be an integer from 1 to 4"),
+        # the flow second step: multistep, deterministic data prediction only
+        ({"solver": "multistep", "order": 2, "eta": 0.0, "corrector": "bh2", "prediction": "dpmsolver++",
+          "second_step": "flow"}, None),
+        ({"solver": "multistep", "order": 2, "eta": 1.0, "corrector": "none", "prediction": "dpmsolver++",
+          "second_step": "flow"}, "deterministic data-prediction solver only"),
+        ({"solver": "multistep", "order": 2, "eta": 0.0, "corrector": "none", "prediction": "dpmsolver",
+          "second_step": "flow"}, "deterministic data-prediction solver only"),
+        ({"solver": "singlestep", "order": 2, "eta": 0.0, "corrector": "none", "second_step": "flow"},
+         "second_step 'flow' needs the multistep solver"),
+        ({"solver": "adaptive", "order": 2, "eta": 0.0, "corrector": "none", "second_step": "log_snr"}, None),
+        ({"solver": "multistep", "order": 2, "eta": 0.0, "corrector": "none", "second_step": "tau"},
+         "second_step 'tau' is not one of"),
     ],
 )
 def test_sampler_validation_messages(schemas, inputs, message):
