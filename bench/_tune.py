@@ -63,6 +63,8 @@ def candidates() -> list[tuple[str, dict[str, Any], str]]:
         "3M+UniC final4": {"order": 3, "corrector": "bh2", "final_order": 4},
         "2M+UniC final4g": {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian"},
         "2M+UniC final3g": {"order": 2, "corrector": "bh2", "final_order": 3, "final_weights": "gaussian"},
+        "2M+UniC final4g flow2nd": {"order": 2, "corrector": "bh2", "final_order": 4,
+                                    "final_weights": "gaussian", "second_step": "flow"},
     }
     for label, opts in configs.items():
         for schedule in ("logsnr_uniform", "logsnr_window", "time_uniform", "exponential (ComfyUI)", "kl_optimal (ComfyUI)",
