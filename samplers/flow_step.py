@@ -11,15 +11,16 @@ softplus(lambda)`` as its time: it interpolates ``D`` linearly in ``tau`` instea
 what k-diffusion's samplers do on flow models, which ComfyUI hands them with ``sigma_f`` read as a VE
 sigma.
 
-``tau`` behaves as ``e^lambda`` at low SNR and as ``lambda`` at high SNR. That matters for one step of
-a run from pure noise: the second, the first whose interpolant reaches back to the start. The call
-at the start (sigma_max) returns nearly the data mean, and for any data of finite covariance the
-prediction leaves the mean as ``e^lambda`` (Tweedie's formula at low SNR). A line in ``lambda`` from
-that point extrapolates the wrong shape across the step where the sample settles on a mode of the
-data; for a flow model, whose start is at ``lambda = -inf``, DPM-Solver++ drops the point and takes
-that step at first order. A line in ``tau`` follows the low-SNR shape and keeps the start's
-prediction. The later steps, whose calls all lie where ``D`` is smooth in ``lambda``, stay in
-log-SNR: there ``tau`` bends and is worse (measured, ``docs/benchmarks.md``).
+``tau`` behaves as ``e^lambda`` at low SNR and as ``lambda`` at high SNR. That matters for one step of a
+run from the model's ``sigma_max`` (the sampler applies it only there, not to an img2img run that starts
+lower, whose first call is not near the data mean): the second, the first whose interpolant reaches back
+to the start. The call at the start returns nearly the data mean, and for any data of finite covariance
+the prediction leaves the mean as ``e^lambda`` (Tweedie's formula at low SNR). A line in ``lambda`` from
+that point extrapolates the wrong shape across the step where the sample settles on a mode of the data;
+for a flow model, whose start is at ``lambda = -inf``, DPM-Solver++ drops the point and takes that step
+at first order. A line in ``tau`` follows the low-SNR shape and keeps the start's prediction. The later
+steps, whose calls all lie where ``D`` is smooth in ``lambda``, stay in log-SNR: there ``tau`` bends and
+is worse (measured, ``docs/benchmarks.md``).
 
 The step and the UniC correction of its result are the VE-form weights of :func:`.plan_multistep` on
 the flow-equivalent sigmas, mapped back with ``x_f = kappa x``, ``kappa = 1 / (alpha_t + sigma_t)``:

@@ -228,11 +228,12 @@ def sample_dpmpp_multistep(
             (exact when the noise prediction is a polynomial in sigma) or ``gaussian`` (fitted to
             the noise prediction of Gaussian data of every scale above the schedule's end; more
             accurate at 5-10 steps, :mod:`.final_gaussian`). Orders 1 and 2 are the same with both.
-        second_step: ``log_snr`` (DPM-Solver++) or ``flow``: the second step of a run that starts
-            here (not one resumed from a split schedule), and the UniC correction of its result,
-            interpolate the data prediction in the flow-equivalent time ``softplus(lambda)``
-            instead of ``lambda`` (:mod:`.flow_step`; deterministic data prediction only, runs of
-            three or more steps). Fewer mode changes at 5-10 steps; no extra call.
+        second_step: ``log_snr`` (DPM-Solver++) or ``flow``: in a run from the model's
+            ``sigma_max`` (not one resumed from a split schedule, nor an img2img run that starts
+            lower), the second step and the UniC correction of its result interpolate the data
+            prediction in the flow-equivalent time ``softplus(lambda)`` instead of ``lambda``
+            (:mod:`.flow_step`; deterministic data prediction only, runs of three or more steps).
+            Fewer mode changes at 5-10 steps; no extra call.
         eta: stochasticity of SDE-DPM-Solver++ (0: ODE; 1: the paper's SDE solver, whose first
             order is the DDPM ancestral step). ``s_noise`` scales the injected noise.
         noise_sampler: ``(sigma, sigma_next) -> noise``; default
@@ -284,7 +285,8 @@ def sample_dpmpp_multistep(
         third_order=third_order, history_lambdas=history_lambdas,
         steps_before=carried.steps if carried is not None else 0, partial=partial, resumed_step=resumed_step,
     )
-    if second_step == "flow" and carried is None:
+    # a generation from noise: the start call returns nearly the data mean (see .flow_step)
+    if second_step == "flow" and carried is None and points[0] >= p.sigma_max * (1.0 - 1e-3):
         plan = with_flow_second_step(
             plan, points, p, order=order, solver_type=solver_type, lower_order_final=lower_order_final,
             lower_order_final_steps=lower_order_final_steps, euler_at_final=euler_at_final,

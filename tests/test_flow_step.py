@@ -126,6 +126,24 @@ def test_only_the_second_step_and_its_correction_change(p):
     assert with_flow_second_step(short, sigmas[-3:], p, **options) == short
 
 
+def test_a_run_that_starts_below_sigma_max_keeps_the_log_snr_step():
+    """img2img (denoise < 1): the first call is not near the data mean, so the step stays in log-SNR;
+    from sigma_max the same schedule's second step changes."""
+    rng = analytic.RANGE_PRESETS["edm"]
+    mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), 4)
+    p = rng.parameterization()
+    full = schedules.get_sigmas("logsnr_window", 8, p, **schedules.FEWSTEP_WINDOW)
+
+    def run(sigmas: torch.Tensor, second_step: str) -> torch.Tensor:
+        x = mixture.sample(32, float(sigmas[0]), rng.form, generator=torch.Generator().manual_seed(3))
+        return sample_dpmpp_multistep(analytic.CountingDenoiser(mixture, rng.form), x, sigmas, parameterization=p,
+                                      order=2, corrector="bh2", second_step=second_step, disable=True,
+                                      resume_history=False)
+
+    torch.testing.assert_close(run(full[2:], "flow"), run(full[2:], "log_snr"), rtol=0, atol=0)
+    assert not torch.equal(run(full, "flow"), run(full, "log_snr"))
+
+
 def _mixture_run(range_name: str, nfe: int, second_step: str, n: int = 256, mixture_seed: int = 11):
     rng = analytic.RANGE_PRESETS[range_name]
     mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), mixture_seed)

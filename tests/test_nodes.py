@@ -32,6 +32,7 @@ FROZEN_INPUTS = {
         "rtol",
         "final_order",  # appended: older workflows keep their widget order
         "final_weights",
+        "second_step",
     ],
     "FewStepSchedule": [
         "model",
