@@ -461,6 +461,40 @@ def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_
     assert (samples - denoised).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
+def test_flow_second_step_in_real_comfyui(api, tiny_comfy_model, tiny_comfy_conds, unet_counter, flow):
+    """The few-step preset with second_step flow through a CFG guider (cfg 2) on the model's own
+    sigmas: the same model calls as the log-SNR step, a different result, and with a denoise mask
+    (inpainting from full noise) the kept region is the source latent exactly, as with log_snr."""
+    import comfy.model_sampling as cms
+
+    model = tiny_comfy_model.clone()
+    if flow:
+        sampling = type("FlowSampling", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})()
+        sampling.set_parameters(shift=3.0)
+        model.add_object_patch("model_sampling", sampling)
+    model.set_model_unet_function_wrapper(unet_counter)
+    sigmas = api["schedule_nodes"].FewStepSchedule.execute(
+        model, "logsnr_window", 6, 1.0, lambda_start=-2.0, sigma_end=0.03).result[0]
+    latent = torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :, :4] = 1.0
+    outs, masked = {}, {}
+    for second_step in ("log_snr", "flow"):
+        sampler = _sampler(api, corrector="bh2", final_order=4, final_weights="gaussian", second_step=second_step)
+        before = unet_counter.calls
+        with torch.inference_mode():
+            outs[second_step] = _guider(api, model, tiny_comfy_conds, 2.0).sample(
+                _noise(), torch.zeros(LATENT), sampler, sigmas, disable_pbar=True, seed=0)
+            masked[second_step] = _guider(api, model, tiny_comfy_conds, 2.0).sample(
+                _noise(), latent, sampler, sigmas, denoise_mask=mask, disable_pbar=True, seed=0)
+        assert unet_counter.calls - before == 12
+        assert torch.isfinite(outs[second_step]).all()
+        torch.testing.assert_close(masked[second_step][..., 4:], latent[..., 4:], rtol=1e-6, atol=1e-6)
+    assert (outs["flow"] - outs["log_snr"]).abs().max() > 1e-5
+    assert (masked["flow"][..., :4] - masked["log_snr"][..., :4]).abs().max() > 1e-5
+
+
 def test_denoise_mask_keeps_the_unmasked_latent_with_the_adams_last_step(api, tiny_comfy_model,
                                                                          tiny_comfy_conds):
     """The kept region is the source latent exactly as with the first-order last step (which
