@@ -481,7 +481,8 @@ def test_flow_second_step_in_real_comfyui(api, tiny_comfy_model, tiny_comfy_cond
     mask[..., :, :4] = 1.0
     outs, masked = {}, {}
     for second_step in ("log_snr", "flow"):
-        sampler = _sampler(api, corrector="bh2", final_order=4, final_weights="gaussian", second_step=second_step)
+        sampler = _sampler(api, corrector="bh2", final_order=4, final_weights="gaussian",
+                           second_step=second_step)
         before = unet_counter.calls
         with torch.inference_mode():
             outs[second_step] = _guider(api, model, tiny_comfy_conds, 2.0).sample(
