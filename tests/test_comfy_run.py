@@ -429,13 +429,8 @@ def test_adaptive_tolerances_reach_the_solver(api, tiny_comfy_model, tiny_comfy_
     assert calls[0.002] > calls[0.05] >= 3
 
 
-@pytest.mark.parametrize("final_weights", ["adams", "gaussian"])
-@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
-def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_comfy_conds, unet_counter,
-                                                    flow, final_weights):
-    """2M + UniC + the order-4 last step on the few-step window, through SamplerCustomAdvanced with
-    cfg 2: one network pass per call and guidance branch, no extra call for the last step, and a
-    result that is not the last prediction (the last step integrates instead of returning it)."""
+def _few_step_setup(api, tiny_comfy_model, unet_counter, flow):
+    """The tiny model (eps, or flow with shift 3) with a call counter, and its few-step window of 6 calls."""
     import comfy.model_sampling as cms
 
     model = tiny_comfy_model.clone()
@@ -446,6 +441,17 @@ def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_
     model.set_model_unet_function_wrapper(unet_counter)
     sigmas = api["schedule_nodes"].FewStepSchedule.execute(
         model, "logsnr_window", 6, 1.0, lambda_start=-2.0, sigma_end=0.03).result[0]
+    return model, sigmas
+
+
+@pytest.mark.parametrize("final_weights", ["adams", "gaussian"])
+@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
+def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_comfy_conds, unet_counter,
+                                                    flow, final_weights):
+    """2M + UniC + the order-4 last step on the few-step window, through SamplerCustomAdvanced with
+    cfg 2: one network pass per call and guidance branch, no extra call for the last step, and a
+    result that is not the last prediction (the last step integrates instead of returning it)."""
+    model, sigmas = _few_step_setup(api, tiny_comfy_model, unet_counter, flow)
     custom = api["custom"]
     with torch.inference_mode():
         out = custom.SamplerCustomAdvanced().sample(
@@ -466,16 +472,7 @@ def test_flow_second_step_in_real_comfyui(api, tiny_comfy_model, tiny_comfy_cond
     """The few-step preset with second_step flow through a CFG guider (cfg 2) on the model's own
     sigmas: the same model calls as the log-SNR step, a different result, and with a denoise mask
     (inpainting from full noise) the kept region is the source latent exactly, as with log_snr."""
-    import comfy.model_sampling as cms
-
-    model = tiny_comfy_model.clone()
-    if flow:
-        sampling = type("FlowSampling", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})()
-        sampling.set_parameters(shift=3.0)
-        model.add_object_patch("model_sampling", sampling)
-    model.set_model_unet_function_wrapper(unet_counter)
-    sigmas = api["schedule_nodes"].FewStepSchedule.execute(
-        model, "logsnr_window", 6, 1.0, lambda_start=-2.0, sigma_end=0.03).result[0]
+    model, sigmas = _few_step_setup(api, tiny_comfy_model, unet_counter, flow)
     latent = torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :, :4] = 1.0
