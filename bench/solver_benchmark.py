@@ -125,7 +125,8 @@ PRESETS: tuple[Preset, ...] = (
                "fewstep_window")
         for label, weights in (("3M+UniC(bh2)+final4", "adams"), ("3M+UniC(bh2)+final4g", "gaussian"))
     ),
-    # "+flow2nd": the second step in flow-equivalent time (second_step="flow"); the few-step preset
+    # "+flow2nd": the second step in flow-equivalent time (second_step="flow"; for unguided or weakly
+    # guided sampling, see bench/guidance_check.py)
     *(
         Preset(label, "multistep", "logsnr_window",
                {"order": order, "corrector": "bh2", "final_order": 4, "final_weights": weights,
@@ -154,7 +155,7 @@ COMFY_SCHEDULE_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 #: the preset fixed in advance (chosen on held-out mixtures with ``bench/_tune.py``, not on the
 #: benchmark's problems); the target is also checked for it alone
-RECOMMENDED = ("2M+UniC(bh2)+final4g+flow2nd", "fewstep_window")
+RECOMMENDED = ("2M+UniC(bh2)+final4g", "fewstep_window")
 QUICK_PROBLEMS = (("sd15", "gmm16"), ("flow_shift3", "gmm16"))
 FULL_PROBLEMS = (("sd15", "gmm16"), ("edm", "gmm16"), ("flow_shift1", "gmm16"), ("flow_shift3", "gmm16"))
 QUICK_COMFY_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_3m_sde(eta=0)", "uni_pc", "ipndm_v", "deis")

@@ -90,12 +90,10 @@ PRESETS: dict[str, Preset] = {
     ),
     "dpmpp_2m_fast": Preset(
         "multistep",
-        {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian",
-         "second_step": "flow"},
-        "the few-step preset: DPM-Solver++(2M) with the UniC-bh2 corrector, the second step in "
-        "flow-equivalent time and an order-4 last step with Gaussian-fitted weights; use it with the "
-        "fewstep_window scheduler at 5-10 steps",
-        "DPM-Solver++(2M) + UniC-bh2 + flow second step + order-4 last step (gaussian weights)",
+        {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian"},
+        "the few-step preset: DPM-Solver++(2M) with the UniC-bh2 corrector and an order-4 last "
+        "step with Gaussian-fitted weights; use it with the fewstep_window scheduler at 5-10 steps",
+        "DPM-Solver++(2M) + UniC-bh2 + order-4 last step (gaussian weights)",
         {"logsnr_window": FEWSTEP_WINDOW},
     ),
 }

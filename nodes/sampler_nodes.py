@@ -280,7 +280,9 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "the prediction in. log_snr: DPM-Solver++. flow: the flow-equivalent time "
                     "softplus(log-SNR), which follows how the prediction leaves the data mean at high "
                     "noise, where the sample picks its mode: fewer changes of mode and smaller worst "
-                    "cases at 5-10 steps, no extra model call; the few-step preset's.",
+                    "cases at 5-10 steps, no extra model call. Only without or with weak guidance "
+                    "(cfg up to about 3, or a guidance-distilled model at cfg 1): with cfg 7 or more it "
+                    "can blow up at 5-6 steps.",
                 ),
             ],
             outputs=[io.Sampler.Output(tooltip="The configured solver, for SamplerCustom(Advanced).")],

@@ -233,7 +233,8 @@ def sample_dpmpp_multistep(
             lower), the second step and the UniC correction of its result interpolate the data
             prediction in the flow-equivalent time ``softplus(lambda)`` instead of ``lambda``
             (:mod:`.flow_step`; deterministic data prediction only, runs of three or more steps).
-            Fewer mode changes at 5-10 steps; no extra call.
+            Fewer mode changes at 5-10 steps; no extra call. For unguided or weakly guided
+            sampling: with cfg 7 or more it can blow up at 5-6 steps (``bench/guidance_check.py``).
         eta: stochasticity of SDE-DPM-Solver++ (0: ODE; 1: the paper's SDE solver, whose first
             order is the DDPM ancestral step). ``s_noise`` scales the injected noise.
         noise_sampler: ``(sigma, sigma_next) -> noise``; default

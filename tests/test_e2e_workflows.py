@@ -199,8 +199,7 @@ def _prompts(checkpoint_name: str):
         if path.stem == "fewstep_dpm_solver_custom_sampler":
             fast = copy.deepcopy(prompt)
             (sampler,) = [n for n in fast.values() if n["class_type"] == "FewStepDPMSolverSampler"]
-            sampler["inputs"].update(corrector="bh2", final_order=4, final_weights="gaussian",
-                                     second_step="flow")
+            sampler["inputs"].update(corrector="bh2", final_order=4, final_weights="gaussian")
             (schedule,) = [n for n in fast.values() if n["class_type"] == "FewStepSchedule"]
             schedule["inputs"].update(schedule="logsnr_window", lambda_start=-2.0, sigma_end=0.03)
             yield FEWSTEP_NODES, fast, False
@@ -364,7 +363,7 @@ def test_ksampler_preset_is_the_sampler_node_on_the_same_settings(runs):
 @pytest.mark.slow
 def test_few_step_preset_runs_and_its_ksampler_names_give_the_same_image(runs):
     """The few-step preset set on the nodes (corrector bh2, final_order 4 with gaussian weights, the
-    flow second step, the few-step window) and by KSampler's fewstep_dpmpp_2m_fast / fewstep_window
+    few-step window) and by KSampler's fewstep_dpmpp_2m_fast / fewstep_window
     on the same settings: real images, the same for both, and not the plain 2M image."""
     _, _, node_images, log = _successful_run(runs, FEWSTEP_NODES)
     _, _, ksampler_images, _ = _successful_run(runs, FEWSTEP_KSAMPLER)

@@ -1,0 +1,110 @@
+"""The second step in flow-equivalent time under classifier-free guidance.
+
+Usage::
+
+    python bench/guidance_check.py [--out docs/benchmarks.md]
+
+The tier-1 mixtures have no guidance. Here the model is a guided one, as ComfyUI's CFG guider
+makes it: ``D = D_u + cfg (D_c - D_u)``, with ``D_u`` the exact denoiser of a 16-D, 8-component
+mixture (mixture seeds 11 and 12, as the held-out problems of ``_tune.py``) and ``D_c`` that of its
+first three components (the "prompt"). The reference is the same guided ODE solved with 800 steps of
+3M on ``logsnr_uniform`` (256 trajectories). Each cell compares the few-step preset (2M + UniC-bh2,
+order-4 last step with gaussian weights, ``fewstep_window``) with ``second_step`` ``log_snr`` and
+``flow``: median per-sample RMS error, ``log_snr -> flow``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import check_out, import_package, write_section
+
+RANGES = ("sd15", "edm", "flow_shift3")
+MIXTURE_SEEDS = (11, 12)
+CFGS = (1.0, 3.0, 7.0, 12.0)
+NFES = (5, 6, 8, 10)
+SAMPLES = 256
+REFERENCE_STEPS = 800
+PRESET = {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian"}
+BEGIN = "<!-- guidance-check:begin -->"
+END = "<!-- guidance-check:end -->"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="markdown file to update (docs/benchmarks.md)")
+    args = ap.parse_args(argv)
+    check_out(args.out)
+    torch.set_num_threads(1)
+    import_package()
+    from comfyui_fewstep.samplers import analytic, schedules
+    from comfyui_fewstep.samplers.multistep import sample_dpmpp_multistep
+
+    t0 = time.time()
+    rows, ratios = [], {}
+    for seed in MIXTURE_SEEDS:
+        full = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), seed)
+        cond = analytic.GaussianMixture(full.means[:3], full.stds[:3], full.weights[:3])
+        for range_name in RANGES:
+            rng = analytic.RANGE_PRESETS[range_name]
+            p = rng.parameterization()
+            x = full.sample(SAMPLES, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
+            for cfg in CFGS:
+                def guided(x, sigma, cfg=cfg, form=rng.form):
+                    s, xd = float(sigma[0]), x.to(torch.float64)
+                    d_u, d_c = full.denoise(xd, s, form), cond.denoise(xd, s, form)
+                    return (d_u + cfg * (d_c - d_u)).to(x.dtype)
+
+                reference = sample_dpmpp_multistep(
+                    guided, x, schedules.get_sigmas("logsnr_uniform", REFERENCE_STEPS, p), parameterization=p,
+                    order=3, disable=True, resume_history=False)
+                cells = []
+                for nfe in NFES:
+                    sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
+                    medians = []
+                    for second_step in ("log_snr", "flow"):
+                        out = sample_dpmpp_multistep(guided, x.float(), sigmas, parameterization=p, disable=True,
+                                                     resume_history=False, second_step=second_step, **PRESET)
+                        err = analytic.per_sample_rms(out.to(torch.float64), reference)
+                        medians.append(float(err.median()))
+                    ratios.setdefault((cfg, nfe), []).append(medians[1] / medians[0])
+                    cells.append(f"{medians[0]:.4f} -> {medians[1]:.4f}")
+                rows.append(f"| {range_name}/seed{seed} | {cfg:g} | " + " | ".join(cells) + " |")
+        print(f"[{time.time() - t0:6.1f} s] mixture seed {seed} done", file=sys.stderr)
+
+    out = f" --out {args.out.as_posix()}" if args.out is not None else ""
+    lines = [BEGIN, "## The flow second step under guidance", "",
+             (f"Produced by `python bench/guidance_check.py{out}` ({platform.python_implementation()} "
+              f"{platform.python_version()}, torch {torch.__version__}, CPU, {time.time() - t0:.0f} s); "
+              "see the script's docstring. Cells: median error of the few-step preset with "
+              "`second_step` `log_snr` -> `flow`."),
+             "",
+             "| problem | cfg | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+             "|---|---|" + "---|" * len(NFES),
+             *rows,
+             "",
+             "Ratio flow / log_snr, geometric mean over the problems (largest in brackets):",
+             "",
+             "| cfg | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+             "|---|" + "---|" * len(NFES)]
+    for cfg in CFGS:
+        lines.append(f"| {cfg:g} | " + " | ".join(
+            f"{statistics.geometric_mean(ratios[cfg, n]):.2f} ({max(ratios[cfg, n]):.2f})" for n in NFES) + " |")
+    lines.append(END)
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if args.out is not None:
+        write_section(args.out, section, BEGIN, END, after="<!-- solver-benchmark:end -->")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
