@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import sys
@@ -95,6 +96,24 @@ def check_out(path: Path | None) -> None:
     if path is not None and (not path.parent.is_dir() or path.is_dir()):
         raise SystemExit(f"--out {path}: the folder {path.parent} does not exist, or the path is a folder; "
                          "give a markdown file in an existing folder")
+
+
+def out_arguments(doc: str, argv: list[str] | None) -> argparse.Namespace:
+    """The ``--out`` argument of a script that writes one section of ``docs/benchmarks.md``, checked."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="markdown file to update (docs/benchmarks.md)")
+    args = ap.parse_args(argv)
+    check_out(args.out)
+    return args
+
+
+def publish(lines: list[str], path: Path | None, begin: str, end: str, after: str | None = None) -> None:
+    """Print the markdown section ``lines`` (from ``begin`` to ``end``) and, with ``path``, put it in that
+    file (:func:`write_section`)."""
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if path is not None:
+        write_section(path, section, begin, end, after)
 
 
 def write_section(path: Path, section: str, begin: str, end: str, after: str | None = None) -> None:

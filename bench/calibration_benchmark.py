@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _comfy
 import solver_benchmark as sb
-from _harness import check_out, import_package, measure, write_section
+from _harness import check_out, import_package, measure, publish
 from _tier2 import make_teacher_problem
 
 NFES = (4, 5, 6, 8, 10)
@@ -205,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         *body,
         END,
     ]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if args.out is not None:
-        write_section(args.out, section, BEGIN, END)
+    publish(lines, args.out, BEGIN, END)
     return 0
 
 

@@ -25,7 +25,6 @@ carry over? Cells: median per-sample RMS error / mode-flip rate.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import check_out, import_package, measure, write_section
+from _harness import import_package, measure, out_arguments, publish
 
 RANGES = ("sd15", "edm", "flow_shift3")
 NFES = (5, 8)
@@ -64,10 +63,7 @@ def targets(analytic, rng, source):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=None, help="markdown file to update (docs/benchmarks.md)")
-    args = ap.parse_args(argv)
-    check_out(args.out)
+    args = out_arguments(__doc__, argv)
     torch.set_num_threads(1)
     t0 = time.time()
     import_package()
@@ -140,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{mean_carried[0] / mean_native[0]:.2f} | {cell(refined)} | "
                      f"{refined[0] / carried[0]:.2f} |")
     lines.append(END)
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if args.out is not None:
-        write_section(args.out, section, BEGIN, END, after="<!-- calibration-benchmark:end -->")
+    publish(lines, args.out, BEGIN, END, after="<!-- calibration-benchmark:end -->")
     return 0
 
 

@@ -15,7 +15,6 @@ order-4 last step with gaussian weights, ``fewstep_window``) with ``second_step`
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import check_out, import_package, write_section
+from _harness import import_package, out_arguments, publish
 
 RANGES = ("sd15", "edm", "flow_shift3")
 MIXTURE_SEEDS = (11, 12)
@@ -39,10 +38,7 @@ END = "<!-- guidance-check:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=None, help="markdown file to update (docs/benchmarks.md)")
-    args = ap.parse_args(argv)
-    check_out(args.out)
+    args = out_arguments(__doc__, argv)
     torch.set_num_threads(1)
     import_package()
     from comfyui_fewstep.samplers import analytic, schedules
@@ -99,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {cfg:g} | " + " | ".join(
             f"{statistics.geometric_mean(ratios[cfg, n]):.2f} ({max(ratios[cfg, n]):.2f})" for n in NFES) + " |")
     lines.append(END)
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if args.out is not None:
-        write_section(args.out, section, BEGIN, END, after="<!-- solver-benchmark:end -->")
+    publish(lines, args.out, BEGIN, END, after="<!-- solver-benchmark:end -->")
     return 0
 
 
