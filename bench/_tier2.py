@@ -10,7 +10,7 @@ The object below has the attributes the benchmark's runners use from a tier-1 ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,7 +63,7 @@ def make_teacher_problem(pkg: Any, n_samples: int, seed: int = 0, reference_step
     from comfyui_fewstep.samplers.multistep import sample_dpmpp_multistep
 
     teacher = load_teacher()
-    rng = analytic.RANGE_PRESETS["edm"]
+    rng = replace(analytic.RANGE_PRESETS["edm"], sigma_data=teacher.sigma_data)  # its data scale, 0.5
     p = rng.parameterization()
     g = torch.Generator().manual_seed(seed)
     x_start = torch.randn(n_samples, 1, 8, 8, generator=g, dtype=torch.float64) * rng.sigma_max

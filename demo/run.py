@@ -55,7 +55,8 @@ def rmse_per_sample(x: Tensor, ref: Tensor) -> Tensor:
 
 def parameterization_of(denoiser: EDMDenoiser) -> Parameterization:
     """The VE parameterisation with the teacher's sigma range (EDM: 0.002 .. 80)."""
-    return Parameterization("ve", denoiser.sigma_min, denoiser.sigma_max, family="edm")
+    return Parameterization("ve", denoiser.sigma_min, denoiser.sigma_max, family="edm",
+                            sigma_data=denoiser.sigma_data)
 
 
 def reference_samples(

@@ -99,7 +99,9 @@ PRESETS: dict[str, Preset] = {
 }
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 
-_NEUTRAL: dict[str, Any] = {"eta": 0.0, "corrector": "none", "final_order": 1, "second_step": "log_snr"}
+_NEUTRAL: dict[str, Any] = {
+    "eta": 0.0, "corrector": "none", "final_order": 1, "second_step": "log_snr", "first_step": "ddim",
+}
 """Options that change the method: refused (not dropped) by a solver without them."""
 
 

@@ -150,7 +150,19 @@ def parameterization_from_model_sampling(model_sampling: Any) -> Parameterizatio
             "flow shift, max_shift / base_shift and the image size, or a sigma range) are extreme. Lower "
             "the shift, or check the ModelSampling node's values."
         )
-    return Parameterization(kind, sigma_min, sigma_max, family, _timestep_table(model_sampling))
+    return Parameterization(kind, sigma_min, sigma_max, family, _timestep_table(model_sampling),
+                            _sigma_data(model_sampling))
+
+
+def _sigma_data(model_sampling: Any) -> float:
+    """The data's standard deviation the model was built for (``sigma_data``: 0.5 for EDM-style
+    pixel models, 1 for latents scaled to unit variance; ComfyUI's flow objects have none, and 1
+    is their latents' scale too)."""
+    try:
+        value = float(getattr(model_sampling, "sigma_data", 1.0))
+    except (TypeError, ValueError):
+        return 1.0
+    return value if value > 0.0 and math.isfinite(value) else 1.0
 
 
 def parameterization_for_model(model: Any) -> Parameterization:

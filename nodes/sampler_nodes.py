@@ -11,6 +11,7 @@ from ..samplers.adaptive import RTOL as ADAPTIVE_RTOL
 from ..samplers.correction import CORRECTION_KINDS, make_x0_correction
 from ..samplers.final_adams import FINAL_WEIGHTS, MAX_FINAL_ORDER
 from ..samplers.flow_step import SECOND_STEPS
+from ..samplers.gaussian_start import FIRST_STEPS
 from ..samplers.multistep import combination_problem
 from ..samplers.singlestep import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES
 from ..samplers.unipc import CORRECTOR_VARIANTS
@@ -34,6 +35,7 @@ def check_sampler_options(
     prediction: Any = None,
     final_order: Any = None,
     second_step: Any = None,
+    first_step: Any = None,
 ) -> str | None:
     """Why a combination of widgets cannot run, or None. ``None`` values (linked inputs) pass."""
     if solver is not None and solver not in SOLVER_FAMILIES:
@@ -54,6 +56,8 @@ def check_sampler_options(
         return f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {final_order!r}"
     if second_step is not None and second_step not in SECOND_STEPS:
         return f"second_step {second_step!r} is not one of {list(SECOND_STEPS)}"
+    if first_step is not None and first_step not in FIRST_STEPS:
+        return f"first_step {first_step!r} is not one of {list(FIRST_STEPS)}"
     if solver in SOLVER_FAMILIES:
         accepted = supported_options(solver)
         if eta is not None and eta > 0.0 and "eta" not in accepted:
@@ -65,9 +69,12 @@ def check_sampler_options(
         if second_step not in (None, "log_snr") and "second_step" not in accepted:
             return (f"second_step {second_step!r} needs the multistep solver, not {solver}; "
                     "set second_step to log_snr")
+        if first_step not in (None, "ddim") and "first_step" not in accepted:
+            return f"first_step {first_step!r} needs the multistep solver, not {solver}; set first_step to ddim"
     if solver == "multistep" and None not in (order, eta, corrector, prediction):
         final = 1 if final_order is None else final_order
-        return combination_problem(order, prediction, eta, corrector, final, second_step or "log_snr")
+        return combination_problem(order, prediction, eta, corrector, final, second_step or "log_snr",
+                                   first_step or "ddim")
     return None
 
 
@@ -92,12 +99,14 @@ def sampler_options(
     final_order: int = 1,
     final_weights: str = "adams",
     second_step: str = "log_snr",
+    first_step: str = "ddim",
 ) -> dict[str, Any]:
     """Core sampler keyword options from the node's widgets (each solver keeps those it takes)."""
     return {
         "final_order": int(final_order),
         "final_weights": final_weights,
         "second_step": second_step,
+        "first_step": first_step,
         "atol": float(atol),
         "rtol": float(rtol),
         "third_order": third_order,
@@ -284,20 +293,33 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "(cfg up to about 3, or a guidance-distilled model at cfg 1): with cfg 7 or more it "
                     "can blow up at 5-6 steps.",
                 ),
+                io.Combo.Input(
+                    "first_step",
+                    options=list(FIRST_STEPS),
+                    default="ddim",
+                    optional=True,
+                    tooltip="Multistep, eta 0, data prediction: the first step from pure noise. ddim: "
+                    "exact for a constant prediction (DPM-Solver++). gaussian: exact for Gaussian data "
+                    "of the model's sigma_data, so the next model call is made nearer the true path: "
+                    "fewer changes of mode at 5-10 steps, no extra model call, safe with any cfg; the "
+                    "few-step preset's. With the corrector it only moves that call.",
+                ),
             ],
             outputs=[io.Sampler.Output(tooltip="The configured solver, for SamplerCustom(Advanced).")],
         )
 
     @classmethod
     def validate_inputs(cls, solver=None, order=None, eta=None, corrector=None,
-                        prediction=None, final_order=None, second_step=None) -> bool | str:
-        problem = check_sampler_options(solver, order, eta, corrector, prediction, final_order, second_step)
+                        prediction=None, final_order=None, second_step=None, first_step=None) -> bool | str:
+        problem = check_sampler_options(solver, order, eta, corrector, prediction, final_order, second_step,
+                                        first_step)
         return problem or True
 
     @classmethod
     def execute(cls, solver: str, order: int, eta: float, corrector: str, **widgets: Any) -> io.NodeOutput:
         problem = check_sampler_options(solver, order, eta, corrector, widgets.get("prediction"),
-                                        widgets.get("final_order"), widgets.get("second_step"))
+                                        widgets.get("final_order"), widgets.get("second_step"),
+                                        widgets.get("first_step"))
         if problem:
             raise ValueError(problem)
         options = sampler_options(order=order, eta=eta, corrector=corrector, **widgets)

@@ -387,12 +387,14 @@ class RangePreset:
     family: str
     shift: float = 1.0
     description: str = ""
+    sigma_data: float = 1.0
 
     def parameterization(self) -> Parameterization:
         """Coordinates of the range; SD1.5's discrete family carries its 1000-step timestep table
-        (time-based schedules and the AYS / GITS tables are those of a discrete-time model)."""
+        (time-based schedules and the AYS / GITS tables are those of a discrete-time model). The
+        data scale is ``sigma_data`` (1: the mixtures' per-dimension variance is 0.7-1)."""
         table = _SD15_TABLE if self.family in ("eps", "v", "x0") else None
-        return Parameterization(self.form, self.sigma_min, self.sigma_max, self.family, table)
+        return Parameterization(self.form, self.sigma_min, self.sigma_max, self.family, table, self.sigma_data)
 
 
 def _sd15_table() -> tuple[float, ...]:

@@ -63,6 +63,7 @@ from ._loop import (
 )
 from .final_adams import FINAL_WEIGHTS, MAX_FINAL_ORDER, FinalAdamsStep, FinalWeights
 from .flow_step import SECOND_STEPS, SecondStep, with_flow_second_step
+from .gaussian_start import FIRST_STEPS, FirstStep, with_gaussian_first_step
 from .noise import PerSampleNoiseSampler
 from .parameterization import Parameterization
 from .unipc import CORRECTOR_VARIANTS, CorrectorVariant
@@ -108,6 +109,7 @@ def _validate(
     final_order: int = 1,
     final_weights: str = "adams",
     second_step: str = "log_snr",
+    first_step: str = "ddim",
 ) -> None:
     if isinstance(final_order, bool) or final_order not in range(1, MAX_FINAL_ORDER + 1):
         raise ValueError(f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {final_order!r}")
@@ -121,6 +123,7 @@ def _validate(
         ("third_order", third_order, tuple(THIRD_ORDER_WEIGHTS)),
         ("final_weights", final_weights, FINAL_WEIGHTS),
         ("second_step", second_step, SECOND_STEPS),
+        ("first_step", first_step, FIRST_STEPS),
     ):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -130,16 +133,28 @@ def _validate(
         raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
     if lower_order_final_steps < 0:
         raise ValueError(f"lower_order_final_steps must be >= 0, got {lower_order_final_steps!r}")
-    problem = combination_problem(order, algorithm, eta, corrector, final_order, second_step)
+    problem = combination_problem(order, algorithm, eta, corrector, final_order, second_step, first_step)
     if problem:
         raise ValueError(problem)
 
 
 def combination_problem(
-    order: int, algorithm: str, eta: float, corrector: str, final_order: int = 1, second_step: str = "log_snr"
+    order: int,
+    algorithm: str,
+    eta: float,
+    corrector: str,
+    final_order: int = 1,
+    second_step: str = "log_snr",
+    first_step: str = "ddim",
 ) -> str | None:
     """Why these multistep options cannot run together, or None (checked before sampling, and by
     the sampler node when the workflow is queued)."""
+    if first_step == "gaussian" and (algorithm != "dpmsolver++" or eta != 0.0):
+        return (
+            "first_step 'gaussian' (the first step exact for Gaussian data) is implemented for the "
+            f"deterministic data-prediction solver only; got algorithm={algorithm!r}, eta={eta!r}. Use "
+            "'dpmsolver++' with eta=0, or first_step='ddim'."
+        )
     if second_step == "flow" and (algorithm != "dpmsolver++" or eta != 0.0):
         return (
             "second_step 'flow' (the second step in flow-equivalent coordinates) is implemented for the "
@@ -188,6 +203,7 @@ def sample_dpmpp_multistep(
     final_order: int = 1,
     final_weights: FinalWeights = "adams",
     second_step: SecondStep = "log_snr",
+    first_step: FirstStep = "ddim",
     eta: float = 0.0,
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
@@ -235,6 +251,12 @@ def sample_dpmpp_multistep(
             (:mod:`.flow_step`; deterministic data prediction only, runs of three or more steps).
             Fewer mode changes at 5-10 steps; no extra call. For unguided or weakly guided
             sampling: with cfg 7 or more it can blow up at 5-6 steps (``bench/guidance_check.py``).
+        first_step: ``ddim`` (DPM-Solver++: exact for a constant data prediction) or ``gaussian``:
+            in a run from the model's ``sigma_max`` whose first step does not end at 0, that step
+            is exact for Gaussian data of the parameterization's ``sigma_data``
+            (:mod:`.gaussian_start`); with the UniC corrector only the point of the second model
+            call moves. Fewer mode changes at 5-10 steps; no extra call; safe under guidance.
+            Deterministic data prediction only.
         eta: stochasticity of SDE-DPM-Solver++ (0: ODE; 1: the paper's SDE solver, whose first
             order is the DDPM ancestral step). ``s_noise`` scales the injected noise.
         noise_sampler: ``(sigma, sigma_next) -> noise``; default
@@ -258,7 +280,7 @@ def sample_dpmpp_multistep(
         non-zero sigma.
     """
     _validate(order, solver_type, algorithm, final_step, corrector, third_order, eta, s_noise,
-              lower_order_final_steps, final_order, final_weights, second_step)
+              lower_order_final_steps, final_order, final_weights, second_step, first_step)
     p = _VE_DEFAULT if parameterization is None else parameterization
     if not isinstance(p, Parameterization):
         raise TypeError(f"parameterization must be a Parameterization or None, got {type(p).__name__}")
@@ -286,8 +308,11 @@ def sample_dpmpp_multistep(
         third_order=third_order, history_lambdas=history_lambdas,
         steps_before=carried.steps if carried is not None else 0, partial=partial, resumed_step=resumed_step,
     )
-    # a generation from noise: the start call returns nearly the data mean (see .flow_step)
-    if second_step == "flow" and carried is None and points[0] >= p.sigma_max * (1.0 - 1e-3):
+    # a generation from noise: the start call returns nearly the data mean (.flow_step, .gaussian_start)
+    from_noise = carried is None and points[0] >= p.sigma_max * (1.0 - 1e-3)
+    if first_step == "gaussian" and from_noise:
+        plan = with_gaussian_first_step(plan, points, p)
+    if second_step == "flow" and from_noise:
         plan = with_flow_second_step(
             plan, points, p, order=order, solver_type=solver_type, lower_order_final=lower_order_final,
             lower_order_final_steps=lower_order_final_steps, euler_at_final=euler_at_final,

@@ -50,6 +50,9 @@ class Parameterization:
         family: the model family this was built for (documentation and error messages).
         timestep_sigmas: for discrete-time models, the model's sigma at each integer
             timestep ``t = 0 .. T-1`` (ascending), used by time-based schedules.
+        sigma_data: the standard deviation of the data per dimension the model was trained for
+            (EDM's ``sigma_data``, Karras et al. 2022; 1 for latents scaled to unit variance,
+            ComfyUI's ``model_sampling.sigma_data``). Used by ``first_step="gaussian"``.
     """
 
     kind: Literal["ve", "flow"]
@@ -57,8 +60,11 @@ class Parameterization:
     sigma_max: float
     family: str = "eps"
     timestep_sigmas: tuple[float, ...] | None = None
+    sigma_data: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (self.sigma_data > 0.0 and math.isfinite(self.sigma_data)):
+            raise ValueError(f"Parameterization needs a finite sigma_data > 0, got {self.sigma_data!r}")
         if self.kind not in ("ve", "flow"):
             raise ValueError(f"Parameterization kind must be 've' or 'flow', got {self.kind!r}")
         if not (0.0 < self.sigma_min < self.sigma_max):

@@ -467,30 +467,32 @@ def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_
     assert (samples - denoised).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize(("option", "default", "value"),
+                         [("second_step", "log_snr", "flow"), ("first_step", "ddim", "gaussian")])
 @pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
-def test_flow_second_step_in_real_comfyui(api, tiny_comfy_model, tiny_comfy_conds, unet_counter, flow):
-    """The few-step preset with second_step flow through a CFG guider (cfg 2) on the model's own
-    sigmas: the same model calls as the log-SNR step, a different result, and with a denoise mask
-    (inpainting from full noise) the kept region is the source latent exactly, as with log_snr."""
+def test_start_options_in_real_comfyui(api, tiny_comfy_model, tiny_comfy_conds, unet_counter, flow, option,
+                                       default, value):
+    """The few-step preset with second_step flow, or first_step gaussian, through a CFG guider (cfg 2)
+    on the model's own sigmas: the same model calls as without, a different result, and with a denoise
+    mask (inpainting from full noise) the kept region is the source latent exactly, as without."""
     model, sigmas = _few_step_setup(api, tiny_comfy_model, unet_counter, flow)
     latent = torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :, :4] = 1.0
     outs, masked = {}, {}
-    for second_step in ("log_snr", "flow"):
-        sampler = _sampler(api, corrector="bh2", final_order=4, final_weights="gaussian",
-                           second_step=second_step)
+    for choice in (default, value):
+        sampler = _sampler(api, corrector="bh2", final_order=4, final_weights="gaussian", **{option: choice})
         before = unet_counter.calls
         with torch.inference_mode():
-            outs[second_step] = _guider(api, model, tiny_comfy_conds, 2.0).sample(
+            outs[choice] = _guider(api, model, tiny_comfy_conds, 2.0).sample(
                 _noise(), torch.zeros(LATENT), sampler, sigmas, disable_pbar=True, seed=0)
-            masked[second_step] = _guider(api, model, tiny_comfy_conds, 2.0).sample(
+            masked[choice] = _guider(api, model, tiny_comfy_conds, 2.0).sample(
                 _noise(), latent, sampler, sigmas, denoise_mask=mask, disable_pbar=True, seed=0)
         assert unet_counter.calls - before == 12
-        assert torch.isfinite(outs[second_step]).all()
-        torch.testing.assert_close(masked[second_step][..., 4:], latent[..., 4:], rtol=1e-6, atol=1e-6)
-    assert (outs["flow"] - outs["log_snr"]).abs().max() > 1e-5
-    assert (masked["flow"][..., :4] - masked["log_snr"][..., :4]).abs().max() > 1e-5
+        assert torch.isfinite(outs[choice]).all()
+        torch.testing.assert_close(masked[choice][..., 4:], latent[..., 4:], rtol=1e-6, atol=1e-6)
+    assert (outs[value] - outs[default]).abs().max() > 1e-5
+    assert (masked[value][..., :4] - masked[default][..., :4]).abs().max() > 1e-5
 
 
 def test_denoise_mask_keeps_the_unmasked_latent_with_the_adams_last_step(api, tiny_comfy_model,

@@ -87,6 +87,18 @@ def test_kind_family_and_range_for_every_core_prediction_type(cms, adapter):
         )
 
 
+def test_sigma_data_is_the_models(cms, adapter):
+    """EDM-style models carry their data scale (0.5 here, as EDM's pixel models and Playground v2.5);
+    discrete and flow models have unit-variance latents (ComfyUI's flow objects have no attribute)."""
+    expected = {"edm": 0.5, "v_continuous": 1.0, "cosmos": 1.0, "eps": 1.0, "flow_shift3": 1.0, "flux": 1.0}
+    cases = _core_cases(cms)
+    for name, sigma_data in expected.items():
+        assert adapter.parameterization_from_model_sampling(cases[name][0]).sigma_data == sigma_data, name
+    odd = _make(cms, cms.ModelSamplingDiscreteFlow, cms.CONST, shift=3.0)
+    odd.sigma_data = float("nan")
+    assert adapter.parameterization_from_model_sampling(odd).sigma_data == 1.0
+
+
 def test_a_collapsed_sigma_range_is_named(cms, adapter):
     """Flux's shift from an extreme max_shift and image size puts every sigma at 1.0: the message
     says what to change (it was the internal "needs 0 < sigma_min < sigma_max")."""

@@ -33,6 +33,7 @@ FROZEN_INPUTS = {
         "final_order",  # appended: older workflows keep their widget order
         "final_weights",
         "second_step",
+        "first_step",
     ],
     "FewStepSchedule": [
         "model",
@@ -194,6 +195,16 @@ def test_widget_defaults_match_the_sampler_defaults(schemas):
         ({"solver": "adaptive", "order": 2, "eta": 0.0, "corrector": "none", "second_step": "log_snr"}, None),
         ({"solver": "multistep", "order": 2, "eta": 0.0, "corrector": "none", "second_step": "tau"},
          "second_step 'tau' is not one of"),
+        # the gaussian first step: multistep, deterministic data prediction only
+        ({"solver": "multistep", "order": 2, "eta": 0.0, "corrector": "bh2", "prediction": "dpmsolver++",
+          "first_step": "gaussian"}, None),
+        ({"solver": "multistep", "order": 2, "eta": 1.0, "corrector": "none", "prediction": "dpmsolver++",
+          "first_step": "gaussian"}, "deterministic data-prediction solver only"),
+        ({"solver": "singlestep", "order": 2, "eta": 0.0, "corrector": "none", "first_step": "gaussian"},
+         "first_step 'gaussian' needs the multistep solver"),
+        ({"solver": "adaptive", "order": 2, "eta": 0.0, "corrector": "none", "first_step": "ddim"}, None),
+        ({"solver": "multistep", "order": 2, "eta": 0.0, "corrector": "none", "first_step": "exact"},
+         "first_step 'exact' is not one of"),
     ],
 )
 def test_sampler_validation_messages(schemas, inputs, message):

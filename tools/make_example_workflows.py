@@ -62,6 +62,7 @@ _DPM_WIDGETS = (
     "final_order",
     "final_weights",
     "second_step",
+    "first_step",
 )
 _SCHEDULE_WIDGETS = (
     "schedule",
@@ -363,6 +364,7 @@ def _dpm_widgets(**overrides: Any) -> dict[str, Any]:
         "final_order": 1,
         "final_weights": "adams",
         "second_step": "log_snr",
+        "first_step": "ddim",
     }
     widgets.update(overrides)
     return widgets

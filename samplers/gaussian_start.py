@@ -1,0 +1,79 @@
+"""The first step from pure noise taken exactly for Gaussian data (``first_step="gaussian"``).
+
+A run from the model's ``sigma_max`` starts with one model call, which returns nearly the data
+mean, and DPM-Solver++ (like DDIM) takes the first step as exact for a constant data prediction:
+
+    x_t = alpha_t D_s + (sigma_t / sigma_s) (x_s - alpha_s D_s).
+
+The prediction does not stay constant: as the noise falls the sample moves away from the mean
+along the directions in which the data varies, and at 5-10 steps the first step is long (from
+sigma_max to a VE sigma of a few units), so the state at the next call lies too close to the mean,
+and the call there sees the sample on the wrong side of the choice between the data's modes more
+often (measured in ``docs/benchmarks.md``: with the call made at the exact state, most of the mode
+changes of the first step go away).
+
+For data ``x0 ~ N(mu, c I)`` with ``c = sigma_data^2`` and ``x = alpha_t x0 + sigma_t eps``, the
+probability-flow ODE keeps ``(x - alpha_t mu) / sqrt(alpha_t^2 c + sigma_t^2)`` constant (the
+marginal is ``N(alpha_t mu, alpha_t^2 c + sigma_t^2)`` and the flow maps it onto itself by that
+ratio; Song et al. 2021 eq. 13 for a Gaussian). The denoiser is ``D = mu + beta_s (x - alpha_s
+mu)`` with ``beta_s = alpha_s c / (alpha_s^2 c + sigma_s^2)``; eliminating ``mu`` with the call at
+``s`` gives the exact step in terms of ``x_s`` and ``D_s``,
+
+    x_t = alpha_t D_s + K (x_s - alpha_s D_s),
+    K = (k (alpha_s^2 c + sigma_s^2) - alpha_t alpha_s c) / sigma_s^2,
+    k = sqrt((alpha_t^2 c + sigma_t^2) / (alpha_s^2 c + sigma_s^2)),
+
+which is the DDIM step when ``c = 0`` (``K = sigma_t / sigma_s``) and for a flow model from
+``sigma = 1`` reads ``x_t = alpha_t D_s + sqrt(alpha_t^2 c + sigma_t^2) x_s``. ``sigma_data`` is
+the model's (:attr:`.Parameterization.sigma_data`: 1 for latents scaled to unit variance, 0.5 for
+EDM's pixel models), a property of the model and not a tuned constant.
+
+Only the first step of a run from ``sigma_max`` changes (not an img2img run, nor a resumed part of
+a split schedule, whose first call is not at the data mean), and not when that step goes to sigma 0.
+With the UniC corrector the state at the second call is then corrected from the two calls exactly
+as before: the Gaussian step only moves the point where the model is called. Directions in which
+the data varies less than ``c`` are pushed out too far, but the call there depends on them with the
+weight ``alpha^2 c / (alpha^2 c + sigma^2)``, which is small for them; directions that vary more
+are pushed out too little, but less so than by DDIM. No extra model call; no effect on the guided
+prediction's scale (the step is taken around ``D_s`` like DDIM's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Literal, get_args
+
+from ._coefficients import MultistepCoefficients
+from .parameterization import Parameterization
+
+FirstStep = Literal["ddim", "gaussian"]
+FIRST_STEPS: tuple[str, ...] = get_args(FirstStep)
+
+__all__ = ["FIRST_STEPS", "FirstStep", "gaussian_step", "with_gaussian_first_step"]
+
+
+def gaussian_step(p: Parameterization, sigma_s: float, sigma_t: float) -> tuple[float, float]:
+    """``(c_x, c_d)`` of the exact step ``x_t = c_x x_s + c_d D_s`` for data ``N(mu, sigma_data^2 I)``
+    (module docstring), for ``sigma_s > sigma_t > 0`` in ``p``'s coordinates; float64."""
+    c = p.sigma_data**2
+    alpha_s, alpha_t = p.alpha(sigma_s), p.alpha(sigma_t)
+    sig_s, sig_t = p.sigma_t(sigma_s), p.sigma_t(sigma_t)
+    var_s = alpha_s * alpha_s * c + sig_s * sig_s
+    k = math.sqrt((alpha_t * alpha_t * c + sig_t * sig_t) / var_s)
+    c_x = (k * var_s - alpha_t * alpha_s * c) / (sig_s * sig_s)
+    return c_x, alpha_t - c_x * alpha_s
+
+
+def with_gaussian_first_step(
+    plan: list[MultistepCoefficients], sigmas: list[float], p: Parameterization
+) -> list[MultistepCoefficients]:
+    """``plan`` (a fresh data-prediction ODE run over ``sigmas`` from ``sigma_max``) with its first
+    step exact for Gaussian data of the model's ``sigma_data``; unchanged when that step ends at 0."""
+    if not plan or sigmas[1] <= 0.0:
+        return plan
+    first = plan[0]
+    if first.order != 1 or len(first.c_m) != 1 or (first.m_x, first.m_d) != (0.0, 1.0):
+        raise ValueError("internal error: the first step of a fresh data-prediction run is not a DDIM step")
+    c_x, c_d = gaussian_step(p, sigmas[0], sigmas[1])
+    return [replace(first, c_x=c_x, c_denoised=0.0, c_m=(c_d,)), *plan[1:]]
