@@ -1,4 +1,4 @@
-"""The second step in flow-equivalent time under classifier-free guidance.
+"""The flow second step and the gaussian first step under classifier-free guidance.
 
 Usage::
 
@@ -9,8 +9,9 @@ makes it: ``D = D_u + cfg (D_c - D_u)``, with ``D_u`` the exact denoiser of a 16
 mixture (mixture seeds 11 and 12, as the held-out problems of ``_tune.py``) and ``D_c`` that of its
 first three components (the "prompt"). The reference is the same guided ODE solved with 800 steps of
 3M on ``logsnr_uniform`` (256 trajectories). Each cell compares the few-step preset (2M + UniC-bh2,
-order-4 last step with gaussian weights, ``fewstep_window``) with ``second_step`` ``log_snr`` and
-``flow``: median per-sample RMS error, ``log_snr -> flow``.
+gaussian first step, order-4 last step with gaussian weights, ``fewstep_window``) with ``second_step``
+``log_snr`` and ``flow``: median per-sample RMS error, ``log_snr -> flow``. A second table compares the
+preset's ``first_step`` ``gaussian`` with ``ddim`` (the geometric mean of the error ratio).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ CFGS = (1.0, 3.0, 7.0, 12.0)
 NFES = (5, 6, 8, 10)
 SAMPLES = 256
 REFERENCE_STEPS = 800
-PRESET = {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian"}
+PRESET = {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian", "first_step": "gaussian"}
+#: the runs per cell: the preset, the preset with the flow second step, the preset with the DDIM first step
+VARIANTS = ({}, {"second_step": "flow"}, {"first_step": "ddim"})
 BEGIN = "<!-- guidance-check:begin -->"
 END = "<!-- guidance-check:end -->"
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from comfyui_fewstep.samplers.multistep import sample_dpmpp_multistep
 
     t0 = time.time()
-    rows, ratios = [], {}
+    rows, ratios, first_ratios = [], {}, {}
     for seed in MIXTURE_SEEDS:
         full = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), seed)
         cond = analytic.GaussianMixture(full.means[:3], full.stds[:3], full.weights[:3])
@@ -66,18 +69,19 @@ def main(argv: list[str] | None = None) -> int:
                 for nfe in NFES:
                     sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
                     medians = []
-                    for second_step in ("log_snr", "flow"):
+                    for variant in VARIANTS:
                         out = sample_dpmpp_multistep(guided, x.float(), sigmas, parameterization=p, disable=True,
-                                                     resume_history=False, second_step=second_step, **PRESET)
+                                                     resume_history=False, **{**PRESET, **variant})
                         err = analytic.per_sample_rms(out.to(torch.float64), reference)
                         medians.append(float(err.median()))
                     ratios.setdefault((cfg, nfe), []).append(medians[1] / medians[0])
+                    first_ratios.setdefault((cfg, nfe), []).append(medians[0] / medians[2])
                     cells.append(f"{medians[0]:.4f} -> {medians[1]:.4f}")
                 rows.append(f"| {range_name}/seed{seed} | {cfg:g} | " + " | ".join(cells) + " |")
         print(f"[{time.time() - t0:6.1f} s] mixture seed {seed} done", file=sys.stderr)
 
     out = f" --out {args.out.as_posix()}" if args.out is not None else ""
-    lines = [BEGIN, "## The flow second step under guidance", "",
+    lines = [BEGIN, "## The flow second step and the gaussian first step under guidance", "",
              (f"Produced by `python bench/guidance_check.py{out}` ({platform.python_implementation()} "
               f"{platform.python_version()}, torch {torch.__version__}, CPU, {time.time() - t0:.0f} s); "
               "see the script's docstring. Cells: median error of the few-step preset with "
@@ -91,12 +95,19 @@ def main(argv: list[str] | None = None) -> int:
              "",
              "| cfg | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
              "|---|" + "---|" * len(NFES)]
-    for cfg in CFGS:
-        lines.append(f"| {cfg:g} | " + " | ".join(
-            f"{statistics.geometric_mean(ratios[cfg, n]):.2f} ({max(ratios[cfg, n]):.2f})" for n in NFES) + " |")
-    lines.append(END)
+    lines += _ratio_rows(ratios)
+    lines += ["", "Ratio of the preset's error with `first_step` `gaussian` to `ddim`, geometric mean over the "
+              "problems (largest in brackets):", "",
+              "| cfg | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|" + "---|" * len(NFES),
+              *_ratio_rows(first_ratios), END]
     publish(lines, args.out, BEGIN, END, after="<!-- solver-benchmark:end -->")
     return 0
+
+
+def _ratio_rows(ratios: dict[tuple[float, int], list[float]]) -> list[str]:
+    return [f"| {cfg:g} | " + " | ".join(
+        f"{statistics.geometric_mean(ratios[cfg, n]):.2f} ({max(ratios[cfg, n]):.2f})" for n in NFES) + " |"
+        for cfg in CFGS]
 
 
 if __name__ == "__main__":

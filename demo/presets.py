@@ -52,10 +52,11 @@ PRESETS: tuple[Preset, ...] = (
     Preset("dpmpp_3m", "multistep", order=3),
     Preset("dpmpp_3m_unipc", "multistep", order=3, options={"corrector": "bh2"}),
     Preset("dpmpp_3s", "singlestep", order=3),
-    # the pack's few-step preset: 2M + UniC with the order-4 last step (gaussian weights) on the
-    # few-step log-SNR window (docs/benchmarks.md; the NFE Plan's dpmpp_2m_fast)
+    # the pack's few-step preset: 2M + UniC, the gaussian first step and the order-4 last step
+    # (gaussian weights) on the few-step log-SNR window (docs/benchmarks.md; the NFE Plan's dpmpp_2m_fast)
     Preset("fewstep_2m_unipc", "multistep", order=2,
-           options={"corrector": "bh2", "final_order": 4, "final_weights": "gaussian"},
+           options={"corrector": "bh2", "final_order": 4, "final_weights": "gaussian",
+                    "first_step": "gaussian"},
            schedule="logsnr_window", schedule_options=FEWSTEP_WINDOW),
 )
 PRESET_NAMES: tuple[str, ...] = tuple(p.name for p in PRESETS)

@@ -65,7 +65,8 @@ AYS_MODELS: tuple[str, ...] = get_args(AysModel)
 FLOW_LAMBDA_MIN: float = -3.0
 
 #: ``logsnr_window`` options for the few-step preset (DPM-Solver++(2M) + UniC with an order-4
-#: last step, ``final_order=4``; chosen with the Adams weights, kept for the gaussian ones, see
+#: last step, ``final_order=4``; chosen with the Adams weights, kept for the gaussian ones and the
+#: gaussian first step, see
 #: docs/benchmarks.md). With an accurate last step the window can end
 #: higher (its last call at VE sigma 0.03 rather than 0.02) and, with the first step from a flow
 #: model's pure noise corrected, start later (-2 rather than -2.5). Chosen on held-out exact

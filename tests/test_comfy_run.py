@@ -224,7 +224,7 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, une
     torch.testing.assert_close(window, fewstep, rtol=0, atol=0)
     assert not torch.equal(window, default)
     assert plan == ("dpmpp_2m_fast: 6 model calls: 6 steps of DPM-Solver++(2M) + UniC-bh2 + "
-                    "order-4 last step (gaussian weights)")
+                    "gaussian first step + order-4 last step (gaussian weights)")
     _, uniform, _ = node.execute(model, "dpmpp_2m_fast", 6, "logsnr_uniform", 1.0).result
     plain = api["schedule_nodes"].FewStepSchedule.execute(model, "logsnr_uniform", 6, 1.0).result[0]
     torch.testing.assert_close(uniform, plain, rtol=0, atol=0)

@@ -199,7 +199,8 @@ def _prompts(checkpoint_name: str):
         if path.stem == "fewstep_dpm_solver_custom_sampler":
             fast = copy.deepcopy(prompt)
             (sampler,) = [n for n in fast.values() if n["class_type"] == "FewStepDPMSolverSampler"]
-            sampler["inputs"].update(corrector="bh2", final_order=4, final_weights="gaussian")
+            sampler["inputs"].update(corrector="bh2", final_order=4, final_weights="gaussian",
+                                     first_step="gaussian")
             (schedule,) = [n for n in fast.values() if n["class_type"] == "FewStepSchedule"]
             schedule["inputs"].update(schedule="logsnr_window", lambda_start=-2.0, sigma_end=0.03)
             yield FEWSTEP_NODES, fast, False

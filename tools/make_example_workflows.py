@@ -490,7 +490,8 @@ def dpm_solver_custom_sampler() -> Workflow:
         "`singlestep` for 2S/3S, `adaptive` for error-controlled steps). **FewStep Schedule** computes "
         "the noise levels from the model's own schedule: `logsnr_uniform` is the paper's choice for few "
         "steps. Each multistep step is one model call. For 5-10 steps, the pack's few-step preset: "
-        "`corrector` bh2, `final_order` 4 and `final_weights` gaussian in the sampler, `logsnr_window` "
+        "`corrector` bh2, `final_order` 4, `final_weights` gaussian and `first_step` gaussian in the "
+        "sampler, `logsnr_window` "
         "with `lambda_start` -2 and "
         "`sigma_end` 0.03 in the schedule (or the NFE Plan node's `dpmpp_2m_fast`).",
     )
