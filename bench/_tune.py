@@ -65,6 +65,11 @@ def candidates() -> list[tuple[str, dict[str, Any], str]]:
         "2M+UniC final3g": {"order": 2, "corrector": "bh2", "final_order": 3, "final_weights": "gaussian"},
         "2M+UniC final4g flow2nd": {"order": 2, "corrector": "bh2", "final_order": 4,
                                     "final_weights": "gaussian", "second_step": "flow"},
+        "2M+UniC final4g gauss1st": {"order": 2, "corrector": "bh2", "final_order": 4,
+                                     "final_weights": "gaussian", "first_step": "gaussian"},
+        "2M+UniC final4g flow2nd gauss1st": {"order": 2, "corrector": "bh2", "final_order": 4,
+                                             "final_weights": "gaussian", "second_step": "flow",
+                                             "first_step": "gaussian"},
     }
     for label, opts in configs.items():
         for schedule in ("logsnr_uniform", "logsnr_window", "time_uniform", "exponential (ComfyUI)", "kl_optimal (ComfyUI)",

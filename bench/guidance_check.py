@@ -33,7 +33,8 @@ CFGS = (1.0, 3.0, 7.0, 12.0)
 NFES = (5, 6, 8, 10)
 SAMPLES = 256
 REFERENCE_STEPS = 800
-PRESET = {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian", "first_step": "gaussian"}
+PRESET = {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian",
+          "first_step": "gaussian"}
 #: the runs per cell: the preset, the preset with the flow second step, the preset with the DDIM first step
 VARIANTS = ({}, {"second_step": "flow"}, {"first_step": "ddim"})
 BEGIN = "<!-- guidance-check:begin -->"
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
              "| cfg | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
              "|---|" + "---|" * len(NFES)]
     lines += _ratio_rows(ratios)
-    lines += ["", "Ratio of the preset's error with `first_step` `gaussian` to `ddim`, geometric mean over the "
-              "problems (largest in brackets):", "",
+    lines += ["", "Ratio of the preset's error with `first_step` `gaussian` to `ddim`, geometric mean over "
+              "the problems (largest in brackets):", "",
               "| cfg | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|" + "---|" * len(NFES),
               *_ratio_rows(first_ratios), END]
     publish(lines, args.out, BEGIN, END, after="<!-- solver-benchmark:end -->")

@@ -150,7 +150,8 @@ PRESETS: tuple[Preset, ...] = (
             ("2M+UniC(bh2)+final4g+gauss1st", 2, "gaussian", "log_snr", (FEWSTEP_WINDOW, "fewstep_window")),
             ("3M+UniC(bh2)+final4g+gauss1st", 3, "gaussian", "log_snr", (FEWSTEP_WINDOW, "fewstep_window")),
             ("2M+UniC(bh2)+final4g+flow2nd+gauss1st", 2, "gaussian", "flow", ()),
-            ("2M+UniC(bh2)+final4g+flow2nd+gauss1st", 2, "gaussian", "flow", (FEWSTEP_WINDOW, "fewstep_window")),
+            ("2M+UniC(bh2)+final4g+flow2nd+gauss1st", 2, "gaussian", "flow",
+             (FEWSTEP_WINDOW, "fewstep_window")),
             ("2M+UniC(bh2)+final4+flow2nd+gauss1st", 2, "adams", "flow", (FEWSTEP_WINDOW, "fewstep_window")),
             ("3M+UniC(bh2)+final4+flow2nd+gauss1st", 3, "adams", "flow", (FEWSTEP_WINDOW, "fewstep_window")),
         )

@@ -90,7 +90,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "dpmpp_2m_fast": Preset(
         "multistep",
-        {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian", "first_step": "gaussian"},
+        {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian",
+         "first_step": "gaussian"},
         "the few-step preset: DPM-Solver++(2M) with the UniC-bh2 corrector, a first step exact for "
         "Gaussian data of the model's sigma_data and an order-4 last step with Gaussian-fitted weights; "
         "use it with the fewstep_window scheduler at 5-10 steps",

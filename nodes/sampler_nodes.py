@@ -70,7 +70,8 @@ def check_sampler_options(
             return (f"second_step {second_step!r} needs the multistep solver, not {solver}; "
                     "set second_step to log_snr")
         if first_step not in (None, "ddim") and "first_step" not in accepted:
-            return f"first_step {first_step!r} needs the multistep solver, not {solver}; set first_step to ddim"
+            return (f"first_step {first_step!r} needs the multistep solver, not {solver}; "
+                    "set first_step to ddim")
     if solver == "multistep" and None not in (order, eta, corrector, prediction):
         final = 1 if final_order is None else final_order
         return combination_problem(order, prediction, eta, corrector, final, second_step or "log_snr",

@@ -394,7 +394,8 @@ class RangePreset:
         (time-based schedules and the AYS / GITS tables are those of a discrete-time model). The
         data scale is ``sigma_data`` (1: the mixtures' per-dimension variance is 0.7-1)."""
         table = _SD15_TABLE if self.family in ("eps", "v", "x0") else None
-        return Parameterization(self.form, self.sigma_min, self.sigma_max, self.family, table, self.sigma_data)
+        return Parameterization(self.form, self.sigma_min, self.sigma_max, self.family, table,
+                                self.sigma_data)
 
 
 def _sd15_table() -> tuple[float, ...]:

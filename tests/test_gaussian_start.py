@@ -38,13 +38,15 @@ class _ShiftedGaussian:
         return self.mu + self.data.denoise(x - self._alpha(s) * self.mu, s, self.form)
 
     def ode(self, x: torch.Tensor, s: float, t: float) -> torch.Tensor:
-        return self._alpha(t) * self.mu + self.data.ode_solution(x - self._alpha(s) * self.mu, s, t, self.form)
+        start = x - self._alpha(s) * self.mu
+        return self._alpha(t) * self.mu + self.data.ode_solution(start, s, t, self.form)
 
 
 def _first_state(model, p: Parameterization, x: torch.Tensor, sigmas: list[float], **options) -> torch.Tensor:
     states: list[torch.Tensor] = []
-    sample_dpmpp_multistep(model, x, torch.tensor(sigmas, dtype=torch.float64), parameterization=p, disable=True,
-                           resume_history=False, callback=lambda d: states.append(d["x"].clone()), **options)
+    sample_dpmpp_multistep(model, x, torch.tensor(sigmas, dtype=torch.float64), parameterization=p,
+                           disable=True, resume_history=False,
+                           callback=lambda d: states.append(d["x"].clone()), **options)
     return states[1]
 
 
@@ -53,7 +55,8 @@ def _first_state(model, p: Parameterization, x: torch.Tensor, sigmas: list[float
 def test_first_step_is_exact_for_gaussian_data_of_the_models_sigma_data(range_name, sigma_data):
     rng = analytic.RANGE_PRESETS[range_name]
     base = rng.parameterization()
-    p = Parameterization(base.kind, base.sigma_min, base.sigma_max, base.family, base.timestep_sigmas, sigma_data)
+    p = Parameterization(base.kind, base.sigma_min, base.sigma_max, base.family, base.timestep_sigmas,
+                         sigma_data)
     torch.manual_seed(0)
     mu = torch.randn(16, dtype=torch.float64)
     model = _ShiftedGaussian(sigma_data, mu, rng.form)
@@ -93,7 +96,7 @@ def test_img2img_and_a_resumed_split_part_are_unchanged_and_a_split_run_equals_t
     mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), 3)
     p = rng.parameterization()
     sigmas = schedules.get_sigmas("logsnr_window", 8, p, **schedules.FEWSTEP_WINDOW)
-    options = dict(parameterization=p, order=2, corrector="bh2", disable=True)
+    options = {"parameterization": p, "order": 2, "corrector": "bh2", "disable": True}
 
     def run(sigmas, x, first_step, **extra):
         return sample_dpmpp_multistep(analytic.CountingDenoiser(mixture, rng.form), x, sigmas,
@@ -125,8 +128,8 @@ def test_bad_combinations_are_refused(options, match):
     options = {"first_step": "gaussian", **options}
     with pytest.raises(ValueError, match=match):
         sample_dpmpp_multistep(lambda x, s: x, torch.zeros(1, 4), torch.tensor([80.0, 1.0, 0.1, 0.0]),
-                               parameterization=analytic.RANGE_PRESETS["edm"].parameterization(), disable=True,
-                               **options)
+                               parameterization=analytic.RANGE_PRESETS["edm"].parameterization(),
+                               disable=True, **options)
 
 
 def test_sigma_data_must_be_positive():
@@ -151,9 +154,9 @@ def test_gaussian_first_step_changes_the_mode_of_fewer_samples(range_name, mixtu
         for nfe in (5, 6, 8):
             sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
             model = analytic.CountingDenoiser(mixture, rng.form)
-            out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, order=2, corrector="bh2",
-                                         final_order=4, final_weights="gaussian", first_step=first_step,
-                                         disable=True, resume_history=False)
+            out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, order=2,
+                                         corrector="bh2", final_order=4, final_weights="gaussian",
+                                         first_step=first_step, disable=True, resume_history=False)
             assert model.nfe == nfe
             flips[first_step, nfe] = int((mixture.nearest_component(out) != reference).sum())
     assert all(flips["gaussian", n] <= flips["ddim", n] for n in (5, 6, 8)), flips
@@ -175,8 +178,9 @@ def test_gaussian_first_step_is_safe_under_guidance(cfg):
         return (d_u + cfg * (d_c - d_u)).to(x.dtype)
 
     x = full.sample(128, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
-    reference = sample_dpmpp_multistep(guided, x, schedules.get_sigmas("logsnr_uniform", 400, p), parameterization=p,
-                                       order=3, disable=True, resume_history=False)
+    fine = schedules.get_sigmas("logsnr_uniform", 400, p)
+    reference = sample_dpmpp_multistep(guided, x, fine, parameterization=p, order=3, disable=True,
+                                       resume_history=False)
     for nfe in (5, 6):
         sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
         errors = {}
