@@ -32,10 +32,10 @@ Only the first step of a run from ``sigma_max`` changes (not an img2img run, nor
 a split schedule, whose first call is not at the data mean), and not when that step goes to sigma 0.
 With the UniC corrector the state at the second call is then corrected from the two calls exactly
 as before: the Gaussian step only moves the point where the model is called. Directions in which
-the data varies less than ``c`` are pushed out too far, but the call there depends on them with the
-weight ``alpha^2 c / (alpha^2 c + sigma^2)``, which is small for them; directions that vary more
-are pushed out too little, but less so than by DDIM. No extra model call; no effect on the guided
-prediction's scale (the step is taken around ``D_s`` like DDIM's).
+the data varies by less than ``c`` are pushed out too far, but the prediction depends on a direction
+of variance ``c_k`` with the weight ``alpha c_k / (alpha^2 c_k + sigma^2)``, which is small for them;
+directions that vary more are pushed out too little, but less so than by DDIM. No extra model call;
+no effect on the guided prediction's scale (the step is taken around ``D_s`` like DDIM's).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ is ignored: the run stops at the last non-zero sigma after ``len(sigmas) - 2`` c
 DPM-Solver accounting: N calls for N steps, no final denoise). The UniC corrector adds no calls,
 nor does ``final_order > 1``, which takes the step to 0 as an Adams-Bashforth step in VE sigma
 (:mod:`.final_adams`), or with weights fitted to Gaussian data (``final_weights="gaussian"``,
-:mod:`.final_gaussian`), instead of returning the data prediction.
+:mod:`.final_gaussian`), instead of returning the data prediction. ``first_step="gaussian"``
+(:mod:`.gaussian_start`) and ``second_step="flow"`` (:mod:`.flow_step`) change only the weights of
+the first two steps of a run from ``sigma_max``.
 
 Configured as ``order=2, solver_type="midpoint", lower_order_final=False, eta=0`` in VE form this is
 k-diffusion's / ComfyUI's ``dpmpp_2m``; ``order=3, solver_type="heun", lower_order_final=False,

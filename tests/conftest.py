@@ -43,6 +43,12 @@ def _load_helper(name: str):
     return module
 
 
+@pytest.fixture(scope="session")
+def guided_preset_errors():
+    """``tests/_guided.py``'s ``preset_errors``: the few-step preset on a guided Gaussian mixture."""
+    return _load_helper("guided").preset_errors
+
+
 #: modules ComfyUI imports at start-up, by import name (its requirements.txt lists distributions)
 COMFY_IMPORTS = ("psutil", "yaml", "PIL", "aiohttp", "safetensors", "einops", "scipy", "tqdm", "transformers")
 

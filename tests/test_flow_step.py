@@ -4,8 +4,8 @@ Closed-form checks, against a transcription written here: the flow-equivalent co
 flow points; with a data prediction linear in ``tau = softplus(lambda)`` along the run the second
 step (``heun`` weight) is exact, and with one quadratic in ``tau`` so is its UniC correction, in VE
 and flow form, while the log-SNR step is not; only that step and its correction change. In the
-sampler: a split schedule gives the unsplit result, img2img keeps the log-SNR step, clear refusals,
-on held-out Gaussian mixtures fewer samples change mixture component, and under guidance the
+sampler: a split schedule gives the unsplit result, img2img keeps the log-SNR step (its refusals are
+checked with the other start option's in ``test_gaussian_start.py``), on held-out Gaussian mixtures fewer samples change mixture component, and under guidance the
 documented limit (better at cfg 3, unstable at cfg 12 with 5 calls).
 """
 
@@ -173,21 +173,6 @@ def test_split_schedule_gives_the_unsplit_result():
     assert model.nfe == 8
 
 
-@pytest.mark.parametrize(
-    ("options", "match"),
-    [
-        ({"eta": 0.5}, "deterministic data-prediction solver only"),
-        ({"algorithm": "dpmsolver"}, "deterministic data-prediction solver only"),
-        ({"second_step": "tau"}, "second_step must be one of"),
-    ],
-)
-def test_bad_combinations_are_refused(options, match):
-    options = {"second_step": "flow", **options}
-    with pytest.raises(ValueError, match=match):
-        sample_dpmpp_multistep(lambda x, s: x, torch.zeros(1, 4), torch.tensor([80.0, 1.0, 0.1, 0.0]),
-                               parameterization=VE, disable=True, **options)
-
-
 @pytest.mark.parametrize("mixture_seed", [11, 12])
 @pytest.mark.parametrize("range_name", ["sd15", "edm", "flow_shift1"])
 def test_flow_second_step_changes_the_mode_of_fewer_samples(range_name, mixture_seed):
@@ -209,39 +194,12 @@ def test_flow_second_step_changes_the_mode_of_fewer_samples(range_name, mixture_
     assert sum(p90["flow", n] for n in (5, 6, 8)) < sum(p90["log_snr", n] for n in (5, 6, 8)), p90
 
 
-def _guided_errors(range_name: str, cfg: float, nfe: int) -> dict[str, float]:
-    """Median error of the few-step preset with either second step on a guided mixture (as in
-    ``bench/guidance_check.py``: ``D_u + cfg (D_c - D_u)``, the condition being three components)."""
-    rng = analytic.RANGE_PRESETS[range_name]
-    full = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), 12)
-    cond = analytic.GaussianMixture(full.means[:3], full.stds[:3], full.weights[:3])
-    p = rng.parameterization()
-
-    def guided(x, sigma):
-        s = float(sigma[0])
-        d_u, d_c = full.denoise(x, s, rng.form), cond.denoise(x, s, rng.form)
-        return (d_u + cfg * (d_c - d_u)).to(x.dtype)
-
-    x = full.sample(128, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
-    fine = schedules.get_sigmas("logsnr_uniform", 400, p)
-    reference = sample_dpmpp_multistep(guided, x, fine, parameterization=p, order=3, disable=True,
-                                       resume_history=False)
-    sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
-    errors = {}
-    for second_step in ("log_snr", "flow"):
-        out = sample_dpmpp_multistep(guided, x, sigmas, parameterization=p, order=2, corrector="bh2",
-                                     final_order=4, final_weights="gaussian", second_step=second_step,
-                                     disable=True, resume_history=False)
-        errors[second_step] = float(analytic.per_sample_rms(out, reference).median())
-    return errors
-
-
-def test_guidance_limits_the_flow_second_step():
+def test_guidance_limits_the_flow_second_step(guided_preset_errors):
     """The documented limit: with weak guidance (cfg 3) the flow second step is more accurate at 6 and
     8 calls; with strong guidance (cfg 12) at 5 calls it blows up, which is why the few-step preset
     keeps the log-SNR step."""
+    weak = guided_preset_errors("edm", 3.0, (6, 8), "second_step", ("log_snr", "flow"))
     for nfe in (6, 8):
-        weak = _guided_errors("edm", 3.0, nfe)
-        assert weak["flow"] < 0.95 * weak["log_snr"], (nfe, weak)
-    strong = _guided_errors("edm", 12.0, 5)
-    assert strong["log_snr"] < 0.05 and strong["flow"] > 10 * strong["log_snr"], strong
+        assert weak[nfe, "flow"] < 0.95 * weak[nfe, "log_snr"], weak
+    strong = guided_preset_errors("edm", 12.0, (5,), "second_step", ("log_snr", "flow"))
+    assert strong[5, "log_snr"] < 0.05 and strong[5, "flow"] > 10 * strong[5, "log_snr"], strong

@@ -4,7 +4,8 @@ Closed-form checks: for data ``N(mu, sigma_data^2 I)`` (any mean) with its exact
 sampler's state after the first step equals the exact ODE solution in VE, flow and discrete (SD)
 coordinates, for ``sigma_data`` 1 and 0.5, while the DDIM step does not; ``sigma_data -> 0`` gives
 the DDIM step. Only the first step of a run from ``sigma_max`` changes (img2img, the resumed part of a
-split schedule and a one-step run are untouched; a split run equals the unsplit one). Clear refusals.
+split schedule and a one-step run are untouched; a split run equals the unsplit one). Clear refusals,
+for this option and ``second_step="flow"``.
 On held-out Gaussian mixtures the few-step preset changes the mode of fewer samples with it, and
 under strong guidance it stays as accurate as the DDIM step.
 """
@@ -116,20 +117,27 @@ def test_img2img_and_a_resumed_split_part_are_unchanged_and_a_split_run_equals_t
     assert model.nfe == 8
 
 
+@pytest.mark.parametrize(("option", "value"), [("first_step", "gaussian"), ("second_step", "flow")])
 @pytest.mark.parametrize(
     ("options", "match"),
     [
         ({"eta": 0.5}, "deterministic data-prediction solver only"),
         ({"algorithm": "dpmsolver"}, "deterministic data-prediction solver only"),
-        ({"first_step": "exact"}, "first_step must be one of"),
     ],
 )
-def test_bad_combinations_are_refused(options, match):
-    options = {"first_step": "gaussian", **options}
-    with pytest.raises(ValueError, match=match):
+def test_the_start_options_refuse_other_solvers(option, value, options, match):
+    """Both options that change a run's first steps (this one and ``second_step="flow"``)."""
+    with pytest.raises(ValueError, match=f"{option} '{value}'.*{match}"):
         sample_dpmpp_multistep(lambda x, s: x, torch.zeros(1, 4), torch.tensor([80.0, 1.0, 0.1, 0.0]),
                                parameterization=analytic.RANGE_PRESETS["edm"].parameterization(),
-                               disable=True, **options)
+                               disable=True, **{option: value, **options})
+
+
+@pytest.mark.parametrize(("option", "value"), [("first_step", "exact"), ("second_step", "tau")])
+def test_unknown_start_options_are_named(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be one of"):
+        sample_dpmpp_multistep(lambda x, s: x, torch.zeros(1, 4), torch.tensor([80.0, 1.0, 0.1, 0.0]),
+                               disable=True, **{option: value})
 
 
 def test_sigma_data_must_be_positive():
@@ -164,29 +172,9 @@ def test_gaussian_first_step_changes_the_mode_of_fewer_samples(range_name, mixtu
 
 
 @pytest.mark.parametrize("cfg", [3.0, 12.0])
-def test_gaussian_first_step_is_safe_under_guidance(cfg):
+def test_gaussian_first_step_is_safe_under_guidance(cfg, guided_preset_errors):
     """A guided mixture (``D_u + cfg (D_c - D_u)``, as ``bench/guidance_check.py``) at 5 and 6 calls: the
     step is taken around the guided prediction as DDIM's is, and is no less accurate."""
-    rng = analytic.RANGE_PRESETS["edm"]
-    full = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), 12)
-    cond = analytic.GaussianMixture(full.means[:3], full.stds[:3], full.weights[:3])
-    p = rng.parameterization()
-
-    def guided(x, sigma):
-        s = float(sigma[0])
-        d_u, d_c = full.denoise(x, s, rng.form), cond.denoise(x, s, rng.form)
-        return (d_u + cfg * (d_c - d_u)).to(x.dtype)
-
-    x = full.sample(128, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
-    fine = schedules.get_sigmas("logsnr_uniform", 400, p)
-    reference = sample_dpmpp_multistep(guided, x, fine, parameterization=p, order=3, disable=True,
-                                       resume_history=False)
+    errors = guided_preset_errors("edm", cfg, (5, 6), "first_step", ("ddim", "gaussian"))
     for nfe in (5, 6):
-        sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
-        errors = {}
-        for first_step in ("ddim", "gaussian"):
-            out = sample_dpmpp_multistep(guided, x, sigmas, parameterization=p, order=2, corrector="bh2",
-                                         final_order=4, final_weights="gaussian", first_step=first_step,
-                                         disable=True, resume_history=False)
-            errors[first_step] = float(analytic.per_sample_rms(out, reference).median())
-        assert errors["gaussian"] <= 1.02 * errors["ddim"], (nfe, errors)
+        assert errors[nfe, "gaussian"] <= 1.02 * errors[nfe, "ddim"], errors
