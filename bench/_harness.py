@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +45,8 @@ class Result:
     flip_rate: float
     stochastic: bool = False
     error: str = ""
+    #: per trajectory, whether it ended in another mixture component than the reference
+    changed: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -62,13 +64,34 @@ class Result:
 
 def measure(problem: Any, out: torch.Tensor, per_sample_rms: Callable) -> tuple[float, float, float]:
     """Median and 90th-percentile per-sample RMS error at sigma = 0, and the mode-flip rate."""
+    med, p90, changed = measure_samples(problem, out, per_sample_rms)
+    return med, p90, float(changed.to(torch.float64).mean())
+
+
+def measure_samples(
+    problem: Any, out: torch.Tensor, per_sample_rms: Callable
+) -> tuple[float, float, torch.Tensor]:
+    """As :func:`measure`, with the mode flips per trajectory (a non-finite sample counts as one)."""
     out = out.to(torch.float64)
     finite = torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
     err = per_sample_rms(torch.where(finite[:, None], out, torch.zeros_like(out)), problem.reference)
     err = torch.where(finite, err, torch.full_like(err, math.inf))
     comp = problem.mixture.nearest_component(torch.nan_to_num(out))
-    flips = ((comp != problem.reference_component) | ~finite).to(torch.float64).mean()
-    return float(err.median()), float(torch.quantile(err, 0.9)) if bool(finite.all()) else math.inf, float(flips)
+    changed = (comp != problem.reference_component) | ~finite
+    return float(err.median()), float(torch.quantile(err, 0.9)) if bool(finite.all()) else math.inf, changed
+
+
+def paired_flips(ours: Result, other: Result) -> tuple[int, int, float]:
+    """Trajectories that change component with ``ours`` only and with ``other`` only, and the exact
+    two-sided McNemar p-value of the difference (the discordant pairs split ``Binomial(k, 1/2)`` when
+    the two flip rates are equal; McNemar 1947)."""
+    if ours.changed is None or other.changed is None:
+        raise ValueError("paired_flips needs results measured per trajectory")
+    only_ours = int((ours.changed & ~other.changed).sum())
+    only_other = int((~ours.changed & other.changed).sum())
+    k = only_ours + only_other
+    tail = sum(math.comb(k, i) for i in range(min(only_ours, only_other) + 1)) / 2.0**k if k else 1.0
+    return only_ours, only_other, min(1.0, 2.0 * tail)
 
 
 def euler_ode(model: Callable, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

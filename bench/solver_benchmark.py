@@ -29,14 +29,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _comfy  # noqa: E402
 from _harness import (  # noqa: E402
-    ROOT, Result, check_out, ddim, euler_ode, import_package, measure, write_section,
+    ROOT, Result, check_out, ddim, euler_ode, import_package, measure_samples, paired_flips, write_section,
 )
 from _tier2 import make_teacher_problem  # noqa: E402
 
@@ -181,6 +181,20 @@ QUICK_COMFY_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_3m_sde(eta=0)", "uni_pc", "i
 QUICK_COMFY_SCHEDULERS = ("simple", "karras", "exponential", "beta", "normal")
 
 
+class TargetCell(NamedTuple):
+    """One (problem, NFE) cell of the target check."""
+
+    problem: str
+    nfe: int
+    ratio: float  # our lowest median over the base's lowest median
+    flips_ok: bool
+    fixed_ratio: float  # the same for the fixed preset
+    fixed_ok: bool
+    any_ok: Result | None  # the lowest-median preset of ours that meets the target, if any
+    ours: Result | None
+    base: Result | None
+
+
 class Bench:
     def __init__(self, pkg: Any, nfes: tuple[int, ...]) -> None:
         self.pkg = pkg
@@ -199,8 +213,9 @@ class Bench:
         model = problem.denoiser()
         try:
             out = run(model)
-            med, p90, flips = measure(problem, out, self.analytic.per_sample_rms)
-            res = Result(problem.name, source, method, schedule, target, model.nfe, med, p90, flips, stochastic)
+            med, p90, changed = measure_samples(problem, out, self.analytic.per_sample_rms)
+            res = Result(problem.name, source, method, schedule, target, model.nfe, med, p90,
+                         float(changed.to(torch.float64).mean()), stochastic, changed=changed)
         except Exception as exc:  # a sampler/scheduler combination that fails is reported, not fatal
             res = Result(problem.name, source, method, schedule, target, model.nfe, math.inf, math.inf, 1.0,
                          stochastic, f"{type(exc).__name__}: {exc}"[:120])
@@ -395,7 +410,7 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
                            and r.target_nfe == nfe and r.within_budget
                            and r.median <= TARGET_RATIO * b.median and r.flip_rate <= b.flip_rate + 1e-12]
                 any_ok = min(meeting, key=lambda r: (r.median, r.flip_rate), default=None)
-                target_rows.append((prob, nfe, ratio, flips_ok, fx_ratio, fx_ok, any_ok))
+                target_rows.append(TargetCell(prob, nfe, ratio, flips_ok, fx_ratio, fx_ok, any_ok, o, b))
             lines.append(
                 f"| {nfe} | {b.label + f' ({b.nfe})' if b else '-'} | {fmt(b)} | "
                 f"{o.label + f' ({o.nfe})' if o else '-'} | {fmt(o)} | {ratio:.2f} | {'yes' if flips_ok else 'no'} |"
@@ -454,7 +469,7 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
             lines.append("")
     lines += ["### Targets", ""]
     if target_rows:
-        met = [r for r in target_rows if r[2] <= TARGET_RATIO and r[3]]
+        met = [r for r in target_rows if r.ratio <= TARGET_RATIO and r.flips_ok]
         base = "ComfyUI" if with_comfy else "baseline"
         lines.append(
             f"Target: our best median <= {TARGET_RATIO}x the best {base} "
@@ -464,10 +479,20 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
         missed = [r for r in target_rows if r not in met]
         if missed:
             lines.append("Missed: " + "; ".join(
-                f"{p} NFE {n} (ratio {ratio:.2f}{', more flips' if not fl else ''})"
-                for p, n, ratio, fl, *_ in missed
+                f"{c.problem} NFE {c.nfe} (ratio {c.ratio:.2f}{', more flips' if not c.flips_ok else ''})"
+                for c in missed
             ) + ".")
-            rescued = [(p, n, r) for p, n, *_, r in missed if r is not None]
+            paired = [(c, paired_flips(c.ours, c.base)) for c in missed if not c.flips_ok
+                      and c.ours is not None and c.base is not None and c.ours.changed is not None
+                      and c.base.changed is not None]
+            if paired:
+                lines.append(
+                    "Mode flips in those cells, paired on the same trajectories (samples that change "
+                    f"component with ours only / with the best {base} only; exact two-sided McNemar p of the "
+                    "difference, small when it is not chance): " + "; ".join(
+                        f"{c.problem} NFE {c.nfe}: {a} / {b_} (p = {pv:.2g})" for c, (a, b_, pv) in paired
+                    ) + ".")
+            rescued = [(c.problem, c.nfe, c.any_ok) for c in missed if c.any_ok is not None]
             if rescued:
                 lines.append(
                     f"Counting every preset of ours, not only the lowest-median one: met in "
@@ -476,15 +501,15 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
                         for p, n, r in rescued
                     ) + ")."
                 )
-        fx_met = [r for r in target_rows if r[4] <= TARGET_RATIO and r[5]]
-        fx_ratios = [r[4] for r in target_rows if math.isfinite(r[4])]
+        fx_met = [r for r in target_rows if r.fixed_ratio <= TARGET_RATIO and r.fixed_ok]
+        fx_ratios = [r.fixed_ratio for r in target_rows if math.isfinite(r.fixed_ratio)]
         if fx_ratios:
+            fixed_cells = [f"{c.problem} {c.nfe}: {c.fixed_ratio:.2f}{'' if c.fixed_ok else '*'}"
+                           for c in target_rows]
             lines.append(
                 f"\nThe fixed preset {fixed_name} (chosen in advance on held-out mixtures, `bench/_tune.py`) "
                 f"meets it in {len(fx_met)} of {len(target_rows)} cells; its median ratio to the best {base} "
-                f"per cell: " + ", ".join(f"{p} {n}: {r:.2f}{'' if ok else '*'}"
-                                          for p, n, _, _, r, ok, _ in target_rows)
-                + " (* = more flips)."
+                f"per cell: " + ", ".join(fixed_cells) + " (* = more flips)."
             )
     if overhead:
         if "ratio" in overhead:
