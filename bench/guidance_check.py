@@ -52,17 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, ratios, first_ratios = [], {}, {}
     for seed in MIXTURE_SEEDS:
         full = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), seed)
-        cond = analytic.GaussianMixture(full.means[:3], full.stds[:3], full.weights[:3])
         for range_name in RANGES:
             rng = analytic.RANGE_PRESETS[range_name]
             p = rng.parameterization()
             x = full.sample(SAMPLES, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
             for cfg in CFGS:
-                def guided(x, sigma, cfg=cfg, form=rng.form):
-                    s, xd = float(sigma[0]), x.to(torch.float64)
-                    d_u, d_c = full.denoise(xd, s, form), cond.denoise(xd, s, form)
-                    return (d_u + cfg * (d_c - d_u)).to(x.dtype)
-
+                guided = analytic.CountingDenoiser(analytic.GuidedMixture(full, 3, cfg), rng.form)
                 reference = sample_dpmpp_multistep(
                     guided, x, schedules.get_sigmas("logsnr_uniform", REFERENCE_STEPS, p), parameterization=p,
                     order=3, disable=True, resume_history=False)

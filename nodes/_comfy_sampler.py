@@ -44,6 +44,7 @@ _SAMPLERS: dict[str, Callable[..., Any]] = {
 _CALIBRATED_SAMPLERS: dict[str, Callable[..., Any]] = {"fitted": sample_fitted_multistep}
 
 __all__ = [
+    "NEUTRAL_OPTIONS",
     "PRESETS",
     "PRESET_NAMES",
     "SOLVER_FAMILIES",
@@ -101,7 +102,7 @@ PRESETS: dict[str, Preset] = {
 }
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 
-_NEUTRAL: dict[str, Any] = {
+NEUTRAL_OPTIONS: dict[str, Any] = {
     "eta": 0.0, "corrector": "none", "final_order": 1, "second_step": "log_snr", "first_step": "ddim",
 }
 """Options that change the method: refused (not dropped) by a solver without them."""
@@ -132,7 +133,7 @@ def normalize_options(
     accepted = supported_options(solver)
     for key in sorted(set(options) - accepted):
         value = options.pop(key)
-        if key in _NEUTRAL and value != _NEUTRAL[key]:
+        if key in NEUTRAL_OPTIONS and value != NEUTRAL_OPTIONS[key]:
             raise ValueError(
                 f"the {solver} solver does not support {key}={value!r}; use the multistep solver"
             )

@@ -16,7 +16,7 @@ from ..samplers.multistep import combination_problem
 from ..samplers.singlestep import ALGORITHMS, FINAL_STEPS, SOLVER_TYPES
 from ..samplers.unipc import CORRECTOR_VARIANTS
 from ._api import CATEGORY_SAMPLERS, io
-from ._comfy_sampler import SOLVER_FAMILIES, make_sampler, supported_options
+from ._comfy_sampler import NEUTRAL_OPTIONS, SOLVER_FAMILIES, make_sampler, supported_options
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,10 @@ def check_sampler_options(
         isinstance(final_order, bool) or final_order not in range(1, MAX_FINAL_ORDER + 1)
     ):
         return f"final_order must be an integer from 1 to {MAX_FINAL_ORDER}, got {final_order!r}"
-    if second_step is not None and second_step not in SECOND_STEPS:
-        return f"second_step {second_step!r} is not one of {list(SECOND_STEPS)}"
-    if first_step is not None and first_step not in FIRST_STEPS:
-        return f"first_step {first_step!r} is not one of {list(FIRST_STEPS)}"
+    start_options = (("second_step", second_step, SECOND_STEPS), ("first_step", first_step, FIRST_STEPS))
+    for name, value, allowed in start_options:
+        if value is not None and value not in allowed:
+            return f"{name} {value!r} is not one of {list(allowed)}"
     if solver in SOLVER_FAMILIES:
         accepted = supported_options(solver)
         if eta is not None and eta > 0.0 and "eta" not in accepted:
@@ -66,16 +66,15 @@ def check_sampler_options(
             return f"the UniC corrector needs the multistep solver, not {solver}; set corrector to none"
         if final_order not in (None, 1) and "final_order" not in accepted:
             return f"final_order > 1 needs the multistep solver, not {solver}; set final_order to 1"
-        if second_step not in (None, "log_snr") and "second_step" not in accepted:
-            return (f"second_step {second_step!r} needs the multistep solver, not {solver}; "
-                    "set second_step to log_snr")
-        if first_step not in (None, "ddim") and "first_step" not in accepted:
-            return (f"first_step {first_step!r} needs the multistep solver, not {solver}; "
-                    "set first_step to ddim")
+        for name, value, _ in start_options:
+            if value not in (None, NEUTRAL_OPTIONS[name]) and name not in accepted:
+                return (f"{name} {value!r} needs the multistep solver, not {solver}; "
+                        f"set {name} to {NEUTRAL_OPTIONS[name]}")
     if solver == "multistep" and None not in (order, eta, corrector, prediction):
         final = 1 if final_order is None else final_order
-        return combination_problem(order, prediction, eta, corrector, final, second_step or "log_snr",
-                                   first_step or "ddim")
+        return combination_problem(order, prediction, eta, corrector, final,
+                                   second_step or NEUTRAL_OPTIONS["second_step"],
+                                   first_step or NEUTRAL_OPTIONS["first_step"])
     return None
 
 

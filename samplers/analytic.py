@@ -59,6 +59,7 @@ __all__ = [
     "Form",
     "GaussianData",
     "GaussianMixture",
+    "GuidedMixture",
     "MixturePreset",
     "Problem",
     "RangePreset",
@@ -337,6 +338,25 @@ class GaussianMixture:
         return flat.reshape(shape)
 
 
+class GuidedMixture:
+    """Classifier-free guidance on a mixture (Ho & Salimans 2022, arXiv 2207.12598, eq. 6 in data
+    prediction): ``D = D_u + cfg (D_c - D_u)``, with ``D_u`` the mixture's exact denoiser and ``D_c``
+    that of its first ``n_cond`` components (the "prompt"). Wrap it in :class:`CountingDenoiser` for
+    the sampler contract; its probability-flow ODE (:meth:`GaussianMixture.ode_solution` does not
+    apply) is solved numerically by the callers.
+    """
+
+    def __init__(self, mixture: GaussianMixture, n_cond: int, cfg: float) -> None:
+        if not 1 <= n_cond <= mixture.n_components:
+            raise ValueError(f"n_cond must be 1..{mixture.n_components}, got {n_cond!r}")
+        self.mixture, self.cfg = mixture, float(cfg)
+        self.cond = GaussianMixture(mixture.means[:n_cond], mixture.stds[:n_cond], mixture.weights[:n_cond])
+
+    def denoise(self, x: torch.Tensor, sigma: Any, form: Form = "ve") -> torch.Tensor:
+        d_u = self.mixture.denoise(x, sigma, form)
+        return d_u + self.cfg * (self.cond.denoise(x, sigma, form) - d_u)
+
+
 # ---------------------------------------------------------------------------------------------
 # NFE-counting model for the sampler contract
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +371,7 @@ class CountingDenoiser:
     dtype and device of ``x``; the denoiser runs in float64 on the CPU.
     """
 
-    def __init__(self, problem: GaussianData | GaussianMixture, form: Form = "ve") -> None:
+    def __init__(self, problem: GaussianData | GaussianMixture | GuidedMixture, form: Form = "ve") -> None:
         _check_form(form)
         self.problem = problem
         self.form = form

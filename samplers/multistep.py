@@ -151,18 +151,17 @@ def combination_problem(
 ) -> str | None:
     """Why these multistep options cannot run together, or None (checked before sampling, and by
     the sampler node when the workflow is queued)."""
-    if first_step == "gaussian" and (algorithm != "dpmsolver++" or eta != 0.0):
-        return (
-            "first_step 'gaussian' (the first step exact for Gaussian data) is implemented for the "
-            f"deterministic data-prediction solver only; got algorithm={algorithm!r}, eta={eta!r}. Use "
-            "'dpmsolver++' with eta=0, or first_step='ddim'."
-        )
-    if second_step == "flow" and (algorithm != "dpmsolver++" or eta != 0.0):
-        return (
-            "second_step 'flow' (the second step in flow-equivalent coordinates) is implemented for the "
-            f"deterministic data-prediction solver only; got algorithm={algorithm!r}, eta={eta!r}. Use "
-            "'dpmsolver++' with eta=0, or second_step='log_snr'."
-        )
+    # the options that change a run's first steps are derived for the deterministic data prediction
+    for name, value, default, what in (
+        ("first_step", first_step, "ddim", "the first step exact for Gaussian data"),
+        ("second_step", second_step, "log_snr", "the second step in flow-equivalent coordinates"),
+    ):
+        if value != default and (algorithm != "dpmsolver++" or eta != 0.0):
+            return (
+                f"{name} {value!r} ({what}) is implemented for the deterministic data-prediction solver "
+                f"only; got algorithm={algorithm!r}, eta={eta!r}. Use 'dpmsolver++' with eta=0, or "
+                f"{name}={default!r}."
+            )
     if final_order > 1 and eta != 0.0:
         return (
             f"final_order {final_order} (a last step that integrates the noise prediction) needs the "

@@ -21,14 +21,8 @@ def preset_errors(range_name: str, cfg: float, nfes: Sequence[int], option: str,
     """Median per-sample error of the preset at each NFE with each value of ``option``."""
     rng = analytic.RANGE_PRESETS[range_name]
     full = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), 12)
-    cond = analytic.GaussianMixture(full.means[:3], full.stds[:3], full.weights[:3])
+    guided = analytic.CountingDenoiser(analytic.GuidedMixture(full, 3, cfg), rng.form)
     p = rng.parameterization()
-
-    def guided(x, sigma):
-        s = float(sigma[0])
-        d_u, d_c = full.denoise(x, s, rng.form), cond.denoise(x, s, rng.form)
-        return (d_u + cfg * (d_c - d_u)).to(x.dtype)
-
     x = full.sample(128, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
     fine = schedules.get_sigmas("logsnr_uniform", 400, p)
     reference = sample_dpmpp_multistep(guided, x, fine, parameterization=p, order=3, disable=True,

@@ -196,3 +196,17 @@ def test_per_sample_rms_and_input_validation():
     with pytest.raises(ValueError, match="sigma_start"):
         _single(1.0, 2).ode_solution(a[:, :2], 1.0, 2.0)
     assert math.isfinite(float(GaussianData(1.0, 4).marginal_var(0.0, "flow")))
+
+
+def test_guided_mixture_interpolates_and_extrapolates_the_two_denoisers():
+    """cfg 0 is the unconditional mixture, cfg 1 the first components' own mixture (renormalised),
+    and cfg 3 lies on the line through them, three times as far."""
+    full = analytic.GaussianMixture.random(6, 5, (0.1, 0.3), 7)
+    cond = analytic.GaussianMixture(full.means[:2], full.stds[:2], full.weights[:2])
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2.0
+    for form, sigma in (("ve", 1.7), ("flow", 0.6)):
+        d_u, d_c = full.denoise(x, sigma, form), cond.denoise(x, sigma, form)
+        for cfg, expected in ((0.0, d_u), (1.0, d_c), (3.0, d_u + 3.0 * (d_c - d_u))):
+            torch.testing.assert_close(analytic.GuidedMixture(full, 2, cfg).denoise(x, sigma, form), expected)
+    with pytest.raises(ValueError, match="n_cond"):
+        analytic.GuidedMixture(full, 6, 2.0)
