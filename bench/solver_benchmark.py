@@ -573,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 problems, 256 samples, a reduced ComfyUI grid")
     ap.add_argument("--out", type=Path, default=None, help="markdown file to update (e.g. docs/benchmarks.md)")
     ap.add_argument("--plot", type=Path, default=None, help="PNG plot path (default: next to --out)")
-    ap.add_argument("--samples", type=int, default=None, help=f"trajectories per problem ({QUICK_SAMPLES} quick, {FULL_SAMPLES} full)")
+    ap.add_argument("--samples", type=int, default=None,
+                    help=f"trajectories per problem ({QUICK_SAMPLES} quick, {FULL_SAMPLES} full)")
     ap.add_argument("--stochastic", action="store_true",
                     help="also run ComfyUI's stochastic samplers with their default noise (slow, never 'best')")
     ap.add_argument("--no-tier2", action="store_true", help="skip tier 2 (the tiny trained teacher)")
