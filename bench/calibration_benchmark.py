@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 problems, 256 samples, a reduced ComfyUI grid")
     ap.add_argument("--out", type=Path, default=None, help="markdown file to update (e.g. docs/benchmarks.md)")
-    ap.add_argument("--samples", type=int, default=None, help="evaluation trajectories per problem (256 / 512)")
+    ap.add_argument("--samples", type=int, default=None,
+                    help=f"evaluation trajectories per problem ({sb.QUICK_SAMPLES} / {sb.FULL_SAMPLES})")
     ap.add_argument("--no-teacher", action="store_true", help="skip the tiny trained teacher")
     args = ap.parse_args(argv)
     check_out(args.out)
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from comfyui_fewstep.samplers import calibration as cal
 
     comfy = _comfy.import_comfy()
-    n_samples = args.samples or (256 if args.quick else 512)
+    n_samples = args.samples or (sb.QUICK_SAMPLES if args.quick else sb.FULL_SAMPLES)
     problems_spec = sb.QUICK_PROBLEMS if args.quick else sb.FULL_PROBLEMS
     bench = sb.Bench(pkg, NFES)
     samplers, schedulers = [], []
