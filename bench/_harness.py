@@ -47,6 +47,8 @@ class Result:
     error: str = ""
     #: per trajectory, whether it ended in another mixture component than the reference
     changed: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    #: total-variation distance of the output's component proportions to the reference's
+    composition: float = math.nan
 
     @property
     def label(self) -> str:
@@ -79,6 +81,19 @@ def measure_samples(
     comp = problem.mixture.nearest_component(torch.nan_to_num(out))
     changed = (comp != problem.reference_component) | ~finite
     return float(err.median()), float(torch.quantile(err, 0.9)) if bool(finite.all()) else math.inf, changed
+
+
+def composition_distance(problem: Any, out: torch.Tensor) -> float:
+    """Total-variation distance between the mixture-component proportions of ``out`` and of the
+    reference, ``1/2 sum_k |p_k - q_k|``: 0 when the samples that change component only swap places
+    (the mix of components is kept), at most the flip rate when they all move one way. A non-finite
+    sample is placed like :func:`measure_samples` places it (after ``nan_to_num``)."""
+    reference = problem.reference_component
+    comp = problem.mixture.nearest_component(torch.nan_to_num(out.to(torch.float64)))
+    k = int(max(int(reference.max()), int(comp.max()))) + 1
+    p = torch.bincount(comp, minlength=k).to(torch.float64) / comp.numel()
+    q = torch.bincount(reference, minlength=k).to(torch.float64) / reference.numel()
+    return 0.5 * float((p - q).abs().sum())
 
 
 def paired_flips(ours: Result, other: Result) -> tuple[int, int, float]:

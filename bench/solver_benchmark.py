@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _comfy  # noqa: E402
 from _harness import (  # noqa: E402
-    ROOT, Result, check_out, ddim, euler_ode, import_package, measure_samples, paired_flips, write_section,
+    ROOT, Result, check_out, composition_distance, ddim, euler_ode, import_package, measure_samples,
+    paired_flips, write_section,
 )
 from _tier2 import make_teacher_problem  # noqa: E402
 
@@ -220,7 +221,8 @@ class Bench:
             out = run(model)
             med, p90, changed = measure_samples(problem, out, self.analytic.per_sample_rms)
             res = Result(problem.name, source, method, schedule, target, model.nfe, med, p90,
-                         float(changed.to(torch.float64).mean()), stochastic, changed=changed)
+                         float(changed.to(torch.float64).mean()), stochastic, changed=changed,
+                         composition=composition_distance(problem, out))
         except Exception as exc:  # a sampler/scheduler combination that fails is reported, not fatal
             res = Result(problem.name, source, method, schedule, target, model.nfe, math.inf, math.inf, 1.0,
                          stochastic, f"{type(exc).__name__}: {exc}"[:120])
@@ -496,6 +498,13 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
                     f"component with ours only / with the best {base} only; exact two-sided McNemar p of the "
                     "difference, small when it is not chance): " + "; ".join(
                         f"{c.problem} NFE {c.nfe}: {a} / {b_} (p = {pv:.2g})" for c, (a, b_, pv) in paired
+                    ) + ".")
+                lines.append(
+                    "Whether they change the mix of components (total-variation distance between the "
+                    "output's and the reference's component proportions; 0 when the changed samples only "
+                    f"swap places, up to the flip rate), ours / the best {base}: " + "; ".join(
+                        f"{c.problem} NFE {c.nfe}: {c.ours.composition:.3f} / {c.base.composition:.3f}"
+                        for c, _ in paired
                     ) + ".")
             rescued = [(c.problem, c.nfe, c.any_ok) for c in missed if c.any_ok is not None]
             if rescued:
