@@ -34,13 +34,25 @@ def _alias_package() -> None:
 _alias_package()
 
 
-def _load_helper(name: str):
-    """A ``tests/_<name>.py`` helper module (``--import-mode=importlib`` puts no test folder on sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"fewstep_tests_{name}", ROOT / "tests" / f"_{name}.py")
+def _load_module(name: str, path: Path):
+    """The module in the file ``path``, imported as ``name`` (``--import-mode=importlib`` puts no test
+    folder on sys.path, and the benchmarks' folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _load_helper(name: str):
+    """A ``tests/_<name>.py`` helper module."""
+    return _load_module(f"fewstep_tests_{name}", ROOT / "tests" / f"_{name}.py")
+
+
+@pytest.fixture(scope="session")
+def bench_harness():
+    """``bench/_harness.py``, the benchmarks' shared measurements."""
+    return _load_module("fewstep_bench_harness", ROOT / "bench" / "_harness.py")
 
 
 @pytest.fixture(scope="session")

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from comfyui_fewstep.samplers.analytic import GaussianMixture
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def harness():
-    """``bench/_harness.py`` (the benchmarks' folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("fewstep_bench_harness", ROOT / "bench" / "_harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,34 +24,34 @@ def _outputs(problem, labels: list[int]) -> torch.Tensor:
     return problem.means[torch.tensor(labels)] + 0.01
 
 
-def test_swapped_components_keep_the_mix(harness, problem):
+def test_swapped_components_keep_the_mix(bench_harness, problem):
     """Two samples that trade components are two flips but leave the proportions as they were."""
     labels = problem.reference_component.tolist()
     labels[0], labels[4] = labels[4], labels[0]
-    assert harness.composition_distance(problem, _outputs(problem, labels)) == pytest.approx(0.0)
-    assert harness.composition_distance(problem, _outputs(problem, problem.reference_component.tolist())) == 0.0
+    assert bench_harness.composition_distance(problem, _outputs(problem, labels)) == pytest.approx(0.0)
+    assert bench_harness.composition_distance(problem, _outputs(problem, problem.reference_component.tolist())) == 0.0
 
 
-def test_changes_one_way_move_the_mix_by_the_flip_rate(harness, problem):
+def test_changes_one_way_move_the_mix_by_the_flip_rate(bench_harness, problem):
     """k of n samples all leaving component 0 for component 2: the distance is k / n, the flip rate."""
     labels = problem.reference_component.tolist()
     labels[0] = labels[1] = labels[2] = 2
-    assert harness.composition_distance(problem, _outputs(problem, labels)) == pytest.approx(3 / 12)
+    assert bench_harness.composition_distance(problem, _outputs(problem, labels)) == pytest.approx(3 / 12)
 
 
-def test_mcnemar_exact_p(harness):
+def test_mcnemar_exact_p(bench_harness):
     """Discordant pairs 10 / 0: two-sided p = 2 / 2^10; 3 / 3 is chance (p = 1); concordant flips do not count."""
     def result(flags: list[bool]):
         return SimpleNamespace(changed=torch.tensor(flags))
 
     ours = result([True] * 10 + [True, False])
     other = result([False] * 10 + [True, False])
-    assert harness.paired_flips(ours, other) == (10, 0, pytest.approx(2 / 2**10))
-    a, b, p = harness.paired_flips(result([True] * 3 + [False] * 3), result([False] * 3 + [True] * 3))
+    assert bench_harness.paired_flips(ours, other) == (10, 0, pytest.approx(2 / 2**10))
+    a, b, p = bench_harness.paired_flips(result([True] * 3 + [False] * 3), result([False] * 3 + [True] * 3))
     assert (a, b) == (3, 3) and p == 1.0
     # 7 / 1: P(X <= 1) for Binomial(8, 1/2) is 9 / 256, doubled
-    assert harness.paired_flips(result([True] * 7 + [False]), result([False] * 7 + [True]))[2] == pytest.approx(
+    assert bench_harness.paired_flips(result([True] * 7 + [False]), result([False] * 7 + [True]))[2] == pytest.approx(
         2 * 9 / 256)
     with pytest.raises(ValueError, match="per trajectory"):
-        harness.paired_flips(SimpleNamespace(changed=None), other)
-    assert math.isnan(harness.Result("p", "ours", "m", "s", 5, 5, 0.1, 0.2, 0.0).composition)
+        bench_harness.paired_flips(SimpleNamespace(changed=None), other)
+    assert math.isnan(bench_harness.Result("p", "ours", "m", "s", 5, 5, 0.1, 0.2, 0.0).composition)
