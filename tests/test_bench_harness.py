@@ -29,7 +29,8 @@ def test_swapped_components_keep_the_mix(bench_harness, problem):
     labels = problem.reference_component.tolist()
     labels[0], labels[4] = labels[4], labels[0]
     assert bench_harness.composition_distance(problem, _outputs(problem, labels)) == pytest.approx(0.0)
-    assert bench_harness.composition_distance(problem, _outputs(problem, problem.reference_component.tolist())) == 0.0
+    unchanged = _outputs(problem, problem.reference_component.tolist())
+    assert bench_harness.composition_distance(problem, unchanged) == 0.0
 
 
 def test_changes_one_way_move_the_mix_by_the_flip_rate(bench_harness, problem):
@@ -40,7 +41,8 @@ def test_changes_one_way_move_the_mix_by_the_flip_rate(bench_harness, problem):
 
 
 def test_mcnemar_exact_p(bench_harness):
-    """Discordant pairs 10 / 0: two-sided p = 2 / 2^10; 3 / 3 is chance (p = 1); concordant flips do not count."""
+    """Discordant pairs 10 / 0: two-sided p = 2 / 2^10; 3 / 3 is chance (p = 1); samples that change
+    component with both do not count."""
     def result(flags: list[bool]):
         return SimpleNamespace(changed=torch.tensor(flags))
 
@@ -50,8 +52,8 @@ def test_mcnemar_exact_p(bench_harness):
     a, b, p = bench_harness.paired_flips(result([True] * 3 + [False] * 3), result([False] * 3 + [True] * 3))
     assert (a, b) == (3, 3) and p == 1.0
     # 7 / 1: P(X <= 1) for Binomial(8, 1/2) is 9 / 256, doubled
-    assert bench_harness.paired_flips(result([True] * 7 + [False]), result([False] * 7 + [True]))[2] == pytest.approx(
-        2 * 9 / 256)
+    _, _, p = bench_harness.paired_flips(result([True] * 7 + [False]), result([False] * 7 + [True]))
+    assert p == pytest.approx(2 * 9 / 256)
     with pytest.raises(ValueError, match="per trajectory"):
         bench_harness.paired_flips(SimpleNamespace(changed=None), other)
     assert math.isnan(bench_harness.Result("p", "ours", "m", "s", 5, 5, 0.1, 0.2, 0.0).composition)
