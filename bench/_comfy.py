@@ -38,6 +38,11 @@ ODE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp_3m_sde(eta=0)": ("dpmpp_3m_sde", {"eta": 0.0}),
     "dpmpp_2s_ancestral(eta=0)": ("dpmpp_2s_ancestral", {"eta": 0.0}),
     "dpmpp_sde(eta=0)": ("dpmpp_sde", {"eta": 0.0}),
+    # SamplerER_SDE with solver_type "ODE": s_noise 0 and the noise scaler x ** (eta + 1) at eta 0
+    "er_sde(ode)": ("er_sde", {"s_noise": 0.0, "noise_scaler": lambda x: x, "max_stage": 3}),
+    # SamplerSASolver with eta 0: tau = 0 everywhere (its node's default orders, predictor 3, corrector 4)
+    "sa_solver(eta=0)": ("sa_solver", {"tau_func": lambda sigma: 0.0, "s_noise": 0.0}),
+    "sa_solver_pece(eta=0)": ("sa_solver_pece", {"tau_func": lambda sigma: 0.0, "s_noise": 0.0}),
 }
 
 
@@ -149,8 +154,10 @@ def sampler_list(comfy: Any, include_stochastic: bool = False) -> tuple[list[Com
         out.append(ComfySampler(name, name, {}, name in STOCHASTIC))
     if stochastic:
         skipped.append(
-            "the stochastic samplers with their default noise (" + ", ".join(stochastic) + "; pathwise error "
-            "against the ODE solution is not what they optimise, their deterministic eta=0 configurations are run)"
+            "the stochastic samplers with their default noise (" + ", ".join(stochastic) + "; pathwise "
+            "error against the ODE solution is not what they optimise; the deterministic configurations "
+            "that ComfyUI's sampler nodes offer are run: eta=0 for the DPM-Solver++ SDE samplers and "
+            "SA-Solver, solver type ODE for ER-SDE)"
         )
     for label, (base, options) in ODE_VARIANTS.items():
         out.append(ComfySampler(label, base, options, False))
@@ -168,6 +175,28 @@ def comfy_sigmas(comfy: Any, ms: Any, scheduler: str, steps: int, sampler: str) 
     if discard:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     return sigmas
+
+
+def start_state(
+    ms: Any, sigmas: torch.Tensor, x_start: torch.Tensor, noise: torch.Tensor | None
+) -> torch.Tensor:
+    """The state a run on a ComfyUI schedule starts from, for trajectories that start at ``x_start``.
+
+    Every run starts from the exact marginal sample ``x_start`` at the model's ``sigma_max``. One
+    ComfyUI scheduler, ``ddim_uniform``, starts lower (at the first of its strided timesteps: 5.1
+    for SD1.5 at 5 steps, 0.80 for flow with shift 1). There KSampler starts from
+    ``model_sampling.noise_scaling(sigmas[0], noise, empty latent)``: the same noise scaled to that
+    sigma, without data content. A schedule that starts below ``sigma_max`` gets that state, built
+    from the trajectory's own noise, so its result is the one ComfyUI gives for the same seed.
+    """
+    sigma0 = sigmas[:1].to(torch.float64)
+    if float(sigma0) >= float(ms.sigma_max) * (1.0 - 1e-5):
+        return x_start
+    if noise is None:
+        raise ValueError("a schedule that starts below sigma_max needs the trajectories' noise "
+                         "(Problem.noise)")
+    eps = noise.to(torch.float64)
+    return ms.noise_scaling(sigma0, eps, torch.zeros_like(eps), max_denoise=False).to(x_start.dtype)
 
 
 def sampler_function(comfy: Any, sampler: ComfySampler):

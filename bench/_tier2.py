@@ -43,6 +43,7 @@ class TeacherProblem:
     reference: torch.Tensor
     teacher: Any
     mixture: Any = _NoComponents()
+    noise: torch.Tensor | None = None
 
     @property
     def form(self) -> str:
@@ -73,8 +74,9 @@ def make_teacher_problem(pkg: Any, n_samples: int, seed: int = 0, reference_step
             CountingTeacher(teacher), x_start.clone(), sigmas.to(torch.float64), parameterization=p, order=3,
             resume_history=False, disable=True,
         )
-    return TeacherProblem("tiny_teacher/digits8", rng, x_start.reshape(n_samples, -1), reference.reshape(n_samples, -1),
-                          _Flat(teacher))
+    flat = x_start.reshape(n_samples, -1)
+    return TeacherProblem("tiny_teacher/digits8", rng, flat, reference.reshape(n_samples, -1), _Flat(teacher),
+                          noise=flat / rng.sigma_max)
 
 
 class _Flat:

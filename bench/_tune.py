@@ -37,10 +37,10 @@ def held_out_problem(analytic: Any, range_name: str, mixture_seed: int, n_sample
     rng = analytic.RANGE_PRESETS[range_name]
     mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), mixture_seed)
     g = torch.Generator().manual_seed(1)
-    x_start = mixture.sample(n_samples, rng.sigma_max, rng.form, generator=g)
+    x_start, noise = mixture.sample_with_noise(n_samples, rng.sigma_max, rng.form, generator=g)
     reference = mixture.ode_solution(x_start, rng.sigma_max, 0.0, rng.form)
     return analytic.Problem(f"{range_name}/seed{mixture_seed}", mixture, rng, x_start, reference,
-                            mixture.nearest_component(reference))
+                            mixture.nearest_component(reference), noise)
 
 
 def candidates() -> list[tuple[str, dict[str, Any], str]]:
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                             try:
                                 with warnings.catch_warnings():
                                     warnings.simplefilter("ignore")
-                                    out = fn(_comfy.ComfyModel(model, ms), x.clone(), sig.clone(),
+                                    x0 = _comfy.start_state(ms, sig, prob.x_start, prob.noise).float()
+                                    out = fn(_comfy.ComfyModel(model, ms), x0, sig.clone(),
                                              extra_args={"seed": 0}, callback=None, disable=True, **options)
                             except Exception:  # noqa: BLE001, S112 - a failing combination is skipped
                                 continue
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         sig = schedules.get_sigmas(schedule, nfe, p)
                     model = prob.denoiser()
-                    out = pkg.samplers.sample_dpmpp_multistep(model, x, sig, parameterization=p,
+                    x0 = x if ms is None else _comfy.start_state(ms, sig, prob.x_start, prob.noise).float()
+                    out = pkg.samplers.sample_dpmpp_multistep(model, x0, sig, parameterization=p,
                                                               resume_history=False, disable=True, **opts)
                     med, _, flips = measure(prob, out, analytic.per_sample_rms)
                     meds.append(med)

@@ -261,7 +261,7 @@ class Bench:
             for scheduler in schedulers:
                 for nfe in self.nfes:
                     sigmas = _comfy.comfy_sigmas(comfy, ms, scheduler, nfe, "")
-                    x = problem.x_start.to(DTYPE)
+                    x = _comfy.start_state(ms, sigmas, problem.x_start, problem.noise).to(DTYPE)
 
                     def run(model, sigmas=sigmas, options=options, x=x):
                         return self.multistep(model, x, sigmas, parameterization=p, resume_history=False,
@@ -307,7 +307,7 @@ class Bench:
                     continue
                 for scheduler in schedulers:
                     sigmas = _comfy.comfy_sigmas(comfy, ms, scheduler, steps, sampler.base)
-                    x = problem.x_start.to(DTYPE)
+                    x = _comfy.start_state(ms, sigmas, problem.x_start, problem.noise).to(DTYPE)
 
                     def run(model, sigmas=sigmas, x=x, fn=fn, options=options):
                         wrapped = _comfy.ComfyModel(model, ms)
@@ -386,8 +386,9 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
         lines += [
             "ComfyUI samplers are driven directly with the exact denoiser as `model` and schedules from "
             "`calculate_sigmas` on a real `ModelSampling` object (discard-penultimate rule applied). "
-            "Deterministic configurations of the SDE samplers reachable through ComfyUI's sampler nodes "
-            "(`eta=0`) are included; stochastic samplers, when run (`--stochastic`), never count as \"best\". "
+            "Deterministic configurations of the stochastic samplers reachable through ComfyUI's sampler "
+            "nodes are included (`eta=0`; ER-SDE as `ode`, its node's solver type ODE); stochastic samplers, "
+            "when run (`--stochastic`), never count as \"best\". "
             "Not run: " + (", ".join(skipped) or "none") + ".",
             "",
         ]

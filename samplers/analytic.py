@@ -263,11 +263,17 @@ class GaussianMixture:
 
     def sample(self, n: int, sigma: float, form: Form = "ve", generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` draws of ``x_sigma = alpha x0 + sigma eps`` from the exact marginal, ``[n, dim]``."""
+        return self.sample_with_noise(n, sigma, form, generator)[0]
+
+    def sample_with_noise(
+        self, n: int, sigma: float, form: Form = "ve", generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample` and the standard-normal ``eps`` of each draw (the same draws)."""
         s = torch.tensor([float(sigma)], dtype=_DTYPE)
         alpha, sig = _alpha_sigma(s, form)
         x0, _ = self.sample_data(n, generator)
         eps = torch.randn(n, self.dim, dtype=_DTYPE, generator=generator)
-        return alpha * x0 + sig * eps
+        return alpha * x0 + sig * eps, eps
 
     def nearest_component(self, x: torch.Tensor) -> torch.Tensor:
         """Most probable component of a clean sample: ``argmax_k log w_k + log N(x; m_k, s_k^2 I)``."""
@@ -483,6 +489,8 @@ class Problem:
     x_start: torch.Tensor
     reference: torch.Tensor
     reference_component: torch.Tensor
+    #: the standard-normal noise in ``x_start = alpha x0 + sigma_max * noise``, when known
+    noise: torch.Tensor | None = None
 
     @property
     def form(self) -> Form:
@@ -501,8 +509,9 @@ def make_problem(range_name: str, mixture_name: str = "gmm16", n_samples: int = 
     rng = RANGE_PRESETS[range_name]
     mixture = MIXTURE_PRESETS[mixture_name].build()
     g = torch.Generator().manual_seed(seed)
-    x_start = mixture.sample(n_samples, rng.sigma_max, rng.form, generator=g)
+    x_start, noise = mixture.sample_with_noise(n_samples, rng.sigma_max, rng.form, generator=g)
     reference = mixture.ode_solution(x_start, rng.sigma_max, 0.0, rng.form)
     return Problem(
-        f"{range_name}/{mixture_name}", mixture, rng, x_start, reference, mixture.nearest_component(reference)
+        f"{range_name}/{mixture_name}", mixture, rng, x_start, reference,
+        mixture.nearest_component(reference), noise,
     )

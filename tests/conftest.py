@@ -56,6 +56,12 @@ def bench_harness():
 
 
 @pytest.fixture(scope="session")
+def bench_comfy(comfy):
+    """``bench/_comfy.py``, the benchmarks' driver of ComfyUI's samplers, with ComfyUI imported."""
+    return _load_module("fewstep_bench_comfy", ROOT / "bench" / "_comfy.py")
+
+
+@pytest.fixture(scope="session")
 def guided_preset_errors():
     """``tests/_guided.py``'s ``preset_errors``: the few-step preset on a guided Gaussian mixture."""
     return _load_helper("guided").preset_errors
