@@ -29,7 +29,8 @@ from _harness import import_package, measure
 
 RANGES = ("sd15", "edm", "flow_shift1", "flow_shift3")
 COMFY_SAMPLERS = ("ipndm_v", "ipndm", "deis", "uni_pc", "uni_pc_bh2", "dpmpp_2m", "gradient_estimation",
-                  "res_multistep", "dpmpp_2m_sde(eta=0)", "dpmpp_3m_sde(eta=0)", "euler", "lms")
+                  "res_multistep", "dpmpp_2m_sde(eta=0)", "dpmpp_3m_sde(eta=0)", "euler", "lms", "er_sde(ode)",
+                  "sa_solver(eta=0)")
 
 
 def held_out_problem(analytic: Any, range_name: str, mixture_seed: int, n_samples: int) -> Any:
