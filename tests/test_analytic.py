@@ -210,3 +210,14 @@ def test_guided_mixture_interpolates_and_extrapolates_the_two_denoisers():
             torch.testing.assert_close(analytic.GuidedMixture(full, 2, cfg).denoise(x, sigma, form), expected)
     with pytest.raises(ValueError, match="n_cond"):
         analytic.GuidedMixture(full, 6, 2.0)
+
+
+def test_the_noise_is_the_one_in_the_marginal_sample():
+    """``x_start = alpha x0 + sigma_max noise``: at flow's sigma_max = 1 the sample is its noise."""
+    problem = analytic.make_problem("flow_shift1", "gmm2", n_samples=16)
+    torch.testing.assert_close(problem.x_start, problem.noise, rtol=0, atol=0)
+    mixture = analytic.MIXTURE_PRESETS["gmm2"].build()
+    x = mixture.sample(16, 14.6, "ve", generator=torch.Generator().manual_seed(3))
+    x2, eps = mixture.sample_with_noise(16, 14.6, "ve", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(x, x2)
+    assert 0.5 < float((x - 14.6 * eps).std()) < 1.5  # what is left is the data, x0, of order 1

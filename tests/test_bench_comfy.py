@@ -39,17 +39,6 @@ def test_ddim_uniform_starts_lower_from_the_same_noise(bench_comfy, range_name):
         bench_comfy.start_state(ms, sigmas, problem.x_start, None)
 
 
-def test_the_noise_is_the_one_in_the_marginal_sample():
-    """``x_start = alpha x0 + sigma_max noise``: at flow's sigma_max = 1 the sample is its noise."""
-    problem = analytic.make_problem("flow_shift1", "gmm2", n_samples=16)
-    torch.testing.assert_close(problem.x_start, problem.noise, rtol=0, atol=0)
-    mixture = analytic.MIXTURE_PRESETS["gmm2"].build()
-    x = mixture.sample(16, 14.6, "ve", generator=torch.Generator().manual_seed(3))
-    x2, eps = mixture.sample_with_noise(16, 14.6, "ve", generator=torch.Generator().manual_seed(3))
-    assert torch.equal(x, x2)
-    assert 0.5 < float((x - 14.6 * eps).std()) < 1.5  # what is left is the data, of variance 0.7-1
-
-
 @pytest.mark.parametrize("name", ["er_sde(ode)", "sa_solver(eta=0)", "sa_solver_pece(eta=0)"])
 @pytest.mark.parametrize("range_name", ["edm", "flow_shift3"])
 def test_deterministic_configurations_solve_the_ode(bench_comfy, name, range_name):
