@@ -386,6 +386,8 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
         lines += [
             "ComfyUI samplers are driven directly with the exact denoiser as `model` and schedules from "
             "`calculate_sigmas` on a real `ModelSampling` object (discard-penultimate rule applied). "
+            "A schedule that starts below sigma_max (`ddim_uniform`) starts where KSampler starts it: from "
+            "the trajectory's noise scaled to its first sigma (`noise_scaling`, empty latent). "
             "Deterministic configurations of the stochastic samplers reachable through ComfyUI's sampler "
             "nodes are included (`eta=0`; ER-SDE as `ode`, its node's solver type ODE); stochastic samplers, "
             "when run (`--stochastic`), never count as \"best\". "
