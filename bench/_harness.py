@@ -66,30 +66,31 @@ class Result:
 
 def measure(problem: Any, out: torch.Tensor, per_sample_rms: Callable) -> tuple[float, float, float]:
     """Median and 90th-percentile per-sample RMS error at sigma = 0, and the mode-flip rate."""
-    med, p90, changed = measure_samples(problem, out, per_sample_rms)
+    med, p90, changed, _ = measure_samples(problem, out, per_sample_rms)
     return med, p90, float(changed.to(torch.float64).mean())
 
 
 def measure_samples(
     problem: Any, out: torch.Tensor, per_sample_rms: Callable
-) -> tuple[float, float, torch.Tensor]:
-    """As :func:`measure`, with the mode flips per trajectory (a non-finite sample counts as one)."""
+) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """As :func:`measure`, with the mode flips per trajectory (a non-finite sample counts as one) and
+    the component each output is nearest to (a non-finite one placed after ``nan_to_num``)."""
     out = out.to(torch.float64)
     finite = torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
     err = per_sample_rms(torch.where(finite[:, None], out, torch.zeros_like(out)), problem.reference)
     err = torch.where(finite, err, torch.full_like(err, math.inf))
     comp = problem.mixture.nearest_component(torch.nan_to_num(out))
     changed = (comp != problem.reference_component) | ~finite
-    return float(err.median()), float(torch.quantile(err, 0.9)) if bool(finite.all()) else math.inf, changed
+    p90 = float(torch.quantile(err, 0.9)) if bool(finite.all()) else math.inf
+    return float(err.median()), p90, changed, comp
 
 
-def composition_distance(problem: Any, out: torch.Tensor) -> float:
-    """Total-variation distance between the mixture-component proportions of ``out`` and of the
-    reference, ``1/2 sum_k |p_k - q_k|``: 0 when the samples that change component only swap places
-    (the mix of components is kept), at most the flip rate when they all move one way. A non-finite
-    sample is placed like :func:`measure_samples` places it (after ``nan_to_num``)."""
+def composition_distance(problem: Any, comp: torch.Tensor) -> float:
+    """Total-variation distance between the mixture-component proportions of the outputs (their
+    nearest components ``comp``, as :func:`measure_samples` returns them) and of the reference,
+    ``1/2 sum_k |p_k - q_k|``: 0 when the samples that change component only swap places (the mix of
+    components is kept), at most the flip rate when they all move one way."""
     reference = problem.reference_component
-    comp = problem.mixture.nearest_component(torch.nan_to_num(out.to(torch.float64)))
     k = int(max(int(reference.max()), int(comp.max()))) + 1
     p = torch.bincount(comp, minlength=k).to(torch.float64) / comp.numel()
     q = torch.bincount(reference, minlength=k).to(torch.float64) / reference.numel()

@@ -219,10 +219,10 @@ class Bench:
         model = problem.denoiser()
         try:
             out = run(model)
-            med, p90, changed = measure_samples(problem, out, self.analytic.per_sample_rms)
+            med, p90, changed, comp = measure_samples(problem, out, self.analytic.per_sample_rms)
             res = Result(problem.name, source, method, schedule, target, model.nfe, med, p90,
                          float(changed.to(torch.float64).mean()), stochastic, changed=changed,
-                         composition=composition_distance(problem, out))
+                         composition=composition_distance(problem, comp))
         except Exception as exc:  # a sampler/scheduler combination that fails is reported, not fatal
             res = Result(problem.name, source, method, schedule, target, model.nfe, math.inf, math.inf, 1.0,
                          stochastic, f"{type(exc).__name__}: {exc}"[:120])
