@@ -71,14 +71,18 @@ def candidates() -> list[tuple[str, dict[str, Any], str]]:
         "2M+UniC final4g flow2nd gauss1st": {"order": 2, "corrector": "bh2", "final_order": 4,
                                              "final_weights": "gaussian", "second_step": "flow",
                                              "first_step": "gaussian"},
+        "2M+UniC final4g skip": {"order": 2, "corrector": "bh2", "final_order": 4,
+                                 "final_weights": "gaussian", "first_step": "skip"},
+        "2M+UniC final4g flow2nd skip": {"order": 2, "corrector": "bh2", "final_order": 4,
+                                         "final_weights": "gaussian", "second_step": "flow", "first_step": "skip"},
     }
     for label, opts in configs.items():
         for schedule in ("logsnr_uniform", "logsnr_window", "time_uniform", "exponential (ComfyUI)", "kl_optimal (ComfyUI)",
                          "beta (ComfyUI)", "sgm_uniform (ComfyUI)", "karras (ComfyUI)", "simple (ComfyUI)"):
             out.append((label, opts, schedule))
         if "final_order" in opts:  # the window for an accurate last step (samplers.schedules.FEWSTEP_WINDOW)
-            for lambda_start in (-2.0, -2.5, -3.0):
-                for sigma_end in (0.02, 0.03, 0.04):
+            for lambda_start in (-2.0, -2.5, -3.0, -3.5):
+                for sigma_end in (0.02, 0.03, 0.04, 0.05):
                     out.append((label, opts, f"logsnr_window:{lambda_start}:{sigma_end}"))
     return out
 
@@ -139,21 +143,24 @@ def main(argv: list[str] | None = None) -> int:
             for label, opts, schedule in cands:
                 meds = []
                 for nfe in nfes:
+                    steps = nfe + 1 if opts.get("first_step") == "skip" else nfe  # no call at sigma_max
                     if schedule.startswith("logsnr_window:"):  # logsnr_window:LAMBDA_START:SIGMA_END
                         _, lambda_start, sigma_end = schedule.split(":")
-                        sig = schedules.get_sigmas("logsnr_window", nfe, p, lambda_start=float(lambda_start),
+                        sig = schedules.get_sigmas("logsnr_window", steps, p, lambda_start=float(lambda_start),
                                                    sigma_end=float(sigma_end))
                     elif schedule.endswith("(ComfyUI)"):
                         if comfy is None:
                             meds.append(float("nan"))
                             continue
-                        sig = _comfy.comfy_sigmas(comfy, ms, schedule.split()[0], nfe, "")
+                        sig = _comfy.comfy_sigmas(comfy, ms, schedule.split()[0], steps, "")
                     else:
-                        sig = schedules.get_sigmas(schedule, nfe, p)
+                        sig = schedules.get_sigmas(schedule, steps, p)
                     model = prob.denoiser()
                     x0 = x if ms is None else _comfy.start_state(ms, sig, prob.x_start, prob.noise).float()
                     out = pkg.samplers.sample_dpmpp_multistep(model, x0, sig, parameterization=p,
                                                               resume_history=False, disable=True, **opts)
+                    if model.nfe != nfe:
+                        raise RuntimeError(f"{label} / {schedule} made {model.nfe} calls at a budget of {nfe}")
                     med, _, flips = measure(prob, out, analytic.per_sample_rms)
                     meds.append(med)
                     if nfe in best_comfy:

@@ -26,7 +26,7 @@ import torch
 from ..samplers.adaptive import sample_dpmpp_adaptive
 from ..samplers.fitted import sample_fitted_multistep
 from ..samplers.multistep import sample_dpmpp_multistep
-from ..samplers.schedules import FEWSTEP_WINDOW
+from ..samplers.schedules import FEWSTEP_WINDOW, SKIP_WINDOW
 from ..samplers.singlestep import sample_dpmpp_singlestep
 from ._comfy_sampling import parameterization_for_denoiser
 
@@ -98,6 +98,16 @@ PRESETS: dict[str, Preset] = {
         "use it with the fewstep_window scheduler at 5-10 steps",
         "DPM-Solver++(2M) + UniC-bh2 + gaussian first step + order-4 last step (gaussian weights)",
         {"logsnr_window": FEWSTEP_WINDOW},
+    ),
+    "dpmpp_2m_fast_skip": Preset(
+        "multistep",
+        {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian", "first_step": "skip"},
+        "the few-step preset without the model call at the first sigma (first_step skip: N steps cost "
+        "N-1 calls, the data mean is solved from the next call), for sampling without or with moderate "
+        "guidance (cfg up to about 7; guidance-distilled models at cfg 1); use it with the "
+        "fewstep_skip_window scheduler at 5-11 steps",
+        "DPM-Solver++(2M) + UniC-bh2 + skip start + order-4 last step (gaussian weights)",
+        {"logsnr_window": SKIP_WINDOW},
     ),
 }
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)

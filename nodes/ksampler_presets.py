@@ -27,7 +27,7 @@ from typing import Any
 import comfy.k_diffusion.sampling as k_diffusion_sampling
 import comfy.samplers
 
-from ..samplers.schedules import FEWSTEP_WINDOW, get_sigmas
+from ..samplers.schedules import FEWSTEP_WINDOW, SKIP_WINDOW, get_sigmas
 from ._comfy_sampler import PRESETS, comfy_sampler_function
 from ._comfy_sampling import parameterization_from_model_sampling
 
@@ -42,6 +42,7 @@ SAMPLER_PRESETS: dict[str, str] = {PREFIX + name: name for name in PRESETS}
 SCHEDULER_PRESETS: dict[str, str] = {
     PREFIX + "logsnr": "logsnr_uniform",
     PREFIX + "window": "logsnr_window",
+    PREFIX + "skip_window": "logsnr_window",
     PREFIX + "time_uniform": "time_uniform",
     PREFIX + "time_quadratic": "time_quadratic",
     PREFIX + "ays": "ays",
@@ -49,9 +50,14 @@ SCHEDULER_PRESETS: dict[str, str] = {
 }
 """KSampler scheduler name -> schedule name in ``samplers.schedules``."""
 
-SCHEDULER_OPTIONS: dict[str, dict[str, float]] = {PREFIX + "window": FEWSTEP_WINDOW}
+SCHEDULER_OPTIONS: dict[str, dict[str, float]] = {
+    PREFIX + "window": FEWSTEP_WINDOW,
+    PREFIX + "skip_window": SKIP_WINDOW,
+}
 """Options of a KSampler scheduler preset: ``fewstep_window`` is the few-step preset's window
-(for ``fewstep_dpmpp_2m_fast``; see ``samplers.schedules.FEWSTEP_WINDOW``)."""
+(for ``fewstep_dpmpp_2m_fast``; see ``samplers.schedules.FEWSTEP_WINDOW``), ``fewstep_skip_window``
+that of the preset without the first call (``fewstep_dpmpp_2m_fast_skip``, whose N steps cost N-1
+calls; ``samplers.schedules.SKIP_WINDOW``)."""
 
 _MARK = "_fewstep_preset"
 

@@ -329,7 +329,8 @@ class FewStepNFEPlan(io.ComfyNode):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {PRESET_NAMES}")
         spec = PRESETS[preset]
-        plan = steps_for_nfe(spec.solver, int(nfe), spec.order)
+        plan = steps_for_nfe(spec.solver, int(nfe), spec.order,
+                             skip_start=spec.options.get("first_step") == "skip")
         # a preset may come with its own schedule options (the few-step preset's window)
         window = spec.schedule_options.get(schedule, {})
         sigmas = sigmas_for_model(model, schedule, plan.steps, denoise, **window)

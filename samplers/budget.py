@@ -113,11 +113,15 @@ def singlestep_orders(nfe: int, order: int) -> list[int]:
     return [3] * (k - 1) + [2]
 
 
-def steps_for_nfe(solver: SolverKind, nfe: int, order: int, final_step: FinalStep = "zero") -> StepPlan:
+def steps_for_nfe(
+    solver: SolverKind, nfe: int, order: int, final_step: FinalStep = "zero", skip_start: bool = False
+) -> StepPlan:
     """Plan the schedule for a budget of ``nfe`` model calls.
 
     * ``multistep``: one call per step, so ``nfe`` steps; the first ``order - 1`` steps warm up
-      at lower order (Lu et al. 2022b, arXiv 2211.01095, Alg. 2).
+      at lower order (Lu et al. 2022b, arXiv 2211.01095, Alg. 2). With ``skip_start``
+      (``first_step="skip"``, :mod:`.gaussian_start`) the first step makes no call at ``sigma_max``,
+      so ``nfe + 1`` steps (its first executed step is listed as order 1).
     * ``singlestep``: the steps and orders of :func:`singlestep_orders`; with ``final_step="zero"``
       the last step (to sigma = 0) is the first-order denoise, so an allocation that does not
       end in order 1 becomes ``singlestep_orders(nfe - 1, order) + [1]``, with a first-order
@@ -149,8 +153,16 @@ def steps_for_nfe(solver: SolverKind, nfe: int, order: int, final_step: FinalSte
     if order > max_order:
         allowed = "1, 2, 3 or 4" if max_order == 4 else "1, 2 or 3"
         raise ValueError(f"{solver} order must be {allowed}, got {order}")
+    if skip_start and (solver != "multistep" or nfe < 2):
+        raise ValueError(
+            f"skip_start (first_step='skip') is a start of the multistep solver and needs at least 2 model "
+            f"calls; got solver={solver!r}, nfe={nfe}"
+        )
     if solver == "multistep":
         orders = tuple(min(order, i + 1) for i in range(nfe))
+        if skip_start:
+            orders = (1, *orders)
+            notes.append("no model call at sigma_max (first_step skip): one step more than calls")
         if nfe < order:
             reach = f"{nfe} steps reach" if nfe != 1 else "1 step reaches"
             notes.append(f"{reach} only order {max(orders)} (order {order} needs {order} steps of history)")

@@ -65,7 +65,7 @@ from ._loop import (
 )
 from .final_adams import FINAL_WEIGHTS, MAX_FINAL_ORDER, FinalAdamsStep, FinalWeights
 from .flow_step import SECOND_STEPS, SecondStep, with_flow_second_step
-from .gaussian_start import FIRST_STEPS, FirstStep, with_gaussian_first_step
+from .gaussian_start import FIRST_STEPS, FirstStep, skip_start, with_gaussian_first_step
 from .noise import PerSampleNoiseSampler
 from .parameterization import Parameterization
 from .unipc import CORRECTOR_VARIANTS, CorrectorVariant
@@ -290,7 +290,6 @@ def sample_dpmpp_multistep(
     points = values[:-1] if final_step == "sigma_min" and values and values[-1] == 0.0 else values
     if len(points) < 2:
         return x
-    n_steps = len(points) - 1
 
     # a run whose schedule ends above 0 is a part of a split schedule: another run continues it
     partial = values[-1] > 0.0
@@ -302,20 +301,24 @@ def sample_dpmpp_multistep(
     resumed_step = None
     if carried is not None and carried.x_prev is not None and corrector != "none":
         resumed_step = (carried.sigma_prev, carried.last_order)
+    # a generation from noise: the start call returns nearly the data mean (.flow_step, .gaussian_start)
+    from_noise = carried is None and points[0] >= p.sigma_max * (1.0 - 1e-3)
+    # first_step="skip": no call at sigma_max, the run goes on from points[1] (.gaussian_start)
+    skip = first_step == "skip" and from_noise and len(points) > 2
+    run = points[1:] if skip else points
+    n_steps = len(run) - 1
     plan = plan_multistep(
-        points, p, order=order, solver_type=solver_type, algorithm=algorithm,
+        run, p, order=order, solver_type=solver_type, algorithm=algorithm,
         lower_order_final=lower_order_final, lower_order_final_steps=lower_order_final_steps,
         euler_at_final=euler_at_final, eta=eta, s_noise=s_noise, corrector=corrector,
         third_order=third_order, history_lambdas=history_lambdas,
         steps_before=carried.steps if carried is not None else 0, partial=partial, resumed_step=resumed_step,
     )
-    # a generation from noise: the start call returns nearly the data mean (.flow_step, .gaussian_start)
-    from_noise = carried is None and points[0] >= p.sigma_max * (1.0 - 1e-3)
-    if first_step == "gaussian" and from_noise:
-        plan = with_gaussian_first_step(plan, points, p)
+    if first_step != "ddim" and from_noise:
+        plan = with_gaussian_first_step(plan, run, p)
     if second_step == "flow" and from_noise:
         plan = with_flow_second_step(
-            plan, points, p, order=order, solver_type=solver_type, lower_order_final=lower_order_final,
+            plan, run, p, order=order, solver_type=solver_type, lower_order_final=lower_order_final,
             lower_order_final_steps=lower_order_final_steps, euler_at_final=euler_at_final,
             corrector=corrector, third_order=third_order, partial=partial,
         )
@@ -324,7 +327,12 @@ def sample_dpmpp_multistep(
 
     if not partial and carried is None:  # a part of a split schedule is judged with the whole run
         log_lowered_order(f"DPM-Solver++({order}M)", order, max(c.order for c in plan), n_steps)
-    evaluate = ModelEvaluator(model, extra_args, x0_correction, n_steps, check_finite)
+    evaluate = ModelEvaluator(model, extra_args, x0_correction, len(points) - 1, check_finite)
+    offset = 1 if skip else 0  # the index in ``sigmas`` of the run's first point
+    if skip:
+        noise = x
+        x, start_denoised = skip_start(lambda x_call, sigma: evaluate(x_call, sigma, 1), x, p, points[0], points[1])
+        emit_callback(callback, 0, noise, points[0], start_denoised, sigmas)
     outputs: list[torch.Tensor] = list(carried.outputs[:order]) if carried is not None else []
     lambdas: list[float] = list(history_lambdas)
     # the UniC correction of an order-k step combines k + 1 outputs (the new one included)
@@ -334,13 +342,13 @@ def sample_dpmpp_multistep(
     final = FinalAdamsStep(final_order, p, final_weights) if final_order > 1 and points[-1] == 0.0 else None
     for i in progress(n_steps, disable):
         c = plan[i]
-        denoised = evaluate(x, c.sigma, i)
+        denoised = start_denoised if skip and i == 0 else evaluate(x, c.sigma, i + offset)
         m = denoised if (c.m_x, c.m_d) == (0.0, 1.0) else _combine([(c.m_x, x), (c.m_d, denoised)])
         outputs = [m, *outputs][:depth]
         lambdas = [c.lambda_, *lambdas][:depth]
         if c.corrector_m:
             x = _combine([(c.corrector_x, x_prev), *zip(c.corrector_m, outputs)])
-        emit_callback(callback, i, x, c.sigma, denoised, sigmas)
+        emit_callback(callback, i + offset, x, c.sigma, denoised, sigmas)
         x_prev = x
         if final is not None and i >= n_steps - final_order:  # only the calls the last step uses
             final.record(x, denoised, c.sigma)
@@ -349,7 +357,7 @@ def sample_dpmpp_multistep(
                 break
         x = _step(c, x, denoised, outputs, noise_sampler)
     if len(points) < len(values):  # stopped at sigma_min: the skipped step to 0 completes the bar
-        emit_callback(callback, n_steps, x, points[-1], denoised, sigmas)
+        emit_callback(callback, n_steps + offset, x, points[-1], denoised, sigmas)
 
     if uses_history and points[-1] > 0.0:
         keep = min(order, len(outputs))
@@ -358,7 +366,7 @@ def sample_dpmpp_multistep(
                 x=x, sigma=points[-1], algorithm=algorithm,
                 outputs=tuple(outputs[:keep]), lambdas=tuple(lambdas[:keep]),
                 x_prev=x_prev if corrector != "none" else None, sigma_prev=plan[-1].sigma,
-                last_order=plan[-1].order, steps=(carried.steps if carried is not None else 0) + n_steps,
+                last_order=plan[-1].order, steps=(carried.steps if carried is not None else 0) + len(points) - 1,
                 source=history_source,
             )
         )

@@ -75,6 +75,15 @@ FLOW_LAMBDA_MIN: float = -3.0
 #: 5-10 NFE (docs/benchmarks.md). The plain defaults stay those of the first-order last step.
 FEWSTEP_WINDOW: dict[str, float] = {"lambda_start": -2.0, "sigma_end": 0.03}
 
+#: ``logsnr_window`` options for the few-step preset without the call at ``sigma_max``
+#: (``first_step="skip"``, :mod:`.gaussian_start`; ``steps = calls + 1``). Its first call is the
+#: grid's second point, so the window starts earlier (-3: the first call near VE sigma 7 at 5
+#: calls) to keep that call where the prediction is still close to the Gaussian the start assumes.
+#: Chosen on held-out exact Gaussian-mixture denoisers (``bench/_tune.py``: SD1.5, EDM and flow
+#: shift 1 / 3 ranges, four mixtures each, 4-10 NFE) as the window that meets the benchmark's
+#: target on the most held-out cells (docs/benchmarks.md).
+SKIP_WINDOW: dict[str, float] = {"lambda_start": -3.0, "sigma_end": 0.03}
+
 #: GITS coefficients with published tables (hundredths: 80 = 0.80 .. 150 = 1.50).
 GITS_COEFFS: tuple[float, ...] = tuple(k / 100.0 for k in sorted(GITS_SD15_TABLES))
 
@@ -104,6 +113,7 @@ __all__ = [
     "FLOW_LAMBDA_MIN",
     "GITS_COEFFS",
     "SCHEDULE_DEFAULTS",
+    "SKIP_WINDOW",
     "SCHEDULE_NAMES",
     "ScheduleName",
     "get_sigmas",

@@ -18,7 +18,8 @@ PRESET = {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "ga
 
 def preset_errors(range_name: str, cfg: float, nfes: Sequence[int], option: str,
                   choices: Sequence[str]) -> dict[tuple[int, str], float]:
-    """Median per-sample error of the preset at each NFE with each value of ``option``."""
+    """Median per-sample error of the preset at each NFE with each value of ``option`` (``first_step``
+    ``skip`` on its own window, :data:`schedules.SKIP_WINDOW`, with one step more for the same calls)."""
     rng = analytic.RANGE_PRESETS[range_name]
     full = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), 12)
     guided = analytic.CountingDenoiser(analytic.GuidedMixture(full, 3, cfg), rng.form)
@@ -29,8 +30,11 @@ def preset_errors(range_name: str, cfg: float, nfes: Sequence[int], option: str,
                                        resume_history=False)
     errors = {}
     for nfe in nfes:
-        sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
         for choice in choices:
+            # the start without a call at sigma_max spends nfe calls on nfe + 1 steps of its own window
+            skip = option == "first_step" and choice == "skip"
+            window = schedules.SKIP_WINDOW if skip else schedules.FEWSTEP_WINDOW
+            sigmas = schedules.get_sigmas("logsnr_window", nfe + skip, p, **window)
             out = sample_dpmpp_multistep(guided, x, sigmas, parameterization=p, disable=True,
                                          resume_history=False, **PRESET, **{option: choice})
             errors[nfe, choice] = float(analytic.per_sample_rms(out, reference).median())

@@ -126,6 +126,18 @@ def test_plan_errors(args, exc, match):
         steps_for_nfe("multistep", 4, 2, final_step="none")  # type: ignore[arg-type]
 
 
+def test_skip_start_plans_one_step_more_than_calls():
+    plan = steps_for_nfe("multistep", 5, 2, skip_start=True)
+    assert (plan.steps, plan.nfe, plan.orders) == (6, 5, (1, 1, 2, 2, 2, 2))
+    assert "no model call at sigma_max" in plan.notes
+    assert plan.summary().startswith("5 model calls: 6 steps")
+    stop = steps_for_nfe("multistep", 5, 2, final_step="sigma_min", skip_start=True)
+    assert (stop.steps, stop.nfe) == (7, 5)
+    for args in (("singlestep", 6, 2), ("multistep", 1, 2)):
+        with pytest.raises(ValueError, match="skip_start .*multistep solver.*at least 2 model calls"):
+            steps_for_nfe(*args, skip_start=True)
+
+
 def test_multistep_order_four_warms_up_one_order_per_step():
     plan = steps_for_nfe("multistep", 6, 4)
     assert plan.orders == (1, 2, 3, 4, 4, 4) and plan.steps == 6 and plan.nfe == 6

@@ -225,6 +225,24 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, une
     assert not torch.equal(window, default)
     assert plan == ("dpmpp_2m_fast: 6 model calls: 6 steps of DPM-Solver++(2M) + UniC-bh2 + "
                     "gaussian first step + order-4 last step (gaussian weights)")
+    # the preset without the call at sigma_max: one step more than calls, on its own window
+    from comfyui_fewstep.samplers.schedules import SKIP_WINDOW
+
+    skip_sampler, skip_sigmas, plan = node.execute(model, "dpmpp_2m_fast_skip", 5, "logsnr_window", 1.0).result
+    own = api["schedule_nodes"].FewStepSchedule.execute(
+        model, "logsnr_window", 6, 1.0, lambda_start=SKIP_WINDOW["lambda_start"],
+        sigma_end=SKIP_WINDOW["sigma_end"]).result[0]
+    torch.testing.assert_close(skip_sigmas, own, rtol=0, atol=0)
+    assert plan.startswith("dpmpp_2m_fast_skip: 5 model calls: 6 steps of DPM-Solver++(2M) + UniC-bh2 + skip "
+                           "start") and "no model call at sigma_max" in plan
+    skip_steps = []
+    before = counter.calls
+    with torch.inference_mode():
+        _guider(api, model, tiny_comfy_conds, 1.0).sample(
+            _noise(), torch.zeros(LATENT), skip_sampler, skip_sigmas,
+            callback=lambda i, *a: skip_steps.append(i), disable_pbar=True, seed=0)
+    assert counter.calls - before == 5 and skip_steps == list(range(6))
+    counter.calls = 0
     _, uniform, _ = node.execute(model, "dpmpp_2m_fast", 6, "logsnr_uniform", 1.0).result
     plain = api["schedule_nodes"].FewStepSchedule.execute(model, "logsnr_uniform", 6, 1.0).result[0]
     torch.testing.assert_close(uniform, plain, rtol=0, atol=0)
@@ -468,13 +486,15 @@ def test_few_step_preset_in_sampler_custom_advanced(api, tiny_comfy_model, tiny_
 
 
 @pytest.mark.parametrize(("option", "default", "value"),
-                         [("second_step", "log_snr", "flow"), ("first_step", "ddim", "gaussian")])
+                         [("second_step", "log_snr", "flow"), ("first_step", "ddim", "gaussian"),
+                          ("first_step", "ddim", "skip")])
 @pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
 def test_start_options_in_real_comfyui(api, tiny_comfy_model, tiny_comfy_conds, unet_counter, flow, option,
                                        default, value):
-    """The few-step preset with second_step flow, or first_step gaussian, through a CFG guider (cfg 2)
-    on the model's own sigmas: the same model calls as without, a different result, and with a denoise
-    mask (inpainting from full noise) the kept region is the source latent exactly, as without."""
+    """The few-step preset with second_step flow, or first_step gaussian or skip, through a CFG guider
+    (cfg 2) on the model's own sigmas: the same model calls as without (skip: one fewer, none at the
+    first sigma), a different result, and with a denoise mask (inpainting from full noise) the kept
+    region is the source latent exactly, as without."""
     model, sigmas = _few_step_setup(api, tiny_comfy_model, unet_counter, flow)
     latent = torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
     mask = torch.zeros(1, 1, 8, 8)
@@ -488,7 +508,7 @@ def test_start_options_in_real_comfyui(api, tiny_comfy_model, tiny_comfy_conds, 
                 _noise(), torch.zeros(LATENT), sampler, sigmas, disable_pbar=True, seed=0)
             masked[choice] = _guider(api, model, tiny_comfy_conds, 2.0).sample(
                 _noise(), latent, sampler, sigmas, denoise_mask=mask, disable_pbar=True, seed=0)
-        assert unet_counter.calls - before == 12
+        assert unet_counter.calls - before == (10 if choice == "skip" else 12)
         assert torch.isfinite(outs[choice]).all()
         torch.testing.assert_close(masked[choice][..., 4:], latent[..., 4:], rtol=1e-6, atol=1e-6)
     assert (outs[value] - outs[default]).abs().max() > 1e-5

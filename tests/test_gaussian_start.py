@@ -8,6 +8,12 @@ split schedule and a one-step run are untouched; a split run equals the unsplit 
 for this option and ``second_step="flow"``.
 On held-out Gaussian mixtures the few-step preset changes the mode of fewer samples with it, and
 under strong guidance it stays as accurate as the DDIM step.
+
+``first_step="skip"`` (no call at ``sigma_max``): the states at the grid's second and third points
+are exact for the same Gaussian data after one call, made at neither ``sigma_max`` nor the state;
+the prediction handed on is the model's at the state; it applies only to a run from ``sigma_max``
+with two or more steps (a split run equals the whole); at the same calls it changes the mode of
+fewer held-out samples than the gaussian first step and is more accurate under moderate guidance.
 """
 
 from __future__ import annotations
@@ -92,7 +98,69 @@ def test_only_the_first_step_of_a_run_from_noise_changes():
     assert with_gaussian_first_step(one, [80.0, 0.0], p) == one
 
 
-def test_img2img_and_a_resumed_split_part_are_unchanged_and_a_split_run_equals_the_whole():
+class _Recording:
+    """A model that records the sigma of every call."""
+
+    def __init__(self, model) -> None:
+        self.model, self.sigmas = model, []
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.sigmas.append(float(sigma[0]))
+        return self.model(x, sigma)
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
+@pytest.mark.parametrize("range_name", RANGES)
+def test_skip_start_is_exact_for_gaussian_data_without_a_call_at_sigma_max(range_name, sigma_data):
+    rng = analytic.RANGE_PRESETS[range_name]
+    base = rng.parameterization()
+    p = Parameterization(base.kind, base.sigma_min, base.sigma_max, base.family, base.timestep_sigmas,
+                         sigma_data)
+    torch.manual_seed(0)
+    mu = torch.randn(16, dtype=torch.float64)
+    gaussian = _ShiftedGaussian(sigma_data, mu, rng.form)
+    model = _Recording(gaussian)
+    sigmas = [float(s) for s in schedules.get_sigmas("logsnr_window", 6, p, **schedules.SKIP_WINDOW)]
+    x = p.sigma_t(sigmas[0]) * torch.randn(4, 16, dtype=torch.float64) + p.alpha(sigmas[0]) * mu
+    seen: list[dict] = []
+    sample_dpmpp_multistep(model, x, torch.tensor(sigmas, dtype=torch.float64), parameterization=p, order=2,
+                           first_step="skip", disable=True, resume_history=False,
+                           callback=lambda d: seen.append({k: v.clone() if torch.is_tensor(v) else v
+                                                           for k, v in d.items()}))
+    # five calls for six steps, none at sigma_max; the first at the second point, off the state
+    assert model.sigmas == pytest.approx(sigmas[1:-1], rel=1e-12)
+    assert [d["i"] for d in seen] == list(range(6))
+    assert torch.equal(seen[0]["x"], x)
+    for i in (1, 2):  # the start, and the gaussian step from its point
+        exact = gaussian.ode(x, sigmas[0], sigmas[i])
+        assert float((seen[i]["x"] - exact).abs().max()) < 1e-11 * max(float(exact.abs().max()), 1.0)
+    # the prediction at the start's state is the model's there (carried with the Gaussian's slope)
+    torch.testing.assert_close(seen[1]["denoised"], gaussian(seen[1]["x"], torch.tensor([sigmas[1]])),
+                               rtol=0, atol=1e-11)
+    torch.testing.assert_close(seen[0]["denoised"], seen[1]["denoised"], rtol=0, atol=0)
+
+
+def test_skip_start_needs_a_step_after_its_call():
+    """A one-step run from sigma_max has no point to move the call to; a two-step run makes its one
+    call at the middle point and ends there."""
+    p = analytic.RANGE_PRESETS["edm"].parameterization()
+    mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), 3)
+    x = mixture.sample(8, p.sigma_max, "ve", generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for first_step in ("ddim", "skip"):
+        model = _Recording(analytic.CountingDenoiser(mixture, "ve"))
+        outs[first_step] = sample_dpmpp_multistep(model, x, torch.tensor([80.0, 0.0]), parameterization=p,
+                                                  first_step=first_step, disable=True, resume_history=False)
+        assert model.sigmas == [80.0]
+    torch.testing.assert_close(outs["skip"], outs["ddim"], rtol=0, atol=0)
+    model = _Recording(analytic.CountingDenoiser(mixture, "ve"))
+    sample_dpmpp_multistep(model, x, torch.tensor([80.0, 3.0, 0.0]), parameterization=p, first_step="skip",
+                           disable=True, resume_history=False)
+    assert model.sigmas == [3.0]
+
+
+@pytest.mark.parametrize("first_step", ["gaussian", "skip"])
+def test_img2img_and_a_resumed_split_part_are_unchanged_and_a_split_run_equals_the_whole(first_step):
     rng = analytic.RANGE_PRESETS["edm"]
     mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), 3)
     p = rng.parameterization()
@@ -104,20 +172,21 @@ def test_img2img_and_a_resumed_split_part_are_unchanged_and_a_split_run_equals_t
                                       first_step=first_step, **options, **extra)
 
     low = mixture.sample(32, float(sigmas[2]), rng.form, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(run(sigmas[2:], low, "gaussian", resume_history=False),
+    torch.testing.assert_close(run(sigmas[2:], low, first_step, resume_history=False),
                                run(sigmas[2:], low, "ddim", resume_history=False), rtol=0, atol=0)
     x = mixture.sample(64, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(2))
-    whole = run(sigmas, x, "gaussian", history_source="gauss-split")
+    whole = run(sigmas, x, first_step, history_source=f"{first_step}-split")
     assert not torch.equal(whole, run(sigmas, x, "ddim", resume_history=False))
     model = analytic.CountingDenoiser(mixture, rng.form)
-    split = dict(first_step="gaussian", history_source="gauss-split", **options)
+    split = dict(first_step=first_step, history_source=f"{first_step}-split", **options)
     first = sample_dpmpp_multistep(model, x, sigmas[:5], **split)
     second = sample_dpmpp_multistep(model, first, sigmas[4:], **split)
     torch.testing.assert_close(second, whole, rtol=0, atol=1e-12)
-    assert model.nfe == 8
+    assert model.nfe == (7 if first_step == "skip" else 8)
 
 
-@pytest.mark.parametrize(("option", "value"), [("first_step", "gaussian"), ("second_step", "flow")])
+@pytest.mark.parametrize(("option", "value"), [("first_step", "gaussian"), ("first_step", "skip"),
+                                             ("second_step", "flow")])
 @pytest.mark.parametrize(
     ("options", "match"),
     [
@@ -178,3 +247,38 @@ def test_gaussian_first_step_is_safe_under_guidance(cfg, guided_preset_errors):
     errors = guided_preset_errors("edm", cfg, (5, 6), "first_step", ("ddim", "gaussian"))
     for nfe in (5, 6):
         assert errors[nfe, "gaussian"] <= 1.02 * errors[nfe, "ddim"], errors
+
+
+@pytest.mark.parametrize("mixture_seed", [11, 12])
+@pytest.mark.parametrize("range_name", ["sd15", "edm", "flow_shift1"])
+def test_skip_start_changes_the_mode_of_fewer_samples_at_the_same_calls(range_name, mixture_seed):
+    """The held-out mixtures of the test above, at 4, 5, 6 and 8 calls: the few-step preset with the
+    skip start on its window (one step more) against the same preset with the gaussian first step on
+    the few-step window. Fewer samples end in another component over the four, and none more at 4-6
+    calls (at 8, where both change few, one of the mixtures has 8 against 5 on flow)."""
+    rng = analytic.RANGE_PRESETS[range_name]
+    mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), mixture_seed)
+    x = mixture.sample(256, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
+    reference = mixture.nearest_component(mixture.ode_solution(x, rng.sigma_max, 0.0, rng.form))
+    p = rng.parameterization()
+    flips = {}
+    for first_step, window in (("gaussian", schedules.FEWSTEP_WINDOW), ("skip", schedules.SKIP_WINDOW)):
+        for nfe in (4, 5, 6, 8):
+            sigmas = schedules.get_sigmas("logsnr_window", nfe + (first_step == "skip"), p, **window)
+            model = analytic.CountingDenoiser(mixture, rng.form)
+            out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, order=2,
+                                         corrector="bh2", final_order=4, final_weights="gaussian",
+                                         first_step=first_step, disable=True, resume_history=False)
+            assert model.nfe == nfe
+            flips[first_step, nfe] = int((mixture.nearest_component(out) != reference).sum())
+    assert all(flips["skip", n] <= flips["gaussian", n] for n in (4, 5, 6)), flips
+    assert sum(flips["skip", n] for n in (4, 5, 6, 8)) < sum(flips["gaussian", n] for n in (4, 5, 6, 8)), flips
+
+
+@pytest.mark.parametrize("cfg", [3.0, 7.0])
+def test_skip_start_is_more_accurate_under_moderate_guidance(cfg, guided_preset_errors):
+    """The guided mixture at 5 and 6 calls, cfg 3 and 7 (``bench/guidance_check.py`` shows where it
+    stops: cfg 12 at 5-6 calls)."""
+    errors = guided_preset_errors("edm", cfg, (5, 6), "first_step", ("gaussian", "skip"))
+    for nfe in (5, 6):
+        assert errors[nfe, "skip"] < errors[nfe, "gaussian"], errors

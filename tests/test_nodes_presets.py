@@ -67,17 +67,20 @@ def test_scheduler_presets_compute_our_schedules(env):
 
 
 def test_window_preset_is_the_few_step_window(env):
-    """fewstep_window is logsnr_window with the few-step preset's options, not its defaults."""
+    """fewstep_window and fewstep_skip_window are logsnr_window with the few-step presets' options, not
+    its defaults."""
     samplers, _, presets = env
     import comfy.model_sampling as cms
     from comfyui_fewstep.nodes._comfy_sampling import parameterization_from_model_sampling
-    from comfyui_fewstep.samplers.schedules import FEWSTEP_WINDOW, get_sigmas_logsnr_window
+    from comfyui_fewstep.samplers.schedules import FEWSTEP_WINDOW, SKIP_WINDOW, get_sigmas_logsnr_window
 
     presets.register_ksampler_presets()
     ms = type("EpsSampling", (cms.ModelSamplingDiscrete, cms.EPS), {})()
     p = parameterization_from_model_sampling(ms)
     sigmas = samplers.calculate_sigmas(ms, presets.PREFIX + "window", 6)
     torch.testing.assert_close(sigmas, get_sigmas_logsnr_window(6, p, **FEWSTEP_WINDOW), rtol=0, atol=0)
+    skip = samplers.calculate_sigmas(ms, presets.PREFIX + "skip_window", 6)
+    torch.testing.assert_close(skip, get_sigmas_logsnr_window(6, p, **SKIP_WINDOW), rtol=0, atol=0)
     assert not torch.equal(sigmas, get_sigmas_logsnr_window(6, p))
 
 
