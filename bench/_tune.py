@@ -74,7 +74,8 @@ def candidates() -> list[tuple[str, dict[str, Any], str]]:
         "2M+UniC final4g skip": {"order": 2, "corrector": "bh2", "final_order": 4,
                                  "final_weights": "gaussian", "first_step": "skip"},
         "2M+UniC final4g flow2nd skip": {"order": 2, "corrector": "bh2", "final_order": 4,
-                                         "final_weights": "gaussian", "second_step": "flow", "first_step": "skip"},
+                                         "final_weights": "gaussian", "second_step": "flow",
+                                         "first_step": "skip"},
     }
     for label, opts in configs.items():
         for schedule in ("logsnr_uniform", "logsnr_window", "time_uniform", "exponential (ComfyUI)", "kl_optimal (ComfyUI)",
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     steps = nfe + 1 if opts.get("first_step") == "skip" else nfe  # no call at sigma_max
                     if schedule.startswith("logsnr_window:"):  # logsnr_window:LAMBDA_START:SIGMA_END
                         _, lambda_start, sigma_end = schedule.split(":")
-                        sig = schedules.get_sigmas("logsnr_window", steps, p, lambda_start=float(lambda_start),
+                        sig = schedules.get_sigmas("logsnr_window", steps, p,
+                                                   lambda_start=float(lambda_start),
                                                    sigma_end=float(sigma_end))
                     elif schedule.endswith("(ComfyUI)"):
                         if comfy is None:
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                     out = pkg.samplers.sample_dpmpp_multistep(model, x0, sig, parameterization=p,
                                                               resume_history=False, disable=True, **opts)
                     if model.nfe != nfe:
-                        raise RuntimeError(f"{label} / {schedule} made {model.nfe} calls at a budget of {nfe}")
+                        raise RuntimeError(
+                            f"{label} / {schedule} made {model.nfe} calls at a budget of {nfe}")
                     med, _, flips = measure(prob, out, analytic.per_sample_rms)
                     meds.append(med)
                     if nfe in best_comfy:

@@ -1,4 +1,4 @@
-"""The flow second step and the gaussian first step under classifier-free guidance.
+"""The flow second step, the gaussian first step and the skip start under classifier-free guidance.
 
 Usage::
 
@@ -11,7 +11,9 @@ first three components (the "prompt"). The reference is the same guided ODE solv
 3M on ``logsnr_uniform`` (256 trajectories). Each cell compares the few-step preset (2M + UniC-bh2,
 gaussian first step, order-4 last step with gaussian weights, ``fewstep_window``) with ``second_step``
 ``log_snr`` and ``flow``: median per-sample RMS error, ``log_snr -> flow``. A second table compares the
-preset's ``first_step`` ``gaussian`` with ``ddim`` (the geometric mean of the error ratio).
+preset's ``first_step`` ``gaussian`` with ``ddim`` (the geometric mean of the error ratio), a third the
+preset without the call at sigma_max (``first_step="skip"`` on ``fewstep_skip_window``, one step more
+for the same calls) with the preset.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ SAMPLES = 256
 REFERENCE_STEPS = 800
 PRESET = {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian",
           "first_step": "gaussian"}
-#: the runs per cell: the preset, the preset with the flow second step, the preset with the DDIM first step
-VARIANTS = ({}, {"second_step": "flow"}, {"first_step": "ddim"})
+#: the runs per cell: the preset, the preset with the flow second step, the preset with the DDIM first step,
+#: the preset without the call at sigma_max
+VARIANTS = ({}, {"second_step": "flow"}, {"first_step": "ddim"}, {"first_step": "skip"})
 BEGIN = "<!-- guidance-check:begin -->"
 END = "<!-- guidance-check:end -->"
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from comfyui_fewstep.samplers.multistep import sample_dpmpp_multistep
 
     t0 = time.time()
-    rows, ratios, first_ratios = [], {}, {}
+    rows, ratios, first_ratios, skip_ratios = [], {}, {}, {}
     for seed in MIXTURE_SEEDS:
         full = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), seed)
         for range_name in RANGES:
@@ -63,21 +66,24 @@ def main(argv: list[str] | None = None) -> int:
                     order=3, disable=True, resume_history=False)
                 cells = []
                 for nfe in NFES:
-                    sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
                     medians = []
                     for variant in VARIANTS:
+                        skip = variant.get("first_step") == "skip"
+                        window = schedules.SKIP_WINDOW if skip else schedules.FEWSTEP_WINDOW
+                        sigmas = schedules.get_sigmas("logsnr_window", nfe + skip, p, **window)
                         out = sample_dpmpp_multistep(guided, x.float(), sigmas, parameterization=p, disable=True,
                                                      resume_history=False, **{**PRESET, **variant})
                         err = analytic.per_sample_rms(out.to(torch.float64), reference)
                         medians.append(float(err.median()))
                     ratios.setdefault((cfg, nfe), []).append(medians[1] / medians[0])
                     first_ratios.setdefault((cfg, nfe), []).append(medians[0] / medians[2])
+                    skip_ratios.setdefault((cfg, nfe), []).append(medians[3] / medians[0])
                     cells.append(f"{medians[0]:.4f} -> {medians[1]:.4f}")
                 rows.append(f"| {range_name}/seed{seed} | {cfg:g} | " + " | ".join(cells) + " |")
         print(f"[{time.time() - t0:6.1f} s] mixture seed {seed} done", file=sys.stderr)
 
     out = f" --out {args.out.as_posix()}" if args.out is not None else ""
-    lines = [BEGIN, "## The flow second step and the gaussian first step under guidance", "",
+    lines = [BEGIN, "## The flow second step, the gaussian first step and the skip start under guidance", "",
              (f"Produced by `python bench/guidance_check.py{out}` ({platform.python_implementation()} "
               f"{platform.python_version()}, torch {torch.__version__}, CPU, {time.time() - t0:.0f} s); "
               "see the script's docstring. Cells: median error of the few-step preset with "
@@ -95,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Ratio of the preset's error with `first_step` `gaussian` to `ddim`, geometric mean over "
               "the problems (largest in brackets):", "",
               "| cfg | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|" + "---|" * len(NFES),
-              *_ratio_rows(first_ratios), END]
+              *_ratio_rows(first_ratios)]
+    lines += ["", "Ratio of the error without the call at sigma_max (`first_step` `skip`, "
+              "`fewstep_skip_window`) to the preset's at the same calls, geometric mean over the problems "
+              "(largest in brackets):", "",
+              "| cfg | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|" + "---|" * len(NFES),
+              *_ratio_rows(skip_ratios), END]
     publish(lines, args.out, BEGIN, END, after="<!-- solver-benchmark:end -->")
     return 0
 

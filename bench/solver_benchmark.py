@@ -42,7 +42,7 @@ from _harness import (  # noqa: E402
 from _tier2 import make_teacher_problem  # noqa: E402
 
 import_package()
-from comfyui_fewstep.samplers.schedules import FEWSTEP_WINDOW  # noqa: E402
+from comfyui_fewstep.samplers.schedules import FEWSTEP_WINDOW, SKIP_WINDOW  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
 TARGET_NFES = (5, 6, 8, 10)  # where the 0.5x target is checked
@@ -162,6 +162,15 @@ PRESETS: tuple[Preset, ...] = (
             ("3M+UniC(bh2)+final4+flow2nd+gauss1st", 3, "adams", "flow", (FEWSTEP_WINDOW, "fewstep_window")),
         )
     ),
+    # "+skip": no model call at sigma_max (first_step="skip"; a schedule of one step more for the same
+    # calls) on its own window; the preset without the first call is its 2M + UniC + final4g row
+    *(
+        Preset(label, "multistep", "logsnr_window",
+               {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian",
+                "second_step": second, "first_step": "skip"}, SKIP_WINDOW, "fewstep_skip_window")
+        for label, second in (("2M+UniC(bh2)+final4g+skip", "log_snr"),
+                              ("2M+UniC(bh2)+final4g+flow2nd+skip", "flow"))
+    ),
 )
 #: our multistep presets also run on every ComfyUI scheduler when ComfyUI is available
 COMFY_SCHEDULE_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -177,10 +186,22 @@ COMFY_SCHEDULE_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
                                       "final_weights": "gaussian", "second_step": "flow"}),
     ("2M+UniC(bh2)+final4g+gauss1st", {"order": 2, "corrector": "bh2", "final_order": 4,
                                        "final_weights": "gaussian", "first_step": "gaussian"}),
+    ("2M+UniC(bh2)+final4g+skip", {"order": 2, "corrector": "bh2", "final_order": 4,
+                                   "final_weights": "gaussian", "first_step": "skip"}),
 )
-#: the preset fixed in advance (chosen on held-out mixtures with ``bench/_tune.py``, not on the
-#: benchmark's problems); the target is also checked for it alone
-RECOMMENDED = ("2M+UniC(bh2)+final4g+gauss1st", "fewstep_window")
+#: the presets fixed in advance (chosen on held-out mixtures with ``bench/_tune.py``, not on the
+#: benchmark's problems), (label, schedule, role); the target is also checked for each alone
+FIXED_PRESETS: tuple[tuple[str, str, str], ...] = (
+    ("2M+UniC(bh2)+final4g+gauss1st", "fewstep_window",
+     "the few-step preset (`dpmpp_2m_fast`), safe at any cfg"),
+    ("2M+UniC(bh2)+final4g+skip", "fewstep_skip_window",
+     "the preset without the call at sigma_max (`dpmpp_2m_fast_skip`), for cfg up to about 7"),
+)
+
+
+def steps_for(options: dict[str, Any], nfe: int) -> int:
+    """Multistep schedule steps for ``nfe`` calls: one more without the call at sigma_max."""
+    return nfe + 1 if options.get("first_step") == "skip" else nfe
 QUICK_PROBLEMS = (("sd15", "gmm16"), ("flow_shift3", "gmm16"))
 FULL_PROBLEMS = (("sd15", "gmm16"), ("edm", "gmm16"), ("flow_shift1", "gmm16"), ("flow_shift3", "gmm16"))
 QUICK_COMFY_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_3m_sde(eta=0)", "uni_pc", "ipndm_v", "deis")
@@ -194,8 +215,7 @@ class TargetCell(NamedTuple):
     nfe: int
     ratio: float  # our lowest median over the base's lowest median
     flips_ok: bool
-    fixed_ratio: float  # the same for the fixed preset
-    fixed_ok: bool
+    fixed: tuple[tuple[float, bool], ...]  # (ratio, flips no worse) of each fixed preset
     any_ok: Result | None  # the lowest-median preset of ours that meets the target, if any
     ours: Result | None
     base: Result | None
@@ -235,7 +255,7 @@ class Bench:
         for preset in PRESETS:
             for nfe in self.nfes:
                 if preset.solver == "multistep":
-                    steps, orders = nfe, None
+                    steps, orders = steps_for(preset.options, nfe), None
                 else:
                     orders = list(self.budget.steps_for_nfe("singlestep", nfe, preset.options["order"]).orders)
                     steps = len(orders)
@@ -260,7 +280,7 @@ class Bench:
         for label, options in COMFY_SCHEDULE_PRESETS:
             for scheduler in schedulers:
                 for nfe in self.nfes:
-                    sigmas = _comfy.comfy_sigmas(comfy, ms, scheduler, nfe, "")
+                    sigmas = _comfy.comfy_sigmas(comfy, ms, scheduler, steps_for(options, nfe), "")
                     x = _comfy.start_state(ms, sigmas, problem.x_start, problem.noise).to(DTYPE)
 
                     def run(model, sigmas=sigmas, options=options, x=x):
@@ -325,15 +345,17 @@ def best(results: list[Result], problem: str, source: str, nfe: int, determinist
     return min(pool, key=lambda r: (r.median, r.flip_rate), default=None)
 
 
-def fixed(results: list[Result], problem: str, nfe: int) -> Result | None:
-    """The :data:`RECOMMENDED` preset's result (None if it did not run)."""
+def fixed(results: list[Result], problem: str, nfe: int, preset: tuple[str, str, str]) -> Result | None:
+    """The result of one of the :data:`FIXED_PRESETS` (None if it did not run)."""
     pool = [r for r in results if r.problem == problem and r.source == "ours" and r.target_nfe == nfe
-            and (r.method, r.schedule) == RECOMMENDED and r.within_budget]
+            and (r.method, r.schedule) == preset[:2] and r.within_budget]
     return pool[0] if pool else None
 
 
-def time_overhead(pkg: Any, comfy: Any | None, steps: int = 200, repeats: int = 7) -> dict[str, float]:
-    """Per-step host time of our 2M and ComfyUI's dpmpp_2m with a trivial model (``x * 0.5``)."""
+def time_overhead(pkg: Any, comfy: Any | None, steps: int = 200, repeats: int = 15) -> dict[str, float]:
+    """Per-step host time of our 2M and ComfyUI's dpmpp_2m with a trivial model (``x * 0.5``): the
+    best of ``repeats`` runs each, the two taken in turn so that a spell of load on a shared machine
+    falls on both."""
     from comfyui_fewstep.samplers import analytic, schedules
 
     p = analytic.RANGE_PRESETS["sd15"].parameterization()
@@ -343,19 +365,20 @@ def time_overhead(pkg: Any, comfy: Any | None, steps: int = 200, repeats: int = 
     def model(x, sigma, **kw):
         return x * 0.5
 
-    def clock(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times) / steps * 1e6
-
-    out = {"ours_us": clock(lambda: pkg.samplers.sample_dpmpp_2m(model, x, sigmas, disable=True))}
+    runs = {"ours_us": lambda: pkg.samplers.sample_dpmpp_2m(model, x, sigmas, disable=True)}
     if comfy is not None:
         kds = comfy.k_diffusion.sampling
-        out["comfy_us"] = clock(lambda: kds.sample_dpmpp_2m(model, x, sigmas, disable=True))
+        runs["comfy_us"] = lambda: kds.sample_dpmpp_2m(model, x, sigmas, disable=True)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    out = {name: min(values) / steps * 1e6 for name, values in times.items()}
+    if comfy is not None:
         out["ratio"] = out["ours_us"] / out["comfy_us"]
     return out
 
@@ -395,13 +418,14 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
             "",
         ]
     target_rows = []
-    fixed_name = f"{RECOMMENDED[0]} / {RECOMMENDED[1]}"
+    fixed_names = [f"{label} / {schedule}" for label, schedule, _ in FIXED_PRESETS]
     for prob in problems:
         lines += [f"### {prob}", "",
                   f"| NFE | {base_name} | median / p90 / flips | ours (best preset) | median / p90 / flips "
                   "| median ratio | flips no worse |" + (" ratio vs best ComfyUI dpmpp_* |" if with_comfy else "")
-                  + f" fixed preset {fixed_name}: median / flips, ratio |",
-                  "|---|---|---|---|---|---|---|" + ("---|" if with_comfy else "") + "---|"]
+                  + "".join(f" fixed preset {name}: median / flips, ratio |" for name in fixed_names),
+                  "|---|---|---|---|---|---|---|" + ("---|" if with_comfy else "")
+                  + "---|" * len(FIXED_PRESETS)]
         for nfe in nfes:
             b = best(results, prob, base_source, nfe, deterministic_only=True)
             o = best(results, prob, "ours", nfe)
@@ -409,22 +433,25 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
             flips_ok = (o.flip_rate <= b.flip_rate + 1e-12) if (o and b) else False
             d = best(results, prob, "comfy", nfe, deterministic_only=True, prefix="dpmpp_") if with_comfy else None
             dpm_cell = f"{o.median / d.median:.2f} ({d.label})" if (o and d and d.median > 0) else "-"
-            fx = fixed(results, prob, nfe)
-            fx_ratio = fx.median / b.median if (fx and b and b.median > 0) else math.nan
-            fx_ok = (fx.flip_rate <= b.flip_rate + 1e-12) if (fx and b) else False
-            fx_cell = (f"{fx.median:.4f} / {fx.flip_rate:.3f}, {fx_ratio:.2f}{'' if fx_ok else ' (more flips)'}"
-                       if fx else "-")
+            fx_cells, fx_scores = [], []
+            for preset in FIXED_PRESETS:
+                fx = fixed(results, prob, nfe, preset)
+                fx_ratio = fx.median / b.median if (fx and b and b.median > 0) else math.nan
+                fx_ok = (fx.flip_rate <= b.flip_rate + 1e-12) if (fx and b) else False
+                fx_scores.append((fx_ratio, fx_ok))
+                fx_cells.append(f"{fx.median:.4f} / {fx.flip_rate:.3f}, {fx_ratio:.2f}"
+                                f"{'' if fx_ok else ' (more flips)'}" if fx else "-")
             if nfe in TARGET_NFES and b is not None:
                 # the lowest-median preset of ours that meets the target in this cell, if any
                 meeting = [r for r in results if r.problem == prob and r.source == "ours"
                            and r.target_nfe == nfe and r.within_budget
                            and r.median <= TARGET_RATIO * b.median and r.flip_rate <= b.flip_rate + 1e-12]
                 any_ok = min(meeting, key=lambda r: (r.median, r.flip_rate), default=None)
-                target_rows.append(TargetCell(prob, nfe, ratio, flips_ok, fx_ratio, fx_ok, any_ok, o, b))
+                target_rows.append(TargetCell(prob, nfe, ratio, flips_ok, tuple(fx_scores), any_ok, o, b))
             lines.append(
                 f"| {nfe} | {b.label + f' ({b.nfe})' if b else '-'} | {fmt(b)} | "
                 f"{o.label + f' ({o.nfe})' if o else '-'} | {fmt(o)} | {ratio:.2f} | {'yes' if flips_ok else 'no'} |"
-                + (f" {dpm_cell} |" if with_comfy else "") + f" {fx_cell} |"
+                + (f" {dpm_cell} |" if with_comfy else "") + "".join(f" {c} |" for c in fx_cells)
             )
         lines.append("")
         # our presets across NFE
@@ -518,20 +545,23 @@ def report(results: list[Result], problems, nfes, overhead: dict[str, float], co
                         for p, n, r in rescued
                     ) + ")."
                 )
-        fx_met = [r for r in target_rows if r.fixed_ratio <= TARGET_RATIO and r.fixed_ok]
-        fx_ratios = [r.fixed_ratio for r in target_rows if math.isfinite(r.fixed_ratio)]
-        if fx_ratios:
-            fixed_cells = [f"{c.problem} {c.nfe}: {c.fixed_ratio:.2f}{'' if c.fixed_ok else '*'}"
-                           for c in target_rows]
+        for k, (name, (_, _, role)) in enumerate(zip(fixed_names, FIXED_PRESETS)):
+            scores = [(c, *c.fixed[k]) for c in target_rows]
+            if not any(math.isfinite(ratio) for _, ratio, _ in scores):
+                continue
+            fx_met = [c for c, ratio, ok in scores if ratio <= TARGET_RATIO and ok]
+            fixed_cells = [f"{c.problem} {c.nfe}: {ratio:.2f}{'' if ok else '*'}" for c, ratio, ok in scores]
             lines.append(
-                f"\nThe fixed preset {fixed_name} (chosen in advance on held-out mixtures, `bench/_tune.py`) "
+                f"\nThe fixed preset {name}, {role} (chosen in advance on held-out mixtures, "
+                "`bench/_tune.py`), "
                 f"meets it in {len(fx_met)} of {len(target_rows)} cells; its median ratio to the best {base} "
                 f"per cell: " + ", ".join(fixed_cells) + " (* = more flips)."
             )
     if overhead:
         if "ratio" in overhead:
             lines.append(
-                f"\nHost overhead per step (trivial model `x * 0.5`, 1x4x64x64 float32, 200 steps, best of 7): "
+                "\nHost overhead per step (trivial model `x * 0.5`, 1x4x64x64 float32, 200 steps, "
+                "best of 15, the two in turn): "
                 f"ours {overhead['ours_us']:.1f} us, ComfyUI dpmpp_2m {overhead['comfy_us']:.1f} us, ratio "
                 f"{overhead['ratio']:.2f} (target <= {OVERHEAD_TARGET})."
             )

@@ -331,7 +331,8 @@ def sample_dpmpp_multistep(
     offset = 1 if skip else 0  # the index in ``sigmas`` of the run's first point
     if skip:
         noise = x
-        x, start_denoised = skip_start(lambda x_call, sigma: evaluate(x_call, sigma, 1), x, p, points[0], points[1])
+        x, start_denoised = skip_start(lambda x_call, sigma: evaluate(x_call, sigma, 1), x, p,
+                                       points[0], points[1])
         emit_callback(callback, 0, noise, points[0], start_denoised, sigmas)
     outputs: list[torch.Tensor] = list(carried.outputs[:order]) if carried is not None else []
     lambdas: list[float] = list(history_lambdas)
@@ -366,7 +367,8 @@ def sample_dpmpp_multistep(
                 x=x, sigma=points[-1], algorithm=algorithm,
                 outputs=tuple(outputs[:keep]), lambdas=tuple(lambdas[:keep]),
                 x_prev=x_prev if corrector != "none" else None, sigma_prev=plan[-1].sigma,
-                last_order=plan[-1].order, steps=(carried.steps if carried is not None else 0) + len(points) - 1,
+                last_order=plan[-1].order,
+                steps=(carried.steps if carried is not None else 0) + len(points) - 1,
                 source=history_source,
             )
         )

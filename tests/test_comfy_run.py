@@ -228,7 +228,8 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, une
     # the preset without the call at sigma_max: one step more than calls, on its own window
     from comfyui_fewstep.samplers.schedules import SKIP_WINDOW
 
-    skip_sampler, skip_sigmas, plan = node.execute(model, "dpmpp_2m_fast_skip", 5, "logsnr_window", 1.0).result
+    skip_sampler, skip_sigmas, plan = node.execute(model, "dpmpp_2m_fast_skip", 5, "logsnr_window",
+                                                   1.0).result
     own = api["schedule_nodes"].FewStepSchedule.execute(
         model, "logsnr_window", 6, 1.0, lambda_start=SKIP_WINDOW["lambda_start"],
         sigma_end=SKIP_WINDOW["sigma_end"]).result[0]
