@@ -57,9 +57,9 @@ def _first_state(model, p: Parameterization, x: torch.Tensor, sigmas: list[float
     return states[1]
 
 
-@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
-@pytest.mark.parametrize("range_name", RANGES)
-def test_first_step_is_exact_for_gaussian_data_of_the_models_sigma_data(range_name, sigma_data):
+def _gaussian_run(range_name: str, sigma_data: float, steps: int, window: dict[str, float]):
+    """``(p, model, sigmas, x)``: the range's coordinates with ``sigma_data``, data ``N(mu, sigma_data^2
+    I)`` with a random mean, ``logsnr_window`` sigmas and noise at ``sigma_max``."""
     rng = analytic.RANGE_PRESETS[range_name]
     base = rng.parameterization()
     p = Parameterization(base.kind, base.sigma_min, base.sigma_max, base.family, base.timestep_sigmas,
@@ -67,8 +67,15 @@ def test_first_step_is_exact_for_gaussian_data_of_the_models_sigma_data(range_na
     torch.manual_seed(0)
     mu = torch.randn(16, dtype=torch.float64)
     model = _ShiftedGaussian(sigma_data, mu, rng.form)
-    sigmas = [float(s) for s in schedules.get_sigmas("logsnr_window", 5, p, **schedules.FEWSTEP_WINDOW)]
+    sigmas = [float(s) for s in schedules.get_sigmas("logsnr_window", steps, p, **window)]
     x = p.sigma_t(sigmas[0]) * torch.randn(4, 16, dtype=torch.float64) + p.alpha(sigmas[0]) * mu
+    return p, model, sigmas, x
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
+@pytest.mark.parametrize("range_name", RANGES)
+def test_first_step_is_exact_for_gaussian_data_of_the_models_sigma_data(range_name, sigma_data):
+    p, model, sigmas, x = _gaussian_run(range_name, sigma_data, 5, schedules.FEWSTEP_WINDOW)
     exact = model.ode(x, sigmas[0], sigmas[1])
     scale = float(exact.abs().max())
     gaussian = _first_state(model, p, x, sigmas, order=2, first_step="gaussian")
@@ -112,16 +119,8 @@ class _Recording:
 @pytest.mark.parametrize("sigma_data", [1.0, 0.5])
 @pytest.mark.parametrize("range_name", RANGES)
 def test_skip_start_is_exact_for_gaussian_data_without_a_call_at_sigma_max(range_name, sigma_data):
-    rng = analytic.RANGE_PRESETS[range_name]
-    base = rng.parameterization()
-    p = Parameterization(base.kind, base.sigma_min, base.sigma_max, base.family, base.timestep_sigmas,
-                         sigma_data)
-    torch.manual_seed(0)
-    mu = torch.randn(16, dtype=torch.float64)
-    gaussian = _ShiftedGaussian(sigma_data, mu, rng.form)
+    p, gaussian, sigmas, x = _gaussian_run(range_name, sigma_data, 6, schedules.SKIP_WINDOW)
     model = _Recording(gaussian)
-    sigmas = [float(s) for s in schedules.get_sigmas("logsnr_window", 6, p, **schedules.SKIP_WINDOW)]
-    x = p.sigma_t(sigmas[0]) * torch.randn(4, 16, dtype=torch.float64) + p.alpha(sigmas[0]) * mu
     seen: list[dict] = []
     sample_dpmpp_multistep(model, x, torch.tensor(sigmas, dtype=torch.float64), parameterization=p, order=2,
                            first_step="skip", disable=True, resume_history=False,
@@ -214,6 +213,29 @@ def test_sigma_data_must_be_positive():
         Parameterization("ve", 0.002, 80.0, "edm", None, 0.0)
 
 
+def _held_out_flips(range_name: str, mixture_seed: int, starts: dict[str, dict[str, float]],
+                    nfes: tuple[int, ...]) -> dict[tuple[str, int], int]:
+    """Samples of a held-out mixture (256) that the few-step preset's solver puts in another component
+    than the exact ODE does, per ``first_step`` (on its ``logsnr_window`` window) and NFE; the skip
+    start spends the calls on one step more."""
+    rng = analytic.RANGE_PRESETS[range_name]
+    mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), mixture_seed)
+    x = mixture.sample(256, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
+    reference = mixture.nearest_component(mixture.ode_solution(x, rng.sigma_max, 0.0, rng.form))
+    p = rng.parameterization()
+    flips = {}
+    for first_step, window in starts.items():
+        for nfe in nfes:
+            sigmas = schedules.get_sigmas("logsnr_window", nfe + (first_step == "skip"), p, **window)
+            model = analytic.CountingDenoiser(mixture, rng.form)
+            out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, order=2,
+                                         corrector="bh2", final_order=4, final_weights="gaussian",
+                                         first_step=first_step, disable=True, resume_history=False)
+            assert model.nfe == nfe
+            flips[first_step, nfe] = int((mixture.nearest_component(out) != reference).sum())
+    return flips
+
+
 @pytest.mark.parametrize("mixture_seed", [11, 12])
 @pytest.mark.parametrize("range_name", ["sd15", "edm", "flow_shift1"])
 def test_gaussian_first_step_changes_the_mode_of_fewer_samples(range_name, mixture_seed):
@@ -221,21 +243,8 @@ def test_gaussian_first_step_changes_the_mode_of_fewer_samples(range_name, mixtu
     sigma_data is 1): the few-step preset's solver on the few-step window at 5, 6 and 8 calls. With the
     gaussian first step fewer samples end in another mixture component than the exact ODE's over the
     three, and the calls are the same."""
-    rng = analytic.RANGE_PRESETS[range_name]
-    mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), mixture_seed)
-    x = mixture.sample(256, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
-    reference = mixture.nearest_component(mixture.ode_solution(x, rng.sigma_max, 0.0, rng.form))
-    p = rng.parameterization()
-    flips = {}
-    for first_step in ("ddim", "gaussian"):
-        for nfe in (5, 6, 8):
-            sigmas = schedules.get_sigmas("logsnr_window", nfe, p, **schedules.FEWSTEP_WINDOW)
-            model = analytic.CountingDenoiser(mixture, rng.form)
-            out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, order=2,
-                                         corrector="bh2", final_order=4, final_weights="gaussian",
-                                         first_step=first_step, disable=True, resume_history=False)
-            assert model.nfe == nfe
-            flips[first_step, nfe] = int((mixture.nearest_component(out) != reference).sum())
+    window = schedules.FEWSTEP_WINDOW
+    flips = _held_out_flips(range_name, mixture_seed, {"ddim": window, "gaussian": window}, (5, 6, 8))
     assert all(flips["gaussian", n] <= flips["ddim", n] for n in (5, 6, 8)), flips
     assert sum(flips["gaussian", n] for n in (5, 6, 8)) < sum(flips["ddim", n] for n in (5, 6, 8)), flips
 
@@ -256,21 +265,8 @@ def test_skip_start_changes_the_mode_of_fewer_samples_at_the_same_calls(range_na
     skip start on its window (one step more) against the same preset with the gaussian first step on
     the few-step window. Fewer samples end in another component over the four, and none more at 4-6
     calls (at 8, where both change few, one of the mixtures has 8 against 5 on flow)."""
-    rng = analytic.RANGE_PRESETS[range_name]
-    mixture = analytic.GaussianMixture.random(16, 8, (0.05, 0.30), mixture_seed)
-    x = mixture.sample(256, rng.sigma_max, rng.form, generator=torch.Generator().manual_seed(1))
-    reference = mixture.nearest_component(mixture.ode_solution(x, rng.sigma_max, 0.0, rng.form))
-    p = rng.parameterization()
-    flips = {}
-    for first_step, window in (("gaussian", schedules.FEWSTEP_WINDOW), ("skip", schedules.SKIP_WINDOW)):
-        for nfe in (4, 5, 6, 8):
-            sigmas = schedules.get_sigmas("logsnr_window", nfe + (first_step == "skip"), p, **window)
-            model = analytic.CountingDenoiser(mixture, rng.form)
-            out = sample_dpmpp_multistep(model, x.float(), sigmas, parameterization=p, order=2,
-                                         corrector="bh2", final_order=4, final_weights="gaussian",
-                                         first_step=first_step, disable=True, resume_history=False)
-            assert model.nfe == nfe
-            flips[first_step, nfe] = int((mixture.nearest_component(out) != reference).sum())
+    starts = {"gaussian": schedules.FEWSTEP_WINDOW, "skip": schedules.SKIP_WINDOW}
+    flips = _held_out_flips(range_name, mixture_seed, starts, (4, 5, 6, 8))
     assert all(flips["skip", n] <= flips["gaussian", n] for n in (4, 5, 6)), flips
     total = {start: sum(flips[start, n] for n in (4, 5, 6, 8)) for start in ("gaussian", "skip")}
     assert total["skip"] < total["gaussian"], flips
