@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None, help="samples per run (default 64; --quick 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     p.add_argument("--schedule", choices=_SCHEDULES, default="logsnr_uniform",
-                   help="one schedule for every sampler except fewstep_2m_unipc, which keeps its own "
-                        "logsnr_window (default logsnr_uniform, as DPM-Solver recommends)")
+                   help="one schedule for every sampler except fewstep_2m_unipc and fewstep_2m_skip, which "
+                        "keep their own logsnr_window (default logsnr_uniform, as DPM-Solver recommends)")
     p.add_argument("--reference-steps", type=int, default=None,
                    help="3M steps of the reference (default 200)")
     p.add_argument("--show", type=int, default=4, help="samples shown per grid cell")

@@ -5,7 +5,9 @@ Rows of the demo's grid and table. DPM-Solver++ rows use the pack's samplers
 al. 2023, arXiv 2302.04867; no extra calls), singlestep 3S with the DPM-Solver-fast order
 allocation (Lu et al. 2022, arXiv 2206.00927, Sec. 3.4) for ``nfe - 1`` calls plus a
 first-order step into sigma = 0, and DDIM as first-order
-DPM-Solver++. Euler and Heun are ComfyUI's baselines, from :mod:`.baselines`.
+DPM-Solver++; the pack's few-step preset, and the same without the model call at sigma_max
+(``first_step="skip"``, which spends the calls on one step more). Euler and Heun are ComfyUI's
+baselines, from :mod:`.baselines`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 from ..samplers.budget import steps_for_nfe
 from ..samplers.multistep import sample_dpmpp_multistep
 from ..samplers.parameterization import Parameterization
-from ..samplers.schedules import FEWSTEP_WINDOW, get_sigmas
+from ..samplers.schedules import FEWSTEP_WINDOW, SKIP_WINDOW, get_sigmas
 from ..samplers.singlestep import sample_dpmpp_singlestep
 from .baselines import heun_steps_for_nfe, sample_euler, sample_heun
 
@@ -58,6 +60,10 @@ PRESETS: tuple[Preset, ...] = (
            options={"corrector": "bh2", "final_order": 4, "final_weights": "gaussian",
                     "first_step": "gaussian"},
            schedule="logsnr_window", schedule_options=FEWSTEP_WINDOW),
+    # the same without the model call at sigma_max, on its own window (the NFE Plan's dpmpp_2m_fast_skip)
+    Preset("fewstep_2m_skip", "multistep", order=2,
+           options={"corrector": "bh2", "final_order": 4, "final_weights": "gaussian", "first_step": "skip"},
+           schedule="logsnr_window", schedule_options=SKIP_WINDOW),
 )
 PRESET_NAMES: tuple[str, ...] = tuple(p.name for p in PRESETS)
 
@@ -94,7 +100,9 @@ def run_preset(
         orders = list(steps_for_nfe("singlestep", nfe, preset.order).orders)
         sigmas = _sigmas(len(orders), schedule, parameterization, **options)
     else:
-        sigmas = _sigmas(nfe, schedule, parameterization, **options)
+        skip_start = preset.options.get("first_step") == "skip" and nfe > 1
+        sigmas = _sigmas(steps_for_nfe("multistep", nfe, preset.order, skip_start=skip_start).steps, schedule,
+                         parameterization, **options)
     x = noise * float(sigmas[0])
     with torch.no_grad():
         if preset.kind == "euler":
