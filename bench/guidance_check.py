@@ -6,7 +6,7 @@ Usage::
 
 The tier-1 mixtures have no guidance. Here the model is a guided one, as ComfyUI's CFG guider
 makes it: ``D = D_u + cfg (D_c - D_u)``, with ``D_u`` the exact denoiser of a 16-D, 8-component
-mixture (mixture seeds 11 and 12, as the held-out problems of ``_tune.py``) and ``D_c`` that of its
+mixture (mixture seeds 11-14, as the held-out problems of ``_tune.py``) and ``D_c`` that of its
 first three components (the "prompt"). The reference is the same guided ODE solved with 800 steps of
 3M on ``logsnr_uniform`` (256 trajectories). Each cell compares the few-step preset (2M + UniC-bh2,
 gaussian first step, order-4 last step with gaussian weights, ``fewstep_window``) with ``second_step``
@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import import_package, out_arguments, publish
 
 RANGES = ("sd15", "edm", "flow_shift3")
-MIXTURE_SEEDS = (11, 12)
-CFGS = (1.0, 3.0, 7.0, 12.0)
-NFES = (5, 6, 8, 10)
+MIXTURE_SEEDS = (11, 12, 13, 14)
+CFGS = (1.0, 3.0, 5.0, 7.0, 12.0)
+NFES = (4, 5, 6, 8, 10)
 SAMPLES = 256
 REFERENCE_STEPS = 800
 PRESET = {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian",

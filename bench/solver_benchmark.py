@@ -195,7 +195,7 @@ FIXED_PRESETS: tuple[tuple[str, str, str], ...] = (
     ("2M+UniC(bh2)+final4g+gauss1st", "fewstep_window",
      "the few-step preset (`dpmpp_2m_fast`), safe at any cfg"),
     ("2M+UniC(bh2)+final4g+skip", "fewstep_skip_window",
-     "the preset without the call at sigma_max (`dpmpp_2m_fast_skip`), for cfg up to about 7"),
+     "the preset without the call at sigma_max (`dpmpp_2m_fast_skip`), for cfg up to about 5"),
 )
 
 

@@ -104,7 +104,7 @@ PRESETS: dict[str, Preset] = {
         {"order": 2, "corrector": "bh2", "final_order": 4, "final_weights": "gaussian", "first_step": "skip"},
         "the few-step preset without the model call at the first sigma (first_step skip: N steps cost "
         "N-1 calls, the data mean is solved from the next call), for sampling without or with moderate "
-        "guidance (cfg up to about 7; guidance-distilled models at cfg 1); use it with the "
+        "guidance (cfg up to about 5; guidance-distilled models at cfg 1); use it with the "
         "fewstep_skip_window scheduler at 5-11 steps",
         "DPM-Solver++(2M) + UniC-bh2 + skip start + order-4 last step (gaussian weights)",
         {"logsnr_window": SKIP_WINDOW},

@@ -290,8 +290,8 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "softplus(log-SNR), which follows how the prediction leaves the data mean at high "
                     "noise, where the sample picks its mode: fewer changes of mode and smaller worst "
                     "cases at 5-10 steps, no extra model call. Only without or with weak guidance "
-                    "(cfg up to about 3, or a guidance-distilled model at cfg 1): with cfg 7 or more it "
-                    "can blow up at 5-6 steps.",
+                    "(cfg up to about 3, or a guidance-distilled model at cfg 1): with cfg 5 or more it "
+                    "can blow up at 4-6 steps.",
                 ),
                 io.Combo.Input(
                     "first_step",
@@ -307,8 +307,8 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "the next call under the same Gaussian model, so N steps cost N-1 calls and that call "
                     "moves to where the sample picks its mode: far fewer changes of mode at 4-8 calls "
                     "(use the fewstep_skip_window scheduler / the dpmpp_2m_fast_skip preset). Without or "
-                    "with moderate guidance (cfg up to about 7, or a guidance-distilled model at cfg 1): "
-                    "with cfg 12 it can blow up at 5-6 calls.",
+                    "with moderate guidance (cfg up to about 5, or a guidance-distilled model at cfg 1) "
+                    "and 5 calls or more: at 4 calls, or from cfg 7 on, it can be several times worse.",
                 ),
             ],
             outputs=[io.Sampler.Output(tooltip="The configured solver, for SamplerCustom(Advanced).")],

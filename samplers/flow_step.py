@@ -22,12 +22,13 @@ at first order. A line in ``tau`` follows the low-SNR shape and keeps the start'
 steps, whose calls all lie where ``D`` is smooth in ``lambda``, stay in log-SNR: there ``tau`` bends and
 is worse (measured, ``docs/benchmarks.md``).
 
-Under strong classifier-free guidance it is unstable at 5-6 steps: the guided prediction at the start
+Under strong classifier-free guidance it is unstable at 4-6 steps: the guided prediction at the start
 (``D_u + cfg (D_c - D_u)``) lies far outside the data, and a line in ``tau``, where the start is close
 to the next call, extrapolates that difference with a large weight (in ``lambda`` the start is far and
 weighs little). On guided mixtures (``bench/guidance_check.py``) it helps at cfg 1-3 from 6 steps on,
-and at cfg 7 and above it can blow up at 5-6 steps. So it is an option for unguided or weakly guided
-sampling (guidance-distilled models at cfg 1, cfg up to about 3), not part of the few-step preset.
+is worse at 4-5 steps, and at cfg 5 and above it can blow up at 4-6 steps. So it is an option for
+unguided or weakly guided sampling (guidance-distilled models at cfg 1, cfg up to about 3), not part
+of the few-step preset.
 
 The step and the UniC correction of its result are the VE-form weights of :func:`.plan_multistep` on
 the flow-equivalent sigmas, mapped back with ``x_f = kappa x``, ``kappa = 1 / (alpha_t + sigma_t)``:

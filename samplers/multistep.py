@@ -252,7 +252,7 @@ def sample_dpmpp_multistep(
             prediction in the flow-equivalent time ``softplus(lambda)`` instead of ``lambda``
             (:mod:`.flow_step`; deterministic data prediction only, runs of three or more steps).
             Fewer mode changes at 5-10 steps; no extra call. For unguided or weakly guided
-            sampling: with cfg 7 or more it can blow up at 5-6 steps (``bench/guidance_check.py``).
+            sampling: with cfg 5 or more it can blow up at 4-6 steps (``bench/guidance_check.py``).
         first_step: ``ddim`` (DPM-Solver++: exact for a constant data prediction) or ``gaussian``:
             in a run from the model's ``sigma_max`` whose first step does not end at 0, that step
             is exact for Gaussian data of the parameterization's ``sigma_data``
@@ -262,8 +262,9 @@ def sample_dpmpp_multistep(
             state at ``sigmas[1]`` comes from one call there under the same Gaussian model, which
             also gives the data mean (:func:`.gaussian_start.skip_start`), and the run goes on from
             ``sigmas[1]`` as with ``gaussian`` (one call fewer than steps). Far fewer mode changes at
-            4-8 calls; for unguided or moderately guided sampling (cfg up to about 7; at cfg 12 it
-            can blow up at 5-6 calls). Deterministic data prediction only.
+            4-8 calls; for unguided or moderately guided sampling at 5 calls or more (cfg up to about
+            5; at 4 calls, or from cfg 7 on, it can be several times worse, ``bench/guidance_check.py``).
+            Deterministic data prediction only.
         eta: stochasticity of SDE-DPM-Solver++ (0: ODE; 1: the paper's SDE solver, whose first
             order is the DDPM ancestral step). ``s_noise`` scales the injected noise.
         noise_sampler: ``(sigma, sigma_next) -> noise``; default

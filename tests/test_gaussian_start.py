@@ -272,10 +272,10 @@ def test_skip_start_changes_the_mode_of_fewer_samples_at_the_same_calls(range_na
     assert total["skip"] < total["gaussian"], flips
 
 
-@pytest.mark.parametrize("cfg", [3.0, 7.0])
+@pytest.mark.parametrize("cfg", [3.0, 5.0])
 def test_skip_start_is_more_accurate_under_moderate_guidance(cfg, guided_preset_errors):
-    """The guided mixture at 5 and 6 calls, cfg 3 and 7 (``bench/guidance_check.py`` shows where it
-    stops: cfg 12 at 5-6 calls)."""
+    """The guided mixture at 5 and 6 calls, cfg 3 and 5 (``bench/guidance_check.py`` shows where it
+    stops: 4 calls, and cfg 7 or more, on some problems)."""
     errors = guided_preset_errors("edm", cfg, (5, 6), "first_step", ("gaussian", "skip"))
     for nfe in (5, 6):
         assert errors[nfe, "skip"] < errors[nfe, "gaussian"], errors
