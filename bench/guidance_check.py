@@ -31,7 +31,7 @@ from _harness import import_package, out_arguments, publish
 
 RANGES = ("sd15", "edm", "flow_shift3")
 MIXTURE_SEEDS = (11, 12, 13, 14)
-CFGS = (1.0, 3.0, 5.0, 7.0, 12.0)
+CFGS = (1.0, 3.0, 5.0, 7.0, 8.0, 12.0)
 NFES = (4, 5, 6, 8, 10)
 SAMPLES = 256
 REFERENCE_STEPS = 800

@@ -308,7 +308,8 @@ class FewStepDPMSolverSampler(io.ComfyNode):
                     "moves to where the sample picks its mode: far fewer changes of mode at 4-8 calls "
                     "(use the fewstep_skip_window scheduler / the dpmpp_2m_fast_skip preset). Without or "
                     "with moderate guidance (cfg up to about 5, or a guidance-distilled model at cfg 1) "
-                    "and 5 calls or more: at 4 calls, or from cfg 7 on, it can be several times worse.",
+                    "and 5 calls or more: at 4 calls, or from cfg 7 on, it can be several times worse; "
+                    "above cfg 7 the run takes the gaussian first step instead (one call more) and logs it.",
                 ),
             ],
             outputs=[io.Sampler.Output(tooltip="The configured solver, for SamplerCustom(Advanced).")],

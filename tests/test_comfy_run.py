@@ -6,6 +6,8 @@ through the same guider / ``KSAMPLER`` / ``KSamplerX0Inpaint`` code as in the ap
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -514,6 +516,33 @@ def test_start_options_in_real_comfyui(api, tiny_comfy_model, tiny_comfy_conds, 
         torch.testing.assert_close(masked[choice][..., 4:], latent[..., 4:], rtol=1e-6, atol=1e-6)
     assert (outs[value] - outs[default]).abs().max() > 1e-5
     assert (masked[value][..., :4] - masked[default][..., :4]).abs().max() > 1e-5
+
+
+def test_skip_start_falls_back_to_the_gaussian_first_step_above_cfg_7(api, tiny_comfy_model, tiny_comfy_conds,
+                                                                      unet_counter, caplog):
+    """Above SKIP_START_MAX_CFG (7) the skip start is unsafe (``bench/guidance_check.py``): the run takes the
+    gaussian first step instead, with its call at the first sigma, and says so in the log; at cfg 7 it
+    skips. The guider's scale is read from cfg and, for the dual-CFG guider, cfg1 / cfg2."""
+    from comfyui_fewstep.nodes._comfy_sampler import SKIP_START_MAX_CFG, guidance_scale
+
+    model, sigmas = _few_step_setup(api, tiny_comfy_model, unet_counter, False)
+    outs = {}
+    for cfg, first_step, calls in ((8.0, "gaussian", 6), (8.0, "skip", 6), (7.0, "skip", 5)):
+        sampler = _sampler(api, corrector="bh2", final_order=4, final_weights="gaussian", first_step=first_step)
+        before = unet_counter.calls
+        caplog.clear()
+        with caplog.at_level(logging.INFO), torch.inference_mode():
+            outs[cfg, first_step] = _guider(api, model, tiny_comfy_conds, cfg).sample(
+                _noise(), torch.zeros(LATENT), sampler, sigmas, disable_pbar=True, seed=0)
+        assert unet_counter.calls - before == calls
+        fell_back = (cfg, first_step) == (8.0, "skip")
+        assert ("takes the gaussian first step instead" in caplog.text) == fell_back
+    torch.testing.assert_close(outs[8.0, "skip"], outs[8.0, "gaussian"], rtol=0, atol=0)
+    assert SKIP_START_MAX_CFG == 7.0
+    dual = api["custom"].DualCFGGuider().get_guider(model, *tiny_comfy_conds, tiny_comfy_conds[1], 3.0, 9.0,
+                                                    "regular")[0]
+    assert guidance_scale(type("Wrapped", (), {"inner_model": dual})()) == 9.0
+    assert guidance_scale(lambda x, s: x) is None
 
 
 def test_denoise_mask_keeps_the_unmasked_latent_with_the_adams_last_step(api, tiny_comfy_model,
