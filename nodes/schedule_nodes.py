@@ -17,7 +17,9 @@ from ..samplers.schedules import (
     get_sigmas,
 )
 from ._api import CATEGORY_PLANS, CATEGORY_SCHEDULERS, io, ui
-from ._comfy_sampler import PRESET_NAMES, PRESETS, make_planned_singlestep_sampler, make_sampler
+from ._comfy_sampler import (
+    PRESET_NAMES, PRESETS, SKIP_START_MAX_CFG, make_planned_singlestep_sampler, make_sampler,
+)
 from ._comfy_sampling import parameterization_for_model
 
 logger = logging.getLogger(__name__)
@@ -329,8 +331,19 @@ class FewStepNFEPlan(io.ComfyNode):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {PRESET_NAMES}")
         spec = PRESETS[preset]
-        plan = steps_for_nfe(spec.solver, int(nfe), spec.order,
-                             skip_start=spec.options.get("first_step") == "skip")
+        # the skip start saves the call at sigma_max, except where the sampler does not skip: one call,
+        # a run that starts lower (denoise < 1), a cfg above its limit (._comfy_sampler)
+        no_skip = None
+        if spec.options.get("first_step") == "skip":
+            if int(nfe) < 2:
+                no_skip = "one call: no step to skip"
+            elif float(denoise) < 1.0:
+                no_skip = "denoise below 1 starts below the first sigma: no call to skip"
+            elif float(cfg) > SKIP_START_MAX_CFG:
+                no_skip = (f"cfg {float(cfg):g} is above {SKIP_START_MAX_CFG:g}: the gaussian first step, "
+                           "with a call at the first sigma")
+        skip = spec.options.get("first_step") == "skip" and no_skip is None
+        plan = steps_for_nfe(spec.solver, int(nfe), spec.order, skip_start=skip)
         # a preset may come with its own schedule options (the few-step preset's window)
         window = spec.schedule_options.get(schedule, {})
         sigmas = sigmas_for_model(model, schedule, plan.steps, denoise, **window)
@@ -343,5 +356,7 @@ class FewStepNFEPlan(io.ComfyNode):
                     "(the latent is returned as it is)")
         else:
             text = f"{preset}: {plan.summary(cfg, spec.label)}"
+            if no_skip:
+                text += f"; {no_skip}"
         logger.info("FewStep plan: %s", text)
         return io.NodeOutput(sampler, sigmas, text, ui=ui.PreviewText(text))

@@ -245,6 +245,12 @@ def test_nfe_plan_spends_the_budget(api, tiny_comfy_model, tiny_comfy_conds, une
             _noise(), torch.zeros(LATENT), skip_sampler, skip_sigmas,
             callback=lambda i, *a: skip_steps.append(i), disable_pbar=True, seed=0)
     assert counter.calls - before == 5 and skip_steps == list(range(6))
+    # where the sampler does not skip, the plan does not either: the budget is kept
+    for args, note in (((5, "logsnr_window", 8.0), "cfg 8 is above 7: the gaussian first step"),
+                       ((5, "logsnr_window", 1.0, 0.6), "denoise below 1"),
+                       ((1, "logsnr_window", 1.0), "one call: no step to skip")):
+        _, lower, plan = node.execute(model, "dpmpp_2m_fast_skip", *args).result
+        assert len(lower) - 1 == args[0] and note in plan and f"{args[0]} model call" in plan, plan
     counter.calls = 0
     _, uniform, _ = node.execute(model, "dpmpp_2m_fast", 6, "logsnr_uniform", 1.0).result
     plain = api["schedule_nodes"].FewStepSchedule.execute(model, "logsnr_uniform", 6, 1.0).result[0]
