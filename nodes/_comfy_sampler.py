@@ -202,7 +202,7 @@ def comfy_sampler_function(
 
 #: above this classifier-free guidance scale ``first_step="skip"`` falls back to ``gaussian``: on the
 #: guided mixtures of ``bench/guidance_check.py`` the skip start is several times worse on some
-#: problems from cfg 7 and blows up from cfg 8 (up to 80x at 4 calls, 3x at 5; 562x at cfg 12)
+#: problems from cfg 7 and blows up from cfg 8 (up to 79x at 4 calls, 3x at 5; 562x at cfg 12)
 SKIP_START_MAX_CFG = 7.0
 
 
