@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     pkg = import_package()
     from comfyui_fewstep.samplers import analytic, schedules
+    from comfyui_fewstep.samplers.budget import steps_for_nfe
 
     comfy = _comfy.import_comfy()
     nfes = [int(n) for n in args.nfes.split(",")]
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             for label, opts, schedule in cands:
                 meds = []
                 for nfe in nfes:
-                    steps = nfe + 1 if opts.get("first_step") == "skip" else nfe  # no call at sigma_max
+                    # the NFE planner's steps (one more without the call at sigma_max)
+                    steps = steps_for_nfe("multistep", nfe, opts["order"],
+                                          skip_start=opts.get("first_step") == "skip").steps
                     if schedule.startswith("logsnr_window:"):  # logsnr_window:LAMBDA_START:SIGMA_END
                         _, lambda_start, sigma_end = schedule.split(":")
                         sig = schedules.get_sigmas("logsnr_window", steps, p,

@@ -42,6 +42,7 @@ from _harness import (  # noqa: E402
 from _tier2 import make_teacher_problem  # noqa: E402
 
 import_package()
+from comfyui_fewstep.samplers.budget import steps_for_nfe  # noqa: E402
 from comfyui_fewstep.samplers.schedules import FEWSTEP_WINDOW, SKIP_WINDOW  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
@@ -200,8 +201,10 @@ FIXED_PRESETS: tuple[tuple[str, str, str], ...] = (
 
 
 def steps_for(options: dict[str, Any], nfe: int) -> int:
-    """Multistep schedule steps for ``nfe`` calls: one more without the call at sigma_max."""
-    return nfe + 1 if options.get("first_step") == "skip" else nfe
+    """Multistep schedule steps for ``nfe`` calls (the NFE planner's: one more without the call at
+    sigma_max)."""
+    skip = options.get("first_step") == "skip"
+    return steps_for_nfe("multistep", nfe, options.get("order", 2), skip_start=skip).steps
 QUICK_PROBLEMS = (("sd15", "gmm16"), ("flow_shift3", "gmm16"))
 FULL_PROBLEMS = (("sd15", "gmm16"), ("edm", "gmm16"), ("flow_shift1", "gmm16"), ("flow_shift3", "gmm16"))
 QUICK_COMFY_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_3m_sde(eta=0)", "uni_pc", "ipndm_v", "deis")

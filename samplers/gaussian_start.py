@@ -73,15 +73,21 @@ FIRST_STEPS: tuple[str, ...] = get_args(FirstStep)
 __all__ = ["FIRST_STEPS", "FirstStep", "gaussian_step", "skip_start", "with_gaussian_first_step"]
 
 
+def _marginal_var(p: Parameterization, sigma: float) -> float:
+    """``alpha^2 c + sigma_t^2``: the per-dimension variance of the state at ``sigma`` for data of
+    variance ``c = sigma_data^2``."""
+    alpha = p.alpha(sigma)
+    return alpha * alpha * p.sigma_data**2 + p.sigma_t(sigma) ** 2
+
+
 def gaussian_step(p: Parameterization, sigma_s: float, sigma_t: float) -> tuple[float, float]:
     """``(c_x, c_d)`` of the exact step ``x_t = c_x x_s + c_d D_s`` for data ``N(mu, sigma_data^2 I)``
     (module docstring), for ``sigma_s > sigma_t > 0`` in ``p``'s coordinates; float64."""
     c = p.sigma_data**2
     alpha_s, alpha_t = p.alpha(sigma_s), p.alpha(sigma_t)
-    sig_s, sig_t = p.sigma_t(sigma_s), p.sigma_t(sigma_t)
-    var_s = alpha_s * alpha_s * c + sig_s * sig_s
-    k = math.sqrt((alpha_t * alpha_t * c + sig_t * sig_t) / var_s)
-    c_x = (k * var_s - alpha_t * alpha_s * c) / (sig_s * sig_s)
+    var_s = _marginal_var(p, sigma_s)
+    k = math.sqrt(_marginal_var(p, sigma_t) / var_s)
+    c_x = (k * var_s - alpha_t * alpha_s * c) / (p.sigma_t(sigma_s) ** 2)
     return c_x, alpha_t - c_x * alpha_s
 
 
@@ -109,14 +115,12 @@ def skip_start(
     """The state at ``sigma_t`` and the prediction there, from the noise ``x`` at ``sigma_s`` and one
     call ``call(x', sigma_t)`` (module docstring, ``first_step="skip"``); exact for data
     ``N(mu, sigma_data^2 I)`` of any mean. Coefficients in float64, for ``sigma_s > sigma_t > 0``."""
-    c = p.sigma_data**2
     alpha_s, alpha_t = p.alpha(sigma_s), p.alpha(sigma_t)
-    sig_s, sig_t = p.sigma_t(sigma_s), p.sigma_t(sigma_t)
-    var_t = alpha_t * alpha_t * c + sig_t * sig_t
-    k = math.sqrt(var_t / (alpha_s * alpha_s * c + sig_s * sig_s))
-    beta = alpha_t * c / var_t
+    var_t = _marginal_var(p, sigma_t)
+    k = math.sqrt(var_t / _marginal_var(p, sigma_s))
+    beta = alpha_t * p.sigma_data**2 / var_t
     x_call = x * k  # the transport of the noise for mu = 0
     denoised = call(x_call, sigma_t)
-    mu = (denoised - x_call * beta) * (var_t / (sig_t * sig_t))  # 1 / (1 - beta alpha_t)
+    mu = (denoised - x_call * beta) * (var_t / p.sigma_t(sigma_t) ** 2)  # 1 / (1 - beta alpha_t)
     x_t = x_call + mu * (alpha_t - k * alpha_s)
     return x_t, denoised + (x_t - x_call) * beta
