@@ -134,3 +134,24 @@ def test_a_schedule_too_short_for_the_order_is_lowered_and_logged(solver, caplog
     with caplog.at_level(logging.INFO, logger="comfyui_fewstep.samplers._loop"):
         run(model, torch.ones(1, 3), torch.tensor([2.0, 1.0, 0.5, 0.25, 0.12, 0.06, 0.0]), order=3, disable=True)
     assert "reach order" not in caplog.text
+
+
+@pytest.mark.parametrize("solver", ["multistep", "singlestep", "adaptive", "fitted"])
+def test_progress_bar_follows_disable(solver, capsys):
+    """ComfyUI passes ``disable`` to hide the console bar (its own progress goes through
+    ``callback``): nothing is written when it is set, and the step bar appears when it is not."""
+    pytest.importorskip("tqdm")
+    from comfyui_fewstep.samplers import sample_dpmpp_adaptive, sample_dpmpp_multistep, sample_dpmpp_singlestep
+    from comfyui_fewstep.samplers.fitted import sample_fitted_multistep
+
+    run = {"multistep": sample_dpmpp_multistep, "singlestep": sample_dpmpp_singlestep,
+           "adaptive": sample_dpmpp_adaptive,
+           "fitted": lambda *a, **k: sample_fitted_multistep(*a, coefficients=[[0.0] * 2, [0.0] * 3, [0.0] * 2], **k)}[solver]
+    sigmas = torch.tensor([14.6, 2.0, 0.5, 0.0], dtype=torch.float64)
+    capsys.readouterr()
+    run(lambda x, s, **k: 0.5 * x, torch.randn(1, 3), sigmas, disable=True)
+    assert capsys.readouterr().err == ""
+    run(lambda x, s, **k: 0.5 * x, torch.randn(1, 3), sigmas, disable=False)
+    shown = capsys.readouterr().err
+    # the adaptive solver's step count is not known in advance: it reports through callback only
+    assert ("3/3" in shown) if solver != "adaptive" else shown == ""

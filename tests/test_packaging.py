@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 try:
     import tomllib
@@ -141,3 +144,43 @@ def test_entrypoint_on_a_comfyui_without_the_v3_api_says_to_update():
     assert result.returncode == 0, result.stderr
     assert "needs ComfyUI 0.3.64 or newer" in result.stderr
     assert "Traceback" not in result.stderr and "report" not in result.stderr
+
+
+def test_a_plain_install_ships_the_pack_without_its_tests(tmp_path):
+    """``pip install .`` (not editable): the wheel maps the root to ``comfyui_fewstep`` with every
+    subpackage and the demo weights, leaves the tests out, and the installed copy samples."""
+    import shutil
+
+    pytest.importorskip("setuptools", minversion="77")
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", "docs", "bench", "example_workflows"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("comfyui_fewstep-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.startswith(("tests/", "comfyui_fewstep/tests/"))]
+    for package in _pyproject()["tool"]["setuptools"]["packages"]:
+        assert package.replace(".", "/") + "/__init__.py" in names
+    assert "comfyui_fewstep/demo/tiny_teacher.safetensors" in names
+
+    site = tmp_path / "site"
+    installed = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    code = (
+        "import sys, torch, comfyui_fewstep\n"
+        f"assert comfyui_fewstep.__file__.startswith({str(site)!r}), comfyui_fewstep.__file__\n"
+        "from comfyui_fewstep.samplers import sample_dpmpp_multistep\n"
+        "x = sample_dpmpp_multistep(lambda x, s, **k: 0.0 * x, torch.ones(1, 2),"
+        " torch.tensor([1.0, 0.5, 0.0]), disable=True)\n"
+        "assert torch.equal(x, torch.zeros(1, 2)), x\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    ran = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr
