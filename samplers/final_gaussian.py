@@ -32,7 +32,7 @@ past the last call (the few-step window's ``sigma_end``), and that end is placed
 of the data's finest scale. So the rule is made for schedules that end near that scale (the
 few-step window, ``logsnr_uniform``, Karras); where the last call sits far above it
 (``time_uniform``), the floor takes the data as wide and the Adams weights can be as good or
-better (``docs/benchmarks.md``). ``k = 1`` is the data prediction and ``k = 2`` the Adams-Bashforth
+better (``docs/solver-experiments.md``). ``k = 1`` is the data prediction and ``k = 2`` the Adams-Bashforth
 step (two constraints fix two weights); from ``k = 3`` on the rule differs. The weights depend only
 on the ratios ``u_j`` (float64; the integral by the trapezoid rule over ``log q``, the constrained
 least squares by QR in the constraints' null space).

@@ -20,7 +20,7 @@ that point extrapolates the wrong shape across the step where the sample settles
 for a flow model, whose start is at ``lambda = -inf``, DPM-Solver++ drops the point and takes that step
 at first order. A line in ``tau`` follows the low-SNR shape and keeps the start's prediction. The later
 steps, whose calls all lie where ``D`` is smooth in ``lambda``, stay in log-SNR: there ``tau`` bends and
-is worse (measured, ``docs/benchmarks.md``).
+is worse (measured, ``docs/solver-experiments.md``).
 
 Under strong classifier-free guidance it is unstable at 4-6 steps: the guided prediction at the start
 (``D_u + cfg (D_c - D_u)``) lies far outside the data, and a line in ``tau``, where the start is close

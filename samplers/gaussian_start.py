@@ -9,7 +9,7 @@ The prediction does not stay constant: as the noise falls the sample moves away 
 along the directions in which the data varies, and at 5-10 steps the first step is long (from
 sigma_max to a VE sigma of a few units), so the state at the next call lies too close to the mean,
 and the call there sees the sample on the wrong side of the choice between the data's modes more
-often (measured in ``docs/benchmarks.md``: with the call made at the exact state, most of the mode
+often (measured in ``docs/solver-experiments.md``: with the call made at the exact state, most of the mode
 changes of the first step go away).
 
 For data ``x0 ~ N(mu, c I)`` with ``c = sigma_data^2`` and ``x = alpha_t x0 + sigma_t eps``, the
@@ -52,7 +52,7 @@ second the flow step of :mod:`.flow_step` when asked for), so a schedule of ``n`
 ``n - 1`` calls. The one call the start has is made where the prediction already depends on the
 sample (the Tweedie regime, VE sigma of a few data scales), not at ``sigma_max``: at 5-8 calls
 that call, moved into the steps that choose the data's modes, changes the mode of far fewer
-samples (``docs/benchmarks.md``).
+samples (``docs/solver-experiments.md``).
 """
 
 from __future__ import annotations

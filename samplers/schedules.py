@@ -61,18 +61,18 @@ AYS_MODELS: tuple[str, ...] = get_args(AysModel)
 #: cheap. On held-out exact Gaussian-mixture denoisers (16-D, 8 components, flow shift 1 and 3,
 #: DPM-Solver++(2M) and 3M+UniC, NFE 3..15) -3 gave the lowest mode-flip rates of the clips
 #: -1.5..-4 at 4-15 NFE (-2.5 lower median errors at 5-10 NFE but more flips). At 2-4 NFE
-#: ``time_uniform`` is better on flow models than any log-SNR grid (docs/benchmarks.md).
+#: ``time_uniform`` is better on flow models than any log-SNR grid (docs/solver-experiments.md).
 FLOW_LAMBDA_MIN: float = -3.0
 
 #: ``logsnr_window`` options for the few-step preset (DPM-Solver++(2M) + UniC with an order-4
 #: last step, ``final_order=4``; chosen with the Adams weights, kept for the gaussian ones and the
 #: gaussian first step, see
-#: docs/benchmarks.md). With an accurate last step the window can end
+#: docs/solver-experiments.md). With an accurate last step the window can end
 #: higher (its last call at VE sigma 0.03 rather than 0.02) and, with the first step from a flow
 #: model's pure noise corrected, start later (-2 rather than -2.5). Chosen on held-out exact
 #: Gaussian-mixture denoisers (``bench/_tune.py``: SD1.5, EDM and flow shift 1 / 3 ranges, two
 #: mixtures each, 4-20 NFE), as the lowest geometric-mean median error ratio to ComfyUI's best at
-#: 5-10 NFE (docs/benchmarks.md). The plain defaults stay those of the first-order last step.
+#: 5-10 NFE (docs/solver-experiments.md). The plain defaults stay those of the first-order last step.
 FEWSTEP_WINDOW: dict[str, float] = {"lambda_start": -2.0, "sigma_end": 0.03}
 
 #: ``logsnr_window`` options for the few-step preset without the call at ``sigma_max``
@@ -81,7 +81,7 @@ FEWSTEP_WINDOW: dict[str, float] = {"lambda_start": -2.0, "sigma_end": 0.03}
 #: calls) to keep that call where the prediction is still close to the Gaussian the start assumes.
 #: Chosen on held-out exact Gaussian-mixture denoisers (``bench/_tune.py``: SD1.5, EDM and flow
 #: shift 1 / 3 ranges, four mixtures each, 4-10 NFE) as the window that meets the benchmark's
-#: target on the most held-out cells (docs/benchmarks.md).
+#: target on the most held-out cells (docs/solver-experiments.md).
 SKIP_WINDOW: dict[str, float] = {"lambda_start": -3.0, "sigma_end": 0.03}
 
 #: GITS coefficients with published tables (hundredths: 80 = 0.80 .. 150 = 1.50).
@@ -333,7 +333,7 @@ def get_sigmas_logsnr_window(
 
     Defaults (``lambda_start=-2.5``, VE sigma 12.2; ``sigma_end=0.02``) were chosen with
     DPM-Solver++(2M) + UniC on held-out Gaussian mixtures (unit-scale means, component widths
-    0.05-0.3) at 4-10 NFE (``bench/_tune.py``; see ``docs/benchmarks.md``): a later start
+    0.05-0.3) at 4-10 NFE (``bench/_tune.py``; see ``docs/solver-experiments.md``): a later start
     (-2) lowers the median error at 4-6 NFE further but changes the mixture component of more
     samples on flow models, an earlier one (-3) the reverse. ``sigma_end`` is a data-scale
     choice (about a third of the finest feature scale). With ``lambda_start <= lambda(sigma_max)``
