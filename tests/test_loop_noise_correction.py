@@ -55,17 +55,26 @@ def test_sigma_list_validation():
         sigma_list(torch.tensor([float("inf"), 10.0, 1.0, 0.0]))
 
 
+def _solver(name: str, n_steps: int):
+    """A solver's entry point by name; the fitted one with zero coefficients for ``n_steps`` steps."""
+    from comfyui_fewstep.samplers import (sample_dpmpp_adaptive, sample_dpmpp_multistep,
+                                          sample_dpmpp_singlestep)
+    from comfyui_fewstep.samplers.fitted import regressor_count, sample_fitted_multistep
+
+    if name == "fitted":
+        zeros = [[0.0] * regressor_count(n, n_steps) for n in range(n_steps)]
+        return lambda *a, **k: sample_fitted_multistep(*a, coefficients=zeros, **k)
+    return {"multistep": sample_dpmpp_multistep, "singlestep": sample_dpmpp_singlestep,
+            "adaptive": sample_dpmpp_adaptive}[name]
+
+
 @pytest.mark.parametrize("solver", ["multistep", "singlestep", "adaptive", "fitted"])
 def test_every_solver_refuses_a_ve_schedule_on_a_flow_model(solver):
     """lambda(sigma >= 1) is -inf on a flow model: a VE schedule would run as steps from sigma = 1
     and give a finite but wrong sample, so every solver stops with the same message."""
-    from comfyui_fewstep.samplers import (for_family, sample_dpmpp_adaptive, sample_dpmpp_multistep,
-                                          sample_dpmpp_singlestep)
-    from comfyui_fewstep.samplers.fitted import sample_fitted_multistep
+    from comfyui_fewstep.samplers import for_family
 
-    run = {"multistep": sample_dpmpp_multistep, "singlestep": sample_dpmpp_singlestep,
-           "adaptive": sample_dpmpp_adaptive,
-           "fitted": lambda *a, **k: sample_fitted_multistep(*a, coefficients=[[0.0, 0.0], [0.0]], **k)}[solver]
+    run = _solver(solver, n_steps=2)
     flow = for_family("flow")
     with pytest.raises(ValueError, match="flow model's sigmas lie in"):
         run(lambda x, s, **k: 0.5 * x, torch.randn(1, 3), torch.tensor([14.6, 0.5, 0.0]), parameterization=flow,
@@ -141,12 +150,7 @@ def test_progress_bar_follows_disable(solver, capsys):
     """ComfyUI passes ``disable`` to hide the console bar (its own progress goes through
     ``callback``): nothing is written when it is set, and the step bar appears when it is not."""
     pytest.importorskip("tqdm")
-    from comfyui_fewstep.samplers import sample_dpmpp_adaptive, sample_dpmpp_multistep, sample_dpmpp_singlestep
-    from comfyui_fewstep.samplers.fitted import sample_fitted_multistep
-
-    run = {"multistep": sample_dpmpp_multistep, "singlestep": sample_dpmpp_singlestep,
-           "adaptive": sample_dpmpp_adaptive,
-           "fitted": lambda *a, **k: sample_fitted_multistep(*a, coefficients=[[0.0] * 2, [0.0] * 3, [0.0] * 2], **k)}[solver]
+    run = _solver(solver, n_steps=3)
     sigmas = torch.tensor([14.6, 2.0, 0.5, 0.0], dtype=torch.float64)
     capsys.readouterr()
     run(lambda x, s, **k: 0.5 * x, torch.randn(1, 3), sigmas, disable=True)

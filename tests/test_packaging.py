@@ -157,7 +157,8 @@ def test_a_plain_install_ships_the_pack_without_its_tests(tmp_path):
         ".git", ".venv*", "build", "*.egg-info", "__pycache__", "docs", "bench", "example_workflows"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+                            "-w", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("comfyui_fewstep-*.whl")
     import zipfile
@@ -169,8 +170,8 @@ def test_a_plain_install_ships_the_pack_without_its_tests(tmp_path):
     assert "comfyui_fewstep/demo/tiny_teacher.safetensors" in names
 
     site = tmp_path / "site"
-    installed = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
-                               capture_output=True, text=True, timeout=300)
+    installed = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site),
+                                str(wheel)], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr
     code = (
         "import sys, torch, comfyui_fewstep\n"
