@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     import_package()
     from comfyui_fewstep.samplers import analytic, schedules
+    from comfyui_fewstep.samplers.budget import steps_for_nfe
     from comfyui_fewstep.samplers.multistep import sample_dpmpp_multistep
 
     t0 = time.time()
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                     for variant in VARIANTS:
                         skip = variant.get("first_step") == "skip"
                         window = schedules.SKIP_WINDOW if skip else schedules.FEWSTEP_WINDOW
-                        sigmas = schedules.get_sigmas("logsnr_window", nfe + skip, p, **window)
+                        steps = steps_for_nfe("multistep", nfe, PRESET["order"], skip_start=skip).steps
+                        sigmas = schedules.get_sigmas("logsnr_window", steps, p, **window)
                         out = sample_dpmpp_multistep(guided, x.float(), sigmas, parameterization=p, disable=True,
                                                      resume_history=False, **{**PRESET, **variant})
                         err = analytic.per_sample_rms(out.to(torch.float64), reference)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from comfyui_fewstep.samplers import analytic, schedules
+from comfyui_fewstep.samplers.budget import steps_for_nfe
 from comfyui_fewstep.samplers.multistep import sample_dpmpp_multistep
 
 #: the few-step preset's solver, with the DDIM first step unless a choice sets it
@@ -31,10 +32,11 @@ def preset_errors(range_name: str, cfg: float, nfes: Sequence[int], option: str,
     errors = {}
     for nfe in nfes:
         for choice in choices:
-            # the start without a call at sigma_max spends nfe calls on nfe + 1 steps of its own window
+            # the start without a call at sigma_max: the NFE planner's steps on its own window
             skip = option == "first_step" and choice == "skip"
             window = schedules.SKIP_WINDOW if skip else schedules.FEWSTEP_WINDOW
-            sigmas = schedules.get_sigmas("logsnr_window", nfe + skip, p, **window)
+            steps = steps_for_nfe("multistep", nfe, PRESET["order"], skip_start=skip).steps
+            sigmas = schedules.get_sigmas("logsnr_window", steps, p, **window)
             out = sample_dpmpp_multistep(guided, x, sigmas, parameterization=p, disable=True,
                                          resume_history=False, **PRESET, **{option: choice})
             errors[nfe, choice] = float(analytic.per_sample_rms(out, reference).median())
